@@ -1,0 +1,1 @@
+"""Generated DAQ wire-contract modules; edit proto/ and run `python -m pacsys._proto.regen`, never these."""

@@ -1,0 +1,180 @@
+"""The async subscription handle: a bounded buffer that any thread may feed.
+
+Producers call `_dispatch` (from the loop or from any other thread: a sync backend's
+receiver thread, a test's emitter). The consumer iterates `readings()` on the loop and
+is woken at once, with no polling. When the consumer falls behind, the oldest readings
+are dropped and counted in `dropped`: a slow reader loses its own data, it never
+blocks the producer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+
+from pacsys.types import Reading
+
+DEFAULT_BUFFER_SIZE = 10_000
+
+
+class AsyncSubscriptionHandle:
+    def __init__(
+        self,
+        remover: Callable[[AsyncSubscriptionHandle], Awaitable[None]] | None = None,
+        maxsize: int = DEFAULT_BUFFER_SIZE,
+    ):
+        self._remover = remover
+        self._buffer: collections.deque[Reading] = collections.deque(maxlen=maxsize)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        try:
+            self._bind(asyncio.get_running_loop())
+        except RuntimeError:
+            pass  # created outside a loop: bound when first awaited
+        self._waiter: asyncio.Future[None] | None = None
+        self._stopped = False
+        self._stop_started = False
+        self._exc: BaseException | None = None
+        self.dropped = 0
+        self.delivered = 0
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    @property
+    def exc(self) -> BaseException | None:
+        return self._exc
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    # -- producer side ---------------------------------------------------------------
+
+    def _on_loop(self) -> bool:
+        return self._loop is None or threading.get_ident() == self._loop_thread
+
+    def _call(self, fn: Callable, *args) -> None:
+        """Run fn on the handle's loop: directly when already there, else thread-safely."""
+        if self._on_loop():
+            fn(*args)
+            return
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is left to read
+
+    def _dispatch(self, reading: Reading) -> None:
+        self._call(self._put, (reading,))
+
+    def _dispatch_many(self, readings: Iterable[Reading]) -> None:
+        self._call(self._put, tuple(readings))
+
+    def _signal_error(self, exc: BaseException) -> None:
+        """End the subscription with an error; the consumer sees it after the buffered readings."""
+        self._call(self._end, exc)
+
+    def _signal_stop(self) -> None:
+        self._call(self._end, None)
+
+    def _put(self, readings: tuple[Reading, ...]) -> None:
+        if self._stopped:
+            return
+        buffer = self._buffer
+        overflow = len(buffer) + len(readings) - (buffer.maxlen or 0)
+        if overflow > 0:
+            self.dropped += overflow  # the deque drops the oldest on extend
+        buffer.extend(readings)
+        self._wake()
+
+    def _end(self, exc: BaseException | None) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if exc is not None and self._exc is None:
+            self._exc = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- consumer side ---------------------------------------------------------------
+
+    async def readings(self, timeout: float | None = None) -> AsyncIterator[tuple[Reading, AsyncSubscriptionHandle]]:
+        """Yield (reading, handle) until the subscription stops, or for `timeout` seconds in total.
+
+        A subscription that ended with an error raises it once its buffer is drained.
+        """
+        if self._loop is None:
+            self._bind(asyncio.get_running_loop())
+        loop = self._loop
+        assert loop is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        buffer = self._buffer
+        while True:
+            while buffer:
+                reading = buffer.popleft()
+                self.delivered += 1
+                yield reading, self
+            if self._stopped:
+                if self._exc is not None:
+                    raise self._exc
+                return
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            self._waiter = loop.create_future()
+            try:
+                if remaining is None:
+                    await self._waiter
+                else:
+                    await asyncio.wait_for(self._waiter, remaining)
+            except TimeoutError:
+                return
+            finally:
+                self._waiter = None
+
+    def drain(self) -> list[Reading]:
+        """Take every buffered reading at once (for consumers that write in batches)."""
+        items = list(self._buffer)
+        self._buffer.clear()
+        self.delivered += len(items)
+        return items
+
+    async def wait(self) -> None:
+        """Wait until a reading is buffered or the subscription stops."""
+        if self._buffer or self._stopped:
+            return
+        if self._loop is None:
+            self._bind(asyncio.get_running_loop())
+        assert self._loop is not None
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def stop(self) -> None:
+        """Stop the subscription and release it at the backend (once, however often called)."""
+        self._end(None)
+        if self._stop_started:
+            return
+        self._stop_started = True
+        if self._remover is not None:
+            await self._remover(self)
+
+    async def __aenter__(self) -> AsyncSubscriptionHandle:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()

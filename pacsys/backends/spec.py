@@ -1,0 +1,186 @@
+"""Backend SPECs of the command line (`--backend SPEC`): a string that names a backend.
+
+    sim                         simulated devices, the built-in table (the default)
+    sim:PATH                    simulated devices from the device table at PATH
+    fake                        an in-memory FakeBackend with M:OUTTMP=72.5 and G:AMANDA=42.0
+    grpc://HOST:PORT[?QUERY]    forward to another DAQ gRPC server; QUERY keys:
+                                token_file=PATH (bearer token read from PATH),
+                                pass_token=1 (send the caller's own authorization header),
+                                timeout=SECONDS (deadline of one-shot calls, default 5)
+    module:factory              import `module` (dotted names allowed), call `factory()`
+                                (a dotted attribute path is allowed) with no arguments
+
+`build_backend` returns the backend; every failure is a BackendSpecError (a ValueError)
+with a one-line message that names the spec.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+from pacsys.aio import AsyncBackend
+from pacsys.backends import Backend
+
+_FACTORY = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_GRPC_KEYS = {"token_file", "pass_token", "timeout"}
+
+FORMS = "sim, sim:PATH, fake, grpc://HOST:PORT, module:factory"
+
+
+class BackendSpecError(ValueError):
+    """A backend SPEC that cannot be turned into a backend."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _fail(spec: str, why: str) -> BackendSpecError:
+    return BackendSpecError(f"backend spec {spec!r}: {why}")
+
+
+def build_backend(spec: str) -> Backend | AsyncBackend:
+    """The backend `spec` names; BackendSpecError when it cannot be built."""
+    spec = spec.strip()
+    if spec == "sim" or spec.startswith("sim:"):
+        return _build_sim(spec)
+    if spec == "fake":
+        return _build_fake()
+    if spec.startswith("grpc://"):
+        return _build_grpc(spec)
+    match = _FACTORY.match(spec)
+    if match is not None:
+        return _build_factory(spec, match["module"], match["attr"])
+    raise _fail(spec, f"unknown form (expected one of: {FORMS})")
+
+
+def _build_sim(spec: str) -> AsyncBackend:
+    path = spec[len("sim:") :] if spec.startswith("sim:") else None
+    if path is not None:
+        if not path:
+            raise _fail(spec, "no device table path after 'sim:'")
+        if not Path(path).is_file():
+            raise _fail(spec, f"device table {path!r} is not a readable file")
+    try:
+        from pacsys.backends.sim import SimBackend
+
+        return SimBackend() if path is None else SimBackend(devices=path)
+    except Exception as exc:
+        raise _fail(spec, f"cannot build the simulated backend: {_one_line(exc)}") from exc
+
+
+def _build_fake() -> Backend:
+    from pacsys.testing import FakeBackend
+
+    fb = FakeBackend()
+    fb.set_reading("M:OUTTMP", 72.5)
+    fb.set_reading("G:AMANDA", 42.0)
+    return fb
+
+
+def _grpc_parts(spec: str) -> tuple[str, str | None, bool, float]:
+    """(target, token_file, pass_token, timeout) of a grpc:// spec."""
+    url = urlsplit(spec)
+    try:
+        host, port = url.hostname, url.port
+    except ValueError as exc:  # a port that is not a number or out of range
+        raise _fail(spec, f"bad port: {exc}") from None
+    if not host or port is None:
+        raise _fail(spec, "expected grpc://HOST:PORT")
+    if url.path not in ("", "/") or url.fragment or url.username or url.password:
+        raise _fail(spec, "expected grpc://HOST:PORT with nothing after the port but ?query")
+    try:
+        query = dict(parse_qsl(url.query, keep_blank_values=True, strict_parsing=bool(url.query)))
+    except ValueError as exc:
+        raise _fail(spec, f"bad query: {exc}") from None
+    unknown = sorted(set(query) - _GRPC_KEYS)
+    if unknown:
+        raise _fail(spec, f"unknown query key {unknown[0]!r} (known: {', '.join(sorted(_GRPC_KEYS))})")
+    flag = query.get("pass_token", "0").lower()
+    if flag not in _TRUE | _FALSE:
+        raise _fail(spec, f"pass_token must be 1 or 0, got {query['pass_token']!r}")
+    timeout = 5.0
+    if "timeout" in query:
+        try:
+            timeout = float(query["timeout"])
+        except ValueError:
+            timeout = float("nan")
+        if not timeout > 0 or timeout == float("inf"):
+            raise _fail(spec, f"timeout must be a positive number of seconds, got {query['timeout']!r}")
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return target, query.get("token_file") or None, flag in _TRUE, timeout
+
+
+def _build_grpc(spec: str) -> AsyncBackend:
+    target, token_file, pass_token, timeout = _grpc_parts(spec)
+    token = None
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise _fail(spec, f"cannot read token_file: {_one_line(exc)}") from exc
+        if not token:
+            raise _fail(spec, f"token_file {token_file!r} is empty")
+    from pacsys.backends.grpc_client import DAQClientBackend
+
+    return DAQClientBackend(target, token=token, pass_caller_token=pass_token, default_timeout=timeout)
+
+
+def _build_factory(spec: str, module_name: str, attr: str) -> Backend | AsyncBackend:
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise _fail(spec, f"cannot import module {module_name!r}: {_one_line(exc)}") from exc
+    factory: object = module
+    for part in attr.split("."):
+        try:
+            factory = getattr(factory, part)
+        except AttributeError:
+            raise _fail(spec, f"module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(factory):
+        raise _fail(spec, f"{module_name}:{attr} is not callable (it is a {type(factory).__name__})")
+    try:
+        backend = factory()
+    except Exception as exc:
+        raise _fail(spec, f"factory {module_name}:{attr}() raised {_one_line(exc)}") from exc
+    if not isinstance(backend, Backend | AsyncBackend):
+        raise _fail(
+            spec,
+            f"factory {module_name}:{attr}() returned {type(backend).__name__}, "
+            "not a pacsys Backend or AsyncBackend instance",
+        )
+    return backend
+
+
+def describe_spec(spec: str) -> str:
+    """A short human description of `spec` for log lines (never raises, never shows a token)."""
+    spec = spec.strip()
+    if spec == "sim":
+        return "simulated devices (built-in table)"
+    if spec.startswith("sim:"):
+        return f"simulated devices from {spec[4:]}"
+    if spec == "fake":
+        return "in-memory fake backend (M:OUTTMP, G:AMANDA)"
+    if spec.startswith("grpc://"):
+        try:
+            target, token_file, pass_token, timeout = _grpc_parts(spec)
+        except BackendSpecError:
+            return f"invalid grpc spec {spec!r}"
+        extras = [f"timeout {timeout:g} s"]
+        if token_file:
+            extras.append(f"token from {token_file}")
+        if pass_token:
+            extras.append("caller token passed on")
+        return f"DAQ gRPC server at {target} ({', '.join(extras)})"
+    if _FACTORY.match(spec):
+        return f"backend from factory {spec}()"
+    return f"unknown backend spec {spec!r}"
+
+
+__all__ = ["BackendSpecError", "build_backend", "describe_spec"]

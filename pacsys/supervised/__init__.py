@@ -1,0 +1,40 @@
+"""The supervised DAQ gateway: policies, audit, and the server.
+
+`SupervisedServer(backend)` serves the DAQ gRPC service around any Backend or
+AsyncBackend. As a library it denies nothing unless given policies; the
+`pacsys-supervisor` command denies writes unless a policy grants them.
+"""
+
+from pacsys.supervised._audit import AuditLog, read_audit, read_audit_proto
+from pacsys.supervised._policies import (
+    DeviceAccessPolicy,
+    Policy,
+    PolicyDecision,
+    RateLimitPolicy,
+    ReadOnlyPolicy,
+    RequestContext,
+    SlewLimit,
+    SlewRatePolicy,
+    ValueRangePolicy,
+    evaluate_policies,
+)
+from pacsys.supervised._server import SupervisedServer
+from pacsys.supervised._servicer import ServicerLimits
+
+__all__ = [
+    "AuditLog",
+    "DeviceAccessPolicy",
+    "Policy",
+    "PolicyDecision",
+    "RateLimitPolicy",
+    "ReadOnlyPolicy",
+    "RequestContext",
+    "ServicerLimits",
+    "SlewLimit",
+    "SlewRatePolicy",
+    "SupervisedServer",
+    "ValueRangePolicy",
+    "evaluate_policies",
+    "read_audit",
+    "read_audit_proto",
+]

@@ -1,0 +1,530 @@
+"""Audit log of the gateway: who asked for what, what the policies decided, and what came back.
+
+Two append-only files:
+
+* A JSON-lines log (``path``), one object per line, ``seq`` counting from 1 per ``AuditLog``:
+
+  - ``"dir": "in"``, one per request: ``ts`` (ISO-8601 with timezone), ``seq``, ``peer``,
+    ``method``, ``drfs``, ``allowed``, ``reason``; ``values`` (``[[drf, value], ...]``) for a
+    Set; ``final_drfs`` only when a policy changed the DRF list.
+  - ``"dir": "out"``, only with ``log_responses``: the request's ``seq`` and a summary of one
+    reply: for a Read reply its ``index`` and ``readings`` (how many) or ``status``
+    (``[facility_code, status_code]``); for a Set reply ``statuses``, one pair per setting.
+  - ``"dir": "event"``: a notable outcome tied to a request, e.g.
+    ``{"dir": "event", "seq": 7, "event": "write_outcome_unknown", "drfs": [...]}``.
+
+* Optionally a binary capture (``proto_path``) of the raw messages, one frame each: a tag byte
+  (0 Read request, 1 Read reply, 2 Set request, 3 Set reply), the payload length as a protobuf
+  varint, then the serialized message. Replies are captured only with ``log_responses``.
+
+Recording never raises: a failure (disk full, directory gone, a value that will not serialize)
+is logged on ``pacsys.supervised.audit`` and the call returns normally; ``healthy`` tells whether
+the last entry reached the JSON log. A failed write cuts the file back to the last flushed
+record, so a file holds whole records only, except the tail of a process that died mid-write,
+which the readers report as an error. Only the constructor raises (bad arguments, files that
+cannot be opened) so that a misconfigured log stops the server at startup.
+
+``close()`` releases the files; a later entry reopens them in append mode, which is how a
+rotated log is picked up. ``read_audit``/``read_audit_proto`` read the files back, and
+``main`` is the ``pacsys-audit`` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import json
+import logging
+import math
+import os
+import re
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, Literal, overload
+
+from google.protobuf.json_format import MessageToDict
+
+from pacsys.drf_utils import get_device_name
+
+from ._policies import RequestContext
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
+__all__ = [
+    "TAG_READ_REPLY",
+    "TAG_READ_REQUEST",
+    "TAG_SETTING_REPLY",
+    "TAG_SETTING_REQUEST",
+    "AuditLog",
+    "main",
+    "read_audit",
+    "read_audit_proto",
+]
+
+logger = logging.getLogger("pacsys.supervised.audit")
+
+TAG_READ_REQUEST = 0
+TAG_READ_REPLY = 1
+TAG_SETTING_REQUEST = 2
+TAG_SETTING_REPLY = 3
+
+_REQUEST_TAGS = {"Read": TAG_READ_REQUEST, "Set": TAG_SETTING_REQUEST}
+_REPLY_TAGS = {"Read": TAG_READ_REPLY, "Set": TAG_SETTING_REPLY}
+# tag -> (method, DAQ_pb2 message name)
+_TAG_TYPES = {
+    TAG_READ_REQUEST: ("Read", "ReadingList"),
+    TAG_READ_REPLY: ("Read", "ReadingReply"),
+    TAG_SETTING_REQUEST: ("Set", "SettingList"),
+    TAG_SETTING_REPLY: ("Set", "SettingReply"),
+}
+
+PathLike = str | os.PathLike[str]
+
+
+def _jsonable(value: object) -> object:
+    """``value`` as plain JSON data; anything unknown becomes its repr rather than an error."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # strict JSON has no NaN/Infinity; "nan", "inf" survive every reader
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    tolist = getattr(value, "tolist", None)  # numpy arrays and scalars
+    if callable(tolist):
+        return _jsonable(tolist())
+    return repr(value)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(0x80 | (n & 0x7F))
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _summarize(method: str, reply: Any) -> dict[str, object]:
+    """The few fields of a reply worth a JSON line; the full message goes to the binary file."""
+    if method == "Set":
+        return {"statuses": [[s.facility_code, s.status_code] for s in reply.status]}
+    summary: dict[str, object] = {"index": reply.index}
+    kind = reply.WhichOneof("value")
+    if kind == "readings":
+        summary["readings"] = len(reply.readings.reading)
+    elif kind == "status":
+        summary["status"] = [reply.status.facility_code, reply.status.status_code]
+    return summary
+
+
+class _File:
+    """An append-only file that is cut back to its last flushed record when a write fails."""
+
+    def __init__(self, path: PathLike):
+        self.path = os.fspath(path)
+        self._file: BinaryIO | None = None
+        self._flushed = 0  # file size at the last successful flush: a record boundary
+        self._pending = 0  # bytes written since then
+        self.failing = False  # set by AuditLog from a failure until the next good flush
+
+    def open(self) -> None:
+        self._file = open(self.path, "ab")
+        self._flushed = self._file.tell()
+        self._pending = 0
+
+    def write(self, data: bytes) -> None:
+        if self._file is None:
+            self.open()
+        assert self._file is not None
+        try:
+            self._file.write(data)
+        except Exception:
+            self._roll_back()
+            raise
+        self._pending += len(data)
+
+    def flush(self) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.flush()
+        except Exception:
+            self._roll_back()
+            raise
+        self._flushed += self._pending
+        self._pending = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._file is not None
+
+    def close(self) -> None:
+        f = self._file
+        if f is not None:
+            self.flush()
+            self._file = None
+            f.close()
+
+    def _roll_back(self) -> None:
+        # Part of a record may have reached the disk; cut it off so later appends stay parseable.
+        # The next write reopens the file.
+        f, self._file = self._file, None
+        if f is not None:
+            with contextlib.suppress(Exception):  # the handle is abandoned either way
+                f.close()
+        os.truncate(self.path, self._flushed)
+
+
+class AuditLog:
+    """JSON-lines audit log with optional binary capture of the raw protobuf messages.
+
+    Args:
+        path: The JSON-lines file.
+        proto_path: The binary capture file, or None for none.
+        log_responses: Also record replies ("out" lines and reply frames).
+        flush_interval: Entries between flushes; 1 flushes every entry.
+
+    Thread-safe: one lock serializes all entries, so ``seq`` order is file order.
+    """
+
+    def __init__(
+        self, path: PathLike, proto_path: PathLike | None = None, log_responses: bool = False, flush_interval: int = 1
+    ):
+        if flush_interval < 1:
+            raise ValueError(f"flush_interval must be >= 1, got {flush_interval}")
+        self._json = _File(path)
+        self._proto = _File(proto_path) if proto_path is not None else None
+        self._log_responses = log_responses
+        self._flush_interval = flush_interval
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._unflushed = 0
+        self._json.open()
+        if self._proto is not None:
+            self._proto.open()
+
+    @property
+    def log_responses(self) -> bool:
+        """Whether replies are recorded; lets a caller skip building replies just for the log."""
+        return self._log_responses
+
+    @property
+    def healthy(self) -> bool:
+        """False from a failed write of the JSON log until its next good flush.
+
+        A server can use it to refuse writes it could not record.
+        """
+        return not self._json.failing
+
+    def log_request(
+        self, ctx: RequestContext, allowed: bool, reason: str | None, final_drfs: list[str] | None = None
+    ) -> int:
+        """Record a request and the policy decision; returns its ``seq`` for the reply and events."""
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            try:
+                entry: dict[str, object] = {
+                    "ts": _now(),
+                    "seq": seq,
+                    "dir": "in",
+                    "peer": ctx.peer,
+                    "method": ctx.rpc_method,
+                    "drfs": list(ctx.drfs),
+                    "allowed": allowed,
+                    "reason": reason,
+                }
+                if ctx.values:
+                    entry["values"] = [[drf, _jsonable(value)] for drf, value in ctx.values]
+                if final_drfs is not None and list(final_drfs) != list(ctx.drfs):
+                    entry["final_drfs"] = list(final_drfs)
+            except Exception:
+                self._json.failing = True
+                logger.exception("audit: cannot build entry for request seq %d", seq)
+                return seq
+            frame = None
+            if hasattr(ctx.raw_request, "SerializeToString"):
+                frame = (_REQUEST_TAGS.get(ctx.rpc_method), ctx.raw_request)
+            self._record(entry, frame)
+        return seq
+
+    def log_response(self, seq: int, method: str, response: Any) -> None:
+        """Record one reply (a ReadingReply of a Read stream or a SettingReply) when ``log_responses``."""
+        if not self._log_responses:
+            return
+        with self._lock:
+            entry: dict[str, object] = {"ts": _now(), "seq": seq, "dir": "out", "method": method}
+            try:
+                entry.update(_summarize(method, response))
+            except Exception:
+                logger.exception("audit: cannot summarize %s reply for seq %d", method, seq)
+            self._record(entry, (_REPLY_TAGS.get(method), response))
+
+    def log_event(self, seq: int, event: str, /, **fields: object) -> None:
+        """Record a notable outcome of request ``seq``; ``fields`` cannot replace ts/seq/dir/event."""
+        with self._lock:
+            entry: dict[str, object] = {"ts": _now(), "seq": seq, "dir": "event", "event": event}
+            for key, value in fields.items():
+                try:
+                    entry.setdefault(key, _jsonable(value))
+                except Exception:  # e.g. a self-referencing list
+                    logger.exception("audit: cannot record field %r of event %r", key, event)
+            self._record(entry, None)
+
+    def flush(self) -> None:
+        """Push buffered entries to the OS."""
+        with self._lock:
+            self._flush()
+
+    def close(self) -> None:
+        """Flush and release the files; a later entry reopens them in append mode."""
+        with self._lock:
+            for f in (self._json, self._proto):
+                if f is not None:
+                    try:
+                        f.close()
+                    except Exception:
+                        self._failed(f, "cannot close")
+            self._unflushed = 0
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _record(self, entry: dict[str, object], frame: tuple[int | None, Any] | None) -> None:
+        """Write one entry and its optional (tag, message) frame. Holds the lock; never raises."""
+        seq = entry.get("seq")
+        try:
+            self._json.write(json.dumps(entry, separators=(",", ":"), default=repr).encode() + b"\n")
+        except Exception:
+            self._failed(self._json, "cannot write entry seq %s", seq)
+        if frame is not None and self._proto is not None:
+            tag, message = frame
+            try:
+                if tag is None:
+                    raise ValueError(f"no frame tag for method {entry.get('method')!r}")
+                payload = message.SerializeToString()
+                self._proto.write(bytes((tag,)) + _varint(len(payload)) + payload)
+            except Exception:
+                self._failed(self._proto, "cannot write frame of seq %s", seq)
+        self._unflushed += 1
+        if self._unflushed >= self._flush_interval:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._unflushed = 0
+        for f in (self._json, self._proto):
+            if f is None:
+                continue
+            try:
+                f.flush()
+            except Exception:
+                self._failed(f, "cannot flush")
+            else:
+                if f.failing and f.is_open:  # a dropped handle flushed nothing
+                    f.failing = False
+                    logger.warning("audit: %s: recording again", f.path)
+
+    @staticmethod
+    def _failed(f: _File, what: str, *args: object) -> None:
+        # The traceback once per run of failures: a full disk must not add one to every request.
+        if f.failing:
+            logger.debug("audit: %s: " + what, f.path, *args, exc_info=True)
+        else:
+            f.failing = True
+            logger.exception("audit: %s: " + what, f.path, *args)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def read_audit(path: PathLike) -> Iterator[dict[str, Any]]:
+    """Yield the entries of a JSON-lines audit log; raises ValueError at a malformed line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                raise ValueError(f"{os.fspath(path)}:{lineno}: not a JSON audit entry (truncated write?)") from None
+            if not isinstance(entry, dict):
+                raise ValueError(f"{os.fspath(path)}:{lineno}: not a JSON object")
+            yield entry
+
+
+@overload
+def read_audit_proto(path: PathLike, decode: Literal[False] = False) -> Iterator[tuple[int, bytes]]: ...
+@overload
+def read_audit_proto(path: PathLike, decode: Literal[True]) -> Iterator[tuple[int, Message]]: ...
+def read_audit_proto(path: PathLike, decode: bool = False) -> Iterator[tuple[int, Any]]:
+    """Yield ``(tag, payload)`` per frame of a binary capture; with ``decode`` the payload is parsed
+    into its DAQ_pb2 message. Raises ValueError at a truncated or malformed frame."""
+    classes: dict[int, Any] = {}
+    if decode:  # the generated code is needed only to decode
+        from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
+
+        classes = {tag: getattr(DAQ_pb2, name) for tag, (_, name) in _TAG_TYPES.items()}
+    name = os.fspath(path)
+    with open(path, "rb") as f:
+        offset = 0
+        while tag_byte := f.read(1):
+            tag = tag_byte[0]
+            if tag not in _TAG_TYPES:
+                raise ValueError(f"{name}: unknown frame tag {tag} at offset {offset}")
+            length, width = _read_varint(f, name, offset)
+            payload = f.read(length)
+            if len(payload) < length:
+                raise ValueError(
+                    f"{name}: truncated frame at offset {offset}: {len(payload)} of {length} payload bytes"
+                )
+            if decode:
+                try:
+                    yield tag, classes[tag].FromString(payload)
+                except Exception as e:  # protobuf's DecodeError
+                    raise ValueError(f"{name}: undecodable frame at offset {offset}: {e}") from None
+            else:
+                yield tag, payload
+            offset += 1 + width + length
+
+
+def _read_varint(f: IO[bytes], name: str, offset: int) -> tuple[int, int]:
+    """(value, bytes used) of the length varint of the frame at ``offset``."""
+    value = 0
+    for i in range(10):  # a 64-bit varint has at most 10 bytes
+        byte = f.read(1)
+        if not byte:
+            raise ValueError(f"{name}: truncated frame at offset {offset}: length cut short")
+        value |= (byte[0] & 0x7F) << (7 * i)
+        if not byte[0] & 0x80:
+            return value, i + 1
+    raise ValueError(f"{name}: malformed frame length at offset {offset}")
+
+
+# --- pacsys-audit -----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``pacsys-audit`` command; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="pacsys-audit", description="Print who read or set what, and when, from a pacsys audit log."
+    )
+    parser.add_argument("file", metavar="FILE", help="JSON-lines audit log, or the binary capture with --proto")
+    parser.add_argument("--proto", action="store_true", help="FILE is the binary capture (replies carry no devices)")
+    parser.add_argument("--device", metavar="PATTERN", help="only requests naming a matching device (glob)")
+    parser.add_argument("--method", choices=("Read", "Set"), help="only this RPC")
+    parser.add_argument("--since", metavar="ISO", type=_parse_since, help="only entries at or after (local if no zone)")
+    parser.add_argument("--json", action="store_true", help="print the selected entries as JSON lines")
+    args = parser.parse_args(argv)
+    if args.proto and args.since:
+        parser.error("--since needs the JSON log: the binary capture has no timestamps")
+    device = re.compile(fnmatch.translate(args.device), re.IGNORECASE) if args.device else None
+    try:
+        if args.proto:
+            _print_frames(args.file, device, args.method, args.json)
+        else:
+            _print_entries(args.file, device, args.method, args.since, args.json)
+    except (OSError, ValueError) as e:
+        print(f"pacsys-audit: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parse_since(text: str) -> datetime:
+    when = datetime.fromisoformat(text)
+    return when if when.tzinfo else when.astimezone()
+
+
+def _names_device(drfs: Sequence[str], device: re.Pattern[str]) -> bool:
+    return any(device.fullmatch(get_device_name(drf)) for drf in drfs)
+
+
+def _print_entries(
+    path: str, device: re.Pattern[str] | None, method: str | None, since: datetime | None, as_json: bool
+) -> None:
+    if not as_json:
+        print(f"{'TIME':<32} {'SEQ':>5} {'PEER':<24} {'METHOD':<6} {'RESULT':<8} DETAIL")
+    chosen: dict[int, bool] = {}  # seq -> whether its request was selected
+    for entry in read_audit(path):
+        if entry.get("dir") == "in":
+            drfs = entry.get("drfs", []) + entry.get("final_drfs", [])
+            selected = (method is None or entry.get("method") == method) and (
+                device is None or _names_device(drfs, device)
+            )
+            chosen[entry.get("seq", -1)] = selected
+        else:  # replies and events follow their request's selection
+            selected = chosen.get(entry.get("seq", -1), device is None and method is None)
+        if not selected or (since is not None and datetime.fromisoformat(entry.get("ts", "")) < since):
+            continue
+        print(json.dumps(entry) if as_json else _entry_row(entry))
+
+
+def _entry_row(e: dict[str, Any]) -> str:
+    kind = e.get("dir")
+    if kind == "in":
+        result = "allowed" if e.get("allowed") else "DENIED"
+        if "values" in e:
+            detail = ", ".join(f"{drf}={_text(value)}" for drf, value in e["values"])
+        else:
+            detail = ", ".join(e.get("drfs", []))
+        if "final_drfs" in e:
+            detail += " => " + ", ".join(e["final_drfs"])
+        if e.get("reason"):
+            detail += f"  ({e['reason']})"
+        peer, method = e.get("peer", ""), e.get("method", "")
+    else:
+        result = "reply" if kind == "out" else e.get("event", "event")
+        standard = ("ts", "seq", "dir", "event", "method")
+        detail = " ".join(f"{k}={_text(v)}" for k, v in e.items() if k not in standard)
+        peer, method = "", e.get("method", "-")
+    return f"{e.get('ts', ''):<32} {e.get('seq', ''):>5} {peer:<24} {method:<6} {result:<8} {detail}"
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _print_frames(path: str, device: re.Pattern[str] | None, method: str | None, as_json: bool) -> None:
+    if not as_json:
+        print(f"{'FRAME':>6} {'TYPE':<13} DETAIL")
+    for n, (tag, message) in enumerate(read_audit_proto(path, decode=True)):
+        frame_method, type_name = _TAG_TYPES[tag]
+        if method is not None and frame_method != method:
+            continue
+        if device is not None:
+            drfs = list(getattr(message, "drf", [])) or [s.device for s in getattr(message, "setting", [])]
+            if not _names_device(drfs, device):
+                continue
+        if as_json:
+            print(json.dumps({"frame": n, "tag": tag, "type": type_name, "message": MessageToDict(message)}))
+        else:
+            print(f"{n:>6} {type_name:<13} {_frame_detail(tag, message)}")
+
+
+def _frame_detail(tag: int, m: Any) -> str:
+    if tag == TAG_READ_REQUEST:
+        return ", ".join(m.drf)
+    if tag == TAG_SETTING_REQUEST:
+        return ", ".join(f"{s.device}={_proto_value(s.value)}" for s in m.setting)
+    return " ".join(f"{k}={_text(v)}" for k, v in _summarize(_TAG_TYPES[tag][0], m).items())
+
+
+def _proto_value(value: Any) -> object:
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    inner = getattr(value, kind)
+    if kind == "raw":
+        return inner.hex()
+    return MessageToDict(inner) if hasattr(inner, "DESCRIPTOR") else inner

@@ -1,0 +1,418 @@
+"""Policies: the checks the gateway runs on every Read and Set before it calls the backend.
+
+A policy looks at a :class:`RequestContext` and returns a :class:`PolicyDecision`: deny (with a
+reason), allow, or allow with a modified context that later policies and the backend call see.
+:func:`evaluate_policies` runs a chain of them; the first denial wins.
+
+Per-slot approval
+-----------------
+Every DRF in a request is a slot, and ``RequestContext.allowed`` holds the indices of approved
+slots. The caller builds the context with all slots approved for a Read and none approved for a
+Set. Approving policies (``DeviceAccessPolicy(mode="allow")`` covering Set, or any policy whose
+``allows_writes`` is true) add indices as the chain runs.
+
+The rule lives in :func:`evaluate_policies` (not in a separate step the server could forget):
+after the whole chain has allowed the request, if at least one policy in the chain has
+``allows_writes`` true, any slot still unapproved turns the result into a denial that names the
+first such device ("Device M:OUTTMP not approved for Set"; its ``policy`` is ``"approval"``).
+
+When no policy in the chain gates writes, and in particular for an empty chain, no slot rule
+applies and nothing is denied for lack of approval: the library default of the pacsys seed
+(which had no slot approval at all) that ``SupervisedServer(backend)`` keeps. Later pacsys
+releases deny every unapproved Set slot even with an empty chain and use ``allows_writes`` only
+to word the denial. So the ``pacsys-supervisor`` command, which must deny writes nothing grants,
+needs a write-gating policy in its chain: an allow-mode ``DeviceAccessPolicy`` for
+``--allow-writes``, or ``ReadOnlyPolicy`` when nothing grants writes.
+
+Matching and speed
+------------------
+Policies match canonical, upper-cased device names (``pacsys.drf_utils.get_device_name``).
+Globs are case-insensitive fnmatch patterns and regexes are full matches, also case-insensitive.
+``check()`` runs on the gateway's hot path, so patterns are compiled once and the result for
+each device name is cached in a small bounded dict. Stateful policies take a lock; a policy
+object can be shared by all server threads.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+import re
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TypeGuard
+
+from pacsys.drf_utils import get_device_name
+
+__all__ = [
+    "DeviceAccessPolicy",
+    "Policy",
+    "PolicyDecision",
+    "RateLimitPolicy",
+    "ReadOnlyPolicy",
+    "RequestContext",
+    "SlewLimit",
+    "SlewRatePolicy",
+    "ValueRangePolicy",
+    "evaluate_policies",
+]
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """One RPC as the policies see it.
+
+    Attributes:
+        drfs: DRF strings of the request, one slot each, in request order.
+        rpc_method: ``"Read"`` or ``"Set"``.
+        peer: Client address as gRPC reports it (``ipv4:10.0.0.5:51234``).
+        metadata: gRPC invocation metadata.
+        values: ``[(drf, value), ...]`` for a Set; empty for a Read.
+        raw_request: The protobuf request message.
+        allowed: Indices of approved slots: all of them for a Read, none for a Set when built.
+    """
+
+    drfs: list[str]
+    rpc_method: str
+    peer: str
+    metadata: dict[str, str]
+    values: list[tuple[str, object]]
+    raw_request: object
+    allowed: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class PolicyDecision:
+    """Outcome of a policy check.
+
+    A denial must carry a reason; its ``ctx`` is ignored. An allow carries ``ctx=None`` when the
+    policy left the request alone, or the modified context. On a denial returned by
+    :func:`evaluate_policies`, ``policy`` names the denying policy (``Policy.name``) for metrics;
+    it takes no part in equality.
+    """
+
+    allowed: bool
+    reason: str | None = None
+    ctx: RequestContext | None = None
+    policy: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.allowed and not self.reason:
+            raise ValueError("a denied PolicyDecision needs a reason")
+
+
+_ALLOW = PolicyDecision(allowed=True)
+
+
+class Policy(ABC):
+    """Base class for policies: implement :meth:`check`."""
+
+    _name: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Label for metrics and logs: the class name unless set."""
+        return self._name or type(self).__name__
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._name = value
+
+    @property
+    def allows_writes(self) -> bool:
+        """True for a policy that grants writes by approving slots (see the module docstring)."""
+        return False
+
+    @abstractmethod
+    def check(self, ctx: RequestContext) -> PolicyDecision: ...
+
+
+def evaluate_policies(policies: Sequence[Policy], ctx: RequestContext) -> PolicyDecision:
+    """Run ``policies`` in order and return the final decision.
+
+    The first denial is returned, tagged with the policy's name, and the remaining policies do
+    not run. Each policy sees the context as modified by the ones before it. An allow carries
+    ``ctx`` set to the final context. After the chain, unapproved slots deny the request when a
+    policy gates writes (see the module docstring). Exceptions raised by a policy propagate.
+    """
+    current = ctx
+    for policy in policies:
+        decision = policy.check(current)
+        if not decision.allowed:
+            return replace(decision, policy=policy.name)
+        if decision.ctx is not None:
+            current = decision.ctx
+    if any(p.allows_writes for p in policies):
+        for i, drf in enumerate(current.drfs):
+            if i not in current.allowed:
+                reason = f"Device {get_device_name(drf)} not approved for {current.rpc_method}"
+                return PolicyDecision(allowed=False, reason=reason, policy="approval")
+    return PolicyDecision(allowed=True, ctx=current)
+
+
+_CACHE_SIZE = 4096
+
+
+class _Patterns:
+    """Compiled device-name patterns with a cache of which ones match a name."""
+
+    def __init__(self, patterns: Sequence[str], syntax: str = "glob"):
+        if syntax not in ("glob", "regex"):
+            raise ValueError(f"syntax must be 'glob' or 'regex', got {syntax!r}")
+        sources = [fnmatch.translate(p) for p in patterns] if syntax == "glob" else list(patterns)
+        try:
+            self._regexes = [re.compile(s, re.IGNORECASE) for s in sources]
+        except re.error as e:
+            raise ValueError(f"bad pattern: {e}") from None
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    def matching(self, name: str) -> tuple[int, ...]:
+        """Indices of the patterns that match the whole of ``name``."""
+        hit = self._cache.get(name)
+        if hit is None:
+            hit = tuple(i for i, rx in enumerate(self._regexes) if rx.fullmatch(name))
+            # Clearing when full keeps memory bounded for clients that name many devices.
+            # No lock needed: single dict operations are atomic, a lost race only recomputes.
+            if len(self._cache) >= _CACHE_SIZE:
+                self._cache.clear()
+            self._cache[name] = hit
+        return hit
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    # bool is an int subclass, but True is not a setting of 1.0 anyone means to range-check.
+    # numbers.Real also admits numpy scalars and Fraction, which compare like floats.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+class ReadOnlyPolicy(Policy):
+    """Denies every Set."""
+
+    def check(self, ctx: RequestContext) -> PolicyDecision:
+        if ctx.rpc_method == "Set":
+            return PolicyDecision(allowed=False, reason="Write operations disabled")
+        return _ALLOW
+
+
+class DeviceAccessPolicy(Policy):
+    """Approve or deny devices by name pattern.
+
+    Args:
+        patterns: Device name patterns, e.g. ``["M:*", "G:AMANDA"]``.
+        mode: ``"allow"`` approves the slots of matching devices and leaves the others alone;
+            ``"deny"`` denies a request that names any matching device.
+        action: The RPCs the policy applies to: ``"all"``, ``"read"`` or ``"set"``.
+        syntax: ``"glob"`` (fnmatch) or ``"regex"`` (full match); both case-insensitive.
+
+    ``mode="allow"`` with ``action="read"`` is rejected: Read slots start approved, so it could
+    never change anything.
+    """
+
+    def __init__(self, patterns: Sequence[str], mode: str = "allow", action: str = "all", syntax: str = "glob"):
+        if isinstance(patterns, str) or not patterns:
+            raise ValueError("patterns must be a non-empty list of strings")
+        if mode not in ("allow", "deny"):
+            raise ValueError(f"mode must be 'allow' or 'deny', got {mode!r}")
+        if action not in ("all", "read", "set"):
+            raise ValueError(f"action must be 'all', 'read' or 'set', got {action!r}")
+        if mode == "allow" and action == "read":
+            raise ValueError("mode='allow' with action='read' has no effect: reads are approved by default")
+        self._patterns = _Patterns(patterns, syntax)
+        self._mode = mode
+        self._methods = {"all": ("Read", "Set"), "read": ("Read",), "set": ("Set",)}[action]
+
+    @property
+    def allows_writes(self) -> bool:
+        return self._mode == "allow" and "Set" in self._methods
+
+    def check(self, ctx: RequestContext) -> PolicyDecision:
+        if ctx.rpc_method not in self._methods:
+            return _ALLOW
+        if self._mode == "deny":
+            for drf in ctx.drfs:
+                name = get_device_name(drf)
+                if self._patterns.matching(name):
+                    return PolicyDecision(allowed=False, reason=f"Device {name} is denied")
+            return _ALLOW
+        newly = {
+            i
+            for i, drf in enumerate(ctx.drfs)
+            if i not in ctx.allowed and self._patterns.matching(get_device_name(drf))
+        }
+        if not newly:
+            return _ALLOW
+        return PolicyDecision(allowed=True, ctx=replace(ctx, allowed=ctx.allowed | newly))
+
+
+def _client_key(peer: str) -> str:
+    """The client's address without its port, so opening a new connection does not reset limits."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]
+    return peer
+
+
+class RateLimitPolicy(Policy):
+    """At most ``max_requests`` requests per client within any ``window_seconds``.
+
+    Clients are told apart by address without the port. Denied requests do not count. Clients
+    idle for a whole window are forgotten, so many short-lived clients cost no memory.
+
+    Args:
+        max_requests: Requests allowed per window.
+        window_seconds: Length of the sliding window.
+        clock: Monotonic time source in seconds (tests inject a fake one).
+    """
+
+    def __init__(self, max_requests: int, window_seconds: float = 60.0, *, clock: Callable[[], float] = time.monotonic):
+        if max_requests <= 0:
+            raise ValueError(f"max_requests must be positive, got {max_requests}")
+        if window_seconds <= 0:
+            raise ValueError(f"window_seconds must be positive, got {window_seconds}")
+        self._max = max_requests
+        self._window = window_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._hits: dict[str, deque[float]] = {}
+        self._next_sweep = clock() + window_seconds
+
+    def check(self, ctx: RequestContext) -> PolicyDecision:
+        key = _client_key(ctx.peer)
+        now = self._clock()
+        cutoff = now - self._window
+        with self._lock:
+            if now >= self._next_sweep:
+                # At most one O(clients) sweep per window: cheap, and bounds memory.
+                self._hits = {k: q for k, q in self._hits.items() if q[-1] > cutoff}
+                self._next_sweep = now + self._window
+            hits = self._hits.setdefault(key, deque())
+            while hits and hits[0] <= cutoff:
+                hits.popleft()
+            if len(hits) >= self._max:
+                return PolicyDecision(
+                    allowed=False,
+                    reason=f"Rate limit exceeded for {key}: {self._max} requests per {self._window:g}s",
+                )
+            hits.append(now)
+        return _ALLOW
+
+
+class ValueRangePolicy(Policy):
+    """Deny a Set whose numeric value lies outside ``[lo, hi]`` (inclusive) for its device.
+
+    Args:
+        limits: Glob pattern -> ``(lo, hi)``. A device matching several patterns must satisfy
+            all of them. Non-numeric values (text, arrays, bool) and unmatched devices pass;
+            NaN is denied for a range-limited device.
+    """
+
+    def __init__(self, limits: dict[str, tuple[float, float]]):
+        if not limits:
+            raise ValueError("limits must not be empty")
+        for pattern, (lo, hi) in limits.items():
+            if not lo <= hi:
+                raise ValueError(f"limits[{pattern!r}]: lo {lo} is above hi {hi}")
+        self._patterns = _Patterns(list(limits))
+        self._bounds = list(limits.values())
+
+    def check(self, ctx: RequestContext) -> PolicyDecision:
+        if ctx.rpc_method != "Set":
+            return _ALLOW
+        for drf, value in ctx.values:
+            if not _is_number(value):
+                continue
+            name = get_device_name(drf)
+            for i in self._patterns.matching(name):
+                lo, hi = self._bounds[i]
+                if not lo <= value <= hi:
+                    return PolicyDecision(allowed=False, reason=f"Value {value} for {name} outside [{lo}, {hi}]")
+        return _ALLOW
+
+
+@dataclass(frozen=True)
+class SlewLimit:
+    """How fast one device may be moved by :class:`SlewRatePolicy`; at least one field is required.
+
+    Attributes:
+        max_step: Largest absolute change from the previous written value.
+        max_rate: Largest change per second since the previous write.
+    """
+
+    max_step: float | None = None
+    max_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_step is None and self.max_rate is None:
+            raise ValueError("SlewLimit needs max_step, max_rate or both")
+        for attr in ("max_step", "max_rate"):
+            limit = getattr(self, attr)
+            if limit is not None and not limit >= 0:
+                raise ValueError(f"{attr} must be >= 0, got {limit}")
+
+
+class SlewRatePolicy(Policy):
+    """Deny Sets that move a device too far or too fast from the value last written through here.
+
+    The first write to a device is free (nothing to compare with). All numeric values of a
+    request are checked first, against the history and against earlier slots of the same request;
+    the history is updated only when all pass, so a denied request leaves it alone. A write that
+    the backend later fails still counts as the last value. Non-finite values are denied for
+    slew-limited devices because they would poison every later comparison.
+
+    Args:
+        limits: Glob pattern -> :class:`SlewLimit`; a device matching several must satisfy all.
+        clock: Monotonic time source in seconds (tests inject a fake one).
+    """
+
+    def __init__(self, limits: dict[str, SlewLimit], *, clock: Callable[[], float] = time.monotonic):
+        if not limits:
+            raise ValueError("limits must not be empty")
+        self._patterns = _Patterns(list(limits))
+        self._limits = list(limits.values())
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._history: dict[str, tuple[float, float]] = {}  # device -> (value, time written)
+
+    def check(self, ctx: RequestContext) -> PolicyDecision:
+        if ctx.rpc_method != "Set":
+            return _ALLOW
+        with self._lock:
+            now = self._clock()
+            staged: dict[str, tuple[float, float]] = {}
+            for drf, value in ctx.values:
+                if not _is_number(value):
+                    continue
+                name = get_device_name(drf)
+                matched = self._patterns.matching(name)
+                if not matched:
+                    continue
+                new = float(value)
+                if not math.isfinite(new):
+                    return PolicyDecision(allowed=False, reason=f"Value {new} for {name} is not finite")
+                prev = staged.get(name) or self._history.get(name)
+                if prev is not None:
+                    denial = self._violation(name, new, prev, now, matched)
+                    if denial is not None:
+                        return PolicyDecision(allowed=False, reason=denial)
+                staged[name] = (new, now)
+            self._history.update(staged)
+        return _ALLOW
+
+    def _violation(
+        self, name: str, new: float, prev: tuple[float, float], now: float, matched: tuple[int, ...]
+    ) -> str | None:
+        prev_value, prev_time = prev
+        step = abs(new - prev_value)
+        elapsed = now - prev_time
+        for i in matched:
+            limit = self._limits[i]
+            if limit.max_step is not None and step > limit.max_step:
+                return f"Step {step:g} for {name} exceeds max_step {limit.max_step:g}"
+            if limit.max_rate is not None and step > limit.max_rate * elapsed:
+                rate = step / elapsed if elapsed > 0 else math.inf
+                return f"Rate {rate:g}/s for {name} exceeds max_rate {limit.max_rate:g}/s"
+        return None

@@ -1,0 +1,246 @@
+"""SupervisedServer: the DAQ gRPC service around one backend, in a thread of its own.
+
+The server runs a grpc.aio server on an event loop in a background thread. The
+backend is an AsyncBackend awaited directly on that loop; a sync Backend is wrapped
+once by `pacsys.aio.as_async` (its calls run in the adapter's thread pool). Health
+(grpc.health.v1) and server reflection are served on the same port.
+
+Library default, as in the seed: with no policies nothing is denied, writes
+included. The `pacsys-supervisor` command is stricter: it denies writes unless a
+policy or `--allow-writes` grants them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import threading
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from pacsys.aio import AsyncBackend, SyncBackendAdapter, as_async
+from pacsys.backends import Backend
+from pacsys.supervised._audit import AuditLog
+from pacsys.supervised._policies import Policy
+from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits
+
+logger = logging.getLogger("pacsys.supervised")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# The pacsys client pings every 30 s even with no call open; gRPC's default server
+# policy would answer that with GOAWAY "too_many_pings".
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+class SupervisedServer:
+    def __init__(
+        self,
+        backend: Backend | AsyncBackend,
+        port: int = 50051,
+        host: str = "[::]",
+        policies: list[Policy] | None = None,
+        token: str | None = None,
+        audit_log: AuditLog | None = None,
+        *,
+        limits: ServicerLimits | None = None,
+        max_message_bytes: int = 4 * 1024 * 1024,
+        backend_threads: int = 16,
+        shutdown_grace: float = 5.0,
+        log_requests: bool = False,
+        close_backend: bool = False,
+    ):
+        if not isinstance(backend, Backend | AsyncBackend):
+            raise TypeError(
+                "backend must be a pacsys.backends.Backend or a pacsys.aio.AsyncBackend instance, "
+                f"got {type(backend).__name__}"
+            )
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an integer from 0 to 65535, got {port!r}")
+        self._user_backend = backend
+        self._backend = as_async(backend, max_threads=backend_threads)
+        self._host = host
+        self._requested_port = port
+        self._port: int | None = None
+        self._max_message_bytes = max_message_bytes
+        self._grace = shutdown_grace
+        self._close_backend = close_backend
+        self.servicer = DAQServicer(
+            self._backend,
+            policies=policies,
+            token=token,
+            audit_log=audit_log,
+            limits=limits,
+            log_requests=log_requests,
+        )
+        self.health = health_aio.HealthServicer()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._stopped = threading.Event()
+        self._start_error: BaseException | None = None
+        self._stop_requested: asyncio.Event | None = None
+
+    # -- properties ----------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on (the real one when 0 was asked)."""
+        return self._port if self._port is not None else self._requested_port
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def backend(self) -> AsyncBackend:
+        return self._backend
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    def set_policies(self, policies: list[Policy]) -> None:
+        self.servicer.set_policies(policies)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start serving in a background thread; return once the port is bound and serving."""
+        if self._thread is not None:
+            raise RuntimeError("server already started")
+        self._thread = threading.Thread(target=self._thread_main, name="pacsys-supervised", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError(f"server did not start within {timeout} s")
+        if self._start_error is not None:
+            self._thread.join(5)
+            raise self._start_error
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain and stop: NOT_SERVING at once, one-shot calls get `grace` seconds, streams end."""
+        loop = self._loop
+        if loop is None or self._stopped.is_set():
+            return
+        if grace is not None:
+            self._grace = grace
+        if self._stop_requested is not None:
+            loop.call_soon_threadsafe(self._stop_requested.set)
+        if threading.current_thread() is not self._thread:
+            self._stopped.wait()
+            if self._thread is not None:
+                self._thread.join(10)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped; False when `timeout` passed first."""
+        return self._stopped.wait(timeout)
+
+    def run(self) -> None:
+        """Serve until SIGINT or SIGTERM (call from the main thread)."""
+        self.start()
+
+        def on_signal(signum, _frame):
+            logger.info("signal %s: shutting down", signal.Signals(signum).name)
+            threading.Thread(target=self.stop, daemon=True).start()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not self.wait(0.5):
+                pass
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def __enter__(self) -> SupervisedServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # -- the server thread ---------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as exc:  # reported to start() or logged
+            if not self._started.is_set():
+                self._start_error = exc
+            else:
+                logger.exception("server loop failed")
+        finally:
+            self._started.set()
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+                self._stopped.set()
+
+    async def _serve(self) -> None:
+        self._stop_requested = asyncio.Event()
+        options: list[tuple[str, Any]] = [
+            *KEEPALIVE_OPTIONS,
+            ("grpc.max_receive_message_length", self._max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers((self.servicer.rpc_handler(),))
+        from grpc_health.v1 import health_pb2_grpc
+
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        self._port = self._bind(server)
+        await self._open_backend()
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, SERVING)
+        logger.info("serving DAQ on %s:%d", self._host, self._port)
+        self._started.set()
+        try:
+            await self._stop_requested.wait()
+        finally:
+            await self._shutdown(server)
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        address = f"{self._host}:{self._requested_port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {address}: {exc}") from None
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        return port
+
+    async def _open_backend(self) -> None:
+        # A backend with an async start() (the worker pool) is started on this loop
+        # before the server reports SERVING.
+        start = getattr(self._backend, "start", None)
+        if start is not None and inspect.iscoroutinefunction(start):
+            await start()
+
+    async def _shutdown(self, server: grpc.aio.Server) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, NOT_SERVING)
+        self.servicer.end_streams()
+        await server.stop(self._grace)
+        if self._close_backend:
+            await self._backend.close()
+        elif isinstance(self._backend, SyncBackendAdapter):
+            self._backend.release_threads()
+        logger.info("server stopped")

@@ -1,0 +1,863 @@
+"""Every setting of `pacsys-supervisor`, in one place.
+
+`Settings` is a frozen dataclass; each field carries its default, a one-line help text and
+its constraints in the field's metadata. Everything else is derived from it: the command
+line options (`pacsys.supervised.cli`), the validation of the TOML file, and the commented
+example file (`render_example()`, whose output is `ops/supervisor.example.toml`).
+
+The TOML file is flat: its top-level keys are field names. Policies are an array of tables,
+run in file order (the first denial wins)::
+
+    port = 50051
+    workers = 4
+    allow_writes = ["Z:ACLTST*"]
+
+    [[policies]]
+    type = "rate_limit"
+    max_requests = 100
+    window_seconds = 60
+
+Values given on the command line override the file. Errors raise `ConfigError` naming the
+key and, when there is one, the file: ``config.toml: unknown key 'wokers'``.
+
+Regenerate the example file with ``python -m pacsys.supervised.config > ops/supervisor.example.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import json
+import math
+import re
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pacsys.supervised._policies import (
+    DeviceAccessPolicy,
+    Policy,
+    RateLimitPolicy,
+    ReadOnlyPolicy,
+    SlewLimit,
+    SlewRatePolicy,
+    ValueRangePolicy,
+)
+from pacsys.supervised._servicer import ServicerLimits
+
+__all__ = [
+    "POLICY_TYPES",
+    "ConfigError",
+    "Settings",
+    "build_policies",
+    "check_backend_spec",
+    "limits",
+    "load_config",
+    "read_config_file",
+    "render_example",
+    "resolve_token",
+    "settings_from",
+    "write_gate",
+]
+
+
+class ConfigError(ValueError):
+    """A bad setting. `key` names the setting (or ``policies[i]``) when there is one."""
+
+    def __init__(self, message: str, key: str | None = None, body: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.body = body
+
+
+# -- checks used in the field metadata ---------------------------------------------------------
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_DOTTED = re.compile(rf"{_IDENT}(\.{_IDENT})*")
+
+
+_SPEC_FORMS = "sim, sim:PATH, fake, grpc://HOST:PORT or module:factory"
+
+
+def check_backend_spec(spec: str) -> str | None:
+    """What is wrong with the syntax of a backend spec (nothing is imported or built), or None.
+
+    The text reads after the key: ``'backend' must be sim, sim:PATH, ...``.
+    """
+    if spec in ("sim", "fake"):
+        return None
+    if spec.startswith("sim:"):
+        return None if spec[4:] else "must name a devices file after 'sim:', got 'sim:'"
+    if spec.startswith("grpc://"):
+        host, sep, port = spec[len("grpc://") :].rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            return f"must be grpc://HOST:PORT with a port from 1 to 65535, got {spec!r}"
+        if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+            return f"needs an IPv6 host in brackets, e.g. grpc://[::1]:50051, got {spec!r}"
+        return None
+    module, sep, factory = spec.partition(":")
+    if sep and _DOTTED.fullmatch(module) and _DOTTED.fullmatch(factory):
+        return None
+    return f"must be {_SPEC_FORMS}, got {spec!r}"
+
+
+def _check_host(host: str) -> str | None:
+    if not host:
+        return "must not be empty"
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return f"needs an IPv6 address in brackets, e.g. [::1], got {host!r}"
+    return None
+
+
+def _check_patterns(patterns: tuple[str, ...]) -> str | None:
+    return "must not contain empty patterns" if any(not p.strip() for p in patterns) else None
+
+
+# -- the settings ------------------------------------------------------------------------------
+
+
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    section: str,
+    flag: bool = True,
+    in_file: bool = True,
+    min: float | None = None,
+    max: float | None = None,
+    gt: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    normalize: Callable[[str], str] | None = None,
+    check: Callable[[Any], str | None] | None = None,
+    example: Any = None,
+    metavar: str | None = None,
+) -> Any:
+    metadata = {
+        "help": help,
+        "section": section,
+        "flag": flag,
+        "in_file": in_file,
+        "min": min,
+        "max": max,
+        "gt": gt,
+        "choices": choices,
+        "normalize": normalize,
+        "check": check,
+        "example": example,
+        "metavar": metavar,
+    }
+    return field(default=default, metadata=metadata)
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The configuration of one `pacsys-supervisor` process (validated on construction)."""
+
+    # server
+    host: str = _setting(
+        "[::]", "Address to listen on ([::] is every address, IPv4 included).", section="Server", check=_check_host
+    )
+    port: int = _setting(
+        50051,
+        "Port of the DAQ service, health and reflection (0 picks a free one).",
+        section="Server",
+        min=0,
+        max=65535,
+    )
+    metrics_port: int | None = _setting(
+        None,
+        "Port of the Prometheus metrics endpoint (unset: no metrics endpoint).",
+        section="Server",
+        min=1,
+        max=65535,
+        example=9109,
+    )
+    max_message_bytes: int = _setting(
+        4 * 1024 * 1024, "Largest request message accepted, in bytes.", section="Server", min=1024, max=2**31 - 1
+    )
+    shutdown_grace: float = _setting(
+        5.0,
+        "Seconds one-shot calls get to finish on SIGTERM/SIGINT before they are cancelled.",
+        section="Server",
+        min=0,
+    )
+    config: str | None = _setting(
+        None, "The TOML config file (re-read on SIGHUP).", section="Server", in_file=False, metavar="FILE"
+    )
+
+    # backend and workers
+    backend: str = _setting(
+        "sim",
+        "Backend: sim, sim:PATH, fake, grpc://HOST:PORT or module:factory.",
+        section="Backend and workers",
+        check=check_backend_spec,
+        metavar="SPEC",
+    )
+    workers: int = _setting(
+        2,
+        "Worker processes, each with its own backend (0 runs the backend in the front process).",
+        section="Backend and workers",
+        min=0,
+        max=1024,
+    )
+    threads_per_worker: int = _setting(
+        16,
+        "Threads for the calls of a sync backend, per worker (or in the front process).",
+        section="Backend and workers",
+        min=1,
+        max=4096,
+    )
+    min_workers_ready: int = _setting(
+        1, "Workers that must be ready before the service reports SERVING.", section="Backend and workers", min=1
+    )
+    ready_timeout: float = _setting(
+        30.0, "Seconds to wait at startup for min_workers_ready workers.", section="Backend and workers", gt=0
+    )
+    subscription_linger: float = _setting(
+        2.0,
+        "Seconds an upstream subscription outlives its last client (so a reconnect reuses it).",
+        section="Backend and workers",
+        min=0,
+    )
+
+    # security
+    token: str | None = _setting(
+        None,
+        "Bearer token clients must present (prefer token_file: a file is not on the command line).",
+        section="Security",
+        example="change-me",
+        metavar="TOKEN",
+    )
+    token_file: str | None = _setting(
+        None,
+        "File holding the bearer token (surrounding whitespace is stripped).",
+        section="Security",
+        example="/etc/pacsys-supervisor/token",
+        metavar="FILE",
+    )
+    allow_writes: tuple[str, ...] = _setting(
+        (),
+        "Device glob patterns clients may write; writes are denied unless granted here or by a policy.",
+        section="Security",
+        check=_check_patterns,
+        example=["Z:ACLTS*"],
+        metavar="PATTERN",
+    )
+
+    # logging
+    log_level: str = _setting(
+        "INFO",
+        "Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL.",
+        section="Logging",
+        choices=LOG_LEVELS,
+        normalize=str.upper,
+    )
+    log_format: str = _setting(
+        "kv",
+        "Log line format: kv (key=value) or json (one object per line).",
+        section="Logging",
+        choices=("kv", "json"),
+        normalize=str.lower,
+    )
+    log_requests: bool = _setting(False, "Log every request at INFO (costs throughput).", section="Logging")
+
+    # limits
+    max_drfs_per_request: int = _setting(1000, "Most DRFs in one Read request.", section="Limits", min=1)
+    max_settings_per_request: int = _setting(100, "Most settings in one Set request.", section="Limits", min=1)
+    max_streams: int = _setting(10_000, "Most streaming Reads open at once.", section="Limits", min=1)
+    stream_buffer: int = _setting(
+        1000, "Readings queued per client stream before its oldest are dropped.", section="Limits", min=1
+    )
+
+    # supervision
+    ping_interval: float = _setting(
+        1.0, "Seconds between pings of each worker's event loop.", section="Supervision", gt=0
+    )
+    hang_timeout: float = _setting(
+        5.0, "Seconds without a ping answer after which a worker is killed and replaced.", section="Supervision", gt=0
+    )
+    restart_backoff_initial: float = _setting(
+        0.1, "Seconds before the first restart of a crashed worker (doubles each time).", section="Supervision", gt=0
+    )
+    restart_backoff_max: float = _setting(5.0, "Longest wait before restarting a worker.", section="Supervision", gt=0)
+    restart_backoff_reset: float = _setting(
+        30.0, "Seconds a worker must run to reset its backoff.", section="Supervision", gt=0
+    )
+    restart_intensity: int = _setting(
+        5, "Restarts allowed per worker slot within restart_period ...", section="Supervision", min=0
+    )
+    restart_period: float = _setting(
+        60.0, "... seconds; one more and the slot is given up.", section="Supervision", gt=0
+    )
+
+    # recycling
+    recycle_rss_mb: int = _setting(
+        0, "Replace a worker whose RSS passes this many MiB (0: off).", section="Recycling", min=0
+    )
+    recycle_requests: int = _setting(
+        0, "Replace a worker after this many requests (0: off).", section="Recycling", min=0
+    )
+    recycle_jitter: float = _setting(
+        0.1,
+        "Random fraction added to the recycle limits so workers do not recycle together.",
+        section="Recycling",
+        min=0,
+        max=1,
+    )
+
+    # audit
+    audit_path: str | None = _setting(
+        None,
+        "JSON-lines audit log of every request and decision (unset: no audit log).",
+        section="Audit",
+        example="/var/log/pacsys-supervisor/audit.jsonl",
+        metavar="FILE",
+    )
+    audit_proto_path: str | None = _setting(
+        None,
+        "Binary capture of the raw request messages (needs audit_path).",
+        section="Audit",
+        example="/var/log/pacsys-supervisor/audit.bin",
+        metavar="FILE",
+    )
+    audit_log_responses: bool = _setting(False, "Also record replies in the audit log.", section="Audit")
+    audit_flush_interval: int = _setting(
+        1, "Audit entries between flushes (1 flushes every entry).", section="Audit", min=1
+    )
+
+    # policies
+    policies: tuple[dict[str, Any], ...] = _setting(
+        (), "Policies, in order: [[policies]] tables (see below).", section="Policies", flag=False
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            try:
+                value = _check_field(f, getattr(self, f.name))
+            except _Bad as bad:
+                raise _key_error(bad.key or f.name, bad.body) from None
+            object.__setattr__(self, f.name, value)
+        if self.token is not None and self.token_file is not None:
+            raise _key_error("token_file", "cannot be combined with 'token': give one of them")
+        if self.workers > 0 and self.min_workers_ready > self.workers:
+            raise _key_error(
+                "min_workers_ready", f"({self.min_workers_ready}) must not exceed 'workers' ({self.workers})"
+            )
+        if self.restart_backoff_max < self.restart_backoff_initial:
+            raise _key_error(
+                "restart_backoff_max",
+                f"({self.restart_backoff_max:g}) must not be below 'restart_backoff_initial' "
+                f"({self.restart_backoff_initial:g})",
+            )
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise _key_error("metrics_port", f"({self.metrics_port}) must differ from 'port'")
+        if self.audit_proto_path is not None and self.audit_path is None:
+            raise _key_error("audit_proto_path", "needs 'audit_path' as well")
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
+_HINTS = typing.get_type_hints(Settings)
+
+
+def flag_name(name: str) -> str:
+    """The command line option of a setting: ``threads_per_worker`` -> ``--threads-per-worker``."""
+    return "--" + name.replace("_", "-")
+
+
+def field_kind(name: str) -> tuple[type, bool]:
+    """(base type, optional) of a setting: int, float, str, bool, tuple (a list of strings) or dict."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint) or hint
+    return origin, optional
+
+
+class _Bad(Exception):
+    def __init__(self, body: str, key: str | None = None):
+        super().__init__(body)
+        self.body = body
+        self.key = key  # a more precise key than the field's (policies[2])
+
+
+def _quoted(key: str) -> str:
+    return key if "[" in key else f"'{key}'"
+
+
+def _key_error(key: str, body: str) -> ConfigError:
+    return ConfigError(f"{_quoted(key)} {body}", key=key, body=body)
+
+
+def _range_text(lo: float | None, hi: float | None, gt: float | None) -> str:
+    if lo is not None and hi is not None:
+        return f" from {lo:g} to {hi:g}"
+    if gt is not None:
+        return f" > {gt:g}"
+    if lo is not None:
+        return f" >= {lo:g}"
+    if hi is not None:
+        return f" <= {hi:g}"
+    return ""
+
+
+def _check_field(f: dataclasses.Field[Any], value: Any) -> Any:
+    """The value normalized, or _Bad with what is wrong (without the key)."""
+    kind, optional = field_kind(f.name)
+    md = f.metadata
+    if value is None:
+        if optional:
+            return None
+        raise _Bad("must be set")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise _Bad(f"must be true or false, got {value!r}")
+        return value
+    if kind is int or kind is float:
+        rng = _range_text(md["min"], md["max"], md["gt"])
+        what = "an integer" if kind is int else "a number"
+        ok = isinstance(value, int) if kind is int else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok or (kind is float and not math.isfinite(value)):
+            raise _Bad(f"must be {what}{rng}, got {value!r}")
+        value = kind(value)
+        if (
+            (md["min"] is not None and value < md["min"])
+            or (md["max"] is not None and value > md["max"])
+            or (md["gt"] is not None and value <= md["gt"])
+        ):
+            raise _Bad(f"must be {what}{rng}, got {value!r}")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise _Bad(f"must be a string, got {value!r}")
+        if md["normalize"] is not None:
+            value = md["normalize"](value)
+        if md["choices"] is not None and value not in md["choices"]:
+            raise _Bad(f"must be one of {', '.join(md['choices'])}, got {value!r}")
+    elif f.name == "policies":
+        value = _check_policy_list(value)
+    elif kind is tuple:
+        if isinstance(value, str) or not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise _Bad(f"must be a list of strings, got {value!r}")
+        value = tuple(value)
+    if md["check"] is not None:
+        problem = md["check"](value)
+        if problem is not None:
+            raise _Bad(problem)
+    return value
+
+
+def _check_policy_list(value: Any) -> tuple[dict[str, Any], ...]:
+    """The structure only ([[policies]] tables with a known type); build_policies checks the rest."""
+    if not isinstance(value, list | tuple):
+        raise _Bad(f"must be an array of tables ([[policies]]), got {value!r}")
+    tables = []
+    for i, table in enumerate(value):
+        if not isinstance(table, Mapping):
+            raise _Bad(f"must be a table ([[policies]]), got {table!r}", key=f"policies[{i}]")
+        kind = table.get("type")
+        if kind is None:
+            raise _Bad(f"needs a 'type': one of {', '.join(POLICY_TYPES)}", key=f"policies[{i}]")
+        if kind not in POLICY_TYPES:
+            raise _Bad(f"has unknown type {kind!r}: use one of {', '.join(POLICY_TYPES)}", key=f"policies[{i}]")
+        tables.append(dict(table))
+    return tuple(tables)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The raw TOML table of a config file; ConfigError when it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def load_config(path: str) -> Settings:
+    """Settings from a TOML file alone (defaults for everything it does not set)."""
+    return settings_from(read_config_file(path), {"config": path}, source=path)
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    known = [name for name, f in FIELDS.items() if f.metadata["in_file"]]
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}unknown key '{key}'{hint}", key=key, body=f"unknown key{hint}")
+
+
+def settings_from(
+    file_values: Mapping[str, Any], overrides: Mapping[str, Any], *, source: str | None = None
+) -> Settings:
+    """Settings from the file's table and the command line's values (which win).
+
+    `overrides` are keyed by field name; a None value means "not given". `source` names the
+    file in errors. An override of `token` drops the file's `token_file` and the reverse, so
+    ``--token-file`` replaces a token set in the file.
+    """
+    where = f"{source}: " if source else ""
+    for key in file_values:
+        if key not in FIELDS:
+            raise _unknown_key(key, where)
+        if not FIELDS[key].metadata["in_file"]:
+            raise ConfigError(f"{where}'{key}' cannot be set in the config file", key=key)
+    for key in overrides:
+        if key not in FIELDS:
+            raise ConfigError(f"unknown setting '{key}'", key=key)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    merged = dict(file_values)
+    if "token" in given:
+        merged.pop("token_file", None)
+    if "token_file" in given:
+        merged.pop("token", None)
+    merged.update(given)
+
+    def located(key: str, body: str) -> ConfigError:
+        if key in given and FIELDS[key].metadata["flag"]:
+            return ConfigError(f"{flag_name(key)} {body}", key=key, body=body)
+        return ConfigError(f"{where}{_quoted(key)} {body}", key=key, body=body)
+
+    for key, value in merged.items():
+        try:
+            _check_field(FIELDS[key], value)
+        except _Bad as bad:
+            raise located(bad.key or key, bad.body) from None
+    try:
+        return Settings(**merged)
+    except ConfigError as exc:
+        if exc.key is None or exc.body is None:
+            raise
+        raise located(exc.key, exc.body) from None
+
+
+def resolve_token(settings: Settings) -> str | None:
+    """The bearer token: `token`, or the stripped contents of `token_file`, or None."""
+    if settings.token is not None:
+        return settings.token
+    if settings.token_file is None:
+        return None
+    try:
+        with open(settings.token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"'token_file' {settings.token_file}: cannot read it: {reason}", key="token_file") from None
+    if not token:
+        raise ConfigError(f"'token_file' {settings.token_file} is empty", key="token_file")
+    return token
+
+
+def limits(settings: Settings) -> ServicerLimits:
+    """The servicer's per-request limits."""
+    return ServicerLimits(
+        max_drfs_per_request=settings.max_drfs_per_request,
+        max_settings_per_request=settings.max_settings_per_request,
+        max_streams=settings.max_streams,
+        stream_buffer=settings.stream_buffer,
+    )
+
+
+# -- policies ----------------------------------------------------------------------------------
+
+
+class _PolicyTable:
+    """Typed access to one [[policies]] table; every error names policies[i] and the key."""
+
+    def __init__(self, table: dict[str, Any], index: int, where: str, known: tuple[str, ...]):
+        self.table = table
+        self.prefix = f"{where}policies[{index}] ({table['type']})"
+        for key in table:
+            if key not in known and key not in ("type", "name"):
+                close = difflib.get_close_matches(key, (*known, "name"), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"its parameters: {', '.join((*known, 'name'))}"
+                raise self.error(key, f"is not a parameter of this policy type ({hint})")
+
+    def error(self, key: str | None, body: str) -> ConfigError:
+        text = f"{self.prefix}: '{key}' {body}" if key else f"{self.prefix}: {body}"
+        return ConfigError(text, key=key, body=body)
+
+    def get(self, key: str, default: Any = ...) -> Any:
+        if key in self.table:
+            return self.table[key]
+        if default is ...:
+            raise self.error(key, "is required")
+        return default
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.get(key, default)
+        if value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def number(self, key: str, value: Any, *, gt: float | None = None, ge: float | None = None) -> float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (gt is not None and value <= gt) or (ge is not None and value < ge):
+            raise self.error(key, f"must be a number{_range_text(ge, None, gt)}, got {value!r}")
+        return float(value)
+
+    def table_of(self, key: str) -> dict[str, Any]:
+        value = self.get(key)
+        if not isinstance(value, Mapping) or not value:
+            raise self.error(key, f"must be a non-empty table of device pattern = limit, got {value!r}")
+        return dict(value)
+
+
+def _read_only(t: _PolicyTable) -> Policy:
+    return ReadOnlyPolicy()
+
+
+def _device_access(t: _PolicyTable) -> Policy:
+    patterns = t.get("patterns")
+    if (
+        isinstance(patterns, str)
+        or not isinstance(patterns, list)
+        or not patterns
+        or not all(isinstance(p, str) and p for p in patterns)
+    ):
+        raise t.error("patterns", f'must be a non-empty list of device patterns, e.g. ["M:*"], got {patterns!r}')
+    mode = t.choice("mode", ("allow", "deny"), "allow")
+    action = t.choice("action", ("all", "read", "set"), "all")
+    syntax = t.choice("syntax", ("glob", "regex"), "glob")
+    try:
+        return DeviceAccessPolicy(patterns, mode=mode, action=action, syntax=syntax)
+    except ValueError as exc:
+        raise t.error("patterns" if "pattern" in str(exc) else "action", str(exc)) from None
+
+
+def _rate_limit(t: _PolicyTable) -> Policy:
+    max_requests = t.get("max_requests")
+    if isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 1:
+        raise t.error("max_requests", f"must be an integer >= 1, got {max_requests!r}")
+    window = t.number("window_seconds", t.get("window_seconds", 60.0), gt=0)
+    return RateLimitPolicy(max_requests, window)
+
+
+def _value_range(t: _PolicyTable) -> Policy:
+    bounds: dict[str, tuple[float, float]] = {}
+    for pattern, pair in t.table_of("limits").items():
+        key = f'limits."{pattern}"'
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise t.error(key, f"must be [lo, hi], got {pair!r}")
+        lo, hi = (t.number(key, v) for v in pair)
+        if lo > hi:
+            raise t.error(key, f"lo {lo:g} is above hi {hi:g}")
+        bounds[pattern] = (lo, hi)
+    return ValueRangePolicy(bounds)
+
+
+def _slew_rate(t: _PolicyTable) -> Policy:
+    slews: dict[str, SlewLimit] = {}
+    for pattern, spec in t.table_of("limits").items():
+        key = f'limits."{pattern}"'
+        if not isinstance(spec, Mapping) or not spec:
+            raise t.error(key, f"must be a table with max_step and/or max_rate, got {spec!r}")
+        for sub in spec:
+            if sub not in ("max_step", "max_rate"):
+                raise t.error(f"{key}.{sub}", "is not a slew limit: use max_step and/or max_rate")
+        step, rate = (
+            None if spec.get(name) is None else t.number(f"{key}.{name}", spec[name], ge=0)
+            for name in ("max_step", "max_rate")
+        )
+        slews[pattern] = SlewLimit(max_step=step, max_rate=rate)
+    return SlewRatePolicy(slews)
+
+
+def _import_factory(spec: str) -> Callable[..., Any]:
+    module_name, _, attr = spec.partition(":")
+    module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{spec} is not callable")
+    return obj
+
+
+def _custom(t: _PolicyTable) -> Policy:
+    spec = t.get("factory")
+    module, sep, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not (sep and _DOTTED.fullmatch(module) and _DOTTED.fullmatch(attr)):
+        raise t.error("factory", f'must be "module:callable", got {spec!r}')
+    args = t.get("args", {})
+    if not isinstance(args, Mapping):
+        raise t.error("args", f"must be a table of keyword arguments, got {args!r}")
+    try:
+        factory = _import_factory(spec)
+    except Exception as exc:  # ImportError, AttributeError, whatever the module raises on import
+        raise t.error("factory", f"cannot load {spec}: {type(exc).__name__}: {exc}") from None
+    try:
+        policy = factory(**args)
+    except Exception as exc:
+        raise t.error("args", f"{spec}(**args) failed: {type(exc).__name__}: {exc}") from None
+    if not callable(getattr(policy, "check", None)):
+        raise t.error("factory", f"{spec} returned {type(policy).__name__}, not a Policy")
+    return policy
+
+
+_BUILDERS: dict[str, tuple[Callable[[_PolicyTable], Policy], tuple[str, ...]]] = {
+    "read_only": (_read_only, ()),
+    "device_access": (_device_access, ("patterns", "mode", "action", "syntax")),
+    "rate_limit": (_rate_limit, ("max_requests", "window_seconds")),
+    "value_range": (_value_range, ("limits",)),
+    "slew_rate": (_slew_rate, ("limits",)),
+    "custom": (_custom, ("factory", "args")),
+}
+POLICY_TYPES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def build_policies(settings: Settings) -> list[Policy]:
+    """The configured policies, in file order; ConfigError naming policies[i] and the key."""
+    where = f"{settings.config}: " if settings.config else ""
+    built: list[Policy] = []
+    for i, table in enumerate(settings.policies):
+        builder, known = _BUILDERS[table["type"]]
+        t = _PolicyTable(table, i, where, known)
+        name = t.get("name", None)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise t.error("name", f"must be a non-empty string, got {name!r}")
+        policy = builder(t)
+        if name is not None:
+            policy.name = name
+        built.append(policy)
+    return built
+
+
+def write_gate(settings: Settings, policies: list[Policy]) -> list[Policy]:
+    """The service's rule, deny writes unless granted, applied to a policy chain.
+
+    `allow_writes` patterns append an approving DeviceAccessPolicy for Sets; when no policy of
+    the chain then grants writes, a ReadOnlyPolicy goes first and every Set is denied.
+    """
+    chain = list(policies)
+    if settings.allow_writes:
+        chain.append(DeviceAccessPolicy(list(settings.allow_writes), mode="allow", action="set"))
+    if not any(p.allows_writes for p in chain):
+        chain.insert(0, ReadOnlyPolicy())
+    return chain
+
+
+# -- the example file --------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+# (help lines, table) of the example [[policies]], one of each type.
+_EXAMPLE_POLICIES: list[tuple[list[str], dict[str, Any]]] = [
+    (
+        ["read_only: deny every Set (the service adds it first when nothing grants writes)."],
+        {"type": "read_only"},
+    ),
+    (
+        [
+            "device_access: mode allow approves matching devices (for action set or all: grants writes),",
+            "mode deny refuses any request naming one. action: all, read or set; syntax: glob or regex.",
+        ],
+        {"type": "device_access", "patterns": ["Z:*", "E:*"], "mode": "deny", "action": "set", "syntax": "glob"},
+    ),
+    (
+        ["rate_limit: at most max_requests requests per client address within any window_seconds."],
+        {"type": "rate_limit", "max_requests": 100, "window_seconds": 60.0},
+    ),
+    (
+        ["value_range: deny a Set whose numeric value is outside [lo, hi] for a matching device."],
+        {"type": "value_range", "limits": {"M:OUTTMP": [40.0, 105.0], "Z:ACLTS*": [-10.0, 10.0]}},
+    ),
+    (
+        [
+            "slew_rate: deny a Set that moves a device more than max_step, or faster than max_rate per second,",
+            "from the value last written through this process.",
+        ],
+        {"type": "slew_rate", "limits": {"M:OUTTMP": {"max_step": 5.0, "max_rate": 1.0}}},
+    ),
+    (
+        [
+            'custom: any Policy, built by calling factory ("module:callable") with args as keyword arguments.',
+            "Every policy may also have a name, used in logs and metrics.",
+        ],
+        {
+            "type": "custom",
+            "name": "night-shift",
+            "factory": "mysite.policies:night_shift",
+            "args": {"start_hour": 22, "end_hour": 6},
+        },
+    ),
+]
+
+
+def render_example() -> str:
+    """The commented example config file: every setting with its help and default, and policies."""
+    lines = [
+        "# pacsys-supervisor configuration: every setting, with its default (commented out).",
+        "#",
+        "# Generated by pacsys.supervised.config.render_example(); do not edit by hand, regenerate with",
+        "#   python -m pacsys.supervised.config > ops/supervisor.example.toml",
+        "#",
+        "# Use:     pacsys-supervisor --config FILE   (options on the command line override the file)",
+        "# Check:   pacsys-supervisor check-config FILE",
+        "# Reload:  SIGHUP re-reads the file; policies, allow_writes and logging change at once,",
+        "#          other settings at the next restart. A bad file is logged and the old policies stay.",
+        "#",
+        "# Lines '# text' are help; lines '#key = value' are settings: remove the '#' to set one.",
+    ]
+    section = None
+    for f in dataclasses.fields(Settings):
+        md = f.metadata
+        if not md["in_file"] or f.name == "policies":
+            continue
+        if md["section"] != section:
+            section = md["section"]
+            lines += ["", "", f"# == {section} " + "=" * max(3, 92 - len(section))]
+        lines.append("")
+        lines.append(f"# {md['help']}")
+        value = f.default if f.default is not None else md["example"]
+        if f.default is None:
+            lines.append("# (unset by default)")
+        elif md["example"] is not None:
+            lines.append(f"# e.g. {f.name} = {_toml_value(md['example'])}")
+        lines.append(f"#{f.name} = {_toml_value(value)}")
+    lines += [
+        "",
+        "",
+        "# == Policies " + "=" * 84,
+        "#",
+        "# Each [[policies]] table is one policy; they run in file order and the first denial wins.",
+        "# Writes are denied unless granted: by allow_writes above, or by a policy that approves",
+        "# them (device_access with mode allow and action set or all, or a custom one).",
+    ]
+    for help_lines, table in _EXAMPLE_POLICIES:
+        lines.append("")
+        lines += [f"# {h}" for h in help_lines]
+        lines.append("#[[policies]]")
+        lines += [f"#{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_example(), end="")

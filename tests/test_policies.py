@@ -1,0 +1,337 @@
+"""Tests for pacsys.supervised._policies."""
+
+from dataclasses import replace
+
+import pytest
+
+from pacsys.supervised._policies import (
+    DeviceAccessPolicy,
+    Policy,
+    PolicyDecision,
+    RateLimitPolicy,
+    ReadOnlyPolicy,
+    RequestContext,
+    SlewLimit,
+    SlewRatePolicy,
+    ValueRangePolicy,
+    evaluate_policies,
+)
+
+
+def read_ctx(*drfs: str, peer: str = "ipv4:10.0.0.1:5000") -> RequestContext:
+    return RequestContext(
+        drfs=list(drfs),
+        rpc_method="Read",
+        peer=peer,
+        metadata={},
+        values=[],
+        raw_request=None,
+        allowed=frozenset(range(len(drfs))),
+    )
+
+
+def set_ctx(*settings: tuple[str, object], peer: str = "ipv4:10.0.0.1:5000") -> RequestContext:
+    return RequestContext(
+        drfs=[drf for drf, _ in settings],
+        rpc_method="Set",
+        peer=peer,
+        metadata={},
+        values=list(settings),
+        raw_request=None,
+    )
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TestDecision:
+    def test_denial_needs_reason(self):
+        with pytest.raises(ValueError):
+            PolicyDecision(allowed=False)
+        with pytest.raises(ValueError):
+            PolicyDecision(allowed=False, reason="")
+        assert PolicyDecision(allowed=False, reason="no").reason == "no"
+
+    def test_frozen(self):
+        with pytest.raises(AttributeError):
+            PolicyDecision(allowed=True).allowed = False  # type: ignore[misc]
+
+
+class TestPolicyBase:
+    def test_name_defaults_to_class_and_can_be_set(self):
+        policy = ReadOnlyPolicy()
+        assert policy.name == "ReadOnlyPolicy"
+        policy.name = "no-writes"
+        assert policy.name == "no-writes"
+        assert ReadOnlyPolicy().name == "ReadOnlyPolicy"
+
+    def test_allows_writes_defaults_false(self):
+        assert not ReadOnlyPolicy().allows_writes
+        assert not RateLimitPolicy(1).allows_writes
+        assert not DeviceAccessPolicy(["M:*"], mode="deny").allows_writes
+        assert DeviceAccessPolicy(["M:*"]).allows_writes
+        assert DeviceAccessPolicy(["M:*"], action="set").allows_writes
+
+
+class TestReadOnly:
+    def test_denies_set_allows_read(self):
+        policy = ReadOnlyPolicy()
+        assert policy.check(read_ctx("M:OUTTMP")).allowed
+        decision = policy.check(set_ctx(("M:OUTTMP", 1.0)))
+        assert not decision.allowed
+        assert decision.reason == "Write operations disabled"
+
+
+class TestDeviceAccess:
+    def test_allow_mode_approves_matching_slots_only(self):
+        policy = DeviceAccessPolicy(["M:*"], action="set")
+        decision = policy.check(set_ctx(("m_outtmp.setting@n", 1.0), ("G:AMANDA", 2.0), ("M:OTHER", 3.0)))
+        assert decision.allowed
+        assert decision.ctx is not None
+        assert decision.ctx.allowed == {0, 2}
+
+    def test_allow_mode_leaves_context_alone_when_nothing_new(self):
+        decision = DeviceAccessPolicy(["Z:*"]).check(set_ctx(("M:OUTTMP", 1.0)))
+        assert decision.allowed and decision.ctx is None
+        assert DeviceAccessPolicy(["M:*"]).check(read_ctx("M:OUTTMP")).ctx is None
+
+    def test_deny_mode_names_device(self):
+        policy = DeviceAccessPolicy(["Z:SECRET*"], mode="deny")
+        decision = policy.check(read_ctx("M:OUTTMP", "z:secret1@p,1000"))
+        assert not decision.allowed
+        assert decision.reason == "Device Z:SECRET1 is denied"
+        assert policy.check(read_ctx("M:OUTTMP")).allowed
+
+    def test_action_read_only_checks_reads(self):
+        policy = DeviceAccessPolicy(["Z:*"], mode="deny", action="read")
+        assert not policy.check(read_ctx("Z:ACLTST")).allowed
+        assert policy.check(set_ctx(("Z:ACLTST", 1.0))).allowed
+
+    def test_action_set_only_checks_sets(self):
+        policy = DeviceAccessPolicy(["Z:*"], mode="deny", action="set")
+        assert policy.check(read_ctx("Z:ACLTST")).allowed
+        assert not policy.check(set_ctx(("Z:ACLTST", 1.0))).allowed
+
+    def test_glob_is_case_insensitive(self):
+        policy = DeviceAccessPolicy(["g:am*"], mode="deny")
+        assert not policy.check(read_ctx("G:AMANDA")).allowed
+
+    def test_regex_is_full_match_case_insensitive(self):
+        policy = DeviceAccessPolicy([r"m:out.*", r"G:AMAND"], mode="deny", syntax="regex")
+        assert not policy.check(read_ctx("M:OUTTMP")).allowed
+        assert policy.check(read_ctx("G:AMANDA")).allowed  # a prefix is not a full match
+        # The same text as a glob: "." is literal.
+        glob = DeviceAccessPolicy([r"m:out.*"], mode="deny")
+        assert glob.check(read_ctx("M:OUTTMP")).allowed
+
+    @pytest.mark.parametrize(
+        "kwargs",
+        [
+            {"patterns": []},
+            {"patterns": "M:*"},
+            {"patterns": ["M:*"], "mode": "block"},
+            {"patterns": ["M:*"], "action": "write"},
+            {"patterns": ["M:*"], "syntax": "re"},
+            {"patterns": ["M:("], "syntax": "regex"},
+            {"patterns": ["M:*"], "mode": "allow", "action": "read"},
+        ],
+    )
+    def test_bad_arguments(self, kwargs):
+        with pytest.raises(ValueError):
+            DeviceAccessPolicy(**kwargs)
+
+
+class TestRateLimit:
+    def test_limit_per_client_and_window_expiry(self):
+        clock = FakeClock()
+        policy = RateLimitPolicy(2, window_seconds=10, clock=clock)
+        a, b = read_ctx("M:OUTTMP", peer="ipv4:10.0.0.1:5000"), read_ctx("M:OUTTMP", peer="ipv4:10.0.0.2:5000")
+        assert policy.check(a).allowed
+        clock.now += 1
+        assert policy.check(a).allowed
+        denied = policy.check(a)
+        assert not denied.allowed and "Rate limit exceeded" in (denied.reason or "")
+        assert policy.check(b).allowed  # another client has its own budget
+        clock.now += 9.5  # the first hit is now older than the window
+        assert policy.check(a).allowed
+        assert not policy.check(a).allowed
+
+    def test_new_port_is_the_same_client(self):
+        policy = RateLimitPolicy(1, clock=FakeClock())
+        assert policy.check(read_ctx("M:OUTTMP", peer="ipv6:[::1]:5000")).allowed
+        assert not policy.check(read_ctx("M:OUTTMP", peer="ipv6:[::1]:5001")).allowed
+
+    def test_idle_clients_are_forgotten(self):
+        clock = FakeClock()
+        policy = RateLimitPolicy(5, window_seconds=10, clock=clock)
+        for i in range(100):
+            policy.check(read_ctx("M:OUTTMP", peer=f"ipv4:10.0.1.{i}:5000"))
+        clock.now += 11
+        policy.check(read_ctx("M:OUTTMP", peer="ipv4:10.0.0.1:5000"))
+        assert list(policy._hits) == ["ipv4:10.0.0.1"]
+
+    @pytest.mark.parametrize("args", [(0,), (1, 0), (1, -1.0)])
+    def test_bad_arguments(self, args):
+        with pytest.raises(ValueError):
+            RateLimitPolicy(*args)
+
+
+class TestValueRange:
+    policy = ValueRangePolicy({"M:*": (0.0, 100.0), "M:OUT*": (-5.0, 50.0)})
+
+    @pytest.mark.parametrize("value", [0, 0.0, 50, 50.0])
+    def test_bounds_are_inclusive_and_all_matching_patterns_apply(self, value):
+        assert self.policy.check(set_ctx(("M:OUTTMP", value))).allowed
+
+    @pytest.mark.parametrize("value", [-0.1, 50.5, float("nan")])
+    def test_outside_denied_naming_device(self, value):
+        decision = self.policy.check(set_ctx(("G:AMANDA", 1e9), ("m_outtmp@n", value)))
+        assert not decision.allowed
+        assert "M:OUTTMP" in (decision.reason or "")
+
+    def test_other_pattern_bounds(self):
+        assert self.policy.check(set_ctx(("M:X", 100))).allowed
+        assert not self.policy.check(set_ctx(("M:X", 100.5))).allowed
+
+    @pytest.mark.parametrize("value", [True, "999", [1000.0], b"\xff"])
+    def test_non_numeric_values_pass(self, value):
+        assert self.policy.check(set_ctx(("M:OUTTMP", value))).allowed
+
+    def test_reads_and_unmatched_devices_pass(self):
+        assert self.policy.check(read_ctx("M:OUTTMP")).allowed
+        assert self.policy.check(set_ctx(("G:AMANDA", 1e9))).allowed
+
+    @pytest.mark.parametrize("limits", [{}, {"M:*": (2.0, 1.0)}])
+    def test_bad_arguments(self, limits):
+        with pytest.raises(ValueError):
+            ValueRangePolicy(limits)
+
+
+class TestSlewRate:
+    def make(self, **limit: float) -> tuple[SlewRatePolicy, FakeClock]:
+        clock = FakeClock()
+        return SlewRatePolicy({"M:*": SlewLimit(**limit)}, clock=clock), clock
+
+    def test_first_write_is_free_then_step_limited(self):
+        policy, _ = self.make(max_step=10)
+        assert policy.check(set_ctx(("M:OUTTMP", 1000.0))).allowed
+        assert policy.check(set_ctx(("M:OUTTMP", 1010.0))).allowed  # exactly max_step
+        decision = policy.check(set_ctx(("M:OUTTMP", 1020.5)))
+        assert not decision.allowed
+        assert "M:OUTTMP" in (decision.reason or "") and "max_step" in (decision.reason or "")
+
+    def test_rate_limit_uses_elapsed_time(self):
+        policy, clock = self.make(max_rate=2)
+        assert policy.check(set_ctx(("M:OUTTMP", 0.0))).allowed
+        clock.now += 5
+        assert policy.check(set_ctx(("M:OUTTMP", 10.0))).allowed  # 2/s
+        clock.now += 1
+        decision = policy.check(set_ctx(("M:OUTTMP", 13.0)))  # 3/s
+        assert not decision.allowed and "max_rate" in (decision.reason or "")
+
+    def test_denied_write_leaves_history(self):
+        policy, _ = self.make(max_step=10)
+        assert policy.check(set_ctx(("M:A", 0.0), ("M:B", 0.0))).allowed
+        # M:A would be fine but M:B is not: neither may be recorded.
+        assert not policy.check(set_ctx(("M:A", 5.0), ("M:B", 50.0))).allowed
+        assert policy.check(set_ctx(("M:A", 10.0))).allowed  # still compared with 0.0
+        assert not policy.check(set_ctx(("M:A", 25.0))).allowed
+
+    def test_slots_of_one_request_are_checked_in_order(self):
+        policy, _ = self.make(max_step=10)
+        assert policy.check(set_ctx(("M:A", 0.0))).allowed
+        # Each value is within 10 of the last recorded 0.0, but -5 is 15 away from the 10 before it.
+        assert not policy.check(set_ctx(("M:A", 10.0), ("M:A", -5.0))).allowed
+
+    def test_unmatched_non_numeric_and_reads_pass(self):
+        policy, _ = self.make(max_step=1)
+        assert policy.check(set_ctx(("G:AMANDA", 0.0))).allowed
+        assert policy.check(set_ctx(("G:AMANDA", 100.0))).allowed
+        assert policy.check(set_ctx(("M:TEXT", "on"))).allowed
+        assert policy.check(read_ctx("M:A")).allowed
+
+    def test_non_finite_denied(self):
+        policy, _ = self.make(max_step=1)
+        assert not policy.check(set_ctx(("M:A", float("nan")))).allowed
+
+    def test_slew_limit_validation(self):
+        with pytest.raises(ValueError):
+            SlewLimit()
+        with pytest.raises(ValueError):
+            SlewLimit(max_step=-1)
+        with pytest.raises(ValueError):
+            SlewRatePolicy({})
+        with pytest.raises(AttributeError):
+            SlewLimit(max_step=1).max_step = 2  # type: ignore[misc]
+
+
+class Recorder(Policy):
+    """Records the context it saw; optionally replaces the values."""
+
+    def __init__(self, values=None, deny=False):
+        self.seen: list[RequestContext] = []
+        self._values = values
+        self._deny = deny
+
+    def check(self, ctx):
+        self.seen.append(ctx)
+        if self._deny:
+            return PolicyDecision(allowed=False, reason="recorder says no")
+        if self._values is not None:
+            return PolicyDecision(allowed=True, ctx=replace(ctx, values=self._values))
+        return PolicyDecision(allowed=True)
+
+
+class TestEvaluate:
+    def test_empty_chain_allows_reads_and_writes(self):
+        for ctx in (read_ctx("M:OUTTMP"), set_ctx(("M:OUTTMP", 1.0))):
+            decision = evaluate_policies([], ctx)
+            assert decision.allowed and decision.ctx is ctx
+
+    def test_first_denial_short_circuits(self):
+        after = Recorder()
+        decision = evaluate_policies([Recorder(deny=True), after], read_ctx("M:OUTTMP"))
+        assert decision.reason == "recorder says no"
+        assert after.seen == []
+
+    def test_modified_context_carries_forward(self):
+        clamp, after = Recorder(values=[("M:OUTTMP", 50.0)]), Recorder()
+        decision = evaluate_policies([clamp, after], set_ctx(("M:OUTTMP", 500.0)))
+        assert after.seen[0].values == [("M:OUTTMP", 50.0)]
+        assert decision.allowed and decision.ctx is after.seen[0]
+
+    def test_order_matters(self):
+        clamp = Recorder(values=[("M:OUTTMP", 50.0)])
+        limit = ValueRangePolicy({"M:*": (0.0, 100.0)})
+        ctx = set_ctx(("M:OUTTMP", 500.0))
+        assert evaluate_policies([clamp, limit], ctx).allowed
+        assert not evaluate_policies([limit, clamp], ctx).allowed
+
+    def test_unapproved_write_slot_denied_when_a_policy_gates_writes(self):
+        policies = [DeviceAccessPolicy(["M:*"], action="set")]
+        assert evaluate_policies(policies, set_ctx(("M:OUTTMP", 1.0))).allowed
+        decision = evaluate_policies(policies, set_ctx(("M:OUTTMP", 1.0), ("g_amanda@n", 2.0)))
+        assert not decision.allowed
+        assert decision.reason == "Device G:AMANDA not approved for Set"
+
+    def test_approvals_compose(self):
+        policies = [DeviceAccessPolicy(["M:*"], action="set"), DeviceAccessPolicy(["G:*"], action="set")]
+        decision = evaluate_policies(policies, set_ctx(("M:OUTTMP", 1.0), ("G:AMANDA", 2.0)))
+        assert decision.allowed and decision.ctx is not None and decision.ctx.allowed == {0, 1}
+
+    def test_reads_start_approved(self):
+        policies = [DeviceAccessPolicy(["M:*"])]
+        assert evaluate_policies(policies, read_ctx("G:AMANDA")).allowed
+
+    def test_no_slot_rule_without_write_gating_policy(self):
+        policies = [RateLimitPolicy(10), ValueRangePolicy({"M:*": (0.0, 100.0)})]
+        assert evaluate_policies(policies, set_ctx(("G:AMANDA", 1.0))).allowed
+
+    def test_read_only_denies_even_approved_writes(self):
+        policies = [DeviceAccessPolicy(["M:*"]), ReadOnlyPolicy()]
+        assert not evaluate_policies(policies, set_ctx(("M:OUTTMP", 1.0))).allowed

@@ -1,0 +1,306 @@
+"""SupervisedServer with in-process backends: the seed's plan (Tasks 2 to 5) and its sync twins.
+
+The Async* classes are the seed plan's tests, verbatim. The sync classes run the same
+scenarios through the sync FakeBackend (served through the one sync-to-async adapter).
+"""
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
+from pacsys.supervised import ReadOnlyPolicy, SupervisedServer
+from pacsys.testing import AsyncFakeBackend, FakeBackend
+
+
+def _seed_backend(fb):
+    fb.set_reading("M:OUTTMP", 72.5)
+    fb.set_reading("G:AMANDA", 42.0)
+
+
+def _make_channel(srv):
+    ch = grpc.insecure_channel(f"localhost:{srv.port}")
+    grpc.channel_ready_future(ch).result(timeout=10)
+    return ch
+
+
+# -- the sync FakeBackend ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sync_backend():
+    fb = FakeBackend()
+    _seed_backend(fb)
+    return fb
+
+
+@pytest.fixture(autouse=True)
+def reset_sync_backend(request):
+    if "sync_server" in request.fixturenames:
+        fb = request.getfixturevalue("sync_backend")
+        fb.reset()
+        _seed_backend(fb)
+
+
+@pytest.fixture(scope="module")
+def sync_server(sync_backend):
+    srv = SupervisedServer(sync_backend, port=0)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+class TestOneshotRead:
+    def test_single_device(self, sync_server):
+        with _make_channel(sync_server) as ch:
+            stub = DAQ_pb2_grpc.DAQStub(ch)
+            replies = list(stub.Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@I"]), timeout=5.0))
+            assert len(replies) == 1
+            assert replies[0].WhichOneof("value") == "readings"
+            assert replies[0].readings.reading[0].data.scalar == pytest.approx(72.5)
+
+    def test_multiple_devices_keep_request_order(self, sync_server):
+        with _make_channel(sync_server) as ch:
+            stub = DAQ_pb2_grpc.DAQStub(ch)
+            replies = list(stub.Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@I", "G:AMANDA@I", "M:OUTTMP@I"]), timeout=5))
+            values = {r.index: r.readings.reading[0].data.scalar for r in replies}
+            assert values == {0: pytest.approx(72.5), 1: pytest.approx(42.0), 2: pytest.approx(72.5)}
+
+    def test_error_reading(self, sync_backend, sync_server):
+        sync_backend.set_error("M:BADDEV", -42, "Device not found")
+        with _make_channel(sync_server) as ch:
+            stub = DAQ_pb2_grpc.DAQStub(ch)
+            replies = list(stub.Read(DAQ_pb2.ReadingList(drf=["M:BADDEV@I"]), timeout=5.0))
+            assert replies[0].WhichOneof("value") == "status"
+            assert replies[0].status.status_code == -42
+
+
+class TestSet:
+    def test_single_write(self, sync_backend, sync_server):
+        with _make_channel(sync_server) as ch:
+            stub = DAQ_pb2_grpc.DAQStub(ch)
+            request = DAQ_pb2.SettingList()
+            setting = request.setting.add()
+            setting.device = "M:OUTTMP"
+            setting.value.scalar = 80.0
+            reply = stub.Set(request, timeout=5.0)
+            assert [s.status_code for s in reply.status] == [0]
+            assert sync_backend.get_written_value("M:OUTTMP") == pytest.approx(80.0)
+
+    def test_statuses_answer_settings_in_order(self, sync_backend, sync_server):
+        sync_backend.set_write_result("G:AMANDA", success=False, error_code=-17, message="no privilege")
+        with _make_channel(sync_server) as ch:
+            stub = DAQ_pb2_grpc.DAQStub(ch)
+            request = DAQ_pb2.SettingList()
+            for device in ("M:OUTTMP", "G:AMANDA", "M:OUTTMP"):
+                s = request.setting.add()
+                s.device = device
+                s.value.scalar = 1.0
+            reply = stub.Set(request, timeout=5.0)
+            assert [s.status_code for s in reply.status] == [0, -17, 0]
+
+
+class TestStreamingRead:
+    def test_streaming_read(self, sync_backend):
+        with SupervisedServer(sync_backend, port=0) as srv, _make_channel(srv) as ch:
+            stub = DAQ_pb2_grpc.DAQStub(ch)
+            request = DAQ_pb2.ReadingList(drf=["M:OUTTMP@p,1000"])
+            call = stub.Read(request)
+            deadline = time.monotonic() + 10
+
+            def emit():
+                # emit until the client has what it needs: no fixed sleeps to guess readiness
+                i = 0
+                while not call.done() and time.monotonic() < deadline:
+                    sync_backend.emit_reading("M:OUTTMP@p,1000", 70.0 + i)
+                    i += 1
+                    time.sleep(0.05)
+
+            threading.Thread(target=emit, daemon=True).start()
+            values = []
+            for reply in call:
+                values.append(reply.readings.reading[0].data.scalar)
+                if len(values) >= 3:
+                    break
+            call.cancel()
+            assert values == sorted(values) and len(values) == 3
+
+
+class TestPolicyEnforcement:
+    def test_set_blocked_with_readonly_policy(self, sync_backend):
+        sync_backend.reset()
+        _seed_backend(sync_backend)
+        with SupervisedServer(sync_backend, port=0, policies=[ReadOnlyPolicy()]) as srv, _make_channel(srv) as ch:
+            stub = DAQ_pb2_grpc.DAQStub(ch)
+            request = DAQ_pb2.SettingList()
+            s = request.setting.add()
+            s.device = "M:OUTTMP"
+            s.value.scalar = 80.0
+            with pytest.raises(grpc.RpcError) as exc_info:
+                stub.Set(request, timeout=5.0)
+            assert exc_info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert not sync_backend.was_written("M:OUTTMP")
+            replies = list(stub.Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@I"]), timeout=5.0))
+            assert len(replies) == 1
+
+
+# -- the seed plan's tests, verbatim (Tasks 2 to 5) -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def async_backend():
+    fb = AsyncFakeBackend()
+    _seed_backend(fb)
+    return fb
+
+
+@pytest.fixture(autouse=True)
+def reset_async_backend(request):
+    if "async_server" in request.fixturenames:
+        fb = request.getfixturevalue("async_backend")
+        fb.reset()
+        _seed_backend(fb)
+
+
+@pytest.fixture(scope="module")
+def async_server(async_backend):
+    """Start a SupervisedServer with AsyncFakeBackend on an OS-assigned port."""
+    srv = SupervisedServer(async_backend, port=0)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+class TestAsyncOneshotRead:
+    def test_single_device(self, async_server):
+        with _make_channel(async_server) as ch:
+            stub = DAQ_pb2_grpc.DAQStub(ch)
+            request = DAQ_pb2.ReadingList()
+            request.drf.append("M:OUTTMP@I")
+
+            replies = list(stub.Read(request, timeout=5.0))
+            assert len(replies) == 1
+            reply = replies[0]
+            assert reply.WhichOneof("value") == "readings"
+            reading = reply.readings.reading[0]
+            assert reading.data.scalar == pytest.approx(72.5)
+
+    def test_multiple_devices(self, async_server):
+        with _make_channel(async_server) as ch:
+            stub = DAQ_pb2_grpc.DAQStub(ch)
+            request = DAQ_pb2.ReadingList()
+            request.drf.append("M:OUTTMP@I")
+            request.drf.append("G:AMANDA@I")
+
+            replies = list(stub.Read(request, timeout=5.0))
+            assert len(replies) == 2
+            values = {}
+            for r in replies:
+                rd = r.readings.reading[0]
+                values[r.index] = rd.data.scalar
+            assert values[0] == pytest.approx(72.5)
+            assert values[1] == pytest.approx(42.0)
+
+    def test_error_reading(self, async_backend, async_server):
+        async_backend.set_error("M:BADDEV", -42, "Device not found")
+        with _make_channel(async_server) as ch:
+            stub = DAQ_pb2_grpc.DAQStub(ch)
+            request = DAQ_pb2.ReadingList()
+            request.drf.append("M:BADDEV@I")
+
+            replies = list(stub.Read(request, timeout=5.0))
+            assert len(replies) == 1
+            reply = replies[0]
+            assert reply.WhichOneof("value") == "status"
+            assert reply.status.status_code == -42
+
+
+class TestAsyncSet:
+    def test_single_write(self, async_backend, async_server):
+        with _make_channel(async_server) as ch:
+            stub = DAQ_pb2_grpc.DAQStub(ch)
+            request = DAQ_pb2.SettingList()
+            setting = DAQ_pb2.Setting()
+            setting.device = "M:OUTTMP"
+            setting.value.scalar = 80.0
+            request.setting.append(setting)
+
+            reply = stub.Set(request, timeout=5.0)
+            assert len(reply.status) == 1
+            assert reply.status[0].status_code == 0
+            assert async_backend.was_written("M:OUTTMP")
+
+
+class TestAsyncStreamingRead:
+    def test_streaming_read(self, async_backend):
+        with SupervisedServer(async_backend, port=0) as srv:
+            with _make_channel(srv) as ch:
+                stub = DAQ_pb2_grpc.DAQStub(ch)
+                request = DAQ_pb2.ReadingList()
+                request.drf.append("M:OUTTMP@p,1000")
+
+                def emit():
+                    time.sleep(0.3)
+                    for i in range(3):
+                        async_backend.emit_reading("M:OUTTMP@p,1000", 70.0 + i)
+                        time.sleep(0.05)
+
+                emitter = threading.Thread(target=emit, daemon=True)
+                emitter.start()
+
+                replies = []
+                for reply in stub.Read(request, timeout=3.0):
+                    replies.append(reply)
+                    if len(replies) >= 3:
+                        break
+
+                assert len(replies) == 3
+                values = [r.readings.reading[0].data.scalar for r in replies]
+                assert values == [pytest.approx(70.0), pytest.approx(71.0), pytest.approx(72.0)]
+
+
+@pytest.fixture(scope="module")
+def async_policy_backend():
+    fb = AsyncFakeBackend()
+    _seed_backend(fb)
+    return fb
+
+
+@pytest.fixture(autouse=True)
+def reset_async_policy_backend(request):
+    if "async_server_with_policy" in request.fixturenames:
+        fb = request.getfixturevalue("async_policy_backend")
+        fb.reset()
+        _seed_backend(fb)
+
+
+@pytest.fixture(scope="module")
+def async_server_with_policy(async_policy_backend):
+    srv = SupervisedServer(async_policy_backend, port=0, policies=[ReadOnlyPolicy()])
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+class TestAsyncPolicyEnforcement:
+    def test_read_allowed_with_readonly_policy(self, async_server_with_policy):
+        with _make_channel(async_server_with_policy) as ch:
+            stub = DAQ_pb2_grpc.DAQStub(ch)
+            request = DAQ_pb2.ReadingList()
+            request.drf.append("M:OUTTMP@I")
+            replies = list(stub.Read(request, timeout=5.0))
+            assert len(replies) == 1
+
+    def test_set_blocked_with_readonly_policy(self, async_server_with_policy):
+        with _make_channel(async_server_with_policy) as ch:
+            stub = DAQ_pb2_grpc.DAQStub(ch)
+            request = DAQ_pb2.SettingList()
+            setting = DAQ_pb2.Setting()
+            setting.device = "M:OUTTMP"
+            setting.value.scalar = 80.0
+            request.setting.append(setting)
+            with pytest.raises(grpc.RpcError) as exc_info:
+                stub.Set(request, timeout=5.0)
+            assert exc_info.value.code() == grpc.StatusCode.PERMISSION_DENIED

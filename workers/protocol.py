@@ -1,0 +1,242 @@
+"""The front <-> worker protocol: every message that crosses a worker's socketpair.
+
+Framing: each message is msgpack (msgspec), preceded by its length as a 4-byte
+big-endian unsigned integer. Many frames travel in one socket write. A frame longer
+than MAX_FRAME, or one that does not decode to a message below, is a protocol error:
+the receiving side closes the connection (a worker then exits and is replaced).
+
+Ids: the front numbers its requests (`id`) and its shared subscriptions (`sid`); a
+reply carries the id of its request. Values travel as msgpack natives (float, int,
+str, bytes, lists, maps) with their `value_type` name; timestamps as integer
+nanoseconds since the Unix epoch (UTC).
+"""
+
+from __future__ import annotations
+
+import struct
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+
+from pacsys.types import Reading, ValueType
+
+MAX_FRAME = 64 * 1024 * 1024
+HEADER = struct.Struct(">I")
+
+
+class WireReading(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A Reading without its DRF (the request or subscription says which DRF it answers)."""
+
+    facility: int = 0
+    error: int = 0
+    value_type: str | None = None
+    value: object = None
+    message: str | None = None
+    timestamp_ns: int | None = None
+    cycle: int | None = None
+
+
+class WireResult(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A WriteResult without its DRF."""
+
+    facility: int = 0
+    error: int = 0
+    message: str | None = None
+
+
+# -- front -> worker -----------------------------------------------------------------
+
+
+class Read(msgspec.Struct, tag=True):
+    """Read each DRF once; answered by ReadDone (one reading per DRF, in order) or Failed."""
+
+    id: int
+    drfs: list[str]
+    timeout: float | None = None
+    authorization: str | None = None
+
+
+class Write(msgspec.Struct, tag=True):
+    """Apply settings; answered by WriteDone (one result per setting, in order) or Failed.
+
+    The worker applies the settings of one device one after another, in arrival order.
+    """
+
+    id: int
+    drfs: list[str]
+    values: list[object]
+    timeout: float | None = None
+    authorization: str | None = None
+
+
+class Subscribe(msgspec.Struct, tag=True):
+    """Open the backend subscription `sid` for one DRF; its readings come in Data."""
+
+    sid: int
+    drf: str
+    authorization: str | None = None
+
+
+class Unsubscribe(msgspec.Struct, tag=True):
+    sid: int
+
+
+class Ping(msgspec.Struct, tag=True):
+    """Answered by Pong from the worker's event loop: proof that the loop turns."""
+
+    seq: int
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    """Stop subscriptions, close the backend and exit."""
+
+
+# -- worker -> front -----------------------------------------------------------------
+
+
+class Ready(msgspec.Struct, tag=True):
+    """The backend is built; the worker serves from now on."""
+
+    pid: int
+    capabilities: int
+    backend: str
+
+
+class StartupFailed(msgspec.Struct, tag=True):
+    """The backend could not be built; the worker exits after sending this."""
+
+    pid: int
+    message: str
+
+
+class ReadDone(msgspec.Struct, tag=True):
+    id: int
+    readings: list[WireReading]
+
+
+class WriteDone(msgspec.Struct, tag=True):
+    id: int
+    results: list[WireResult]
+
+
+class Failed(msgspec.Struct, tag=True):
+    """A request raised. `kind` names the exception class so the front can map it to a status."""
+
+    id: int
+    kind: str
+    message: str
+
+
+class Data(msgspec.Struct, tag=True):
+    """Subscription readings gathered in one flush: (sid, reading) pairs in arrival order."""
+
+    items: list[tuple[int, WireReading]]
+
+
+class SubscriptionEnded(msgspec.Struct, tag=True):
+    """The backend ended subscription `sid` with an error (`kind`, `message`)."""
+
+    sid: int
+    kind: str
+    message: str
+
+
+class Pong(msgspec.Struct, tag=True):
+    seq: int
+    in_flight: int
+    subscriptions: int
+
+
+ToWorker = Read | Write | Subscribe | Unsubscribe | Ping | Shutdown
+ToFront = Ready | StartupFailed | ReadDone | WriteDone | Failed | Data | SubscriptionEnded | Pong
+
+
+class ProtocolError(Exception):
+    """A malformed, truncated or oversized frame."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    payload = _encoder.encode(message)
+    return HEADER.pack(len(payload)) + payload
+
+
+class FrameReader:
+    """Splits a byte stream into decoded messages of one direction's union type."""
+
+    def __init__(self, message_type: object):
+        self._decoder = msgspec.msgpack.Decoder(message_type)
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list:
+        buffer = self._buffer
+        buffer += data
+        messages = []
+        offset = 0
+        size = len(buffer)
+        with memoryview(buffer) as view:  # released before the buffer is resized below
+            while size - offset >= 4:
+                (length,) = HEADER.unpack_from(view, offset)
+                if length > MAX_FRAME:
+                    raise ProtocolError(f"frame of {length} bytes exceeds the limit of {MAX_FRAME}")
+                end = offset + 4 + length
+                if end > size:
+                    break
+                try:
+                    messages.append(self._decoder.decode(view[offset + 4 : end]))
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    raise ProtocolError(f"undecodable frame: {exc}") from None
+                offset = end
+        if offset:
+            del buffer[:offset]
+        return messages
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame still waiting for the rest."""
+        return len(self._buffer)
+
+
+# -- conversions to and from the library's types --------------------------------------
+
+
+def reading_to_wire(reading: Reading) -> WireReading:
+    ts = reading.timestamp
+    return WireReading(
+        facility=reading.facility_code,
+        error=reading.error_code,
+        value_type=reading.value_type.value if reading.value_type is not None else None,
+        value=reading.value,
+        message=reading.message,
+        timestamp_ns=None if ts is None else _datetime_to_ns(ts),
+        cycle=reading.cycle,
+    )
+
+
+def reading_from_wire(drf: str, wire: WireReading) -> Reading:
+    return Reading(
+        drf=drf,
+        value_type=ValueType(wire.value_type) if wire.value_type is not None else None,
+        value=wire.value,
+        facility_code=wire.facility,
+        error_code=wire.error,
+        message=wire.message,
+        timestamp=None if wire.timestamp_ns is None else _ns_to_datetime(wire.timestamp_ns),
+        cycle=wire.cycle,
+    )
+
+
+def _datetime_to_ns(ts: datetime) -> int:
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    delta = ts - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+
+
+def _ns_to_datetime(ns: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=ns // 1_000)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
