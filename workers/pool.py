@@ -65,6 +65,20 @@ _EXCEPTIONS: dict[str, type[Exception]] = {
 }
 
 
+_FRONT_REASONS = frozenset(
+    {
+        "hang",
+        "protocol_error",
+        "startup_failed",
+        "spawn_failed",
+        "ready_timeout",
+        "recycle_rss",
+        "recycle_requests",
+        "scale_down",
+    }
+)
+
+
 class WorkerStartupError(RuntimeError):
     """A worker could not build its backend (the pool does not start)."""
 
@@ -300,6 +314,7 @@ class WorkerPool(AsyncBackend):
         env = dict(os.environ)
         # The worker resolves `module:factory` specs on the same import path as the front.
         env["PYTHONPATH"] = os.pathsep.join(x for x in [os.getcwd(), *sys.path] if x)
+        env["PACSYS_WORKER_SLOT"] = str(slot.index)
         cmd = [
             sys.executable,
             "-m",
@@ -454,7 +469,9 @@ class WorkerPool(AsyncBackend):
 
     def _slot_down(self, slot: _Slot, reason: str, ready_at: float | None, pid: int | None) -> None:
         slot.last_exit = reason
-        self.stats.restarts_by_reason[reason.split(" ")[0]] += 1
+        # Reasons the front chose (hang, recycle_rss, ...) are counted by name; any
+        # other end of a process (a signal, an exit code) is a crash.
+        self.stats.restarts_by_reason[reason if reason in _FRONT_REASONS else "crash"] += 1
         logger.warning("event=worker_lost slot=%d pid=%s reason=%s", slot.index, pid, reason)
         now = time.monotonic()
         slot.died_at = slot.died_at or now

@@ -1,0 +1,59 @@
+"""Backends for fault-injection tests, loaded in worker processes as `fault_backends:NAME`."""
+
+import asyncio
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pacsys.aio import AsyncBackend
+from pacsys.drf_utils import get_device_name
+from pacsys.types import BackendCapability, Reading, ValueType, WriteResult
+
+
+class Scripted(AsyncBackend):
+    """Answers every device with a scalar; some device names misbehave on purpose.
+
+    Z:PID reads as this process's pid; Z:HANG blocks the event loop; Z:SLOW takes 30 s
+    to write; Z:CRASH ends the process.
+    """
+
+    @property
+    def capabilities(self):
+        return BackendCapability.READ | BackendCapability.WRITE | BackendCapability.STREAM
+
+    async def get_many(self, drfs, timeout=None):
+        out = []
+        for drf in drfs:
+            name = get_device_name(drf)
+            if name == "Z:HANG":
+                time.sleep(3600)  # blocks the loop: only the hang detector can help
+            if name == "Z:CRASH":
+                os._exit(13)
+            value = float(os.getpid()) if name == "Z:PID" else 1.0
+            out.append(Reading(drf=drf, value_type=ValueType.SCALAR, value=value, timestamp=datetime.now(UTC)))
+        return out
+
+    async def write_many(self, settings, timeout=None):
+        if any(get_device_name(d) == "Z:SLOW" for d, _ in settings):
+            await asyncio.sleep(30)
+        return [WriteResult(drf=d) for d, _ in settings]
+
+    async def close(self):
+        pass
+
+
+def scripted():
+    return Scripted()
+
+
+def broken():
+    raise RuntimeError("the backend cannot reach its hardware")
+
+
+def broken_when_flagged():
+    """Fails to start in slot 1 while the file named by $FAULT_FLAG exists."""
+    flag = os.environ.get("FAULT_FLAG")
+    if flag and Path(flag).exists() and os.environ.get("PACSYS_WORKER_SLOT") == "1":
+        raise RuntimeError("slot 1 is cursed")
+    return Scripted()

@@ -1,0 +1,274 @@
+"""The worker pool with real worker processes, a real gRPC server and real clients.
+
+Fault tests kill workers with SIGKILL, block their loops and make them fail at start,
+and check what the clients see. Every wait is on a condition with a generous deadline.
+"""
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import psutil
+import pytest
+
+from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
+from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
+from pacsys.supervised import SupervisedServer
+from workers.pool import WorkerPool, WorkerStartupError
+
+FAST = dict(
+    ping_interval=0.2,
+    hang_timeout=1.5,
+    restart_backoff_initial=0.05,
+    restart_backoff_max=0.5,
+    subscription_linger=0.2,
+    ready_timeout=30.0,
+)
+
+
+def wait_for(condition, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def worker_pids(pool):
+    return [w["pid"] for w in pool.worker_states() if w["pid"] is not None]
+
+
+class Running:
+    """A SupervisedServer over a WorkerPool, and a client stub for it."""
+
+    def __init__(self, backend="sim", workers=2, **options):
+        self.pool = WorkerPool(backend=backend, workers=workers, **{**FAST, **options})
+        self.server = SupervisedServer(self.pool, port=0, host="127.0.0.1", close_backend=True)
+        self.server.start()
+        self.pids_seen = set(worker_pids(self.pool))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
+        self.stub = DAQ_pb2_grpc.DAQStub(self.channel)
+
+    def read(self, drfs, timeout=10.0):
+        return list(self.stub.Read(DAQ_pb2.ReadingList(drf=drfs), timeout=timeout))
+
+    def set(self, device, value, timeout=10.0):
+        request = DAQ_pb2.SettingList()
+        s = request.setting.add()
+        s.device = device
+        s.value.scalar = value
+        return self.stub.Set(request, timeout=timeout)
+
+    def owner_pid(self, device):
+        """The pid that serves `device` (the scripted backend reads Z:PID as its pid)."""
+        slot = self.pool._owner(device)
+        return slot.worker.pid
+
+    def stop(self):
+        self.pids_seen |= set(worker_pids(self.pool))
+        self.channel.close()
+        self.server.stop()
+        for pid in self.pids_seen:
+            assert not _alive(pid), f"worker {pid} outlived the server"
+
+
+def _alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture
+def running(request):
+    made = []
+
+    def make(**kwargs):
+        r = Running(**kwargs)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.stop()
+
+
+def test_batch_across_workers_answers_in_request_order(running):
+    r = running(workers=3)
+    drfs = [f"Z:SIM{i:03d}@I" for i in range(30)] + ["Z:NOSUCH@I", "Z:SIM000@I"]
+    replies = r.read(drfs)
+    assert sorted(x.index for x in replies) == list(range(len(drfs)))
+    by_index = {x.index: x for x in replies}
+    assert by_index[30].WhichOneof("value") == "status" and by_index[30].status.status_code == -26
+    assert all(by_index[i].WhichOneof("value") == "readings" for i in range(30))
+    busy = [w for w in r.pool.worker_states() if w["requests"] > 0]
+    assert len(busy) == 3, "30 devices should spread over all three workers"
+
+
+def test_writes_reach_the_device_and_later_reads_see_them(running):
+    r = running(workers=2)
+    assert [s.status_code for s in r.set("Z:ACLTST", 5.0).status] == [0]
+    (reply,) = r.read(["Z:ACLTST.SETTING@I"])
+    assert reply.readings.reading[0].data.scalar == pytest.approx(5.0)
+
+
+def test_module_factory_backend_runs_in_the_workers(running):
+    r = running(backend="fault_backends:scripted", workers=2)
+    (reply,) = r.read(["Z:PID@I"])
+    pid = int(reply.readings.reading[0].data.scalar)
+    assert pid in worker_pids(r.pool) and pid != os.getpid()
+
+
+def test_identical_streams_share_one_backend_subscription(running):
+    r = running(workers=2)
+    calls = [r.stub.Read(DAQ_pb2.ReadingList(drf=["Z:SIM001@p,50"])) for _ in range(20)]
+    firsts = [next(c) for c in calls]
+    assert all(f.WhichOneof("value") == "readings" for f in firsts)
+    assert r.pool.subscription_count == 1
+    late = r.stub.Read(DAQ_pb2.ReadingList(drf=["z_sim001.reading@P,50"]))  # another spelling, same DRF
+    assert next(late).WhichOneof("value") == "readings"
+    assert r.pool.subscription_count == 1
+    for c in [*calls, late]:
+        c.cancel()
+    wait_for(lambda: r.pool.subscription_count == 0, what="last leaver to close the subscription")
+
+
+def test_kill_a_worker_during_oneshot_load_fails_no_call(running):
+    r = running(workers=2)
+    stop = threading.Event()
+    errors, done = [], [0]
+    devices = [f"Z:SIM{i:03d}@I" for i in range(64)]
+
+    def client(k):
+        while not stop.is_set():
+            try:
+                r.read([devices[(k + done[0]) % 64]], timeout=10)
+                done[0] += 1
+            except grpc.RpcError as exc:
+                errors.append(exc.code())
+
+    with ThreadPoolExecutor(32) as ex:
+        for k in range(32):
+            ex.submit(client, k)
+        wait_for(lambda: done[0] > 200, what="load to run")
+        victim = worker_pids(r.pool)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: r.pool.ready_count == 2 and victim not in worker_pids(r.pool), what="replacement")
+        before = done[0]
+        wait_for(lambda: done[0] > before + 200, what="load after the restart")
+        stop.set()
+    assert errors == []
+    assert r.pool.stats.restarts_by_reason["crash"] == 1
+
+
+def test_streams_survive_the_death_of_their_worker(running):
+    r = running(workers=2)
+    drfs = [f"Z:SIM{i:03d}@p,100" for i in range(50)]
+    calls = [r.stub.Read(DAQ_pb2.ReadingList(drf=[d])) for d in drfs]
+    last_seen = [0.0] * len(calls)
+    ended = []
+
+    def consume(i, call):
+        try:
+            for _ in call:
+                last_seen[i] = time.monotonic()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                ended.append(exc.code())
+        else:
+            ended.append("ended")
+
+    threads = [threading.Thread(target=consume, args=(i, c), daemon=True) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: all(last_seen), what="every stream's first reading")
+    victim = worker_pids(r.pool)[0]
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_for(lambda: all(t > killed_at for t in last_seen), timeout=10, what="every stream to resume")
+    resumed = max(last_seen) - killed_at
+    for c in calls:
+        c.cancel()
+    for t in threads:
+        t.join(10)
+    assert ended == []
+    assert resumed < 2.0, f"streams resumed {resumed:.2f} s after the kill"
+    assert r.pool.stats.stream_gaps > 0
+
+
+def test_kill_every_worker_at_once_and_the_service_recovers(running):
+    r = running(workers=2)
+    port = r.server.port
+    for pid in worker_pids(r.pool):
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: r.pool.ready_count == 2 and r.pool.stats.restarts_by_reason["crash"] == 2, what="recovery")
+    assert r.server.port == port
+    assert r.read(["M:OUTTMP@I"])[0].WhichOneof("value") == "readings"
+
+
+def test_no_ready_worker_means_unavailable_not_a_hang(running, tmp_path, monkeypatch):
+    flag = tmp_path / "cursed"
+    monkeypatch.setenv("FAULT_FLAG", str(flag))
+    r = running(backend="fault_backends:broken_when_flagged", workers=2, restart_intensity=2, restart_period=60)
+    flag.touch()
+    os.kill(r.pool.worker_states()[1]["pid"], signal.SIGKILL)
+    wait_for(lambda: r.pool.worker_states()[1]["state"] == "given_up", what="slot 1 given up")
+    assert r.pool.stats.slots_given_up == 1
+    assert r.pool.ready_count == 1
+    assert r.read(["Z:PID@I"])[0].WhichOneof("value") == "readings"  # the other slot serves everything
+    os.kill(r.pool.worker_states()[0]["pid"], signal.SIGKILL)
+    # slot 0 restarts fine; while it is down, a call answers UNAVAILABLE or succeeds, never hangs
+    try:
+        r.read(["Z:PID@I"], timeout=10)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_backend_that_cannot_be_built_stops_the_start():
+    pool = WorkerPool(backend="fault_backends:broken", workers=2, **FAST)
+    server = SupervisedServer(pool, port=0, host="127.0.0.1", close_backend=True)
+    with pytest.raises(WorkerStartupError, match="cannot reach its hardware"):
+        server.start()
+
+
+def test_a_hung_event_loop_is_killed_and_replaced(running):
+    r = running(backend="fault_backends:scripted", workers=2)
+    victim = r.owner_pid("Z:HANG")
+    with pytest.raises(grpc.RpcError) as exc_info:
+        r.read(["Z:HANG@I"], timeout=1.0)
+    assert exc_info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: r.pool.stats.restarts_by_reason["hang"] == 1, what="hang detection")
+    wait_for(lambda: r.pool.ready_count == 2 and victim not in worker_pids(r.pool), what="replacement")
+
+
+def test_a_write_in_flight_on_a_killed_worker_reports_outcome_unknown(running):
+    r = running(backend="fault_backends:scripted", workers=2)
+    victim = r.owner_pid("Z:SLOW")
+    future = r.stub.Set.future(_setting("Z:SLOW", 1.0), timeout=20)
+    wait_for(lambda: any(w["in_flight"] for w in r.pool.worker_states()), what="the write to be in flight")
+    os.kill(victim, signal.SIGKILL)
+    reply = future.result()
+    assert [(s.facility_code, s.status_code) for s in reply.status] == [(DPM, DPM_WRITE_OUTCOME_UNKNOWN)]
+    assert r.pool.stats.writes_outcome_unknown == 1
+
+
+def test_a_crash_while_reading_is_retried_once_then_unavailable(running):
+    r = running(backend="fault_backends:scripted", workers=2)
+    with pytest.raises(grpc.RpcError) as exc_info:
+        r.read(["Z:CRASH@I"])
+    # Z:CRASH kills every worker that reads it: the retry dies too, and the caller is told.
+    assert exc_info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert r.pool.stats.reads_retried == 1
+    wait_for(lambda: r.pool.ready_count == 2, what="both slots back")
+
+
+def _setting(device, value):
+    request = DAQ_pb2.SettingList()
+    s = request.setting.add()
+    s.device = device
+    s.value.scalar = value
+    return request
