@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
+import os
 import signal
 import threading
+import time
 from typing import Any
 
 import grpc
@@ -31,6 +34,9 @@ from pacsys.supervised._policies import Policy
 from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits
 
 logger = logging.getLogger("pacsys.supervised")
+
+ADMIN_SERVICE = "pacsys.supervisor.Admin"
+READINESS_POLL_SECONDS = 0.25
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -91,6 +97,8 @@ class SupervisedServer:
         self._stopped = threading.Event()
         self._start_error: BaseException | None = None
         self._stop_requested: asyncio.Event | None = None
+        self._ready: bool | None = None
+        self._started_at = 0.0
 
     # -- properties ----------------------------------------------------------------
 
@@ -205,17 +213,77 @@ class SupervisedServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
+        server.add_generic_rpc_handlers((self._admin_handler(),))
         self._port = self._bind(server)
         await self._open_backend()
         await server.start()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, SERVING)
+        self._started_at = time.time()
+        await self.health.set("liveness", SERVING)
+        await self._update_readiness()
+        watcher = asyncio.get_running_loop().create_task(self._watch_readiness())
         logger.info("serving DAQ on %s:%d", self._host, self._port)
         self._started.set()
         try:
             await self._stop_requested.wait()
         finally:
+            watcher.cancel()
             await self._shutdown(server)
+
+    def _backend_ready(self) -> bool:
+        # A worker pool is ready while enough workers are; any other backend always is.
+        return bool(getattr(self._backend, "is_ready", True))
+
+    async def _update_readiness(self) -> None:
+        ready = self._backend_ready() and not self.servicer.draining
+        if ready != self._ready:
+            self._ready = ready
+            status = SERVING if ready else NOT_SERVING
+            for name in ("", SERVICE_NAME, "readiness"):
+                await self.health.set(name, status)
+            logger.info("event=health status=%s", "SERVING" if ready else "NOT_SERVING")
+
+    async def _watch_readiness(self) -> None:
+        while True:
+            await asyncio.sleep(READINESS_POLL_SECONDS)
+            await self._update_readiness()
+
+    def _admin_handler(self) -> grpc.GenericRpcHandler:
+        """`pacsys.supervisor.Admin/Status`: the status view as JSON (empty request)."""
+
+        async def status(_request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
+            return json.dumps(self.status()).encode()
+
+        return grpc.method_handlers_generic_handler(
+            ADMIN_SERVICE,
+            {
+                "Status": grpc.unary_unary_rpc_method_handler(
+                    status, request_deserializer=None, response_serializer=None
+                )
+            },
+        )
+
+    def status(self) -> dict[str, Any]:
+        """What the service is doing now: totals, and one row per worker when there is a pool."""
+        stats = self.servicer.stats
+        result: dict[str, Any] = {
+            "address": f"{self._host}:{self.port}",
+            "pid": os.getpid(),
+            "uptime": time.time() - self._started_at if self._started_at else 0.0,
+            "ready": self._ready,
+            "backend": type(self._user_backend).__name__,
+            "active_streams": stats.active_streams,
+            "requests": {f"{rpc}/{decision}": n for (rpc, decision), n in stats.requests.items()},
+            "readings_delivered": stats.readings_delivered,
+            "readings_dropped": stats.readings_dropped,
+        }
+        worker_states = getattr(self._backend, "worker_states", None)
+        if worker_states is not None:
+            result["workers"] = worker_states()
+            result["backend_subscriptions"] = getattr(self._backend, "subscription_count", None)
+            pool_stats = getattr(self._backend, "stats", None)
+            if pool_stats is not None:
+                result["pool"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(pool_stats).items()}
+        return result
 
     def _bind(self, server: grpc.aio.Server) -> int:
         address = f"{self._host}:{self._requested_port}"
@@ -235,9 +303,8 @@ class SupervisedServer:
             await start()
 
     async def _shutdown(self, server: grpc.aio.Server) -> None:
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, NOT_SERVING)
         self.servicer.end_streams()
+        await self._update_readiness()  # draining: NOT_SERVING from this moment
         await server.stop(self._grace)
         if self._close_backend:
             await self._backend.close()

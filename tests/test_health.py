@@ -1,0 +1,83 @@
+"""Health, reflection and the status RPC, seen through real gRPC clients."""
+
+import json
+import os
+import signal
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from test_pool import FAST, wait_for
+
+from pacsys.supervised import SupervisedServer
+from pacsys.testing import FakeBackend
+from workers.pool import WorkerPool
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _check(channel, service):
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+@pytest.fixture
+def pool_server():
+    pool = WorkerPool(backend="sim", workers=1, restart_intensity=0, **FAST)
+    server = SupervisedServer(pool, port=0, host="127.0.0.1", close_backend=True)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    yield server, pool, channel
+    channel.close()
+    server.stop()
+
+
+def test_health_follows_the_workers_and_the_drain(pool_server):
+    server, pool, channel = pool_server
+    for service in ("", "services.daq.DAQ", "liveness", "readiness"):
+        assert _check(channel, service) == SERVING
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="readiness"))
+    assert next(watch).status == SERVING
+    os.kill(pool.worker_states()[0]["pid"], signal.SIGKILL)  # restart_intensity=0: the slot is given up
+    assert next(watch).status == NOT_SERVING
+    assert _check(channel, "") == NOT_SERVING
+    assert _check(channel, "liveness") == SERVING
+    watch.cancel()
+
+
+def test_drain_reports_not_serving_before_the_port_closes():
+    server = SupervisedServer(FakeBackend(), port=0, host="127.0.0.1", shutdown_grace=1.0)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+    assert next(watch).status == SERVING
+    server.stop()
+    statuses = []
+    try:
+        for reply in watch:
+            statuses.append(reply.status)
+    except grpc.RpcError:
+        pass
+    assert statuses[:1] == [NOT_SERVING]
+    channel.close()
+
+
+def test_reflection_lists_the_daq_service(pool_server):
+    _, _, channel = pool_server
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (reply,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"services.daq.DAQ", "grpc.health.v1.Health"} <= names
+
+
+def test_status_rpc_describes_the_workers(pool_server):
+    server, pool, channel = pool_server
+    status = channel.unary_unary("/pacsys.supervisor.Admin/Status")
+    view = json.loads(status(b"", timeout=5))
+    assert view["ready"] is True
+    (worker,) = view["workers"]
+    assert worker["pid"] == pool.worker_states()[0]["pid"] and worker["state"] == "ready"
+    wait_for(lambda: json.loads(status(b"", timeout=5))["workers"][0].get("rss_bytes", 0) > 0, what="rss")
