@@ -272,3 +272,16 @@ def _setting(device, value):
     s.device = device
     s.value.scalar = value
     return request
+
+
+def test_recycling_by_request_count_fails_no_call(running):
+    r = running(workers=1, recycle_requests=50, recycle_jitter=0.0)
+    first = worker_pids(r.pool)[0]
+    deadline = time.monotonic() + 60
+    i = 0
+    while r.pool.stats.restarts_by_reason["recycle_requests"] < 2 and time.monotonic() < deadline:
+        assert r.read([f"Z:SIM{i % 10:03d}@I"])[0].WhichOneof("value") == "readings"
+        i += 1
+    assert r.pool.stats.restarts_by_reason["recycle_requests"] >= 2
+    assert first not in worker_pids(r.pool)
+    assert r.pool.worker_states()[0]["restart_budget_left"] == r.pool.options.restart_intensity

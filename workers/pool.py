@@ -172,7 +172,8 @@ class _Slot:
         self.restarts = 0
         self.last_exit: str | None = None
         self.died_at: float | None = None
-        self.respawn: asyncio.TimerHandle | None = None
+        self.respawn: asyncio.Handle | None = None
+        self.replacing = False
 
 
 class _Shared:
@@ -183,7 +184,7 @@ class _Shared:
         self.device = device
         self.periodic = periodic
         self.sid = 0
-        self.slot: _Slot | None = None
+        self.worker: _Worker | None = None  # the incarnation holding the backend subscription
         self.subscribers: set[AsyncSubscriptionHandle] = set()
         self.last: Reading | None = None
         self.linger: asyncio.TimerHandle | None = None
@@ -233,7 +234,7 @@ class WorkerPool(AsyncBackend):
     @property
     def subscription_count(self) -> int:
         """Backend subscriptions held in the workers (one per distinct DRF in use)."""
-        return sum(1 for s in self._shared.values() if s.slot is not None)
+        return sum(1 for s in self._shared.values() if s.worker is not None)
 
     @property
     def client_subscription_count(self) -> int:
@@ -242,7 +243,7 @@ class WorkerPool(AsyncBackend):
     def worker_states(self) -> list[dict[str, Any]]:
         """One dict per slot, for health, metrics and the status view."""
         now = time.monotonic()
-        devices = collections.Counter(s.slot.index for s in self._shared.values() if s.slot is not None)
+        devices = collections.Counter(s.worker.slot.index for s in self._shared.values() if s.worker is not None)
         rows = []
         for slot in self._slots:
             w = slot.worker
@@ -308,7 +309,7 @@ class WorkerPool(AsyncBackend):
             raise WorkerStartupError(str(exc)) from None
         self._on_ready(worker, ready)
 
-    async def _spawn(self, slot: _Slot) -> _Worker:
+    async def _spawn(self, slot: _Slot, install: bool = True) -> _Worker:
         loop = asyncio.get_running_loop()
         front_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
@@ -345,7 +346,8 @@ class WorkerPool(AsyncBackend):
         )
         worker = _Worker(slot, process, channel)
         holder.append(worker)
-        slot.worker = worker
+        if install:
+            slot.worker = worker
         try:
             worker.psutil = psutil.Process(process.pid)
         except psutil.Error:
@@ -544,19 +546,38 @@ class WorkerPool(AsyncBackend):
                         self._recycle(w, "recycle_rss")
 
     def _recycle(self, worker: _Worker, reason: str) -> None:
-        """Replace a worker gracefully: its work moves on, then the old process is stopped."""
-        if worker.exit_reason is not None:
+        """Replace a worker gracefully: the replacement is ready first, then work moves, then the old one stops."""
+        slot = worker.slot
+        if worker.exit_reason is not None or slot.replacing or self._closing:
             return
-        worker.exit_reason = reason
-        logger.info("event=worker_recycle slot=%d pid=%d reason=%s", worker.slot.index, worker.pid, reason)
+        slot.replacing = True
         assert self._loop is not None
-        self._loop.create_task(self._drain_and_stop(worker))
+        self._loop.create_task(self._replace(worker, reason))
 
-    async def _drain_and_stop(self, worker: _Worker) -> None:
-        deadline = time.monotonic() + 10
-        while worker.pending and time.monotonic() < deadline:
+    async def _replace(self, old: _Worker, reason: str) -> None:
+        slot = old.slot
+        logger.info("event=worker_recycle slot=%d pid=%d reason=%s", slot.index, old.pid, reason)
+        try:
+            new = await self._spawn(slot, install=False)
+            try:
+                ready = await asyncio.wait_for(asyncio.shield(new.ready), self.options.ready_timeout)
+            except (TimeoutError, WorkerLost, WorkerStartupError) as exc:
+                logger.warning("event=worker_recycle_failed slot=%d error=%s", slot.index, exc)
+                self._kill(new, "recycle_failed")
+                return
+            if old.gone or self._closing:
+                self._kill(new, "recycle_cancelled")
+                return
+            old.exit_reason = reason
+            self.stats.restarts_by_reason[reason] += 1
+            slot.worker = new
+            self._on_ready(new, ready)  # new calls and the subscriptions go to the new worker now
+        finally:
+            slot.replacing = False
+        deadline = time.monotonic() + 30
+        while old.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        worker.channel.send(p.Shutdown())
+        old.channel.send(p.Shutdown())
 
     # -- routing -----------------------------------------------------------------------
 
@@ -751,37 +772,41 @@ class WorkerPool(AsyncBackend):
     def _place(self, shared: _Shared) -> None:
         """Open the backend subscription on the device's worker (or leave it waiting for one)."""
         slot = self._owner(shared.device)
-        shared.slot = slot
-        if slot is None or slot.worker is None:
+        worker = slot.worker if slot is not None else None
+        shared.worker = worker
+        if worker is None:
             return
         shared.sid = next(self._ids)
         self._by_sid[shared.sid] = shared
-        slot.worker.channel.send(p.Subscribe(sid=shared.sid, drf=shared.key, authorization=shared.authorization))
+        worker.channel.send(p.Subscribe(sid=shared.sid, drf=shared.key, authorization=shared.authorization))
 
     def _unplace(self, shared: _Shared) -> None:
-        slot, sid = shared.slot, shared.sid
+        worker, sid = shared.worker, shared.sid
         self._by_sid.pop(sid, None)
-        shared.slot = None
-        if slot is not None and slot.worker is not None and not slot.worker.gone:
-            slot.worker.channel.send(p.Unsubscribe(sid=sid))
+        shared.worker = None
+        if worker is not None and not worker.gone:
+            worker.channel.send(p.Unsubscribe(sid=sid))
 
     def _rebalance(self) -> None:
-        """Move every subscription whose device now ranks first on another ready worker."""
+        """Put every subscription on the worker that now serves its device.
+
+        After a death its subscriptions move to the device's next worker (a gap, counted);
+        when the slot is back, or a recycled worker's replacement is ready, they move again.
+        """
         now = time.monotonic()
         for shared in list(self._shared.values()):
-            owner = self._owner(shared.device)
-            current = shared.slot
-            if current is not None and current.worker is not None and not current.worker.gone:
-                if owner is current:
-                    continue
-            elif owner is None:
-                if current is not None:  # its worker died and nobody can take it now
-                    self._by_sid.pop(shared.sid, None)
-                    shared.slot = None
-                    self._mark_gap(shared, now)
+            slot = self._owner(shared.device)
+            target = slot.worker if slot is not None else None
+            current = shared.worker
+            if current is target and current is not None:
                 continue
-            if current is not None and (current.worker is None or current.worker.gone):
+            if current is None or current.gone:
                 self._mark_gap(shared, now)
+            if target is None:
+                if current is not None and current.gone:
+                    self._by_sid.pop(shared.sid, None)
+                    shared.worker = None
+                continue
             self._unplace(shared)
             self._place(shared)
 
@@ -821,7 +846,7 @@ class WorkerPool(AsyncBackend):
         now: float | None = None
         for sid, wire in msg.items:
             shared = self._by_sid.get(sid)
-            if shared is None or shared.slot is not worker.slot:
+            if shared is None or shared.worker is not worker:
                 continue  # late data of a subscription that moved or closed
             reading = p.reading_from_wire(shared.key, wire)
             shared.last = reading
@@ -839,9 +864,9 @@ class WorkerPool(AsyncBackend):
     def _on_subscription_error(self, worker: _Worker, msg: p.SubscriptionEnded) -> None:
         """The backend refused or ended one DRF: its clients get a status for that slot, nothing more."""
         shared = self._by_sid.pop(msg.sid, None)
-        if shared is None or shared.slot is not worker.slot:
+        if shared is None or shared.worker is not worker:
             return
-        shared.slot = None
+        shared.worker = None
         if self._shared.get(shared.key) is shared:
             del self._shared[shared.key]
         reading = Reading(
@@ -874,6 +899,10 @@ class WorkerPool(AsyncBackend):
         if slot.respawn is not None:
             slot.respawn.cancel()
         self._rebalance()
-        if slot.worker is not None:
-            slot.worker.exit_reason = "scale_down"
-            await self._drain_and_stop(slot.worker)
+        worker = slot.worker
+        if worker is not None:
+            worker.exit_reason = "scale_down"
+            deadline = time.monotonic() + 30
+            while worker.pending and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            worker.channel.send(p.Shutdown())
