@@ -4,16 +4,19 @@ A DRF names what to read or set on ACNET and when::
 
     DEVICE[.PROPERTY][RANGE][.FIELD][@EVENT][<-EXTRA]
 
-The grammar contract is the project's DRF spec (``spec/drf.md`` of the shared design docs).  This module turns a DRF
-string into an immutable :class:`DRF` value, or raises :class:`DRFError` -- the only exception
-:func:`parse` ever raises, whatever it is given.
+The grammar contract is the project's DRF spec (``spec/drf.md`` of the shared design docs).  This
+module turns a DRF string into an immutable :class:`DRF` value, or raises :class:`DRFError` -- the
+only exception :func:`parse` ever raises, whatever it is given.
 
 Design notes
 ------------
 * Speed: the gRPC front parses every DRF of every request, so :func:`parse` is a hand-written
   scanner driven by a few precompiled regular expressions anchored at a position (``match(text,
-  pos, endpos)``), without slicing the input more than needed.  :func:`parse_cached` adds a bounded
-  LRU cache on top, since the same DRFs come again and again.
+  pos, endpos)``), without slicing the input more than needed.  Valid events take a one-regex fast
+  path; only invalid ones go through the slower code that explains what is wrong.  Results are
+  built without the frozen dataclasses' costly ``__init__`` (see "Fast construction" below).
+  :func:`parse_cached` adds a bounded LRU cache on top, since the same DRFs come again and again.
+  ``benchmarks/bench_drf.py`` measures it.
 * Canonical form (:attr:`DRF.canonical`, also ``str(drf)``) is one spelling per meaning:
 
   - the device with ``:`` as qualifier, upper-cased (``m_outtmp`` -> ``M:OUTTMP``);
@@ -35,6 +38,8 @@ Design notes
   whose end precedes its start is refused; a frequency of 0 (``0H``/``0K``) is refused.
 * Lenient where the spec is silent: fields are not checked against the property (``.MIN`` on a
   READING is accepted), and an extra's parameters are passed on verbatim (the backend judges them).
+* ``VOLTS`` is an alias of ``PRIMARY`` and ``COMMON`` of ``SCALED`` (as in the DRF2 reference
+  implementation), so they share a :class:`Field` member.
 """
 
 from __future__ import annotations
@@ -48,8 +53,13 @@ from enum import Enum
 from typing import Any, Literal, NoReturn, cast
 
 __all__ = [
+    "DEFAULT_FIELD",
     "DRF",
+    "EXTRA_NAMES",
+    "FIELD_ALIASES",
     "MAX_DRF_LENGTH",
+    "PROPERTY_ALIASES",
+    "QUALIFIER_PROPERTY",
     "DRFError",
     "Event",
     "Extra",

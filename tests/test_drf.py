@@ -115,6 +115,14 @@ def test_non_str_input_raises_drf_error(value: object) -> None:
         parse_cached(value)  # type: ignore[arg-type]  # unhashable values must not reach the cache
 
 
+def test_hostile_repr_does_not_escape() -> None:
+    class Hostile:
+        def __repr__(self) -> str:
+            raise RuntimeError("no")
+
+    assert _err(Hostile()).drf == "<Hostile>"
+
+
 def test_str_subclass_is_accepted() -> None:
     class Name(str):
         pass
@@ -500,6 +508,7 @@ def test_every_extra(name: str) -> None:
     assert parse(f"M:OUTTMP<-{name}").extra == Extra(name, "")
     assert parse(f"M:OUTTMP@P,1000<-{name.lower()}:1:2").extra == Extra(name, ":1:2")
     assert parse(f"M:OUTTMP<-{name}").canonical == f"M:OUTTMP.READING<-{name}"
+    assert str(Extra(name, ":x")) == f"{name}:x"
 
 
 def test_extra_parameters_are_kept_verbatim() -> None:
@@ -698,7 +707,7 @@ def _time(draw: st.DrawFn) -> str:
 
 @st.composite
 def _range(draw: st.DrawFn) -> str:
-    opening, closing = draw(st.sampled_from(["[]", "{}"]))
+    opening, closing = draw(st.sampled_from([("[", "]"), ("{", "}")]))
     a = draw(st.integers(0, 2**31 - 1))
     b = draw(st.integers(0, 2**31 - 1))
     if opening == "[" and b < a:
@@ -735,7 +744,8 @@ def _event(draw: st.DrawFn) -> str:
 def _extra(draw: st.DrawFn) -> str:
     name = draw(_EXTRA_WORDS)
     params = draw(st.one_of(st.just(""), st.text(":[]0123456789 ,.-_ABCxyz<>=", max_size=30)))
-    params = params.replace("<-", "<")  # a second '<-' is an error
+    while "<-" in params:  # a second '<-' is an error
+        params = params.replace("<-", "<")
     if params and params[0] not in ":[":
         params = ":" + params
     return "<-" + name + params
@@ -808,6 +818,7 @@ def _check_any(text: str) -> None:
         assert error.drf == text
         assert error.position is None or 0 <= error.position <= len(text)
         assert isinstance(error.reason, str) and error.reason
+        assert error.reason != "malformed event"  # the event fast path and its diagnosis agree
         assert isinstance(get_device_name(text), str)
         return
     # anything that parses must round-trip through its canonical form
