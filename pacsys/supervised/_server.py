@@ -122,6 +122,23 @@ class SupervisedServer:
     def set_policies(self, policies: list[Policy]) -> None:
         self.servicer.set_policies(policies)
 
+    @property
+    def ready(self) -> bool:
+        """True while the service reports SERVING (enough workers, not draining)."""
+        return bool(self._ready)
+
+    def loop_alive(self, timeout: float = 2.0) -> bool:
+        """True when the server's event loop runs a callback within `timeout` (liveness)."""
+        loop = self._loop
+        if loop is None or self._stopped.is_set():
+            return False
+        answered = threading.Event()
+        try:
+            loop.call_soon_threadsafe(answered.set)
+        except RuntimeError:
+            return False
+        return answered.wait(timeout)
+
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self, timeout: float = 60.0) -> None:

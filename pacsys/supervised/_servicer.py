@@ -54,8 +54,10 @@ class ServicerStats:
     denials_by_policy: collections.Counter = field(default_factory=collections.Counter)
     limits_hit: collections.Counter = field(default_factory=collections.Counter)
     readings_delivered: int = 0
-    readings_dropped: int = 0
+    readings_dropped: int = 0  # of streams that have ended; live streams count in `dropped_now`
     active_streams: int = 0
+    # called with (rpc, seconds) per request when metrics are on
+    latency_observer: Callable[[str, float], None] | None = None
 
 
 class _Abort(Exception):
@@ -148,6 +150,10 @@ class DAQServicer:
             },
         )
 
+    def dropped_now(self) -> int:
+        """Readings dropped so far for slow clients, ended and live streams together."""
+        return self.stats.readings_dropped + sum(h.dropped for h in list(self._streams))
+
     def set_policies(self, policies: list[Policy]) -> None:
         """Swap the policy chain atomically (a request uses the list it started with)."""
         self.policies = list(policies)
@@ -207,6 +213,8 @@ class DAQServicer:
     def _log(self, rpc: str, peer: str, drfs: list[str], decision: str, started: float) -> None:
         self.stats.requests[(rpc, decision)] += 1
         elapsed = time.perf_counter() - started
+        if self.stats.latency_observer is not None:
+            self.stats.latency_observer(rpc, elapsed)
         level = logging.INFO if (self.log_requests or decision not in ("allow", "ok")) else logging.DEBUG
         if logger.isEnabledFor(level):
             logger.log(

@@ -1,0 +1,84 @@
+"""Metrics and HTTP probes scraped over real HTTP after known traffic."""
+
+import os
+import signal
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+from test_pool import FAST, wait_for
+
+from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
+from pacsys.supervised import ReadOnlyPolicy, SupervisedServer
+from pacsys.supervised.metrics import MetricsServer
+from workers.pool import WorkerPool
+
+
+def _get(port, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _value(text, name, **labels):
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        metric, _, label_text = series.partition("{")
+        if metric == name and set(filter(None, label_text.rstrip("}").split(","))) == want:
+            return float(value)
+    raise AssertionError(f"{name} {labels} not in the metrics")
+
+
+@pytest.fixture
+def stack():
+    pool = WorkerPool(backend="sim", workers=2, restart_intensity=0, **FAST)
+    server = SupervisedServer(pool, port=0, host="127.0.0.1", policies=[ReadOnlyPolicy()], close_backend=True)
+    server.start()
+    metrics = MetricsServer(server, port=0, host="127.0.0.1")
+    metrics.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    yield server, pool, metrics, DAQ_pb2_grpc.DAQStub(channel)
+    channel.close()
+    metrics.stop()
+    server.stop()
+
+
+def test_metrics_count_known_traffic(stack):
+    server, pool, metrics, stub = stack
+    for _ in range(3):
+        list(stub.Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@I", "G:AMANDA@I"]), timeout=5))
+    request = DAQ_pb2.SettingList(setting=[DAQ_pb2.Setting(device="Z:ACLTST")])
+    request.setting[0].value.scalar = 1.0
+    with pytest.raises(grpc.RpcError):
+        stub.Set(request, timeout=5)
+    call = stub.Read(DAQ_pb2.ReadingList(drf=["Z:SIM001@p,50"]))
+    next(call)
+    status, text = _get(metrics.port, "/metrics")
+    assert status == 200
+    assert _value(text, "pacsys_requests_total", rpc="Read", decision="allow") == 4
+    assert _value(text, "pacsys_requests_total", rpc="Set", decision="denied") == 1
+    assert _value(text, "pacsys_policy_denials_total", policy="ReadOnlyPolicy") == 1
+    assert _value(text, "pacsys_request_latency_seconds_count", rpc="Read") == 4
+    assert _value(text, "pacsys_active_streams") == 1
+    assert _value(text, "pacsys_backend_subscriptions") == 1
+    assert _value(text, "pacsys_worker_up", slot="0") == 1
+    assert _value(text, "pacsys_worker_pid", slot="1") == pool.worker_states()[1]["pid"]
+    assert _value(text, "pacsys_worker_rss_bytes", slot="0") > 0
+    call.cancel()
+
+
+def test_http_probes_follow_readiness(stack):
+    server, pool, metrics, _ = stack
+    assert _get(metrics.port, "/healthz")[0] == 200
+    assert _get(metrics.port, "/readyz")[0] == 200
+    for row in pool.worker_states():
+        os.kill(row["pid"], signal.SIGKILL)  # restart_intensity=0: both slots are given up
+    wait_for(lambda: _get(metrics.port, "/readyz")[0] == 503, what="readyz to fail")
+    assert _get(metrics.port, "/healthz")[0] == 200  # the front itself is alive
+    status, text = _get(metrics.port, "/metrics")
+    assert _value(text, "pacsys_slots_given_up_total") == 2
+    assert _value(text, "pacsys_worker_exits_total", reason="crash") == 2
