@@ -147,3 +147,19 @@ def test_a_backend_that_cannot_be_built_exits_nonzero_with_its_reason():
     )
     assert proc.returncode != 0
     assert "nosuchmod" in proc.stderr
+
+
+def test_status_command_shows_the_workers(service):
+    svc = service("--workers", "2")
+    svc.read(["M:OUTTMP@I"])
+    pids = [w["pid"] for w in svc.status()["workers"]]
+    out = subprocess.run(
+        [sys.executable, "-m", "pacsys.supervised.cli", "status", "--addr", f"127.0.0.1:{svc.port}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "READY" in out.stdout and "requests Read/allow=1" in out.stdout
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["0"], ["1"])]
+    assert [int(r[2]) for r in rows] == pids and all(r[1] == "ready" for r in rows)

@@ -332,7 +332,11 @@ class WorkerPool(AsyncBackend):
             self.options.worker_log_level,
         ]
         try:
-            process = subprocess.Popen(cmd, pass_fds=(worker_end.fileno(),), env=env, stdin=subprocess.DEVNULL)
+            # A session of its own: a terminal's Ctrl-C, hangup or job-control signals go to
+            # the front, which decides what the workers do.
+            process = subprocess.Popen(
+                cmd, pass_fds=(worker_end.fileno(),), env=env, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         finally:
             worker_end.close()
         holder: list[_Worker] = []

@@ -92,11 +92,13 @@ def check_backend_spec(spec: str) -> str | None:
     if spec.startswith("sim:"):
         return None if spec[4:] else "must name a devices file after 'sim:', got 'sim:'"
     if spec.startswith("grpc://"):
-        host, sep, port = spec[len("grpc://") :].rpartition(":")
-        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            return f"must be grpc://HOST:PORT with a port from 1 to 65535, got {spec!r}"
-        if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
-            return f"needs an IPv6 host in brackets, e.g. grpc://[::1]:50051, got {spec!r}"
+        # The builder's own parser: host, port and ?query keys, without connecting.
+        from pacsys.backends.spec import BackendSpecError, _grpc_parts
+
+        try:
+            _grpc_parts(spec)
+        except BackendSpecError as exc:
+            return f"is invalid: {exc}"
         return None
     module, sep, factory = spec.partition(":")
     if sep and _DOTTED.fullmatch(module) and _DOTTED.fullmatch(factory):
@@ -160,6 +162,9 @@ class Settings:
     """The configuration of one `pacsys-supervisor` process (validated on construction)."""
 
     # server
+    config: str | None = _setting(
+        None, "The TOML config file (re-read on SIGHUP).", section="Server", in_file=False, metavar="FILE"
+    )
     host: str = _setting(
         "[::]", "Address to listen on ([::] is every address, IPv4 included).", section="Server", check=_check_host
     )
@@ -172,9 +177,9 @@ class Settings:
     )
     metrics_port: int | None = _setting(
         None,
-        "Port of the Prometheus metrics endpoint (unset: no metrics endpoint).",
+        "Port of the HTTP /metrics, /healthz and /readyz endpoint (unset: none; 0 picks a free one).",
         section="Server",
-        min=1,
+        min=0,
         max=65535,
         example=9109,
     )
@@ -186,9 +191,6 @@ class Settings:
         "Seconds one-shot calls get to finish on SIGTERM/SIGINT before they are cancelled.",
         section="Server",
         min=0,
-    )
-    config: str | None = _setting(
-        None, "The TOML config file (re-read on SIGHUP).", section="Server", in_file=False, metavar="FILE"
     )
 
     # backend and workers
@@ -355,7 +357,7 @@ class Settings:
                 f"({self.restart_backoff_max:g}) must not be below 'restart_backoff_initial' "
                 f"({self.restart_backoff_initial:g})",
             )
-        if self.metrics_port is not None and self.metrics_port == self.port:
+        if self.metrics_port and self.metrics_port == self.port:
             raise _key_error("metrics_port", f"({self.metrics_port}) must differ from 'port'")
         if self.audit_proto_path is not None and self.audit_path is None:
             raise _key_error("audit_proto_path", "needs 'audit_path' as well")
@@ -632,7 +634,7 @@ def _device_access(t: _PolicyTable) -> Policy:
     try:
         return DeviceAccessPolicy(patterns, mode=mode, action=action, syntax=syntax)
     except ValueError as exc:
-        raise t.error("patterns" if "pattern" in str(exc) else "action", str(exc)) from None
+        raise t.error("patterns" if "pattern" in str(exc) else "action", f"is invalid: {exc}") from None
 
 
 def _rate_limit(t: _PolicyTable) -> Policy:
@@ -699,7 +701,7 @@ def _custom(t: _PolicyTable) -> Policy:
     try:
         policy = factory(**args)
     except Exception as exc:
-        raise t.error("args", f"{spec}(**args) failed: {type(exc).__name__}: {exc}") from None
+        raise t.error("args", f"rejected: {spec}(**args) raised {type(exc).__name__}: {exc}") from None
     if not callable(getattr(policy, "check", None)):
         raise t.error("factory", f"{spec} returned {type(policy).__name__}, not a Policy")
     return policy

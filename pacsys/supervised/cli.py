@@ -1,0 +1,523 @@
+"""The `pacsys-supervisor` command: the composition root of the service.
+
+    pacsys-supervisor [serve options]          serve DAQ (the default; `serve` may be given)
+    pacsys-supervisor check-config FILE        validate a config file completely; exit 0 or 2
+    pacsys-supervisor probe [--addr HOST:PORT] [--service NAME] [--timeout S]
+                                               grpc.health.v1 Check: exit 0 SERVING,
+                                               1 not serving, 2 unreachable
+    pacsys-supervisor status [--addr HOST:PORT]
+
+The serve options are derived from `pacsys.supervised.config.Settings` (one option per
+setting whose metadata has ``flag``); values given on the command line override the config
+file. Serving, the main thread waits for signals:
+
+    SIGINT, SIGTERM   drain and stop, exit 0 (a second one exits at once)
+    SIGHUP            re-read the config file; on success swap the policy chain atomically,
+                      on failure log why at ERROR and keep the old chain
+    SIGTTIN, SIGTTOU  add or remove a worker (when the backend is a worker pool)
+
+This module is the only place in `pacsys` that imports `workers`, lazily, when workers > 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import dataclasses
+import inspect
+import logging
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from pacsys.supervised._logging import configure_logging
+from pacsys.supervised.config import (
+    FIELDS,
+    ConfigError,
+    Settings,
+    build_policies,
+    field_kind,
+    flag_name,
+    limits,
+    load_config,
+    read_config_file,
+    resolve_token,
+    settings_from,
+    write_gate,
+)
+
+logger = logging.getLogger("pacsys.supervised")
+
+PROG = "pacsys-supervisor"
+SUBCOMMANDS = ("check-config", "probe", "status")
+
+# Settings a SIGHUP applies at once; a change to any other one waits for a restart.
+RELOADABLE = ("policies", "allow_writes", "log_level", "log_format", "log_requests")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args and args[0] == "check-config":
+            return _check_config(args[1:])
+        if args and args[0] == "probe":
+            return _probe(args[1:])
+        if args and args[0] == "status":
+            return _status(args[1:])
+        if args and args[0] == "serve":
+            args = args[1:]
+        return _serve(args)
+    except SystemExit as exc:  # argparse: --help, or a usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+
+
+def _error(exc: BaseException | str) -> int:
+    if isinstance(exc, str):
+        text = exc
+    elif isinstance(exc, ValueError | OSError | TimeoutError | RuntimeError) and str(exc):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    print(f"{PROG}: error: {text}", file=sys.stderr, flush=True)
+    return 2
+
+
+# -- serve options, derived from Settings ---------------------------------------------------------
+
+
+def _number(kind: type) -> Any:
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _default_text(f: dataclasses.Field[Any]) -> str:
+    if f.default is None:
+        return "unset"
+    if isinstance(f.default, tuple):
+        return " ".join(f.default) or "none"
+    if isinstance(f.default, bool):
+        return "on" if f.default else "off"
+    return str(f.default)
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Serve the DAQ gRPC service with policies, audit and supervised backend workers.",
+        epilog=(
+            "other commands:\n"
+            f"  {PROG} check-config FILE\n"
+            f"  {PROG} probe [--addr HOST:PORT] [--service NAME] [--timeout S]\n"
+            f"  {PROG} status [--addr HOST:PORT]\n\n"
+            "Options override the config file. Writes are denied unless --allow-writes or a policy grants them."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    groups: dict[str, Any] = {}
+    exclusive: Any = None
+    for f in dataclasses.fields(Settings):
+        md = f.metadata
+        if not md["flag"]:
+            continue
+        group = groups.get(md["section"])
+        if group is None:
+            group = groups[md["section"]] = parser.add_argument_group(md["section"].lower())
+        if f.name in ("token", "token_file"):
+            if exclusive is None:
+                exclusive = group.add_mutually_exclusive_group()
+            group = exclusive
+        kind, _ = field_kind(f.name)
+        help_text = f"{md['help']} (default: {_default_text(f)})".replace("%", "%%")
+        names = [flag_name(f.name)] + (["-c"] if f.name == "config" else [])
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if md["metavar"]:
+            kwargs["metavar"] = md["metavar"]
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is tuple:
+            kwargs.update(nargs="+", action="extend")
+        elif kind is int or kind is float:
+            kwargs["type"] = _number(kind)
+            kwargs.setdefault("metavar", "N" if kind is int else "X")
+        elif md["choices"]:
+            kwargs["metavar"] = "{" + ",".join(c.lower() if f.name == "log_level" else c for c in md["choices"]) + "}"
+        group.add_argument(*names, **kwargs)
+    return parser
+
+
+def overrides_from(ns: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line, by field name."""
+    return {name: getattr(ns, name) for name in FIELDS if getattr(ns, name, None) is not None}
+
+
+def _serve(argv: list[str]) -> int:
+    ns = serve_parser().parse_args(argv)
+    overrides = overrides_from(ns)
+    try:
+        file_values = read_config_file(ns.config) if ns.config else {}
+        settings = settings_from(file_values, overrides, source=ns.config)
+    except ConfigError as exc:
+        return _error(exc)
+    configure_logging(settings.log_level, settings.log_format)
+    return _Service(settings, overrides).run()
+
+
+class _Service:
+    """One serving process: build everything from the settings, serve, handle signals."""
+
+    def __init__(self, settings: Settings, overrides: dict[str, Any]):
+        self.settings = settings
+        self.overrides = overrides
+        self.backend: Any = None
+        self.audit: Any = None
+        self.server: Any = None
+        self.metrics: Any = None
+        self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.stopping = False
+
+    # -- building --------------------------------------------------------------------------
+
+    def _build_backend(self) -> Any:
+        s = self.settings
+        if s.workers == 0:
+            from pacsys.backends.spec import build_backend
+
+            return build_backend(s.backend)
+        try:
+            from workers.pool import WorkerPool
+        except ImportError as exc:
+            raise RuntimeError(f"the worker pool is not available ({exc}); use --workers 0") from exc
+        return WorkerPool(s)
+
+    def run(self) -> int:
+        from pacsys.supervised._audit import AuditLog
+        from pacsys.supervised._server import SupervisedServer
+
+        s = self.settings
+        try:
+            chain = write_gate(s, build_policies(s))
+            token = resolve_token(s)
+        except ConfigError as exc:
+            return _error(exc)
+        try:
+            if s.audit_path is not None:
+                self.audit = AuditLog(s.audit_path, s.audit_proto_path, s.audit_log_responses, s.audit_flush_interval)
+        except (OSError, ValueError) as exc:
+            return _error(f"cannot open the audit log: {exc}")
+        previous = self._install_signal_handlers()
+        try:
+            try:
+                self.backend = self._build_backend()
+                self.server = SupervisedServer(
+                    self.backend,
+                    port=s.port,
+                    host=s.host,
+                    policies=chain,
+                    token=token,
+                    audit_log=self.audit,
+                    limits=limits(s),
+                    max_message_bytes=s.max_message_bytes,
+                    backend_threads=s.threads_per_worker,
+                    shutdown_grace=s.shutdown_grace,
+                    log_requests=s.log_requests,
+                    close_backend=True,
+                )
+                if s.metrics_port is not None:
+                    # Up before the workers: /readyz answers "not ready" while they start.
+                    from pacsys.supervised.metrics import MetricsServer
+
+                    self.metrics = MetricsServer(self.server, s.metrics_port, host=_metrics_host(s.host))
+                    self.metrics.start()
+                self.server.start(timeout=s.ready_timeout + 30.0)
+            except Exception as exc:  # BackendSpecError, WorkerStartupError, OSError (ports in use), ...
+                logger.debug("startup failed", exc_info=True)
+                self._cleanup_after_failed_start()
+                return _error(exc)
+            print(f"{PROG}: serving DAQ on {s.host}:{self.server.port} ({self._describe()})", flush=True)
+            return self._wait()
+        finally:
+            if self.metrics is not None:
+                self.metrics.stop()
+            if self.audit is not None:
+                self.audit.close()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _describe(self) -> str:
+        s = self.settings
+        if s.workers == 0:
+            text = f"backend {s.backend}, in process"
+        else:
+            ready = getattr(self.backend, "ready_count", None)
+            if ready is None:
+                text = f"backend {s.backend}, {s.workers} workers"
+            else:
+                text = f"backend {s.backend}, {ready} worker{'' if ready == 1 else 's'} ready"
+        if self.metrics is not None:
+            text += f", metrics on port {self.metrics.port}"
+        return text
+
+    def _cleanup_after_failed_start(self) -> None:
+        # A pool that fails to start closes itself; an in-process backend is closed here.
+        backend, self.backend = self.backend, None
+        if backend is None or self.settings.workers > 0:
+            return
+        try:
+            result = backend.close()
+            if inspect.isawaitable(result):
+                asyncio.run(asyncio.wait_for(_awaited(result), 5.0))
+        except Exception:
+            logger.debug("closing the backend after a failed start", exc_info=True)
+
+    # -- signals ---------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("not in the main thread: signals are not handled")
+            return {}
+        previous: dict[int, Any] = {}
+        for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGTTIN", "SIGTTOU"):
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                previous[signum] = signal.signal(signum, self._on_signal)
+        return previous
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        # Runs in the main thread between bytecodes: only queue it (SimpleQueue.put is reentrant).
+        if signum in (signal.SIGINT, signal.SIGTERM) and self.stopping:
+            # A second termination signal while draining: give up on a graceful stop.
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        self.signals.put(signum)
+
+    def _wait(self) -> int:
+        """The main thread's loop: handle queued signals until the server stops."""
+        while True:
+            try:
+                signum = self.signals.get(timeout=0.5)
+            except queue.Empty:
+                if self.server.wait(0):
+                    return _error("the server stopped unexpectedly (see the log)")
+                continue
+            name = signal.Signals(signum).name
+            if signum in (signal.SIGINT, signal.SIGTERM):
+                self.stopping = True
+                logger.info("%s: shutting down (grace %g s)", name, self.settings.shutdown_grace)
+                self.server.stop()
+                return 0
+            if signum == getattr(signal, "SIGHUP", None):
+                self.reload()
+            elif signum in (getattr(signal, "SIGTTIN", None), getattr(signal, "SIGTTOU", None)):
+                self.scale(up=signum == signal.SIGTTIN, signame=name)
+
+    # -- SIGHUP ----------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the config file; swap the policy chain when all of it is valid."""
+        old = self.settings
+        path = old.config
+        if path is None:
+            logger.warning("SIGHUP: no config file to reload (start with --config FILE)")
+            return False
+        try:
+            new = settings_from(read_config_file(path), self.overrides, source=path)
+            chain = write_gate(new, build_policies(new))
+            resolve_token(new)
+        except ConfigError as exc:
+            logger.error("config reload failed, keeping the old policies: %s", exc)
+            return False
+        self.server.set_policies(chain)
+        if (new.log_level, new.log_format) != (old.log_level, old.log_format):
+            configure_logging(new.log_level, new.log_format)
+        self.server.servicer.log_requests = new.log_requests
+        self.settings = dataclasses.replace(old, **{k: getattr(new, k) for k in RELOADABLE})
+        pending = [k for k in FIELDS if k not in RELOADABLE and getattr(new, k) != getattr(old, k)]
+        if pending:
+            logger.warning("config reload: changes to %s take effect at the next restart", ", ".join(pending))
+        logger.info("config reloaded: %d policies (%s)", len(chain), ", ".join(p.name for p in chain) or "none")
+        return True
+
+    # -- SIGTTIN / SIGTTOU -----------------------------------------------------------------
+
+    def scale(self, up: bool, signame: str = "") -> None:
+        what = "add_worker" if up else "remove_worker"
+        method = getattr(self.backend, what, None)
+        loop = self.server.loop
+        if method is None or loop is None:
+            logger.warning("%s: cannot %s: the backend is not a worker pool", signame, what.replace("_", " "))
+            return
+        logger.info("%s: %s", signame, what)
+        if inspect.iscoroutinefunction(method):
+            future = asyncio.run_coroutine_threadsafe(method(), loop)
+            future.add_done_callback(lambda f: self._scaled(what, f))
+        else:
+            loop.call_soon_threadsafe(method)
+
+    def _scaled(self, what: str, future: concurrent.futures.Future[Any]) -> None:
+        if future.cancelled():
+            logger.warning("%s cancelled", what)
+        elif future.exception() is not None:
+            logger.error("%s failed: %s", what, future.exception())
+        else:
+            logger.info("%s done: %s workers ready", what, getattr(self.backend, "ready_count", "?"))
+
+
+def _metrics_host(host: str) -> str:
+    """The metrics server's address (an IPv4 HTTP server) for the gRPC `host` setting."""
+    if host in ("[::1]", "localhost"):
+        return "127.0.0.1"
+    if host.startswith("["):
+        return "0.0.0.0"
+    return host
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+# -- check-config --------------------------------------------------------------------------------
+
+
+def _check_config(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} check-config",
+        description="Validate a config file completely: every setting, every policy, the backend "
+        "spec's syntax (without building it) and the token file. Exit 0 when valid, 2 otherwise.",
+    )
+    parser.add_argument("file", metavar="FILE")
+    ns = parser.parse_args(argv)
+    try:
+        settings = load_config(ns.file)
+        chain = write_gate(settings, build_policies(settings))
+        resolve_token(settings)
+    except ConfigError as exc:
+        return _error(exc)
+    workers = "in process" if settings.workers == 0 else f"{settings.workers} workers"
+    writes = "writes denied" if not any(p.allows_writes for p in chain) else "writes granted by policy"
+    print(
+        f"{ns.file}: OK (backend {settings.backend}, {workers}, {len(settings.policies)} policies, {writes})",
+        flush=True,
+    )
+    return 0
+
+
+# -- probe and status ----------------------------------------------------------------------------
+
+
+def _probe(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} probe",
+        description="grpc.health.v1 Check. Exit 0 when SERVING, 1 when not serving, 2 when unreachable.",
+    )
+    parser.add_argument("--addr", default="localhost:50051", metavar="HOST:PORT", help="default: %(default)s")
+    parser.add_argument(
+        "--service", default="", metavar="NAME", help="service to check (default: the whole server, '')"
+    )
+    parser.add_argument("--timeout", type=_number(float), default=5.0, metavar="S", help="default: %(default)s s")
+    ns = parser.parse_args(argv)
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    label = f"{ns.addr}" + (f" ({ns.service})" if ns.service else "")
+    with grpc.insecure_channel(ns.addr) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=ns.service), timeout=ns.timeout)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                print(f"{label}: unreachable ({code.name}: {details})", flush=True)
+                return 2
+            if code == grpc.StatusCode.NOT_FOUND:
+                print(f"{label}: NOT_SERVING (unknown service)", flush=True)
+                return 1
+            name = code.name if code is not None else "error"
+            print(f"{label}: NOT_SERVING (health check failed: {name}: {details})", flush=True)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{label}: {status}", flush=True)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _status(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"{PROG} status", description="Workers, pids, RSS, restarts, streams.")
+    parser.add_argument("--addr", default="localhost:50051", metavar="HOST:PORT", help="default: %(default)s")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON view")
+    ns = parser.parse_args(argv)
+    import json
+
+    import grpc
+
+    from pacsys.supervised._server import ADMIN_SERVICE
+
+    with grpc.insecure_channel(ns.addr) as channel:
+        try:
+            raw = channel.unary_unary(f"/{ADMIN_SERVICE}/Status")(b"", timeout=ns.timeout)
+        except grpc.RpcError as exc:
+            print(f"{ns.addr}: unreachable ({exc.code().name}: {exc.details()})", flush=True)
+            return 2
+    view = json.loads(raw)
+    print(json.dumps(view, indent=2) if ns.json else render_status(view), flush=True)
+    return 0
+
+
+def render_status(view: dict[str, Any]) -> str:
+    """The status view as an operator reads it: a line of totals, then one row per worker."""
+    requests = view.get("requests", {})
+    lines = [
+        f"{view['address']}  pid {view['pid']}  up {view['uptime']:.0f}s  {'READY' if view['ready'] else 'NOT READY'}"
+        f"  backend {view['backend']}",
+        f"streams {view['active_streams']}  readings delivered {view['readings_delivered']}"
+        f"  dropped {view['readings_dropped']}  requests "
+        + (", ".join(f"{k}={v}" for k, v in sorted(requests.items())) or "none"),
+    ]
+    workers = view.get("workers")
+    if workers is None:
+        return "\n".join(lines)
+    lines.append(f"backend subscriptions {view.get('backend_subscriptions')}")
+    header = ("slot", "state", "pid", "subs", "in_flight", "rss_mb", "cpu_s", "restarts", "last_exit")
+    rows = [header]
+    for w in workers:
+        rows.append(
+            (
+                str(w["slot"]),
+                w["state"],
+                str(w["pid"] or "-"),
+                str(w["subscriptions"]),
+                str(w["in_flight"]),
+                f"{w['rss_bytes'] / 2**20:.1f}" if "rss_bytes" in w else "-",
+                f"{w['cpu_seconds']:.1f}" if "cpu_seconds" in w else "-",
+                str(w["restarts"]),
+                w["last_exit"] or "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines += ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+    pool = view.get("pool")
+    if pool:
+        exits = ", ".join(f"{k}={v}" for k, v in sorted(pool["restarts_by_reason"].items())) or "none"
+        lines.append(
+            f"exits {exits}  given up {pool['slots_given_up']}  reads retried {pool['reads_retried']}"
+            f"  writes outcome unknown {pool['writes_outcome_unknown']}  stream gaps {pool['stream_gaps']}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

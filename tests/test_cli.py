@@ -1,0 +1,450 @@
+"""The pacsys-supervisor command as a real process: serving, write gate, probe, signals, errors.
+
+Every process started here is killed in a fixture's teardown. Nothing waits by sleeping:
+the tests read the serving line and the log lines the process writes.
+"""
+
+import io
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
+from pacsys.supervised._logging import configure_logging
+from pacsys.supervised.cli import main, serve_parser
+from pacsys.supervised.config import FIELDS, flag_name
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+REPO = Path(__file__).resolve().parent.parent
+STARTUP_DEADLINE = 30.0
+SERVING = re.compile(r"^pacsys-supervisor: serving DAQ on (\S+):(\d+) \((.*)\)$")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Supervisor:
+    """A pacsys-supervisor process with its stdout and stderr collected line by line."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pacsys.supervised.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=REPO,
+        )
+        self.lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self._changed = threading.Condition()
+        self._readers = [
+            threading.Thread(target=self._read, args=(name, stream), daemon=True)
+            for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))
+        ]
+        for reader in self._readers:
+            reader.start()
+        self.port: int | None = None
+
+    def _read(self, name: str, stream) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines[name].append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self.lines[name].append("")  # EOF marker wakes waiters
+            self._changed.notify_all()
+
+    def output(self) -> str:
+        return "\n".join(self.lines["stdout"] + ["--- stderr ---"] + self.lines["stderr"])
+
+    def wait_line(self, stream: str, pattern: str | re.Pattern, timeout: float = 30.0, start: int = 0) -> re.Match:
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines[stream][start:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and self.lines[stream][-1:] == [""]):
+                    pytest.fail(f"no {stream} line matching {regex.pattern!r}:\n{self.output()}")
+                self._changed.wait(min(remaining, 0.5))
+
+    def mark(self, stream: str = "stderr") -> int:
+        with self._changed:
+            return len(self.lines[stream])
+
+    def wait_serving(self) -> int:
+        match = self.wait_line("stdout", SERVING, timeout=STARTUP_DEADLINE)
+        self.port = int(match.group(2))
+        return self.port
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"pacsys-supervisor did not exit within {timeout} s:\n{self.output()}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for reader in self._readers:
+            reader.join(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def supervisor():
+    started: list[Supervisor] = []
+
+    def start(*args: str, serving: bool = True) -> Supervisor:
+        sup = Supervisor(*args)
+        started.append(sup)
+        if serving:
+            sup.wait_serving()
+        return sup
+
+    yield start
+    for sup in started:
+        sup.kill()
+
+
+def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pacsys.supervised.cli", *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
+# -- a gRPC client ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def daq():
+    channels: list[grpc.Channel] = []
+
+    def stub(port: int) -> DAQ_pb2_grpc.DAQStub:
+        channel = grpc.insecure_channel(f"localhost:{port}")
+        channels.append(channel)
+        grpc.channel_ready_future(channel).result(timeout=10)
+        return DAQ_pb2_grpc.DAQStub(channel)
+
+    yield stub
+    for channel in channels:
+        channel.close()
+
+
+def read_scalar(stub: DAQ_pb2_grpc.DAQStub, drf: str) -> float:
+    replies = list(stub.Read(DAQ_pb2.ReadingList(drf=[drf]), timeout=10))
+    assert len(replies) == 1 and replies[0].WhichOneof("value") == "readings", replies
+    return replies[0].readings.reading[0].data.scalar
+
+
+def set_scalar(stub: DAQ_pb2_grpc.DAQStub, device: str, value: float) -> grpc.StatusCode:
+    """The call's status code; OK only when every setting succeeded."""
+    request = DAQ_pb2.SettingList()
+    setting = request.setting.add()
+    setting.device = device
+    setting.value.scalar = value
+    try:
+        reply = stub.Set(request, timeout=10)
+    except grpc.RpcError as exc:
+        return exc.code()
+    assert [s.status_code for s in reply.status] == [0], reply
+    return grpc.StatusCode.OK
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+FAKE = ("--workers", "0", "--port", "0", "--backend", "fake")
+
+
+# -- serving ------------------------------------------------------------------------------------------------
+
+
+def test_serves_reads_and_denies_writes_by_default(supervisor, daq):
+    sup = supervisor(*FAKE)
+    host, _, detail = SERVING.match(sup.lines["stdout"][0]).groups()  # type: ignore[union-attr]
+    assert host == "[::]" and detail == "backend fake, in process"
+    stub = daq(sup.port)
+    assert read_scalar(stub, "M:OUTTMP@I") == pytest.approx(72.5)
+    assert set_scalar(stub, "M:OUTTMP", 70.0) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_allow_writes_grants_matching_devices_only(supervisor, daq):
+    sup = supervisor(*FAKE, "--allow-writes", "M:*")
+    stub = daq(sup.port)
+    assert set_scalar(stub, "M:OUTTMP", 70.0) == grpc.StatusCode.OK
+    assert read_scalar(stub, "M:OUTTMP@I") == pytest.approx(70.0)
+    assert set_scalar(stub, "G:AMANDA", 1.0) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_probe_then_sigterm_exits_0(supervisor):
+    sup = supervisor(*FAKE)
+    probe = run_cli("probe", "--addr", f"localhost:{sup.port}")
+    assert probe.returncode == 0, probe
+    assert probe.stdout.strip() == f"localhost:{sup.port}: SERVING"
+    probe = run_cli("probe", "--addr", f"localhost:{sup.port}", "--service", "services.daq.DAQ")
+    assert probe.returncode == 0, probe
+    sup.proc.send_signal(signal.SIGTERM)
+    assert sup.wait_exit(15) == 0
+    assert "Traceback" not in sup.output()
+
+
+def test_sigint_exits_0(supervisor):
+    sup = supervisor(*FAKE)
+    sup.proc.send_signal(signal.SIGINT)
+    assert sup.wait_exit(15) == 0
+
+
+def test_probe_of_a_closed_port_exits_2():
+    port = free_port()
+    probe = run_cli("probe", "--addr", f"127.0.0.1:{port}", "--timeout", "5")
+    assert probe.returncode == 2, probe
+    assert probe.stdout.startswith(f"127.0.0.1:{port}: unreachable")
+
+
+def test_probe_of_an_unknown_service_exits_1(supervisor):
+    sup = supervisor(*FAKE)
+    probe = run_cli("probe", "--addr", f"localhost:{sup.port}", "--service", "no.such.Service")
+    assert probe.returncode == 1, probe
+    assert "NOT_SERVING" in probe.stdout
+
+
+def test_metrics_port(supervisor, daq):
+    sup = supervisor(*FAKE, "--metrics-port", "0")
+    detail = SERVING.match(sup.lines["stdout"][0]).group(3)  # type: ignore[union-attr]
+    metrics_port = int(re.search(r"metrics on port (\d+)", detail).group(1))  # type: ignore[union-attr]
+    assert read_scalar(daq(sup.port), "M:OUTTMP@I") == pytest.approx(72.5)
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=10) as reply:
+        assert reply.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        assert "pacsys_requests" in reply.read().decode()
+
+
+# -- SIGHUP -------------------------------------------------------------------------------------------------
+
+
+def test_sighup_with_a_broken_file_keeps_the_old_policies(supervisor, daq, tmp_path):
+    config = tmp_path / "supervisor.toml"
+    config.write_text('allow_writes = ["M:*"]\n')
+    sup = supervisor(*FAKE, "--config", str(config))
+    stub = daq(sup.port)
+    assert set_scalar(stub, "M:OUTTMP", 71.0) == grpc.StatusCode.OK
+    assert set_scalar(stub, "G:AMANDA", 1.0) == grpc.StatusCode.PERMISSION_DENIED
+
+    config.write_text('allow_writes = ["G:*"]\n[[policies]]\ntype = "rate_limit"\nmax_requests = "many"\n')
+    mark = sup.mark()
+    sup.proc.send_signal(signal.SIGHUP)
+    failed = sup.wait_line("stderr", r"level=ERROR .*config reload failed", start=mark)
+    assert "policies[0] (rate_limit): 'max_requests'" in failed.string
+
+    assert sup.proc.poll() is None
+    assert set_scalar(stub, "M:OUTTMP", 72.0) == grpc.StatusCode.OK
+    assert set_scalar(stub, "G:AMANDA", 1.0) == grpc.StatusCode.PERMISSION_DENIED
+    assert read_scalar(stub, "M:OUTTMP@I") == pytest.approx(72.0)
+
+
+def test_sighup_with_a_good_file_swaps_the_policies(supervisor, daq, tmp_path):
+    config = tmp_path / "supervisor.toml"
+    config.write_text("")
+    sup = supervisor(*FAKE, "--config", str(config))
+    stub = daq(sup.port)
+    assert set_scalar(stub, "G:AMANDA", 1.0) == grpc.StatusCode.PERMISSION_DENIED
+
+    config.write_text('allow_writes = ["G:*"]\nmax_streams = 5\n')
+    mark = sup.mark()
+    sup.proc.send_signal(signal.SIGHUP)
+    sup.wait_line("stderr", r"level=INFO .*config reloaded: 1 policies", start=mark)
+    restart = sup.wait_line("stderr", r"level=WARNING .*take effect at the next restart", start=mark)
+    assert "max_streams" in restart.string
+    assert set_scalar(stub, "G:AMANDA", 1.0) == grpc.StatusCode.OK
+    assert set_scalar(stub, "M:OUTTMP", 1.0) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_command_line_still_overrides_after_reload(supervisor, daq, tmp_path):
+    config = tmp_path / "supervisor.toml"
+    config.write_text('allow_writes = ["G:*"]\n')
+    sup = supervisor(*FAKE, "--config", str(config), "--allow-writes", "M:*")
+    stub = daq(sup.port)
+    mark = sup.mark()
+    sup.proc.send_signal(signal.SIGHUP)
+    sup.wait_line("stderr", r"config reloaded", start=mark)
+    assert set_scalar(stub, "M:OUTTMP", 1.0) == grpc.StatusCode.OK
+    assert set_scalar(stub, "G:AMANDA", 1.0) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_scaling_signals_without_a_pool_are_logged(supervisor, daq):
+    sup = supervisor(*FAKE)
+    mark = sup.mark()
+    sup.proc.send_signal(signal.SIGTTIN)
+    sup.wait_line("stderr", r"SIGTTIN: cannot add worker", start=mark)
+    assert read_scalar(daq(sup.port), "M:OUTTMP@I") == pytest.approx(72.5)
+
+
+# -- with a worker pool --------------------------------------------------------------------------------------
+
+
+def test_worker_pool_serves_scales_and_stops(supervisor, daq):
+    sup = supervisor("--workers", "1", "--port", "0", "--backend", "fake", "--allow-writes", "M:*")
+    assert SERVING.match(sup.lines["stdout"][0]).group(3) == "backend fake, 1 worker ready"  # type: ignore[union-attr]
+    stub = daq(sup.port)
+    assert read_scalar(stub, "M:OUTTMP@I") == pytest.approx(72.5)
+    assert set_scalar(stub, "G:AMANDA", 1.0) == grpc.StatusCode.PERMISSION_DENIED
+    mark = sup.mark()
+    sup.proc.send_signal(signal.SIGTTIN)
+    sup.wait_line("stderr", r"add_worker done: 2 workers ready", start=mark)
+    assert read_scalar(stub, "G:AMANDA@I") == pytest.approx(42.0)
+    sup.proc.send_signal(signal.SIGTERM)
+    assert sup.wait_exit(15) == 0
+
+
+def test_worker_that_cannot_build_its_backend_exits_2():
+    result = run_cli("--workers", "1", "--port", "0", "--backend", "nosuch_module_xyz:make")
+    assert result.returncode == 2, result
+    assert result.stderr.strip().splitlines()[-1].startswith("pacsys-supervisor: error: "), result.stderr
+    assert "nosuch_module_xyz" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- startup errors ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("nosuch_module_xyz:make", "nosuch_module_xyz"),
+        ("bogus spec", "--backend must be sim, sim:PATH, fake, grpc://HOST:PORT or module:factory"),
+        ("sim:/nonexistent/devices.toml", "/nonexistent/devices.toml"),
+    ],
+)
+def test_bad_backend_spec_exits_2(spec, fragment):
+    result = run_cli("--workers", "0", "--port", "0", "--backend", spec)
+    assert result.returncode == 2, result
+    assert result.stderr.strip().splitlines()[-1].startswith("pacsys-supervisor: error: "), result.stderr
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr and "serving" not in result.stdout
+
+
+def test_port_in_use_exits_2(supervisor):
+    sup = supervisor(*FAKE, "--host", "127.0.0.1")
+    result = run_cli("--workers", "0", "--backend", "fake", "--host", "127.0.0.1", "--port", str(sup.port))
+    assert result.returncode == 2, result
+    assert "pacsys-supervisor: error: " in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_options_exit_2(tmp_path):
+    result = run_cli("--port", "abc")
+    assert result.returncode == 2 and "argument --port: must be an integer, got 'abc'" in result.stderr
+    result = run_cli("--workers", "0", "--port", "70000")
+    assert result.returncode == 2 and "--port must be an integer from 0 to 65535" in result.stderr
+    config = tmp_path / "bad.toml"
+    config.write_text("wokers = 1\n")
+    result = run_cli("--config", str(config))
+    assert result.returncode == 2 and f"{config}: unknown key 'wokers'" in result.stderr
+
+
+# -- in-process: parser, status, logging ---------------------------------------------------------------------
+
+
+def test_every_flag_setting_has_an_option():
+    parser = serve_parser()
+    options = {opt for action in parser._actions for opt in action.option_strings}
+    for name, f in FIELDS.items():
+        assert (flag_name(name) in options) == f.metadata["flag"], name
+    assert "--no-log-requests" in options
+    ns = parser.parse_args(["--allow-writes", "M:*", "G:*", "--allow-writes", "Z:*", "--no-log-requests"])
+    assert ns.allow_writes == ["M:*", "G:*", "Z:*"] and ns.log_requests is False and ns.port is None
+
+
+def test_token_options_are_exclusive(capsys):
+    assert main(["--token", "a", "--token-file", "b"]) == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_status_of_an_unreachable_service_exits_2(capsys):
+    assert main(["status", "--addr", "127.0.0.1:1", "--timeout", "2"]) == 2
+    assert "unreachable" in capsys.readouterr().out
+
+
+def test_help_exits_0(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--allow-writes" in out and "check-config" in out
+
+
+@pytest.fixture
+def root_logging():
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    yield
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
+
+
+def test_kv_logging(root_logging):
+    stream = io.StringIO()
+    configure_logging("debug", "kv", stream=stream)
+    configure_logging("INFO", "kv", stream=stream)  # replaces its own handler: one line per record
+    logging.getLogger("pacsys.supervised").info("event=x peer=%s", "ipv4:1.2.3.4:5")
+    logging.getLogger("pacsys.supervised").debug("not shown")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    assert re.fullmatch(
+        r'ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=INFO logger=pacsys.supervised msg="event=x peer=ipv4:1.2.3.4:5"',
+        lines[0],
+    ), lines[0]
+
+
+def test_json_logging_with_exception(root_logging):
+    stream = io.StringIO()
+    configure_logging("INFO", "json", stream=stream)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        logging.getLogger("x").exception("failed\nbadly")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    assert set(entry) == {"ts", "level", "logger", "msg", "exc"}
+    assert (entry["level"], entry["logger"], entry["msg"]) == ("ERROR", "x", "failed\nbadly")
+    assert "RuntimeError: boom" in entry["exc"]
+
+
+def test_kv_logging_keeps_one_record_per_line(root_logging):
+    stream = io.StringIO()
+    configure_logging("INFO", "kv", stream=stream)
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        logging.getLogger("x").exception("two\nlines")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and 'msg="two\\nlines" exc="Traceback' in lines[0]
