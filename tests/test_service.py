@@ -163,3 +163,24 @@ def test_status_command_shows_the_workers(service):
     assert "READY" in out.stdout and "requests Read/allow=1" in out.stdout
     rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["0"], ["1"])]
     assert [int(r[2]) for r in rows] == pids and all(r[1] == "ready" for r in rows)
+
+
+def test_systemd_notify_protocol(service, tmp_path):
+    import socket
+
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(30)
+    try:
+        svc = service("--workers", "1", env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"})
+        messages = []
+        while not any("WATCHDOG=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+        assert messages[0].startswith("READY=1") and f"port {svc.port}" in messages[0]
+        svc.proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in messages[-1]:
+            messages.append(sock.recv(4096).decode())
+        assert svc.proc.wait(30) == 0
+    finally:
+        sock.close()

@@ -27,6 +27,7 @@ import concurrent.futures
 import dataclasses
 import inspect
 import logging
+import os
 import queue
 import signal
 import sys
@@ -35,6 +36,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+from pacsys.supervised import _systemd as systemd
 from pacsys.supervised._logging import configure_logging
 from pacsys.supervised.config import (
     FIELDS,
@@ -247,7 +249,13 @@ class _Service:
                 self._cleanup_after_failed_start()
                 return _error(exc)
             print(f"{PROG}: serving DAQ on {s.host}:{self.server.port} ({self._describe()})", flush=True)
-            return self._wait()
+            systemd.notify(f"READY=1\nSTATUS=serving on port {self.server.port}\nMAINPID={os.getpid()}")
+            watchdog_stop = threading.Event()
+            systemd.start_watchdog(self.server.loop_alive, watchdog_stop)
+            try:
+                return self._wait()
+            finally:
+                watchdog_stop.set()
         finally:
             if self.metrics is not None:
                 self.metrics.stop()
@@ -316,6 +324,7 @@ class _Service:
             if signum in (signal.SIGINT, signal.SIGTERM):
                 self.stopping = True
                 logger.info("%s: shutting down (grace %g s)", name, self.settings.shutdown_grace)
+                systemd.notify("STOPPING=1")
                 self.server.stop()
                 return 0
             if signum == getattr(signal, "SIGHUP", None):
