@@ -285,3 +285,50 @@ def test_recycling_by_request_count_fails_no_call(running):
     assert r.pool.stats.restarts_by_reason["recycle_requests"] >= 2
     assert first not in worker_pids(r.pool)
     assert r.pool.worker_states()[0]["restart_budget_left"] == r.pool.options.restart_intensity
+
+
+def test_a_worker_sent_a_malformed_frame_is_replaced(running):
+    r = running(workers=2)
+    victim = r.pool._slots[0].worker
+    r.server.loop.call_soon_threadsafe(victim.channel._transport.write, b"\x00\x00\x00\x03abc")
+    wait_for(lambda: r.pool.ready_count == 2 and victim.pid not in worker_pids(r.pool), what="replacement")
+    assert r.read(["M:OUTTMP@I"])[0].WhichOneof("value") == "readings"
+
+
+def test_recycling_by_rss_under_load_fails_no_call(running):
+    r = running(workers=2, recycle_rss_mb=1)  # every worker is over 1 MiB: each is recycled in turn
+    errors, done = [], [0]
+    stop = threading.Event()
+
+    def client(k):
+        while not stop.is_set():
+            try:
+                r.read([f"Z:SIM{k:03d}@I"])
+                done[0] += 1
+            except grpc.RpcError as exc:
+                errors.append(exc.code())
+
+    with ThreadPoolExecutor(8) as ex:
+        for k in range(8):
+            ex.submit(client, k)
+        wait_for(lambda: r.pool.stats.restarts_by_reason["recycle_rss"] >= 3, timeout=60, what="recycles")
+        stop.set()
+    assert errors == [] and done[0] > 0
+
+
+def test_scaling_moves_subscriptions_without_ending_streams(running):
+    r = running(workers=1)
+    calls = [r.stub.Read(DAQ_pb2.ReadingList(drf=[f"Z:SIM{i:03d}@p,50"])) for i in range(20)]
+    for c in calls:
+        next(c)
+    r.server.loop.call_soon_threadsafe(lambda: r.server.loop.create_task(r.pool.add_worker()))
+    wait_for(lambda: r.pool.ready_count == 2, what="a second worker")
+    wait_for(lambda: all(w["subscriptions"] for w in r.pool.worker_states()), what="subscriptions to spread")
+    for c in calls:  # every stream still delivers
+        assert next(c).WhichOneof("value") == "readings"
+    r.server.loop.call_soon_threadsafe(lambda: r.server.loop.create_task(r.pool.remove_worker()))
+    wait_for(lambda: r.pool.worker_states()[1]["pid"] is None, what="the second worker to stop")
+    for c in calls:
+        assert next(c).WhichOneof("value") == "readings"
+        c.cancel()
+    assert r.pool.worker_states()[0]["subscriptions"] == 20

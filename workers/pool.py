@@ -528,8 +528,8 @@ class WorkerPool(AsyncBackend):
     async def _tick(self) -> None:
         """Heartbeats, hang detection and recycling, once per ping interval."""
         interval = self.options.ping_interval
-        rss_every = max(1, int(5 / interval)) if self.options.recycle_rss_mb else 0
-        for tick in itertools.count():
+        rss_limit = self.options.recycle_rss_mb * 1024 * 1024
+        while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for slot in self._slots:
@@ -541,12 +541,12 @@ class WorkerPool(AsyncBackend):
                     continue
                 w.ping_seq += 1
                 w.channel.send(p.Ping(seq=w.ping_seq))
-                if rss_every and tick % rss_every == 0 and w.psutil is not None:
+                if rss_limit and w.psutil is not None:
                     try:
                         rss = w.psutil.memory_info().rss
                     except psutil.Error:
                         continue
-                    if rss > self.options.recycle_rss_mb * 1024 * 1024:
+                    if rss > rss_limit:
                         self._recycle(w, "recycle_rss")
 
     def _recycle(self, worker: _Worker, reason: str) -> None:
