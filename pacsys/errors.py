@@ -36,3 +36,7 @@ class BackendUnavailable(PacsysError):
 
 class LimitExceeded(PacsysError):
     """A configured limit was hit; the gateway answers RESOURCE_EXHAUSTED."""
+
+
+class PolicyDenied(PacsysError, PermissionError):
+    """A policy refused the request (here or at an upstream DAQ server); PERMISSION_DENIED."""

@@ -18,8 +18,8 @@ import pytest
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
 from pacsys.aio import AsyncBackend, caller_authorization
-from pacsys.backends.grpc_client import KEEPALIVE_OPTIONS, DAQClientBackend, PolicyDenied
-from pacsys.errors import AuthenticationError, BackendUnavailable
+from pacsys.backends.grpc_client import KEEPALIVE_OPTIONS, DAQClientBackend
+from pacsys.errors import AuthenticationError, BackendUnavailable, PolicyDenied
 from pacsys.supervised import ReadOnlyPolicy, SupervisedServer
 from pacsys.testing import AsyncFakeBackend, FakeBackend
 from pacsys.types import BackendCapability, Reading, ValueType
@@ -389,7 +389,7 @@ def test_close_ends_subscriptions_and_later_calls_fail(fake, upstream):
 
 
 def test_subscription_reconnects_after_upstream_restart(caplog):
-    caplog.set_level(logging.INFO, logger="pacsys.backends.grpc_client")
+    caplog.set_level(logging.DEBUG, logger="pacsys.backends.grpc_client")
 
     def interruptions() -> int:
         return sum("reconnecting" in r.getMessage() for r in caplog.records)
@@ -444,3 +444,36 @@ def test_chained_supervisor_reads_through(upstream):
         assert values == {0: pytest.approx(42.0), 1: pytest.approx(72.5)}
     finally:
         downstream.stop(grace=0)
+
+
+def test_chained_supervisor_streams_through_and_releases(fake, upstream):
+    downstream = SupervisedServer(DAQClientBackend(_target(upstream)), port=0, close_backend=True)
+    downstream.start()
+    try:
+
+        async def body():
+            async with grpc.aio.insecure_channel(_target(downstream)) as ch:
+                stub = DAQ_pb2_grpc.DAQStub(ch)
+                call = stub.Read(DAQ_pb2.ReadingList(drf=["G:AMANDA@p,500", "M:OUTTMP@p,1000"]))
+                await _until(lambda: fake.subscription_count == 1, "the upstream subscription")
+                fake.emit_reading("M:OUTTMP", 7.0)
+                reply = await asyncio.wait_for(call.read(), DEADLINE)
+                call.cancel()
+            await _until(lambda: fake.subscription_count == 0, "the upstream subscription to end")
+            return reply
+
+        reply = _run(body())
+        assert reply.index == 1 and reply.readings.reading[0].data.scalar == 7.0
+    finally:
+        downstream.stop(grace=0)
+
+
+def test_backend_survives_a_new_event_loop(upstream):
+    backend = DAQClientBackend(_target(upstream))
+    assert _run(backend.read("M:OUTTMP@I")) == pytest.approx(72.5)
+
+    async def second():  # another loop: another channel, opened lazily
+        async with backend:
+            return await backend.read("G:AMANDA@I")
+
+    assert _run(second()) == pytest.approx(42.0)

@@ -44,7 +44,7 @@ import psutil
 
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
 from pacsys.drf import DRFError, parse_cached
-from pacsys.errors import AuthenticationError, BackendUnavailable, LimitExceeded
+from pacsys.errors import AuthenticationError, BackendUnavailable, LimitExceeded, PolicyDenied
 from pacsys.status import DPM, DPM_INTERNAL, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
 from workers import protocol as p
@@ -59,6 +59,7 @@ _EXCEPTIONS: dict[str, type[Exception]] = {
     "AuthenticationError": AuthenticationError,
     "BackendUnavailable": BackendUnavailable,
     "LimitExceeded": LimitExceeded,
+    "PolicyDenied": PolicyDenied,
     "TimeoutError": TimeoutError,
     "ValueError": ValueError,
     "DRFError": ValueError,
@@ -212,6 +213,8 @@ class WorkerPool(AsyncBackend):
         self._clients: dict[AsyncSubscriptionHandle, list[_Shared]] = {}
         self._capabilities = BackendCapability(0)
         self._ticker: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._live: set[_Worker] = set()  # every worker process not yet reaped
         self._closing = False
         self._started = False
         self._ready_changed: asyncio.Event | None = None
@@ -340,16 +343,23 @@ class WorkerPool(AsyncBackend):
         finally:
             worker_end.close()
         holder: list[_Worker] = []
-        _, channel = await loop.create_unix_connection(
-            lambda: FrameChannel(
-                p.ToFront,
-                lambda m: self._on_message(holder[0], m),
-                lambda exc: self._on_disconnect(holder[0], exc),
-            ),
-            sock=front_end,
-        )
+        try:
+            _, channel = await loop.create_unix_connection(
+                lambda: FrameChannel(
+                    p.ToFront,
+                    lambda m: self._on_message(holder[0], m),
+                    lambda exc: self._on_disconnect(holder[0], exc),
+                ),
+                sock=front_end,
+            )
+        except BaseException:  # cancelled or failed: the process must not be left behind
+            process.kill()
+            process.wait()
+            front_end.close()
+            raise
         worker = _Worker(slot, process, channel)
         holder.append(worker)
+        self._live.add(worker)
         if install:
             slot.worker = worker
         try:
@@ -380,6 +390,7 @@ class WorkerPool(AsyncBackend):
             os.close(worker.pidfd)
             worker.pidfd = None
         code = worker.process.wait()
+        self._live.discard(worker)
         reason = worker.exit_reason or (f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}")
         self._on_exit(worker, reason)
         worker.channel.abort()
@@ -402,16 +413,26 @@ class WorkerPool(AsyncBackend):
         if self._ready_changed is not None:
             self._ready_changed.set()
 
+    def _background(self, coro: Any) -> None:
+        """Run a restart or a recycle on the loop; close() cancels what is still running."""
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def close(self) -> None:
         if self._closing:
             return
         self._closing = True
         if self._ticker is not None:
             self._ticker.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for handle in list(self._clients):
             handle._signal_stop()
         self._clients.clear()
-        workers = [s.worker for s in self._slots if s.worker is not None]
+        workers = list(self._live)  # slot holders, and replacements still starting
         for slot in self._slots:
             if slot.respawn is not None:
                 slot.respawn.cancel()
@@ -510,7 +531,7 @@ class WorkerPool(AsyncBackend):
             return
         slot.restarts += 1
         assert self._loop is not None
-        self._loop.create_task(self._restart(slot))
+        self._background(self._restart(slot))
 
     async def _restart(self, slot: _Slot) -> None:
         try:
@@ -556,7 +577,7 @@ class WorkerPool(AsyncBackend):
             return
         slot.replacing = True
         assert self._loop is not None
-        self._loop.create_task(self._replace(worker, reason))
+        self._background(self._replace(worker, reason))
 
     async def _replace(self, old: _Worker, reason: str) -> None:
         slot = old.slot

@@ -36,7 +36,7 @@ a chained supervisor's servicer answers with the same code:
 
     UNIMPLEMENTED       -> NotImplementedError
     UNAUTHENTICATED     -> pacsys.errors.AuthenticationError
-    PERMISSION_DENIED   -> PolicyDenied (this module; a PacsysError and a PermissionError)
+    PERMISSION_DENIED   -> pacsys.errors.PolicyDenied
     UNAVAILABLE         -> pacsys.errors.BackendUnavailable (also CANCELLED by the upstream)
     DEADLINE_EXCEEDED   -> TimeoutError
     INVALID_ARGUMENT    -> ValueError (also OUT_OF_RANGE)
@@ -60,7 +60,7 @@ from pacsys.errors import (
     AuthenticationError,
     BackendUnavailable,
     LimitExceeded,
-    PacsysError,
+    PolicyDenied,
     ReadError,
     WriteError,
 )
@@ -85,10 +85,6 @@ KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 _RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-
-
-class PolicyDenied(PacsysError, PermissionError):
-    """The upstream refused the request by policy (gRPC PERMISSION_DENIED)."""
 
 
 def map_rpc_error(exc: grpc.aio.AioRpcError, target: str, fallback: type[Exception] = ReadError) -> Exception:
@@ -195,7 +191,8 @@ class DAQClientBackend(AsyncBackend):
         )
         got: dict[int, Reading] = {}
         try:
-            async for reply in call:
+            # read(), not `async for`: leaving early must not strand the call's async generator
+            while (reply := await call.read()) is not grpc.aio.EOF:
                 index = reply.index
                 if index >= len(drfs) or index in got:
                     continue  # a later reply for an index, or one we never asked for
@@ -279,7 +276,7 @@ class DAQClientBackend(AsyncBackend):
             while not handle.stopped:
                 call = self._daq().Read(request, metadata=metadata)
                 try:
-                    async for reply in call:
+                    while (reply := await call.read()) is not grpc.aio.EOF:
                         backoff = RECONNECT_INITIAL
                         if reply.index < len(drfs):
                             handle._dispatch(reading_from_reply(drfs[reply.index], reply))
@@ -289,7 +286,9 @@ class DAQClientBackend(AsyncBackend):
                     if exc.code() not in _RECONNECT_CODES:
                         handle._signal_error(map_rpc_error(exc, self.target, ReadError))
                         return
-                    logger.info(
+                    # the first interruption at INFO; the retries of a long outage at DEBUG
+                    logger.log(
+                        logging.INFO if backoff == RECONNECT_INITIAL else logging.DEBUG,
                         "subscription to %s interrupted (%s: %s); reconnecting in %.1f s",
                         self.target,
                         exc.code().name,
@@ -332,4 +331,4 @@ class DAQClientBackend(AsyncBackend):
         self._channel_loop = None
 
 
-__all__ = ["DAQClientBackend", "PolicyDenied", "map_rpc_error", "KEEPALIVE_OPTIONS"]
+__all__ = ["DAQClientBackend", "map_rpc_error", "KEEPALIVE_OPTIONS"]

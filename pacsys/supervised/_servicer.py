@@ -24,7 +24,7 @@ from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
 from pacsys.backends import summarize_drfs
 from pacsys.drf import DRFError, parse_cached
-from pacsys.errors import AuthenticationError, BackendUnavailable, LimitExceeded
+from pacsys.errors import AuthenticationError, BackendUnavailable, LimitExceeded, PolicyDenied
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.supervised._audit import AuditLog
 from pacsys.supervised._conversions import reading_body, reply_bytes, setting_reply, value_from_proto
@@ -76,6 +76,8 @@ def _error_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNIMPLEMENTED, str(exc) or "not implemented by the backend"
     if isinstance(exc, AuthenticationError):
         return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+    if isinstance(exc, PolicyDenied):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
     if isinstance(exc, BackendUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, LimitExceeded):
