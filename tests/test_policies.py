@@ -219,45 +219,51 @@ class TestSlewRate:
 
     def test_first_write_is_free_then_step_limited(self):
         policy, _ = self.make(max_step=10)
-        assert policy.check(set_ctx(("M:OUTTMP", 1000.0))).allowed
-        assert policy.check(set_ctx(("M:OUTTMP", 1010.0))).allowed  # exactly max_step
-        decision = policy.check(set_ctx(("M:OUTTMP", 1020.5)))
+        assert evaluate_policies([policy], set_ctx(("M:OUTTMP", 1000.0))).allowed
+        assert evaluate_policies([policy], set_ctx(("M:OUTTMP", 1010.0))).allowed  # exactly max_step
+        decision = evaluate_policies([policy], set_ctx(("M:OUTTMP", 1020.5)))
         assert not decision.allowed
         assert "M:OUTTMP" in (decision.reason or "") and "max_step" in (decision.reason or "")
 
     def test_rate_limit_uses_elapsed_time(self):
         policy, clock = self.make(max_rate=2)
-        assert policy.check(set_ctx(("M:OUTTMP", 0.0))).allowed
+        assert evaluate_policies([policy], set_ctx(("M:OUTTMP", 0.0))).allowed
         clock.now += 5
-        assert policy.check(set_ctx(("M:OUTTMP", 10.0))).allowed  # 2/s
+        assert evaluate_policies([policy], set_ctx(("M:OUTTMP", 10.0))).allowed  # 2/s
         clock.now += 1
-        decision = policy.check(set_ctx(("M:OUTTMP", 13.0)))  # 3/s
+        decision = evaluate_policies([policy], set_ctx(("M:OUTTMP", 13.0)))  # 3/s
         assert not decision.allowed and "max_rate" in (decision.reason or "")
 
     def test_denied_write_leaves_history(self):
         policy, _ = self.make(max_step=10)
-        assert policy.check(set_ctx(("M:A", 0.0), ("M:B", 0.0))).allowed
+        assert evaluate_policies([policy], set_ctx(("M:A", 0.0), ("M:B", 0.0))).allowed
         # M:A would be fine but M:B is not: neither may be recorded.
-        assert not policy.check(set_ctx(("M:A", 5.0), ("M:B", 50.0))).allowed
-        assert policy.check(set_ctx(("M:A", 10.0))).allowed  # still compared with 0.0
-        assert not policy.check(set_ctx(("M:A", 25.0))).allowed
+        assert not evaluate_policies([policy], set_ctx(("M:A", 5.0), ("M:B", 50.0))).allowed
+        assert evaluate_policies([policy], set_ctx(("M:A", 10.0))).allowed  # still compared with 0.0
+        assert not evaluate_policies([policy], set_ctx(("M:A", 25.0))).allowed
 
     def test_slots_of_one_request_are_checked_in_order(self):
         policy, _ = self.make(max_step=10)
-        assert policy.check(set_ctx(("M:A", 0.0))).allowed
+        assert evaluate_policies([policy], set_ctx(("M:A", 0.0))).allowed
         # Each value is within 10 of the last recorded 0.0, but -5 is 15 away from the 10 before it.
-        assert not policy.check(set_ctx(("M:A", 10.0), ("M:A", -5.0))).allowed
+        assert not evaluate_policies([policy], set_ctx(("M:A", 10.0), ("M:A", -5.0))).allowed
 
     def test_unmatched_non_numeric_and_reads_pass(self):
         policy, _ = self.make(max_step=1)
-        assert policy.check(set_ctx(("G:AMANDA", 0.0))).allowed
-        assert policy.check(set_ctx(("G:AMANDA", 100.0))).allowed
-        assert policy.check(set_ctx(("M:TEXT", "on"))).allowed
-        assert policy.check(read_ctx("M:A")).allowed
+        assert evaluate_policies([policy], set_ctx(("G:AMANDA", 0.0))).allowed
+        assert evaluate_policies([policy], set_ctx(("G:AMANDA", 100.0))).allowed
+        assert evaluate_policies([policy], set_ctx(("M:TEXT", "on"))).allowed
+        assert evaluate_policies([policy], read_ctx("M:A")).allowed
+
+    def test_a_write_denied_later_in_the_chain_leaves_history(self):
+        policy, _ = self.make(max_step=10)
+        assert evaluate_policies([policy], set_ctx(("M:A", 0.0))).allowed
+        assert not evaluate_policies([policy, ReadOnlyPolicy()], set_ctx(("M:A", 10.0))).allowed
+        assert not evaluate_policies([policy], set_ctx(("M:A", 20.0))).allowed  # still compared with 0.0
 
     def test_non_finite_denied(self):
         policy, _ = self.make(max_step=1)
-        assert not policy.check(set_ctx(("M:A", float("nan")))).allowed
+        assert not evaluate_policies([policy], set_ctx(("M:A", float("nan")))).allowed
 
     def test_slew_limit_validation(self):
         with pytest.raises(ValueError):

@@ -131,6 +131,13 @@ class Policy(ABC):
     @abstractmethod
     def check(self, ctx: RequestContext) -> PolicyDecision: ...
 
+    def on_allowed(self, ctx: RequestContext) -> None:  # noqa: B027 - optional hook, empty by default
+        """Called with the final context once the whole chain has allowed the request.
+
+        A policy that keeps history (slew limits) records here, so that a request that a
+        later policy denies leaves no trace.
+        """
+
 
 def evaluate_policies(policies: Sequence[Policy], ctx: RequestContext) -> PolicyDecision:
     """Run ``policies`` in order and return the final decision.
@@ -152,6 +159,8 @@ def evaluate_policies(policies: Sequence[Policy], ctx: RequestContext) -> Policy
             if i not in current.allowed:
                 reason = f"Device {get_device_name(drf)} not approved for {current.rpc_method}"
                 return PolicyDecision(allowed=False, reason=reason, policy="approval")
+    for policy in policies:
+        policy.on_allowed(current)
     return PolicyDecision(allowed=True, ctx=current)
 
 
@@ -359,7 +368,8 @@ class SlewRatePolicy(Policy):
 
     The first write to a device is free (nothing to compare with). All numeric values of a
     request are checked first, against the history and against earlier slots of the same request;
-    the history is updated only when all pass, so a denied request leaves it alone. A write that
+    the history is updated only when the whole chain allows the request (``on_allowed``), so a
+    request denied here or by any other policy leaves it alone. A write that
     the backend later fails still counts as the last value. Non-finite values are denied for
     slew-limited devices because they would poison every later comparison.
 
@@ -399,8 +409,18 @@ class SlewRatePolicy(Policy):
                     if denial is not None:
                         return PolicyDecision(allowed=False, reason=denial)
                 staged[name] = (new, now)
-            self._history.update(staged)
         return _ALLOW
+
+    def on_allowed(self, ctx: RequestContext) -> None:
+        """Record the values the whole chain let through as each device's last write."""
+        if ctx.rpc_method != "Set":
+            return
+        with self._lock:
+            now = self._clock()
+            for drf, value in ctx.values:
+                name = get_device_name(drf)
+                if _is_number(value) and self._patterns.matching(name):
+                    self._history[name] = (float(value), now)
 
     def _violation(
         self, name: str, new: float, prev: tuple[float, float], now: float, matched: tuple[int, ...]

@@ -240,7 +240,7 @@ class Settings:
         None,
         "File holding the bearer token (surrounding whitespace is stripped).",
         section="Security",
-        example="/etc/pacsys-supervisor/token",
+        example="/etc/pacsys/token",
         metavar="FILE",
     )
     allow_writes: tuple[str, ...] = _setting(
@@ -318,14 +318,14 @@ class Settings:
         None,
         "JSON-lines audit log of every request and decision (unset: no audit log).",
         section="Audit",
-        example="/var/log/pacsys-supervisor/audit.jsonl",
+        example="/var/log/pacsys/audit.jsonl",
         metavar="FILE",
     )
     audit_proto_path: str | None = _setting(
         None,
         "Binary capture of the raw request messages (needs audit_path).",
         section="Audit",
-        example="/var/log/pacsys-supervisor/audit.bin",
+        example="/var/log/pacsys/audit.bin",
         metavar="FILE",
     )
     audit_log_responses: bool = _setting(False, "Also record replies in the audit log.", section="Audit")
