@@ -166,3 +166,9 @@ def test_audit_records_who_set_what(served, fake, tmp_path):
     assert sets and sets[0]["allowed"] is True and sets[0]["drfs"] == ["M:OUTTMP"]
     assert sets[0]["values"] == [["M:OUTTMP", 80.0]]
     assert any(e["dir"] == "out" and e["seq"] == sets[0]["seq"] for e in entries)
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_either_event_loop_serves(served, fake, event_loop):
+    stub = served(fake, event_loop=event_loop)
+    assert _read(stub, ["M:OUTTMP@I"])[0].readings.reading[0].data.scalar == pytest.approx(72.5)

@@ -118,6 +118,7 @@ class PoolOptions:
     subscription_linger: float = 2.0
     stream_buffer: int = 1000
     worker_log_level: str = "WARNING"
+    event_loop: str = "auto"
 
     @classmethod
     def from_settings(cls, settings: Any) -> PoolOptions:
@@ -333,6 +334,8 @@ class WorkerPool(AsyncBackend):
             str(slot.index),
             "--log-level",
             self.options.worker_log_level,
+            "--loop",
+            self.options.event_loop,
         ]
         try:
             # A session of its own: a terminal's Ctrl-C, hangup or job-control signals go to

@@ -21,6 +21,7 @@ import socket
 import sys
 
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, as_async, caller_authorization
+from pacsys.aio._loops import new_event_loop
 from pacsys.backends.spec import build_backend, describe_spec
 from pacsys.drf_utils import get_device_name
 from workers import protocol as p
@@ -228,13 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--slot", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"))
     args = parser.parse_args(argv)
     _die_with_parent()
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(signum, signal.SIG_IGN)  # meant for the front, which decides what workers do
     logging.basicConfig(level=args.log_level, format=f"worker{args.slot} pid={os.getpid()} %(levelname)s %(message)s")
     sock = socket.socket(fileno=args.fd)
-    return asyncio.run(Worker(sock, args.backend, args.threads).run())
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(args.loop)) as runner:
+        return runner.run(Worker(sock, args.backend, args.threads).run())
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from pacsys.aio import AsyncBackend, SyncBackendAdapter, as_async
+from pacsys.aio._loops import new_event_loop
 from pacsys.backends import Backend
 from pacsys.supervised._audit import AuditLog
 from pacsys.supervised._policies import Policy
@@ -66,6 +67,7 @@ class SupervisedServer:
         shutdown_grace: float = 5.0,
         log_requests: bool = False,
         close_backend: bool = False,
+        event_loop: str = "auto",
     ):
         if not isinstance(backend, Backend | AsyncBackend):
             raise TypeError(
@@ -82,6 +84,7 @@ class SupervisedServer:
         self._max_message_bytes = max_message_bytes
         self._grace = shutdown_grace
         self._close_backend = close_backend
+        self._event_loop = event_loop
         self.servicer = DAQServicer(
             self._backend,
             policies=policies,
@@ -197,7 +200,7 @@ class SupervisedServer:
     # -- the server thread ---------------------------------------------------------------
 
     def _thread_main(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = new_event_loop(self._event_loop)
         self._loop = loop
         try:
             loop.run_until_complete(self._serve())

@@ -236,6 +236,7 @@ class _Service:
                     shutdown_grace=s.shutdown_grace,
                     log_requests=s.log_requests,
                     close_backend=True,
+                    event_loop=s.event_loop,
                 )
                 if s.metrics_port is not None:
                     # Up before the workers: /readyz answers "not ready" while they start.

@@ -215,6 +215,13 @@ class Settings:
         min=1,
         max=4096,
     )
+    event_loop: str = _setting(
+        "auto",
+        "Event loop of the front and the workers: auto (uvloop when installed), uvloop or asyncio.",
+        section="Backend and workers",
+        choices=("auto", "uvloop", "asyncio"),
+        normalize=str.lower,
+    )
     min_workers_ready: int = _setting(
         1, "Workers that must be ready before the service reports SERVING.", section="Backend and workers", min=1
     )
