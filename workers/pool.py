@@ -625,7 +625,10 @@ class WorkerPool(AsyncBackend):
     def _owner(self, device: str) -> _Slot | None:
         for index in self._ranking(device):
             slot = self._slots[index]
-            if slot.state is SlotState.READY and slot.worker is not None and slot.worker.exit_reason is None:
+            worker = slot.worker
+            # A worker whose socket closed is not reaped yet (its slot still says READY) but
+            # serves nothing; one being recycled takes no new work.
+            if slot.state is SlotState.READY and worker is not None and not worker.gone and worker.exit_reason is None:
                 return slot
         return None
 
@@ -676,11 +679,8 @@ class WorkerPool(AsyncBackend):
         results: list[Reading | None] = [None] * len(drfs)
         groups = self._group(drfs)
         auth = caller_authorization.get()
-        await asyncio.gather(
-            *(
-                self._read_group(self._slots[i], drfs, positions, results, timeout, auth)
-                for i, positions in groups.items()
-            )
+        await _all(
+            self._read_group(self._slots[i], drfs, positions, results, timeout, auth) for i, positions in groups.items()
         )
         return results  # type: ignore[return-value]
 
@@ -704,11 +704,8 @@ class WorkerPool(AsyncBackend):
             # Reads are idempotent: once more, on each device's next worker.
             self.stats.reads_retried += 1
             regroup = self._group(drfs, positions)
-            await asyncio.gather(
-                *(
-                    self._read_group(self._slots[i], drfs, sub, results, timeout, auth, False)
-                    for i, sub in regroup.items()
-                )
+            await _all(
+                self._read_group(self._slots[i], drfs, sub, results, timeout, auth, False) for i, sub in regroup.items()
             )
             return
         for pos, wire in zip(positions, reply.readings, strict=True):
@@ -746,7 +743,7 @@ class WorkerPool(AsyncBackend):
                     drf=drfs[pos], facility_code=r.facility, error_code=r.error, message=r.message
                 )
 
-        await asyncio.gather(*(write_group(self._slots[i], pos) for i, pos in groups.items()))
+        await _all(write_group(self._slots[i], pos) for i, pos in groups.items())
         return results  # type: ignore[return-value]
 
     # -- AsyncBackend: subscriptions -------------------------------------------------------
@@ -934,3 +931,12 @@ class WorkerPool(AsyncBackend):
             while worker.pending and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             worker.channel.send(p.Shutdown())
+
+
+async def _all(coros: Iterable[Any]) -> None:
+    """Await the coroutines concurrently; a lone one is awaited directly (no task: the common case)."""
+    pending = list(coros)
+    if len(pending) == 1:
+        await pending[0]
+    else:
+        await asyncio.gather(*pending)
