@@ -6,7 +6,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pacsys.aio import AsyncBackend
+from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle
 from pacsys.drf_utils import get_device_name
 from pacsys.types import BackendCapability, Reading, ValueType, WriteResult
 
@@ -33,6 +33,30 @@ class Scripted(AsyncBackend):
             value = float(os.getpid()) if name == "Z:PID" else 1.0
             out.append(Reading(drf=drf, value_type=ValueType.SCALAR, value=value, timestamp=datetime.now(UTC)))
         return out
+
+    async def subscribe(self, drfs, callback=None, on_error=None):
+        """Every DRF ticks every 100 ms; Z:BADSUB cannot be subscribed."""
+        if any(get_device_name(d) == "Z:BADSUB" for d in drfs):
+            raise ValueError("Z:BADSUB cannot be subscribed")
+        task = None
+
+        async def remove(_handle):
+            task.cancel()
+
+        handle = AsyncSubscriptionHandle(remover=remove)
+
+        async def tick():
+            n = 0
+            while True:
+                n += 1
+                now = datetime.now(UTC)
+                handle._dispatch_many(
+                    Reading(drf=d, value_type=ValueType.SCALAR, value=float(n), timestamp=now) for d in drfs
+                )
+                await asyncio.sleep(0.1)
+
+        task = asyncio.get_running_loop().create_task(tick())
+        return handle
 
     async def write_many(self, settings, timeout=None):
         if any(get_device_name(d) == "Z:SLOW" for d, _ in settings):

@@ -1,0 +1,89 @@
+"""Shared subscriptions at the front: late joiners, errors isolated to their index, release, slow clients."""
+
+import time
+
+import psutil
+import pytest
+from test_pool import Running, wait_for
+
+from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
+
+
+@pytest.fixture
+def running():
+    made = []
+
+    def make(**kwargs):
+        r = Running(**kwargs)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.stop()
+
+
+def _stream(r, drfs):
+    return r.stub.Read(DAQ_pb2.ReadingList(drf=drfs))
+
+
+def test_a_late_joiner_gets_the_latest_reading_at_once(running):
+    r = running(workers=1)
+    first = _stream(r, ["Z:SIM001@p,2000"])
+    a = next(first).readings.reading[0]
+    joined = time.monotonic()
+    late = _stream(r, ["Z:SIM001@P,2000"])
+    b = next(late).readings.reading[0]
+    assert time.monotonic() - joined < 1.0  # long before the next 2 s tick
+    assert b.timestamp == a.timestamp and b.data.scalar == a.data.scalar
+    first.cancel()
+    late.cancel()
+
+
+def test_a_subscription_error_reaches_only_its_index(running):
+    r = running(backend="fault_backends:scripted", workers=2)
+    call = _stream(r, ["Z:BADSUB@p,100", "Z:GOOD@p,100"])
+    seen = {0: [], 1: []}
+    for reply in call:
+        seen[reply.index].append(reply)
+        if len(seen[1]) >= 5:
+            break
+    call.cancel()
+    (error,) = seen[0]
+    assert error.WhichOneof("value") == "status" and error.status.status_code < 0
+    assert "BADSUB" in error.status.message
+    assert all(x.WhichOneof("value") == "readings" for x in seen[1])
+
+
+def test_a_cancelled_stream_releases_its_share_quickly(running):
+    r = running(workers=2, subscription_linger=0.2)
+    call = _stream(r, [f"Z:SIM{i:03d}@p,50" for i in range(10)])
+    next(call)
+    assert r.pool.client_subscription_count == 1
+    call.cancel()
+    cancelled = time.monotonic()
+    wait_for(lambda: r.pool.client_subscription_count == 0, what="the client share to be released")
+    released = time.monotonic() - cancelled
+    wait_for(lambda: r.pool.subscription_count == 0, what="the backend subscriptions to close after the linger")
+    assert released < 1.0, f"released after {released:.2f} s"
+
+
+def test_a_client_that_never_reads_costs_bounded_memory_and_nobody_else(running):
+    r = running(workers=2, stream_buffer=200)
+    front = psutil.Process()
+    stalled = _stream(r, [f"Z:SIM{i:03d}@p,20" for i in range(100)])  # never read
+    reader = _stream(r, ["Z:SIM000@p,20"])
+    next(reader)
+    wait_for(lambda: r.server.servicer.dropped_now() > 0, timeout=30, what="the stalled stream to drop readings")
+    rss_then = front.memory_info().rss
+    started, got = time.monotonic(), 0
+    for _ in reader:  # the other client keeps its 50 Hz
+        got += 1
+        if got == 100:
+            break
+    rate = got / (time.monotonic() - started)
+    grown = front.memory_info().rss - rss_then
+    stalled.cancel()
+    reader.cancel()
+    assert rate > 30, f"the reading client got {rate:.0f}/s of 50/s"
+    assert grown < 20 * 2**20, f"front RSS grew {grown / 2**20:.1f} MiB while one client stalled"
