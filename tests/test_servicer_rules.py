@@ -172,3 +172,20 @@ def test_audit_records_who_set_what(served, fake, tmp_path):
 def test_either_event_loop_serves(served, fake, event_loop):
     stub = served(fake, event_loop=event_loop)
     assert _read(stub, ["M:OUTTMP@I"])[0].readings.reading[0].data.scalar == pytest.approx(72.5)
+
+
+def test_stream_buffer_limit_applies_in_process(fake):
+    server, channel, stub = _serve(fake, limits=ServicerLimits(stream_buffer=5))
+    try:
+        call = stub.Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@p,1000"]))
+        import time
+
+        deadline = time.monotonic() + 10
+        while not server.servicer._streams and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (handle,) = server.servicer._streams
+        assert handle._buffer.maxlen == 5
+        call.cancel()
+    finally:
+        channel.close()
+        server.stop()

@@ -120,10 +120,9 @@ class AsyncSubscriptionHandle:
         loop = self._loop
         assert loop is not None
         deadline = None if timeout is None else time.monotonic() + timeout
-        buffer = self._buffer
         while True:
-            while buffer:
-                reading = buffer.popleft()
+            while self._buffer:
+                reading = self._buffer.popleft()
                 self.delivered += 1
                 yield reading, self
             if self._stopped:
@@ -143,6 +142,13 @@ class AsyncSubscriptionHandle:
                 return
             finally:
                 self._waiter = None
+
+    def resize(self, maxsize: int) -> None:
+        """Bound the buffer to `maxsize` readings (the consumer's limit, whoever made the handle)."""
+        if maxsize != self._buffer.maxlen:
+            kept = collections.deque(self._buffer, maxlen=maxsize)
+            self.dropped += len(self._buffer) - len(kept)
+            self._buffer = kept
 
     def drain(self) -> list[Reading]:
         """Take every buffered reading at once (for consumers that write in batches)."""

@@ -297,6 +297,7 @@ class DAQServicer:
             if canonical != drf:
                 slots.setdefault(canonical, []).append(original[pos])
         handle = await self.backend.subscribe(drfs)
+        handle.resize(self.limits.stream_buffer)
         self._streams.add(handle)
         self.stats.active_streams += 1
         bodies = self._bodies
