@@ -291,6 +291,32 @@ def test_sighup_with_a_good_file_swaps_the_policies(supervisor, daq, tmp_path):
     assert set_scalar(stub, "M:OUTTMP", 1.0) == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_sighup_applies_a_rotated_token(supervisor, daq, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("first\n")
+    config = tmp_path / "supervisor.toml"
+    config.write_text(f'allow_writes = ["M:*"]\ntoken_file = "{token_file}"\n')
+    sup = supervisor(*FAKE, "--config", str(config))
+    stub = daq(sup.port)
+    request = DAQ_pb2.SettingList(setting=[DAQ_pb2.Setting(device="M:OUTTMP")])
+    request.setting[0].value.scalar = 1.0
+
+    def code(token):
+        try:
+            stub.Set(request, timeout=10, metadata=[("authorization", f"Bearer {token}")])
+        except grpc.RpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    assert code("first") == grpc.StatusCode.OK
+    token_file.write_text("second\n")
+    mark = sup.mark()
+    sup.proc.send_signal(signal.SIGHUP)
+    sup.wait_line("stderr", r"level=INFO .*config reloaded", start=mark)
+    assert code("first") == grpc.StatusCode.UNAUTHENTICATED
+    assert code("second") == grpc.StatusCode.OK
+
+
 def test_command_line_still_overrides_after_reload(supervisor, daq, tmp_path):
     config = tmp_path / "supervisor.toml"
     config.write_text('allow_writes = ["G:*"]\n')

@@ -156,6 +156,10 @@ class DAQServicer:
         """Readings dropped so far for slow clients, ended and live streams together."""
         return self.stats.readings_dropped + sum(h.dropped for h in list(self._streams))
 
+    def set_token(self, token: str | None) -> None:
+        """Replace the bearer token that Set requires (None: no token required)."""
+        self._token = token
+
     def set_policies(self, policies: list[Policy]) -> None:
         """Swap the policy chain atomically (a request uses the list it started with)."""
         self.policies = list(policies)

@@ -59,7 +59,7 @@ PROG = "pacsys-supervisor"
 SUBCOMMANDS = ("check-config", "probe", "status")
 
 # Settings a SIGHUP applies at once; a change to any other one waits for a restart.
-RELOADABLE = ("policies", "allow_writes", "log_level", "log_format", "log_requests")
+RELOADABLE = ("policies", "allow_writes", "token", "token_file", "log_level", "log_format", "log_requests")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -345,11 +345,12 @@ class _Service:
         try:
             new = settings_from(read_config_file(path), self.overrides, source=path)
             chain = write_gate(new, build_policies(new))
-            resolve_token(new)
+            token = resolve_token(new)
         except ConfigError as exc:
             logger.error("config reload failed, keeping the old policies: %s", exc)
             return False
         self.server.set_policies(chain)
+        self.server.servicer.set_token(token)  # a rotated token file takes effect here too
         if (new.log_level, new.log_format) != (old.log_level, old.log_format):
             configure_logging(new.log_level, new.log_format)
         self.server.servicer.log_requests = new.log_requests
