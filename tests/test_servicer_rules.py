@@ -189,3 +189,16 @@ def test_stream_buffer_limit_applies_in_process(fake):
     finally:
         channel.close()
         server.stop()
+
+
+def test_audit_records_refused_writes_too(served, fake, tmp_path):
+    audit = AuditLog(str(tmp_path / "audit.jsonl"))
+    stub = served(fake, audit_log=audit, token="right")
+    request = DAQ_pb2.SettingList(setting=[DAQ_pb2.Setting(device="M:OUTTMP")])
+    request.setting[0].value.scalar = 1.0
+    with pytest.raises(grpc.RpcError):
+        stub.Set(request, timeout=5, metadata=[("authorization", "Bearer wrong")])
+    audit.close()
+    (entry,) = list(read_audit(str(tmp_path / "audit.jsonl")))
+    assert entry["method"] == "Set" and entry["allowed"] is False
+    assert entry["reason"].startswith("UNAUTHENTICATED") and entry["drfs"] == ["M:OUTTMP"]

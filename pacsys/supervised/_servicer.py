@@ -216,6 +216,24 @@ class DAQServicer:
             return 0
         return self.audit.log_request(ctx, allowed, reason, final)
 
+    def _refused(
+        self,
+        rpc: str,
+        peer: str,
+        drfs: list[str],
+        request: object,
+        context: grpc.aio.ServicerContext,
+        abort: _Abort,
+        started: float,
+    ) -> None:
+        """Log and audit a request refused before it reached the backend."""
+        self._log(rpc, peer, drfs, abort.decision, started)
+        if self.audit is not None and abort.decision != "denied":  # policy denials are audited already
+            ctx = RequestContext(
+                drfs=drfs, rpc_method=rpc, peer=peer, metadata=_metadata(context), values=[], raw_request=request
+            )
+            self.audit.log_request(ctx, False, f"{abort.code.name}: {abort.details}")
+
     def _log(self, rpc: str, peer: str, drfs: list[str], decision: str, started: float) -> None:
         self.stats.requests[(rpc, decision)] += 1
         elapsed = time.perf_counter() - started
@@ -257,7 +275,7 @@ class DAQServicer:
             final, original = self._decide(ctx)
             parsed = self._parse_all(final.drfs, "DRF after policies")
         except _Abort as abort:
-            self._log("Read", peer, drfs, abort.decision, started)
+            self._refused("Read", peer, drfs, request, context, abort, started)
             await context.abort(abort.code, abort.details)
             return
         seq = self._audit_request(ctx, True, None, final.drfs if final.drfs != drfs else None)
@@ -359,7 +377,7 @@ class DAQServicer:
             final, original = self._decide(ctx)
             self._parse_all(final.drfs, "setting after policies")
         except _Abort as abort:
-            self._log("Set", peer, drfs, abort.decision, started)
+            self._refused("Set", peer, drfs, request, context, abort, started)
             await context.abort(abort.code, abort.details)
             raise AssertionError("unreachable: abort raises")  # noqa: B904
         seq = self._audit_request(ctx, True, None, final.drfs if final.drfs != drfs else None)
