@@ -330,5 +330,10 @@ def test_scaling_moves_subscriptions_without_ending_streams(running):
     wait_for(lambda: r.pool.worker_states()[1]["pid"] is None, what="the second worker to stop")
     for c in calls:
         assert next(c).WhichOneof("value") == "readings"
-        c.cancel()
     assert r.pool.worker_states()[0]["subscriptions"] == 20
+    r.server.loop.call_soon_threadsafe(lambda: r.server.loop.create_task(r.pool.add_worker()))
+    wait_for(lambda: r.pool.ready_count == 2, what="the retired slot to serve again")
+    assert len(r.pool.worker_states()) == 2 and r.pool.options.workers == 2  # the slot was reused
+    for c in calls:
+        assert next(c).WhichOneof("value") == "readings"
+        c.cancel()

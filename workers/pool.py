@@ -907,11 +907,22 @@ class WorkerPool(AsyncBackend):
     # -- run-time scaling ---------------------------------------------------------------------
 
     async def add_worker(self) -> None:
-        slot = _Slot(len(self._slots), self.options)
-        self._slots.append(slot)
-        self._rankings.clear()
-        self.options.workers = len(self._slots)
+        """Start one more worker, in a slot retired earlier if there is one (its ranking is kept)."""
+        retired = [s for s in self._slots if s.state is SlotState.STOPPED]
+        if retired:
+            slot = retired[0]
+            slot.restart_times.clear()
+            slot.backoff = self.options.restart_backoff_initial
+            slot.state = SlotState.STARTING
+        else:
+            slot = _Slot(len(self._slots), self.options)
+            self._slots.append(slot)
+            self._rankings.clear()
+        self._count_workers()
         await self._start_slot(slot)
+
+    def _count_workers(self) -> None:
+        self.options.workers = sum(1 for s in self._slots if s.state is not SlotState.STOPPED)
 
     async def remove_worker(self) -> None:
         """Retire the last slot: its devices and subscriptions move first, then it stops."""
@@ -921,6 +932,7 @@ class WorkerPool(AsyncBackend):
             return
         slot = live[-1]
         slot.state = SlotState.STOPPED
+        self._count_workers()
         if slot.respawn is not None:
             slot.respawn.cancel()
         self._rebalance()
