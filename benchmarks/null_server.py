@@ -19,6 +19,7 @@ import time
 import grpc
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
+from pacsys.aio._loops import new_event_loop
 from pacsys.drf import parse_cached
 
 
@@ -99,7 +100,7 @@ class NullServer:
     def __init__(self, port: int = 0, host: str = "127.0.0.1"):
         self._address = (port, host)
         self.port = 0
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()  # the same loop as the front (uvloop when installed): a fair ceiling
         self._thread = threading.Thread(target=self._loop.run_forever, name="null-daq", daemon=True)
         self._server: grpc.aio.Server | None = None
 

@@ -639,7 +639,11 @@ class WorkerPool(AsyncBackend):
         except DRFError as exc:
             raise ValueError(str(exc)) from None
 
-    def _request(self, slot: _Slot, make: Any) -> asyncio.Future:
+    async def _call(self, slot: _Slot, make: Any, timeout: float | None) -> Any:
+        """Send the request `make(id)` to the slot's worker and wait for its reply.
+
+        WorkerLost when the worker is gone or dies first; TimeoutError after `timeout`.
+        """
         worker = slot.worker
         if worker is None or worker.gone:
             raise WorkerLost(f"worker {slot.index} is not running")
@@ -650,18 +654,11 @@ class WorkerPool(AsyncBackend):
         worker.channel.send(make(request_id))
         if worker.recycle_after and worker.requests >= worker.recycle_after:
             self._recycle(worker, "recycle_requests")
-        return future
-
-    async def _await_reply(self, slot: _Slot, future: asyncio.Future, timeout: float | None) -> Any:
         try:
-            return await (asyncio.wait_for(future, timeout) if timeout is not None else future)
-        except (TimeoutError, asyncio.CancelledError):
-            worker = slot.worker
-            if worker is not None:
-                for rid, f in list(worker.pending.items()):
-                    if f is future:
-                        del worker.pending[rid]
-            raise
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            worker.pending.pop(request_id, None)  # answered, timed out or cancelled: forget it
 
     def _group(self, drfs: list[str], positions: Iterable[int] | None = None) -> dict[int, list[int]]:
         """Positions of `drfs` (all, or the given ones) grouped by the slot that owns each device."""
@@ -696,8 +693,9 @@ class WorkerPool(AsyncBackend):
     ) -> None:
         subset = [drfs[i] for i in positions]
         try:
-            future = self._request(slot, lambda rid: p.Read(id=rid, drfs=subset, timeout=timeout, authorization=auth))
-            reply = await self._await_reply(slot, future, timeout)
+            reply = await self._call(
+                slot, lambda rid: p.Read(id=rid, drfs=subset, timeout=timeout, authorization=auth), timeout
+            )
         except WorkerLost:
             if not retry:
                 raise BackendUnavailable("the backend worker died twice while reading") from None
@@ -723,10 +721,11 @@ class WorkerPool(AsyncBackend):
             subset = [drfs[i] for i in positions]
             values = [settings[i][1] for i in positions]
             try:
-                future = self._request(
-                    slot, lambda rid: p.Write(id=rid, drfs=subset, values=values, timeout=timeout, authorization=auth)
+                reply = await self._call(
+                    slot,
+                    lambda rid: p.Write(id=rid, drfs=subset, values=values, timeout=timeout, authorization=auth),
+                    timeout,
                 )
-                reply = await self._await_reply(slot, future, timeout)
             except WorkerLost:
                 # Never replayed: the setting may or may not have reached the device.
                 self.stats.writes_outcome_unknown += len(positions)
