@@ -2,11 +2,13 @@
 
 import asyncio
 import os
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle
+from pacsys.backends import Backend
 from pacsys.drf_utils import get_device_name
 from pacsys.types import BackendCapability, Reading, ValueType, WriteResult
 
@@ -81,3 +83,24 @@ def broken_when_flagged():
     if flag and Path(flag).exists() and os.environ.get("PACSYS_WORKER_SLOT") == "1":
         raise RuntimeError("slot 1 is cursed")
     return Scripted()
+
+
+class BlockingSync(Backend):
+    """A sync backend whose reads of Z:BLOCK never return (they hold a thread each)."""
+
+    @property
+    def capabilities(self):
+        return BackendCapability.READ
+
+    def get_many(self, drfs, timeout=None):
+        if any(get_device_name(d) == "Z:BLOCK" for d in drfs):
+            threading.Event().wait()
+        now = datetime.now(UTC)
+        return [Reading(drf=d, value_type=ValueType.SCALAR, value=1.0, timestamp=now) for d in drfs]
+
+    def close(self):
+        pass
+
+
+def blocking_sync():
+    return BlockingSync()

@@ -337,3 +337,17 @@ def test_scaling_moves_subscriptions_without_ending_streams(running):
     for c in calls:
         assert next(c).WhichOneof("value") == "readings"
         c.cancel()
+
+
+def test_a_sync_backend_with_every_thread_blocked_times_out_per_call_and_keeps_pinging(running):
+    r = running(backend="fault_backends:blocking_sync", workers=2, threads_per_worker=2)
+    victim = r.owner_pid("Z:BLOCK")
+    for _ in range(3):  # more blocked calls than threads
+        with pytest.raises(grpc.RpcError) as exc_info:
+            r.read(["Z:BLOCK@I"], timeout=1.0)
+        assert exc_info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Its loop still answers pings for longer than the hang timeout: it is busy, not hung.
+    worker = next(s.worker for s in r.pool._slots if s.worker and s.worker.pid == victim)
+    blocked_at = time.monotonic()
+    wait_for(lambda: worker.last_pong > blocked_at + FAST["hang_timeout"], what="pongs past the hang timeout")
+    assert victim in worker_pids(r.pool) and r.pool.stats.restarts_by_reason["hang"] == 0

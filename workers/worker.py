@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import socket
-import sys
+from typing import NoReturn
 
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, as_async, caller_authorization
 from pacsys.aio._loops import new_event_loop
@@ -222,7 +222,7 @@ class Worker:
         self._spawn(handle.stop())
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> NoReturn:
     parser = argparse.ArgumentParser(prog="pacsys-worker")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--backend", required=True)
@@ -237,8 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format=f"worker{args.slot} pid={os.getpid()} %(levelname)s %(message)s")
     sock = socket.socket(fileno=args.fd)
     with asyncio.Runner(loop_factory=lambda: new_event_loop(args.loop)) as runner:
-        return runner.run(Worker(sock, args.backend, args.threads).run())
+        code = runner.run(Worker(sock, args.backend, args.threads).run())
+    logging.shutdown()
+    # Threads of a sync backend may be stuck in a call that never returns; the
+    # interpreter would wait for them at exit. The work is done: leave now.
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

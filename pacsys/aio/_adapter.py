@@ -71,8 +71,9 @@ class SyncBackendAdapter(AsyncBackend):
         await self._run(self.backend.stop_streaming)
 
     async def close(self) -> None:
+        # Not in our own pool: its threads may all be stuck in calls that never return.
         try:
-            await self._run(self.backend.close)
+            await asyncio.get_running_loop().run_in_executor(None, self.backend.close)
         finally:
             self.release_threads()
 
