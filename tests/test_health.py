@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_pool import FAST, wait_for
+from helpers import FAST, wait_for
 
 from pacsys.supervised import SupervisedServer
 from pacsys.testing import FakeBackend

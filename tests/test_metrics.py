@@ -7,7 +7,7 @@ import urllib.request
 
 import grpc
 import pytest
-from test_pool import FAST, wait_for
+from helpers import FAST, wait_for
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
 from pacsys.supervised import ReadOnlyPolicy, SupervisedServer

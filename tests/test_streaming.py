@@ -3,24 +3,9 @@
 import time
 
 import psutil
-import pytest
-from test_pool import Running, wait_for
+from helpers import wait_for
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
-
-
-@pytest.fixture
-def running():
-    made = []
-
-    def make(**kwargs):
-        r = Running(**kwargs)
-        made.append(r)
-        return r
-
-    yield make
-    for r in made:
-        r.stop()
 
 
 def _stream(r, drfs):

@@ -1,0 +1,73 @@
+"""Shared by the tests that run a real worker pool behind a real server."""
+
+import time
+
+import grpc
+import psutil
+
+from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
+from pacsys.supervised import SupervisedServer
+from workers.pool import WorkerPool
+
+FAST = dict(
+    ping_interval=0.2,
+    hang_timeout=1.5,
+    restart_backoff_initial=0.05,
+    restart_backoff_max=0.5,
+    subscription_linger=0.2,
+    ready_timeout=30.0,
+)
+
+
+def wait_for(condition, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def worker_pids(pool):
+    return [w["pid"] for w in pool.worker_states() if w["pid"] is not None]
+
+
+class Running:
+    """A SupervisedServer over a WorkerPool, and a client stub for it."""
+
+    def __init__(self, backend="sim", workers=2, **options):
+        self.pool = WorkerPool(backend=backend, workers=workers, **{**FAST, **options})
+        self.server = SupervisedServer(self.pool, port=0, host="127.0.0.1", close_backend=True)
+        self.server.start()
+        self.pids_seen = set(worker_pids(self.pool))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
+        self.stub = DAQ_pb2_grpc.DAQStub(self.channel)
+
+    def read(self, drfs, timeout=10.0):
+        return list(self.stub.Read(DAQ_pb2.ReadingList(drf=drfs), timeout=timeout))
+
+    def set(self, device, value, timeout=10.0):
+        request = DAQ_pb2.SettingList()
+        s = request.setting.add()
+        s.device = device
+        s.value.scalar = value
+        return self.stub.Set(request, timeout=timeout)
+
+    def owner_pid(self, device):
+        """The pid that serves `device` (the scripted backend reads Z:PID as its pid)."""
+        slot = self.pool._owner(device)
+        return slot.worker.pid
+
+    def stop(self):
+        self.pids_seen |= set(worker_pids(self.pool))
+        self.channel.close()
+        self.server.stop()
+        for pid in self.pids_seen:
+            assert not _alive(pid), f"worker {pid} outlived the server"
+
+
+def _alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
