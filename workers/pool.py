@@ -149,14 +149,12 @@ class _Worker:
         self.channel = channel
         self.ready: asyncio.Future[p.Ready] = asyncio.get_running_loop().create_future()
         self.pending: dict[int, asyncio.Future] = {}
-        self.started_at = time.monotonic()
         self.ready_at: float | None = None
         self.last_pong = time.monotonic()
         self.ping_seq = 0
         self.requests = 0
         self.in_flight_remote = 0
         self.subscriptions_remote = 0
-        self.capabilities = 0
         self.exit_reason: str | None = None  # why the front ended it (hang, recycle, shutdown)
         self.gone = False
         self.pidfd: int | None = None
@@ -218,7 +216,6 @@ class WorkerPool(AsyncBackend):
         self._live: set[_Worker] = set()  # every worker process not yet reaped
         self._closing = False
         self._started = False
-        self._ready_changed: asyncio.Event | None = None
 
     # -- public state ----------------------------------------------------------------
 
@@ -259,6 +256,10 @@ class WorkerPool(AsyncBackend):
                 "last_exit": slot.last_exit,
                 "subscriptions": devices.get(slot.index, 0),
                 "in_flight": len(w.pending) if w else 0,
+                # as the worker last reported: calls inside its backend (a saturated
+                # thread pool shows here) and the backend subscriptions it holds
+                "backend_in_flight": w.in_flight_remote if w else 0,
+                "backend_subscriptions": w.subscriptions_remote if w else 0,
                 "requests": w.requests if w else 0,
                 "heartbeat_age": (now - w.last_pong) if w and w.ready_at else None,
                 "uptime": (now - w.ready_at) if w and w.ready_at else None,
@@ -283,7 +284,6 @@ class WorkerPool(AsyncBackend):
             return
         self._started = True
         self._loop = asyncio.get_running_loop()
-        self._ready_changed = asyncio.Event()
         self._slots = [_Slot(i, self.options) for i in range(self.options.workers)]
         results = await asyncio.gather(*(self._start_slot(s) for s in self._slots), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
@@ -402,7 +402,6 @@ class WorkerPool(AsyncBackend):
         slot = worker.slot
         worker.ready_at = time.monotonic()
         worker.last_pong = worker.ready_at
-        worker.capabilities = ready.capabilities
         self._capabilities = BackendCapability(ready.capabilities)
         if self.options.recycle_requests:
             jitter = 1 + random.uniform(0, self.options.recycle_jitter)
@@ -413,8 +412,6 @@ class WorkerPool(AsyncBackend):
             slot.died_at = None
         logger.info("event=worker_ready slot=%d pid=%d", slot.index, worker.pid)
         self._rebalance()
-        if self._ready_changed is not None:
-            self._ready_changed.set()
 
     def _background(self, coro: Any) -> None:
         """Run a restart or a recycle on the loop; close() cancels what is still running."""
