@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import FAST, wait_for
 
-from pacsys.supervised import SupervisedServer
+from pacsys.supervised import SupervisedServer, cli
 from pacsys.testing import FakeBackend
 from workers.pool import WorkerPool
 
@@ -45,6 +45,16 @@ def test_health_follows_the_workers_and_the_drain(pool_server):
     assert _check(channel, "") == NOT_SERVING
     assert _check(channel, "liveness") == SERVING
     watch.cancel()
+    addr = f"127.0.0.1:{server.port}"
+    assert cli.main(["probe", "--addr", addr]) == 1  # not serving
+    assert cli.main(["probe", "--addr", addr, "--service", "liveness"]) == 0
+
+
+def test_probe_exit_codes_follow_the_service(pool_server):
+    server, _, _ = pool_server
+    assert cli.main(["probe", "--addr", f"127.0.0.1:{server.port}"]) == 0
+    server.stop()
+    assert cli.main(["probe", "--addr", f"127.0.0.1:{server.port}", "--timeout", "2"]) == 2  # unreachable
 
 
 def test_drain_reports_not_serving_before_the_port_closes():

@@ -244,7 +244,12 @@ class WorkerPool(AsyncBackend):
     def worker_states(self) -> list[dict[str, Any]]:
         """One dict per slot, for health, metrics and the status view."""
         now = time.monotonic()
-        devices = collections.Counter(s.worker.slot.index for s in self._shared.values() if s.worker is not None)
+        subscriptions: collections.Counter[int] = collections.Counter()
+        devices: dict[int, set[str]] = collections.defaultdict(set)
+        for shared in self._shared.values():
+            if shared.worker is not None:
+                subscriptions[shared.worker.slot.index] += 1
+                devices[shared.worker.slot.index].add(shared.device)
         rows = []
         for slot in self._slots:
             w = slot.worker
@@ -254,7 +259,8 @@ class WorkerPool(AsyncBackend):
                 "pid": w.pid if w else None,
                 "restarts": slot.restarts,
                 "last_exit": slot.last_exit,
-                "subscriptions": devices.get(slot.index, 0),
+                "subscriptions": subscriptions[slot.index],
+                "devices": len(devices[slot.index]),  # distinct devices it streams now
                 "in_flight": len(w.pending) if w else 0,
                 # as the worker last reported: calls inside its backend (a saturated
                 # thread pool shows here) and the backend subscriptions it holds

@@ -502,7 +502,7 @@ def render_status(view: dict[str, Any]) -> str:
     if workers is None:
         return "\n".join(lines)
     lines.append(f"backend subscriptions {view.get('backend_subscriptions')}")
-    header = ("slot", "state", "pid", "subs", "in_flight", "rss_mb", "cpu_s", "restarts", "last_exit")
+    header = ("slot", "state", "pid", "devices", "subs", "in_flight", "rss_mb", "cpu_s", "restarts", "last_exit")
     rows = [header]
     for w in workers:
         rows.append(
@@ -510,6 +510,7 @@ def render_status(view: dict[str, Any]) -> str:
                 str(w["slot"]),
                 w["state"],
                 str(w["pid"] or "-"),
+                str(w["devices"]),
                 str(w["subscriptions"]),
                 str(w["in_flight"]),
                 f"{w['rss_bytes'] / 2**20:.1f}" if "rss_bytes" in w else "-",
