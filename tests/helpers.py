@@ -1,5 +1,6 @@
 """Shared by the tests that run a real worker pool behind a real server."""
 
+import threading
 import time
 
 import grpc
@@ -71,3 +72,36 @@ def _alive(pid):
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+class OneShotLoad:
+    """`clients` threads doing one-shot reads until stopped; counts what succeeded and what failed.
+
+    Use as a context manager: the threads stop and are joined on exit.
+    """
+
+    def __init__(self, running: Running, clients: int, devices: int = 64):
+        self.done = 0
+        self.errors: list[grpc.StatusCode] = []
+        self._stop = threading.Event()
+        self._running = running
+        self._devices = [f"Z:SIM{i:03d}@I" for i in range(devices)]
+        self._threads = [threading.Thread(target=self._client, args=(k,), daemon=True) for k in range(clients)]
+
+    def _client(self, k: int) -> None:
+        while not self._stop.is_set():
+            try:
+                self._running.read([self._devices[(k + self.done) % len(self._devices)]], timeout=10)
+                self.done += 1
+            except grpc.RpcError as exc:
+                self.errors.append(exc.code())
+
+    def __enter__(self) -> "OneShotLoad":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)

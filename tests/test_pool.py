@@ -8,11 +8,10 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from helpers import FAST, wait_for, worker_pids
+from helpers import FAST, OneShotLoad, wait_for, worker_pids
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
@@ -62,29 +61,14 @@ def test_identical_streams_share_one_backend_subscription(running):
 
 def test_kill_a_worker_during_oneshot_load_fails_no_call(running):
     r = running(workers=2)
-    stop = threading.Event()
-    errors, done = [], [0]
-    devices = [f"Z:SIM{i:03d}@I" for i in range(64)]
-
-    def client(k):
-        while not stop.is_set():
-            try:
-                r.read([devices[(k + done[0]) % 64]], timeout=10)
-                done[0] += 1
-            except grpc.RpcError as exc:
-                errors.append(exc.code())
-
-    with ThreadPoolExecutor(32) as ex:
-        for k in range(32):
-            ex.submit(client, k)
-        wait_for(lambda: done[0] > 200, what="load to run")
+    with OneShotLoad(r, clients=32) as load:
+        wait_for(lambda: load.done > 200, what="load to run")
         victim = worker_pids(r.pool)[0]
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: r.pool.ready_count == 2 and victim not in worker_pids(r.pool), what="replacement")
-        before = done[0]
-        wait_for(lambda: done[0] > before + 200, what="load after the restart")
-        stop.set()
-    assert errors == []
+        before = load.done
+        wait_for(lambda: load.done > before + 200, what="load after the restart")
+    assert load.errors == []
     assert r.pool.stats.restarts_by_reason["crash"] == 1
 
 
@@ -220,23 +204,9 @@ def test_a_worker_sent_a_malformed_frame_is_replaced(running):
 
 def test_recycling_by_rss_under_load_fails_no_call(running):
     r = running(workers=2, recycle_rss_mb=1)  # every worker is over 1 MiB: each is recycled in turn
-    errors, done = [], [0]
-    stop = threading.Event()
-
-    def client(k):
-        while not stop.is_set():
-            try:
-                r.read([f"Z:SIM{k:03d}@I"])
-                done[0] += 1
-            except grpc.RpcError as exc:
-                errors.append(exc.code())
-
-    with ThreadPoolExecutor(8) as ex:
-        for k in range(8):
-            ex.submit(client, k)
+    with OneShotLoad(r, clients=8) as load:
         wait_for(lambda: r.pool.stats.restarts_by_reason["recycle_rss"] >= 3, timeout=60, what="recycles")
-        stop.set()
-    assert errors == [] and done[0] > 0
+    assert load.errors == [] and load.done > 0
 
 
 def test_scaling_moves_subscriptions_without_ending_streams(running):
