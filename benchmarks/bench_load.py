@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import grpc
 import psutil
 
-from benchmarks.serve import ServerProcess
+from benchmarks.serve import ServerProcess, parse_modes
 
 MEMORY = "benchmarks.backends:memory"
 DEVICES = [f"Z:SIM{i:03d}" for i in range(100)]
@@ -262,10 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.duration = 0.5, 1.5
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for mode in modes:
-        if mode not in ("null", "inproc", "seed") and not (mode.startswith("pool") and mode[4:].isdigit()):
-            parser.error(f"unknown mode {mode!r}")
+    try:
+        modes = parse_modes(args.modes, ("null", "inproc", "seed"))
+    except ValueError as exc:
+        parser.error(str(exc))
     loads = [LOADS[name] for name in (args.only or LOADS)]
     backends = list(dict.fromkeys(load.backend for load in loads))
     async_backends = {b for b in backends if _is_async(b)}

@@ -27,7 +27,7 @@ import grpc
 import psutil
 
 from benchmarks.bench_load import LoadGenerator, run_on_loop
-from benchmarks.serve import ServerProcess
+from benchmarks.serve import ServerProcess, parse_modes
 
 MODES = ["null", "inproc", "pool2"]
 SECTIONS = ["spread", "fanout", "stall"]
@@ -223,10 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.duration = 1.0, 2.0
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for mode in modes:
-        if mode not in ("null", "inproc") and not (mode.startswith("pool") and mode[4:].isdigit()):
-            parser.error(f"unknown mode {mode!r}")
+    try:
+        modes = parse_modes(args.modes, ("null", "inproc"))
+    except ValueError as exc:
+        parser.error(str(exc))
     sections = args.only or SECTIONS
     print(
         f"cores={psutil.cpu_count()} loadavg={os.getloadavg()[0]:.2f} client_procs={args.client_procs} "

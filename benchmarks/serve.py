@@ -29,6 +29,17 @@ from pacsys.backends.spec import build_backend
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
 
 MODES = ("null", "inproc", "seed", "pool")
+
+
+def parse_modes(text: str, fixed: tuple[str, ...]) -> list[str]:
+    """A comma-separated mode list: names from `fixed`, or poolN; ValueError names a bad one."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    for mode in modes:
+        if mode not in fixed and not (mode.startswith("pool") and mode[4:].isdigit()):
+            raise ValueError(f"unknown mode {mode!r}")
+    return modes
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

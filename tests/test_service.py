@@ -11,6 +11,7 @@ import time
 import grpc
 import psutil
 import pytest
+from helpers import wait_for
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
 
@@ -209,8 +210,7 @@ def test_sigterm_under_load_exits_0_within_the_grace_and_leaves_no_worker(servic
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(16)]
     for t in threads:
         t.start()
-    while outcomes.count("ok") < 100:
-        time.sleep(0.01)
+    wait_for(lambda: outcomes.count("ok") >= 100, what="the load to run")
     started = time.monotonic()
     svc.proc.send_signal(signal.SIGTERM)
     assert svc.proc.wait(30) == 0

@@ -44,6 +44,14 @@ async def read_all(backend: SimBackend, *drfs: str):
     return await backend.get_many(list(drfs))
 
 
+async def until(condition, timeout: float = 10.0) -> None:
+    """Wait on the running loop until `condition()` holds (AssertionError after `timeout`)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
 async def collect(handle, seconds: float):
     return [reading async for reading, _ in handle.readings(timeout=seconds)]
 
@@ -513,7 +521,7 @@ def test_callback_mode():
     async def main():
         async with SimBackend() as backend:
             handle = await backend.subscribe(["G:AMANDA@p,50,true"], callback=lambda r, h: got.append((r, h)))
-            await asyncio.sleep(0.3)
+            await until(lambda: len(got) >= 3)
             await handle.stop()
             return handle
 
@@ -527,7 +535,7 @@ def test_close_ends_subscriptions_and_refuses_later_calls():
         backend = SimBackend()
         handle = await backend.subscribe(["G:AMANDA@p,50", "M:OUTTMP@p,100"])
         consumer = asyncio.ensure_future(collect(handle, 5.0))
-        await asyncio.sleep(0.2)
+        await until(lambda: handle.delivered > 0)
         await backend.close()
         readings = await asyncio.wait_for(consumer, 1.0)  # the iteration ends: no 5 s wait
         assert handle.stopped and backend.subscription_count == 0 and backend.ticker_count == 0

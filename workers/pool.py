@@ -136,7 +136,6 @@ class PoolStats:
     last_gap_seconds: float | None = None
     max_gap_seconds: float = 0.0
     last_restart_to_ready_seconds: float | None = None
-    readings_dropped: int = 0
 
 
 class _Worker:
@@ -782,7 +781,6 @@ class WorkerPool(AsyncBackend):
         return handle
 
     async def _release(self, handle: AsyncSubscriptionHandle) -> None:
-        self.stats.readings_dropped += handle.dropped
         assert self._loop is not None
         for shared in self._clients.pop(handle, []):
             shared.subscribers.discard(handle)

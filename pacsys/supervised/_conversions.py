@@ -13,6 +13,7 @@ from typing import Any
 
 from pacsys._proto.controls.common.v1 import device_pb2, status_pb2
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
+from pacsys.status import DPM, DPM_INTERNAL
 from pacsys.types import Reading, ValueType, WriteResult, infer_value_type
 
 _ALARM_FIELDS = {
@@ -114,7 +115,7 @@ def reading_body(reading: Reading) -> bytes:
         try:
             value_to_proto(reading.value, reading.value_type, r.data)
         except (TypeError, ValueError) as exc:
-            return status_body(17, -45, f"cannot encode value of {reading.drf}: {exc}")
+            return status_body(DPM, DPM_INTERNAL, f"cannot encode value of {reading.drf}: {exc}")
         if reading.error_code:
             r.status.facility_code = reading.facility_code
             r.status.status_code = reading.error_code

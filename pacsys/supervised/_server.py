@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
@@ -226,8 +226,6 @@ class SupervisedServer:
         ]
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((self.servicer.rpc_handler(),))
-        from grpc_health.v1 import health_pb2_grpc
-
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -291,10 +289,10 @@ class SupervisedServer:
             "uptime": time.time() - self._started_at if self._started_at else 0.0,
             "ready": self._ready,
             "backend": type(self._user_backend).__name__,
-            "active_streams": stats.active_streams,
+            "active_streams": self.servicer.active_streams,
             "requests": {f"{rpc}/{decision}": n for (rpc, decision), n in stats.requests.items()},
             "readings_delivered": stats.readings_delivered,
-            "readings_dropped": stats.readings_dropped,
+            "readings_dropped": self.servicer.dropped_now(),
         }
         worker_states = getattr(self._backend, "worker_states", None)
         if worker_states is not None:

@@ -55,7 +55,6 @@ class ServicerStats:
     limits_hit: collections.Counter = field(default_factory=collections.Counter)
     readings_delivered: int = 0
     readings_dropped: int = 0  # of streams that have ended; live streams count in `dropped_now`
-    active_streams: int = 0
     # called with (rpc, seconds) per request when metrics are on
     latency_observer: Callable[[str, float], None] | None = None
 
@@ -152,6 +151,10 @@ class DAQServicer:
             },
         )
 
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
     def dropped_now(self) -> int:
         """Readings dropped so far for slow clients, ended and live streams together."""
         return self.stats.readings_dropped + sum(h.dropped for h in list(self._streams))
@@ -206,7 +209,7 @@ class DAQServicer:
             raise _Abort(grpc.StatusCode.INTERNAL, f"Policy error: {exc}", "error") from None
         if not decision.allowed:
             self._audit_request(ctx, False, decision.reason, None)
-            self.stats.denials_by_policy[getattr(decision, "policy", None) or "policy"] += 1
+            self.stats.denials_by_policy[decision.policy or "policy"] += 1
             raise _Abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason or "denied by policy", "denied")
         final = decision.ctx or ctx
         return final, _original_indices(ctx.drfs, final.drfs)
@@ -321,7 +324,6 @@ class DAQServicer:
         handle = await self.backend.subscribe(drfs)
         handle.resize(self.limits.stream_buffer)
         self._streams.add(handle)
-        self.stats.active_streams += 1
         bodies = self._bodies
         log_out = self.audit is not None and self.audit.log_responses
         try:
@@ -348,7 +350,6 @@ class DAQServicer:
                     return
         finally:
             self._streams.discard(handle)
-            self.stats.active_streams -= 1
             self.stats.readings_dropped += handle.dropped
             await handle.stop()
 

@@ -41,7 +41,7 @@ class _Collector:
         for limit, n in list(stats.limits_hit.items()):
             limits.add_metric([limit], n)
         yield limits
-        yield GaugeMetricFamily("pacsys_active_streams", "Open client streams", value=stats.active_streams)
+        yield GaugeMetricFamily("pacsys_active_streams", "Open client streams", value=servicer.active_streams)
         yield CounterMetricFamily(
             "pacsys_readings_delivered", "Readings delivered to client streams", value=stats.readings_delivered
         )
