@@ -27,6 +27,7 @@ import grpc
 import psutil
 
 from benchmarks.bench_load import LoadGenerator, run_on_loop
+from benchmarks.h2_reader import count_streams
 from benchmarks.serve import ServerProcess, parse_modes
 
 MODES = ["null", "inproc", "pool2"]
@@ -78,6 +79,15 @@ def run_streams(port: int, streams: list[tuple[list[str], bool]], t_start: float
     return run_on_loop(_streams(port, streams, t_start, t_end))
 
 
+def run_h2_streams(port: int, streams: list[tuple[list[str], bool]], t_start: float, t_end: float) -> dict:
+    """The same load through the frame-counting reader (no stalled streams: it reads everything)."""
+    from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
+
+    assert not any(stalled for _, stalled in streams), "the h2 reader cannot stall a stream"
+    requests = [DAQ_pb2.ReadingList(drf=drfs).SerializeToString() for drfs, _ in streams]
+    return run_on_loop(count_streams(port, "/services.daq.DAQ/Read", requests, t_start, t_end))
+
+
 # -- measuring -------------------------------------------------------------------------------------
 
 
@@ -104,15 +114,20 @@ def measure(
     period: float,
     args: argparse.Namespace,
     during=None,
+    reader=None,
 ) -> dict:
-    """Run `streams` against the server at `port`; `during()` is called halfway through the window."""
+    """Run `streams` against the server at `port`; `during()` is called halfway through the window.
+
+    `reader` runs the streams in a client process: the one `--client` chose unless given.
+    """
+    reader = reader or (run_h2_streams if args.client == "h2" else run_streams)
     t_start = time.time() + 0.3 + args.warmup
     t_end = t_start + args.duration
     rss_before = _rss_mb(front_pid)
     procs = generator.procs
     calls = [(port, streams[i::procs], t_start, t_end) for i in range(procs) if streams[i::procs]]
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(generator.map, run_streams, calls, t_end)
+        future = pool.submit(generator.map, reader, calls, t_end)
         time.sleep(max(0.0, t_start - time.time()))
         cpu0 = _cpu_s(front_pid)
         time.sleep(max(0.0, t_start + args.duration / 2 - time.time()))
@@ -200,7 +215,7 @@ def stall(generator: LoadGenerator, args: argparse.Namespace, modes: list[str]) 
     print(f"{'mode':<7} {'ratio':>6} {'worst':>6} {'RSS MB before':>13} {'end':>7} {'after':>7} err")
     for mode in modes:
         with ServerProcess(*_server_args(mode)) as server:
-            r = measure(generator, server.port, server.pid, streams, period, args)
+            r = measure(generator, server.port, server.pid, streams, period, args, reader=run_streams)
         before, end, after = r["rss"]
         print(
             f"{mode:<7} {r['ratio']:>6.2f} {r['worst']:>6.2f} {before:>13.1f} {end:>7.1f} {after:>7.1f} {r['errors']}",
@@ -220,6 +235,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: null, inproc, poolN")
     parser.add_argument("--only", action="append", choices=SECTIONS, help="run only this part (repeatable)")
     parser.add_argument("--client-procs", type=int, default=1, help="stream-client processes (default 1)")
+    parser.add_argument(
+        "--client",
+        choices=["h2", "grpc"],
+        default="h2",
+        help="spread/fanout reader: h2 counts HTTP/2 frames (cheap), grpc is a grpc.aio client (default h2; "
+        "stall always uses grpc.aio, whose stalled stream is a real client's)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.duration = 1.0, 2.0
@@ -229,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(exc))
     sections = args.only or SECTIONS
     print(
-        f"cores={psutil.cpu_count()} loadavg={os.getloadavg()[0]:.2f} client_procs={args.client_procs} "
+        f"cores={psutil.cpu_count()} loadavg={os.getloadavg()[0]:.2f} client={args.client} client_procs={args.client_procs} "
         f"warmup={args.warmup}s duration={args.duration}s"
     )
     generator = LoadGenerator(args.client_procs)

@@ -1,0 +1,80 @@
+"""The benchmark's frame-counting reader counts exactly the messages a gRPC server sends.
+
+Checked against a real grpc.aio server: messages larger than one HTTP/2 frame, many small
+messages per frame, several streams on one connection, and a stream that ends early (an error
+for a benchmark whose streams never end).
+"""
+
+import asyncio
+import time
+
+import grpc
+
+from benchmarks.h2_reader import StreamCounter
+
+SIZES = [1, 0, 40, 20_000, 70_000, 3] * 20  # 0: an empty message; 20k/70k: split across DATA frames
+
+
+async def _serve():
+    async def read(request: bytes, context):
+        for size in SIZES:
+            yield bytes(size)
+        if request == b"end":
+            return
+        await asyncio.Event().wait()  # hold the stream open, like a subscription
+
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler("bench.Test", {"Read": grpc.unary_stream_rpc_method_handler(read)})
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+async def _until(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_counts_every_message_of_every_stream():
+    async def main():
+        server, port = await _serve()
+        loop = asyncio.get_running_loop()
+        try:
+            now = time.time()
+            _, counter = await loop.create_connection(
+                lambda: StreamCounter(f"127.0.0.1:{port}", now - 1, now + 3600), "127.0.0.1", port
+            )
+            for _ in range(5):
+                counter.open("/bench.Test/Read", b"")
+            counter.open("/bench.Test/Read", b"end")
+            streams = [counter.streams[s] for s in counter.order]
+            await _until(lambda: all(s.count == len(SIZES) for s in streams) and counter.errors == 1)
+            assert [s.ended for s in streams] == [False] * 5 + [True]
+            counter.close()
+            await asyncio.wait_for(counter.closed, 10)
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
+def test_nothing_is_counted_outside_the_window():
+    async def main():
+        server, port = await _serve()
+        loop = asyncio.get_running_loop()
+        try:
+            later = time.time() + 3600
+            _, counter = await loop.create_connection(
+                lambda: StreamCounter(f"127.0.0.1:{port}", later, later + 1), "127.0.0.1", port
+            )
+            counter.open("/bench.Test/Read", b"end")
+            await _until(lambda: counter.streams[1].ended)
+            assert counter.streams[1].count == 0
+            counter.close()
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
