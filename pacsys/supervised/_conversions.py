@@ -111,7 +111,9 @@ def reading_body(reading: Reading) -> bytes:
     reply = DAQ_pb2.ReadingReply()
     if reading.ok:
         r = reply.readings.reading.add()
-        r.timestamp.FromDatetime(reading.timestamp or datetime.now(UTC))
+        # Timestamp.FromDatetime is pure Python and was a fifth of a streaming front's CPU.
+        r.timestamp.seconds, micros = _epoch_seconds(reading.timestamp or datetime.now(UTC))
+        r.timestamp.nanos = micros * 1000
         try:
             value_to_proto(reading.value, reading.value_type, r.data)
         except (TypeError, ValueError) as exc:
@@ -125,6 +127,17 @@ def reading_body(reading: Reading) -> bytes:
         if reading.message:
             reply.status.message = reading.message
     return reply.SerializeToString()
+
+
+def _epoch_seconds(ts: datetime) -> tuple[int, int]:
+    """(whole seconds since the Unix epoch, microseconds) of `ts`; a naive time counts as UTC."""
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    delta = ts - _EPOCH
+    return delta.days * 86_400 + delta.seconds, delta.microseconds
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def status_body(facility_code: int, status_code: int, message: str = "") -> bytes:
