@@ -867,7 +867,6 @@ class WorkerPool(AsyncBackend):
                 worker.ready.set_exception(WorkerStartupError(f"backend {self.options.backend!r}: {msg.message}"))
 
     def _on_data(self, worker: _Worker, msg: p.Data) -> None:
-        batches: dict[AsyncSubscriptionHandle, list[Reading]] = {}
         now: float | None = None
         for sid, wire in msg.items:
             shared = self._by_sid.get(sid)
@@ -882,9 +881,7 @@ class WorkerPool(AsyncBackend):
                 self.stats.last_gap_seconds = gap
                 self.stats.max_gap_seconds = max(self.stats.max_gap_seconds, gap)
             for handle in shared.subscribers:
-                batches.setdefault(handle, []).append(reading)
-        for handle, readings in batches.items():
-            handle._dispatch_many(readings)
+                handle._feed(reading)  # the pool and its handles share the front's loop
 
     def _on_subscription_error(self, worker: _Worker, msg: p.SubscriptionEnded) -> None:
         """The backend refused or ended one DRF: its clients get a status for that slot, nothing more."""

@@ -85,6 +85,18 @@ class AsyncSubscriptionHandle:
     def _signal_stop(self) -> None:
         self._call(self._end, None)
 
+    def _feed(self, reading: Reading) -> None:
+        """`_dispatch` for a producer on the handle's own loop (the pool's hot path): no thread check."""
+        if self._stopped:
+            return
+        buffer = self._buffer
+        if len(buffer) == buffer.maxlen:
+            self.dropped += 1  # the deque drops the oldest on append
+        buffer.append(reading)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def _put(self, readings: tuple[Reading, ...]) -> None:
         if self._stopped:
             return
