@@ -390,6 +390,30 @@ def test_periodic_subscription_delivers_about_the_right_count():
     assert all(r.drf == "G:AMANDA@p,100" and r.ok for r in readings)
 
 
+def test_ticks_of_one_period_fall_on_the_same_grid_in_every_backend():
+    """Two backends (two workers) started apart tick together: on multiples of the period."""
+
+    async def first_arrival(backend: SimBackend) -> float:
+        handle = await backend.subscribe(["G:AMANDA@p,500"])
+        await handle.wait()
+        arrived = asyncio.get_running_loop().time()
+        await handle.stop()
+        return arrived
+
+    async def later(backend: SimBackend) -> float:
+        await asyncio.sleep(0.2)  # the second subscribes 200 ms into the first's period
+        return await first_arrival(backend)
+
+    async def main():
+        async with SimBackend() as a, SimBackend() as b:
+            return await asyncio.gather(first_arrival(a), later(b))
+
+    arrivals = run(main())
+    phases = [t % 0.5 for t in arrivals]
+    apart = abs(phases[0] - phases[1])
+    assert min(apart, 0.5 - apart) < 0.1, arrivals  # loose: scheduling noise, not the grid
+
+
 def test_immediate_flag_sends_one_reading_at_once():
     async def main():
         async with SimBackend() as backend:

@@ -11,7 +11,8 @@ is touched only on the loop, so there is no locking anywhere.
 Streaming uses one ticker task per distinct period, shared by every subscription that needs that
 period. Each tick reads the clock once, computes every due reading (a DRF subscribed by several
 handles is computed once per tick) and feeds each handle with one `_dispatch_many` call. A ticker
-sleeps until an absolute deadline on the loop clock (`loop.call_at`), so periods do not drift; a
+sleeps until an absolute deadline on the loop clock (`loop.call_at`), a multiple of its period
+(the loop clock is the system's monotonic clock), so periods do not drift; a
 ticker that falls behind by whole periods skips them instead of bursting. A ticker stops when no
 subscription needs its period any more.
 
@@ -114,8 +115,10 @@ Events (subscriptions)
 `@I`, `@N`              one reading at subscribe time, then none
 ======================  ==========================================================================
 
-Periodic readings start one period after subscribe (a DRF joining a running ticker gets its first
-reading at that ticker's next tick, within one period); ask for `,TRUE` to get one at once.
+Periodic ticks fall on whole multiples of the period on the monotonic clock, so the ticks of one
+period coincide across subscriptions and across processes (a pool's workers send them together,
+as a front-end would for one clock event). A DRF's first periodic reading comes at the next such
+tick, within one period of subscribing; ask for `,TRUE` to get one at once.
 
 Status codes (facility 17, DPM)
 -------------------------------
@@ -1193,7 +1196,7 @@ class SimBackend(AsyncBackend):
     async def _run_ticker(self, ticker: _Ticker) -> None:
         loop = asyncio.get_running_loop()
         period = ticker.period_us / 1_000_000
-        deadline = loop.time() + period
+        deadline = (loop.time() // period + 1) * period
         while True:
             await _sleep_until(loop, deadline)
             self._tick(ticker)
