@@ -42,6 +42,7 @@ async def _streams(port: int, streams: list[tuple[list[str], bool]], t_start: fl
     from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 
     counts = [0] * len(streams)
+    firsts: list[float | None] = [None] * len(streams)
     errors = 0
     cpu: list[float] = []
     loop = asyncio.get_running_loop()
@@ -49,6 +50,7 @@ async def _streams(port: int, streams: list[tuple[list[str], bool]], t_start: fl
         loop.call_later(max(0.0, t - time.time()), lambda: cpu.append(time.process_time()))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         await channel.channel_ready()
+        opened = time.time()
         # Replies stay bytes: the client only counts them (its CPU is part of the budget).
         read = channel.unary_stream("/services.daq.DAQ/Read", request_serializer=DAQ_pb2.ReadingList.SerializeToString)
 
@@ -62,6 +64,8 @@ async def _streams(port: int, streams: list[tuple[list[str], bool]], t_start: fl
                     return
                 async for _ in call:
                     now = time.time()
+                    if firsts[index] is None:
+                        firsts[index] = now
                     if now >= t_end:
                         return
                     if now >= t_start:
@@ -72,7 +76,15 @@ async def _streams(port: int, streams: list[tuple[list[str], bool]], t_start: fl
                 call.cancel()
 
         await asyncio.gather(*(stream(i, drfs, stalled) for i, (drfs, stalled) in enumerate(streams)))
-    return {"counts": counts, "errors": errors, "cpu": cpu[1] - cpu[0] if len(cpu) == 2 else 0.0}
+    live = [f for f, (_, stalled) in zip(firsts, streams, strict=True) if not stalled]
+    last_first = None if None in live else max(f for f in live if f is not None)
+    return {
+        "counts": counts,
+        "errors": errors,
+        "cpu": cpu[1] - cpu[0] if len(cpu) == 2 else 0.0,
+        "opened": opened,
+        "last_first": last_first,
+    }
 
 
 def run_streams(port: int, streams: list[tuple[list[str], bool]], t_start: float, t_end: float) -> dict:
@@ -151,6 +163,10 @@ def measure(
         "front_us": (cpu1 - cpu0) / delivered * 1e6 if delivered else float("nan"),
         "client_us": sum(p["cpu"] for p in parts) / delivered * 1e6 if delivered else float("nan"),
         "errors": sum(p["errors"] for p in parts),
+        # Seconds from opening the streams until every one had delivered (None: some never did).
+        "open_s": None
+        if any(p["last_first"] is None for p in parts)
+        else max(p["last_first"] for p in parts) - min(p["opened"] for p in parts),
         "rss": (rss_before, rss_end, _rss_mb(front_pid)),
         "extra": extra,
     }
@@ -164,19 +180,29 @@ def spread(generator: LoadGenerator, args: argparse.Namespace, modes: list[str])
     period = args.period_ms / 1000
     streams = [([f"Z:SIM{i % args.devices:03d}@p,{args.period_ms}"], False) for i in range(args.streams)]
     print(f"\nspread: {args.streams} streams of DEV@p,{args.period_ms} over {args.devices} devices")
-    print(f"{'mode':<7} {'replies/s':>10} {'expected/s':>10} {'ratio':>6} {'worst':>6} {'front':>6} {'client':>6} err")
+    print(
+        f"{'mode':<7} {'replies/s':>10} {'expected/s':>10} {'ratio':>6} {'worst':>6} {'front':>6} {'client':>6} "
+        f"{'open s':>6} err"
+    )
     for mode in modes:
         with ServerProcess(*_server_args(mode)) as server:
             r = measure(generator, server.port, server.pid, streams, period, args)
         print(
             f"{mode:<7} {r['replies_s']:>10.0f} {args.streams / period:>10.0f} {r['ratio']:>6.2f} "
-            f"{r['worst']:>6.2f} {r['front_us']:>6.0f} {r['client_us']:>6.0f} {r['errors']}",
+            f"{r['worst']:>6.2f} {r['front_us']:>6.0f} {r['client_us']:>6.0f} {_seconds(r['open_s']):>6} "
+            f"{r['errors']}",
             flush=True,
         )
     print(
         "ratio: delivered / expected over the window; worst: the lowest single stream's ratio; "
-        "front, client: CPU microseconds per delivered reply."
+        "front, client: CPU microseconds per delivered reply; open s: seconds from opening the streams "
+        "until every one had delivered ('never': some had not by the window's end; streams that start "
+        "late count against the ratio, so give --warmup more than this)."
     )
+
+
+def _seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f}"
 
 
 def fanout(generator: LoadGenerator, args: argparse.Namespace) -> None:

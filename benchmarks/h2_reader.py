@@ -60,12 +60,13 @@ def grpc_message(payload: bytes) -> bytes:
 
 
 class _Stream:
-    __slots__ = ("head", "remaining", "count", "ended")
+    __slots__ = ("head", "remaining", "count", "first", "ended")
 
     def __init__(self) -> None:
         self.head = b""  # a message prefix split across DATA frames
         self.remaining = 0  # body bytes of the current message still to come
         self.count = 0  # whole messages received inside the counting window
+        self.first: float | None = None  # when its first whole message arrived
         self.ended = False
 
 
@@ -127,7 +128,6 @@ class StreamCounter(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         view = self._rest + data if self._rest else data
         now = self.clock()
-        counting = self.t_start <= now < self.t_end
         pos, size = 0, len(view)
         while size - pos >= 9:
             length = int.from_bytes(view[pos : pos + 3], "big")
@@ -138,7 +138,7 @@ class StreamCounter(asyncio.Protocol):
             payload = view[pos + 9 : pos + 9 + length]
             pos += 9 + length
             if kind == DATA:
-                self._on_data(stream_id, flags, payload, counting)
+                self._on_data(stream_id, flags, payload, now)
             elif kind == HEADERS:
                 if flags & END_STREAM:
                     self._on_end(stream_id)
@@ -154,7 +154,7 @@ class StreamCounter(asyncio.Protocol):
                 self.goaway = True
         self._rest = view[pos:]
 
-    def _on_data(self, stream_id: int, flags: int, payload: bytes, counting: bool) -> None:
+    def _on_data(self, stream_id: int, flags: int, payload: bytes, now: float) -> None:
         self._unacked += len(payload)
         if self._unacked >= TOP_UP:
             self._transport.write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self._unacked)))  # type: ignore[union-attr]
@@ -164,14 +164,14 @@ class StreamCounter(asyncio.Protocol):
         stream = self.streams.get(stream_id)
         if stream is None:
             return
+        whole = 0
         pos, size = 0, len(payload)
         while pos < size:
             if stream.remaining:
                 take = min(stream.remaining, size - pos)
                 stream.remaining -= take
                 pos += take
-                if not stream.remaining and counting:
-                    stream.count += 1
+                whole += not stream.remaining
                 continue
             need = 5 - len(stream.head)
             stream.head += payload[pos : pos + need]
@@ -179,8 +179,12 @@ class StreamCounter(asyncio.Protocol):
             if len(stream.head) == 5:
                 stream.remaining = int.from_bytes(stream.head[1:5], "big")
                 stream.head = b""
-                if not stream.remaining and counting:
-                    stream.count += 1
+                whole += not stream.remaining
+        if whole:
+            if stream.first is None:
+                stream.first = now
+            if self.t_start <= now < self.t_end:
+                stream.count += whole
 
     def _on_end(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
@@ -197,9 +201,12 @@ class StreamCounter(asyncio.Protocol):
 async def count_streams(
     port: int, path: str, requests: list[bytes], t_start: float, t_end: float, host: str = "127.0.0.1"
 ) -> dict:
-    """Open one call per request; return counts per call (in order), errors and this process's CPU."""
+    """Open one call per request; return counts per call (in order), errors, this process's CPU,
+    when the calls were opened and when the last of them delivered its first message (None: never).
+    """
     loop = asyncio.get_running_loop()
     _, counter = await loop.create_connection(lambda: StreamCounter(f"{host}:{port}", t_start, t_end), host, port)
+    opened = time.time()
     for request in requests:
         counter.open(path, request)
     cpu: list[float] = []
@@ -209,4 +216,6 @@ async def count_streams(
     counter.close()
     counts = [counter.streams[s].count for s in counter.order]
     errors = counter.errors + (len(requests) if counter.goaway and not any(counts) else 0)
-    return {"counts": counts, "errors": errors, "cpu": cpu[1] - cpu[0]}
+    firsts = [counter.streams[s].first for s in counter.order]
+    last_first = None if None in firsts else max(f for f in firsts if f is not None)
+    return {"counts": counts, "errors": errors, "cpu": cpu[1] - cpu[0], "opened": opened, "last_first": last_first}
