@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
+from pacsys.replies import reading_body, reply_bytes
 from pacsys.status import DPM, DPM_INTERNAL
-from pacsys.supervised._conversions import reading_body, reply_bytes
 from pacsys.types import Reading, ValueType
 
 offsets = st.one_of(st.none(), st.integers(-23 * 60, 23 * 60).map(lambda m: timezone(timedelta(minutes=m))))

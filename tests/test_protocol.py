@@ -68,3 +68,21 @@ def test_oversized_and_undecodable_frames_are_protocol_errors():
         p.FrameReader(p.ToWorker).feed(p.HEADER.pack(3) + b"abc")
     with pytest.raises(p.ProtocolError):  # a valid message of the wrong direction
         p.FrameReader(p.ToWorker).feed(p.encode(p.Pong(seq=1, in_flight=0, subscriptions=0)))
+
+
+def test_wire_reading_carries_the_reply_body_the_front_would_encode():
+    from pacsys.replies import reading_body
+
+    wire = p.reading_to_wire(READING)
+    assert wire.body == reading_body(READING)
+    (frame,) = p.FrameReader(p.ToFront).feed(p.encode(p.Data(items=[(3, wire)])))
+    assert frame.items[0][1].body == wire.body
+
+
+def test_the_worker_imports_no_grpc():
+    import subprocess
+    import sys
+
+    code = "import sys, workers.worker; print(sorted(m for m in sys.modules if m.split('.')[0] == 'grpc'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"

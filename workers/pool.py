@@ -45,6 +45,7 @@ import psutil
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
 from pacsys.drf import DRFError, parse_cached
 from pacsys.errors import AuthenticationError, BackendUnavailable, LimitExceeded, PolicyDenied
+from pacsys.replies import ReplyBodies
 from pacsys.status import DPM, DPM_INTERNAL, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
 from workers import protocol as p
@@ -202,6 +203,8 @@ class WorkerPool(AsyncBackend):
             raise ValueError("a WorkerPool needs at least one worker")
         self.options = options
         self.stats = PoolStats()
+        self._bodies = ReplyBodies()  # the workers encode each reading's reply body
+        self.reply_bodies = self._bodies  # shared with the servicer as its cache
         self._slots: list[_Slot] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
@@ -709,7 +712,13 @@ class WorkerPool(AsyncBackend):
             )
             return
         for pos, wire in zip(positions, reply.readings, strict=True):
-            results[pos] = p.reading_from_wire(drfs[pos], wire)
+            results[pos] = self._reading(drfs[pos], wire)
+
+    def _reading(self, drf: str, wire: p.WireReading) -> Reading:
+        reading = p.reading_from_wire(drf, wire)
+        if wire.body is not None:
+            self._bodies.remember(reading, wire.body)
+        return reading
 
     # -- AsyncBackend: writes ----------------------------------------------------------
 
@@ -872,7 +881,7 @@ class WorkerPool(AsyncBackend):
             shared = self._by_sid.get(sid)
             if shared is None or shared.worker is not worker:
                 continue  # late data of a subscription that moved or closed
-            reading = p.reading_from_wire(shared.key, wire)
+            reading = self._reading(shared.key, wire)
             shared.last = reading
             if shared.gap_started is not None:
                 now = now or time.monotonic()

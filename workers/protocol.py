@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
+from pacsys.replies import reading_body
 from pacsys.types import Reading, ValueType
 
 MAX_FRAME = 64 * 1024 * 1024
@@ -34,6 +35,9 @@ class WireReading(msgspec.Struct, array_like=True, omit_defaults=True):
     message: str | None = None
     timestamp_ns: int | None = None
     cycle: int | None = None
+    # The reading's DAQ reply body (`pacsys.replies.reading_body`): encoded here, in the
+    # worker, so that the front only prepends each client's index.
+    body: bytes | None = None
 
 
 class WireResult(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -212,6 +216,7 @@ def reading_to_wire(reading: Reading) -> WireReading:
         message=reading.message,
         timestamp_ns=None if ts is None else _datetime_to_ns(ts),
         cycle=reading.cycle,
+        body=reading_body(reading),
     )
 
 

@@ -8,15 +8,22 @@ Implement `capabilities`, `get_many` and `close`; writes and subscriptions are o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pacsys.aio._subscription import AsyncSubscriptionHandle
 from pacsys.backends import summarize_drfs
 from pacsys.errors import DeviceError, ReadError
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
 
+if TYPE_CHECKING:
+    from pacsys.replies import ReplyBodies
+
 
 class AsyncBackend(ABC):
+    #: The reply bodies of readings that arrive already encoded for the DAQ wire (a worker
+    #: pool's: its workers encode them); the servicer uses it as its cache. None: it encodes.
+    reply_bodies: ReplyBodies | None = None
+
     @property
     @abstractmethod
     def capabilities(self) -> BackendCapability: ...

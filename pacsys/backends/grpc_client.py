@@ -64,8 +64,8 @@ from pacsys.errors import (
     ReadError,
     WriteError,
 )
+from pacsys.replies import reading_from_reply, value_to_proto
 from pacsys.status import ACNET, ACNET_REQUEST_TIMEOUT, DPM, DPM_WRITE_OUTCOME_UNKNOWN
-from pacsys.supervised._conversions import reading_from_reply, value_to_proto
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
 
 logger = logging.getLogger("pacsys.backends.grpc_client")

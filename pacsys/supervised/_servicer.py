@@ -4,7 +4,7 @@ It has one code path. The backend is always an AsyncBackend (a sync one arrives 
 by `pacsys.aio.as_async`; a worker pool is one too), so nothing here knows whether the
 work runs in this process, in threads or in worker processes.
 
-Replies are written as pre-serialized bytes (see `_conversions`): the oneof part of a
+Replies are written as pre-serialized bytes (see `pacsys.replies`): the oneof part of a
 reading is encoded once and shared by every slot and stream that receives it.
 """
 
@@ -25,11 +25,10 @@ from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorizati
 from pacsys.backends import summarize_drfs
 from pacsys.drf import DRFError, parse_cached
 from pacsys.errors import AuthenticationError, BackendUnavailable, LimitExceeded, PolicyDenied
+from pacsys.replies import ReplyBodies, reply_bytes, setting_reply, value_from_proto
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.supervised._audit import AuditLog
-from pacsys.supervised._conversions import reading_body, reply_bytes, setting_reply, value_from_proto
 from pacsys.supervised._policies import Policy, PolicyDecision, RequestContext, evaluate_policies
-from pacsys.types import Reading
 
 logger = logging.getLogger("pacsys.supervised")
 
@@ -88,28 +87,6 @@ def _error_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
-class _BodyCache:
-    """Encoded reply bodies of recently seen Reading objects.
-
-    A fanned-out reading is one object delivered to many streams; keyed by identity
-    (the entry keeps the object alive, so its id cannot be reused while cached).
-    """
-
-    def __init__(self, size: int = 4096):
-        self._size = size
-        self._entries: collections.OrderedDict[int, tuple[Reading, bytes]] = collections.OrderedDict()
-
-    def body(self, reading: Reading) -> bytes:
-        entry = self._entries.get(id(reading))
-        if entry is not None and entry[0] is reading:
-            return entry[1]
-        body = reading_body(reading)
-        self._entries[id(reading)] = (reading, body)
-        if len(self._entries) > self._size:
-            self._entries.popitem(last=False)
-        return body
-
-
 class DAQServicer:
     def __init__(
         self,
@@ -128,7 +105,8 @@ class DAQServicer:
         self.log_requests = log_requests
         self.stats = ServicerStats()
         self._streams: set[AsyncSubscriptionHandle] = set()
-        self._bodies = _BodyCache()
+        # A backend that receives readings already encoded shares its cache of their bodies.
+        self._bodies = backend.reply_bodies or ReplyBodies()
         self.draining = False
 
     # -- wiring ------------------------------------------------------------------------
