@@ -26,6 +26,7 @@ from pathlib import Path
 from pacsys.aio import AsyncBackend
 from pacsys.backends import Backend
 from pacsys.backends.spec import build_backend
+from pacsys.supervised._server import tune_gc_for_serving
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
 
 MODES = ("null", "inproc", "seed", "pool")
@@ -93,6 +94,7 @@ def main(argv: list[str]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+    tune_gc_for_serving()  # as pacsys-supervisor does
     print(server.port, flush=True)
     try:
         while not done.wait(0.5):

@@ -474,3 +474,18 @@ def test_kv_logging_keeps_one_record_per_line(root_logging):
         logging.getLogger("x").exception("two\nlines")
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1 and 'msg="two\\nlines" exc="Traceback' in lines[0]
+
+
+def test_gc_tuning_for_serving_freezes_startup_objects():
+    import gc
+
+    from pacsys.supervised._server import tune_gc_for_serving
+
+    before = gc.get_threshold()
+    try:
+        tune_gc_for_serving()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (20_000, 50, 100)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

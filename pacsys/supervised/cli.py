@@ -206,7 +206,7 @@ class _Service:
 
     def run(self) -> int:
         from pacsys.supervised._audit import AuditLog
-        from pacsys.supervised._server import SupervisedServer
+        from pacsys.supervised._server import SupervisedServer, tune_gc_for_serving
 
         s = self.settings
         try:
@@ -249,6 +249,7 @@ class _Service:
                 logger.debug("startup failed", exc_info=True)
                 self._cleanup_after_failed_start()
                 return _error(exc)
+            tune_gc_for_serving()
             print(f"{PROG}: serving DAQ on {s.host}:{self.server.port} ({self._describe()})", flush=True)
             systemd.notify(f"READY=1\nSTATUS=serving on port {self.server.port}\nMAINPID={os.getpid()}")
             watchdog_stop = threading.Event()
