@@ -2,7 +2,13 @@
 
 Run from the repository root: `python -m benchmarks.bench_stream [--quick] [--streams S]
 [--period-ms P] [--devices D] [--modes null,inproc,pool2] [--only spread|fanout|stall]
-[--client-procs K]`. It prints what it measured; it never judges it.
+[--client h2|grpc] [--client-procs K] [--warmup W] [--duration T]`. It prints what it measured;
+it never judges it.
+
+The client shares the machine's cores with the server it measures, so by default spread and
+fanout read through `benchmarks.h2_reader` (HTTP/2 frames counted, read every 5 ms: a few
+microseconds per reply); `--client grpc` uses a grpc.aio client (about 50 µs per reply, which
+on 2 cores caps any server near half of 25,000 replies/s).
 
 spread   S streams, stream i reads `Z:SIM{i mod D}@p,P`, against the null streaming server,
          SupervisedServer(sim) in-process and SupervisedServer(WorkerPool(sim, 2)), each in a
@@ -253,8 +259,14 @@ def stall(generator: LoadGenerator, args: argparse.Namespace, modes: list[str]) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 s warm-up and 2 s per run")
-    parser.add_argument("--warmup", type=float, default=1.5)
-    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=8.0,
+        help="seconds between opening the streams and counting (default 8: a saturated front "
+        "accepts new streams slowly, see 'open s')",
+    )
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds counted (default 6)")
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--period-ms", type=int, default=20)
     parser.add_argument("--devices", type=int, default=100)
