@@ -116,7 +116,8 @@ def reading_body(reading: Reading) -> bytes:
     if reading.ok:
         r = reply.readings.reading.add()
         # Timestamp.FromDatetime is pure Python and was a fifth of a streaming front's CPU.
-        r.timestamp.seconds, micros = _epoch_seconds(reading.timestamp or datetime.now(UTC))
+        seconds, micros = _epoch_seconds(reading.timestamp or datetime.now(UTC))
+        r.timestamp.seconds = seconds
         r.timestamp.nanos = micros * 1000
         try:
             value_to_proto(reading.value, reading.value_type, r.data)
@@ -170,9 +171,6 @@ class ReplyBodies:
         body = reading_body(reading)
         self.remember(reading, body)
         return body
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 def status_body(facility_code: int, status_code: int, message: str = "") -> bytes:

@@ -72,3 +72,20 @@ def test_a_client_that_never_reads_costs_bounded_memory_and_nobody_else(running)
     reader.cancel()
     assert rate > 30, f"the reading client got {rate:.0f}/s of 50/s"
     assert grown < 20 * 2**20, f"front RSS grew {grown / 2**20:.1f} MiB while one client stalled"
+
+
+def test_the_front_encodes_nothing_the_workers_encoded(running, monkeypatch):
+    """Workers send each reading's reply body; the front (this process) only prepends indices."""
+    import pacsys.replies
+
+    encoded = []
+    original = pacsys.replies.reading_body
+    monkeypatch.setattr(pacsys.replies, "reading_body", lambda reading: encoded.append(reading) or original(reading))
+    r = running(workers=2)
+    oneshot = r.read([f"Z:SIM{i:03d}@I" for i in range(10)])
+    call = _stream(r, ["Z:SIM001@p,20", "Z:SIM003@p,20"])
+    replies = [next(call) for _ in range(20)]
+    call.cancel()
+    assert [x.index for x in oneshot] == list(range(10))
+    assert all(x.WhichOneof("value") == "readings" for x in oneshot + replies)
+    assert encoded == []

@@ -106,7 +106,7 @@ class DAQServicer:
         self.stats = ServicerStats()
         self._streams: set[AsyncSubscriptionHandle] = set()
         # A backend that receives readings already encoded shares its cache of their bodies.
-        self._bodies = backend.reply_bodies or ReplyBodies()
+        self._bodies = backend.reply_bodies if backend.reply_bodies is not None else ReplyBodies()
         self.draining = False
 
     # -- wiring ------------------------------------------------------------------------
