@@ -11,7 +11,7 @@ bodies of its readings (the front then only prepends indices: see `ReplyBodies`)
 
 from __future__ import annotations
 
-import collections
+import weakref
 from datetime import UTC, datetime
 from typing import Any
 
@@ -145,32 +145,50 @@ def _epoch_seconds(ts: datetime) -> tuple[int, int]:
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+class _Body(weakref.ref):
+    """A weak reference to a reading that carries the reading's encoded body."""
+
+    __slots__ = ("key", "body")
+    key: int
+    body: bytes
+
+
 class ReplyBodies:
-    """Encoded reply bodies of recently seen Reading objects, keyed by identity.
+    """Encoded reply bodies of live Reading objects, keyed by identity.
 
     A fanned-out reading is one object delivered to many streams, so it is encoded once.
     A backend that receives readings already encoded (a worker pool: its workers encode
     them) `remember`s the bodies here and shares this cache with the servicer. An entry
-    keeps its reading alive, so the id cannot be reused while cached; a reading that fell
-    out of the cache is simply encoded again.
+    lives exactly as long as its reading (a weak reference removes it), so the cache
+    holds what the streams' queues hold, however far behind they are, and nothing more.
     """
 
-    def __init__(self, size: int = 8192):
-        self._size = size
-        self._entries: collections.OrderedDict[int, tuple[Reading, bytes]] = collections.OrderedDict()
+    def __init__(self) -> None:
+        self._entries: dict[int, _Body] = {}
 
     def remember(self, reading: Reading, body: bytes) -> None:
-        self._entries[id(reading)] = (reading, body)
-        if len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        ref = _Body(reading, self._forget)
+        ref.key = id(reading)
+        ref.body = body
+        self._entries[ref.key] = ref
 
     def body(self, reading: Reading) -> bytes:
-        entry = self._entries.get(id(reading))
-        if entry is not None and entry[0] is reading:
-            return entry[1]
+        ref = self._entries.get(id(reading))
+        if ref is not None and ref() is reading:
+            return ref.body
         body = reading_body(reading)
         self.remember(reading, body)
         return body
+
+    @property
+    def held(self) -> int:
+        """Bodies held: one per live reading remembered (no __len__: an empty cache is still one)."""
+        return len(self._entries)
+
+    def _forget(self, ref: _Body) -> None:
+        # Runs as the reading is freed, before its id can be reused.
+        if self._entries.get(ref.key) is ref:
+            del self._entries[ref.key]
 
 
 def status_body(facility_code: int, status_code: int, message: str = "") -> bytes:

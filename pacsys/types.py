@@ -115,7 +115,7 @@ def _value_from_json(value: object, value_type: ValueType | None) -> object:
     return value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)  # weakref: see pacsys.replies.ReplyBodies
 class Reading:
     """One device reading: a status (facility + signed error code) and, when usable, a value.
 

@@ -47,3 +47,24 @@ def test_reading_without_timestamp_gets_the_current_time():
     )
     stamp = reply.readings.reading[0].timestamp.ToDatetime(tzinfo=UTC)
     assert before - timedelta(seconds=1) <= stamp <= datetime.now(UTC)
+
+
+def test_reply_bodies_live_as_long_as_their_readings():
+    import gc
+
+    from pacsys.replies import ReplyBodies
+
+    bodies = ReplyBodies()
+    when = datetime(2026, 11, 27, tzinfo=UTC)
+    readings = [
+        Reading(drf="M:OUTTMP", value_type=ValueType.SCALAR, value=float(i), timestamp=when) for i in range(100)
+    ]
+    for reading in readings:
+        bodies.remember(reading, b"body %d" % reading.value)
+    assert bodies.held == 100
+    assert bodies.body(readings[7]) == b"body 7"  # remembered, not encoded
+    fresh = Reading(drf="M:OUTTMP", value_type=ValueType.SCALAR, value=7.0, timestamp=when)
+    assert bodies.body(fresh) == reading_body(fresh)  # an equal but different object is encoded
+    del readings, reading, fresh
+    gc.collect()
+    assert bodies.held == 0
