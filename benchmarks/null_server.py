@@ -80,22 +80,26 @@ class _Ticker:
 
 
 class _Stream:
-    """One client stream: the tickers that fired since it last wrote, and its wake-up."""
+    """One client stream: the tickers that fired since it last wrote, and its wake-up.
+
+    A ticker that fired twice before the stream got to write counts once: a stream that fell
+    behind sends the current tick's readings, never the same reading twice.
+    """
 
     def __init__(self) -> None:
-        self.fired: list[_Ticker] = []
+        self.fired: set[_Ticker] = set()
         self.waiter: asyncio.Future[None] | None = None
 
     def due(self, ticker: _Ticker) -> None:
-        self.fired.append(ticker)
+        self.fired.add(ticker)
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def wait(self) -> list[_Ticker]:
+    async def wait(self) -> set[_Ticker]:
         if not self.fired:
             self.waiter = asyncio.get_running_loop().create_future()
             await self.waiter
-        fired, self.fired = self.fired, []
+        fired, self.fired = self.fired, set()
         return fired
 
 
