@@ -8,6 +8,7 @@ worker that holds the most subscriptions with SIGKILL and prints what the pool m
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import signal
 import statistics
@@ -32,14 +33,16 @@ def main() -> None:
     stub = DAQ_pb2_grpc.DAQStub(channel)
     stop = threading.Event()
     calls, failures = [0], [0]
+    codes: collections.Counter = collections.Counter()
 
     def oneshots(k: int) -> None:
         while not stop.is_set():
             try:
                 list(stub.Read(DAQ_pb2.ReadingList(drf=[f"Z:SIM{k * 7 % 100:03d}@I"]), timeout=5))
                 calls[0] += 1
-            except grpc.RpcError:
+            except grpc.RpcError as exc:
                 failures[0] += 1
+                codes[exc.code().name] += 1
 
     streams = [stub.Read(DAQ_pb2.ReadingList(drf=[f"Z:SIM{i:03d}@p,100"])) for i in range(50)]
     ended = [0]
@@ -52,9 +55,9 @@ def main() -> None:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 ended[0] += 1
 
-    threads = [threading.Thread(target=consume, args=(c,), daemon=True) for c in streams]
-    threads += [threading.Thread(target=oneshots, args=(k,), daemon=True) for k in range(8)]
-    for t in threads:
+    consumers = [threading.Thread(target=consume, args=(c,), daemon=True) for c in streams]
+    callers = [threading.Thread(target=oneshots, args=(k,), daemon=True) for k in range(8)]
+    for t in consumers + callers:
         t.start()
     time.sleep(2)
     to_ready, gaps = [], []
@@ -80,13 +83,16 @@ def main() -> None:
             )
     finally:
         stop.set()
+        for t in callers:  # let each finish its call: closing the channel under it is no failure
+            t.join(10)
         for c in streams:
             c.cancel()
         channel.close()
         server.stop()
     print(
         f"restart-to-ready median {statistics.median(to_ready) * 1e3:.0f} ms, longest stream gap "
-        f"{max(gaps) * 1e3:.0f} ms, one-shot calls {calls[0]} with {failures[0]} failed, streams ended {ended[0]}"
+        f"{max(gaps) * 1e3:.0f} ms, one-shot calls {calls[0]} with {failures[0]} failed"
+        f"{f' {dict(codes)}' if codes else ''}, streams ended {ended[0]}"
     )
 
 
