@@ -89,3 +89,30 @@ def test_the_front_encodes_nothing_the_workers_encoded(running, monkeypatch):
     assert [x.index for x in oneshot] == list(range(10))
     assert all(x.WhichOneof("value") == "readings" for x in oneshot + replies)
     assert encoded == []
+
+
+def test_the_status_view_names_the_stream_that_falls_behind(running, caplog):
+    import logging
+
+    from pacsys.supervised.cli import render_status
+
+    r = running(workers=1, stream_buffer=200)
+    stalled = _stream(r, [f"Z:SIM{i:03d}@p,20" for i in range(100)])  # never read
+    reader = _stream(r, ["Z:SIM000@p,20"])
+    next(reader)
+    wait_for(lambda: r.server.status()["streams"][0]["dropped"] > 0, timeout=30, what="the stalled stream to drop")
+    view = r.server.status()
+    behind, keeping_up = view["streams"]
+    assert behind["drfs"] == "Z:SIM000@p,20, Z:SIM001@p,20 and 98 more"
+    assert keeping_up["drfs"] == "Z:SIM000@p,20" and keeping_up["dropped"] == 0
+    assert behind["peer"].startswith("ipv") and behind["age_s"] >= 0
+    assert "open streams, most behind first (2 of 2):" in render_status(view)
+    with caplog.at_level(logging.WARNING, logger="pacsys.supervised"):
+        stalled.cancel()
+        wait_for(
+            lambda: any("event=stream_ended_behind" in x.getMessage() for x in caplog.records),
+            what="the stalled stream's end to be logged with its drops",
+        )
+    reader.cancel()
+    (line,) = [x.getMessage() for x in caplog.records if "event=stream_ended_behind" in x.getMessage()]
+    assert "drfs=Z:SIM000@p,20" in line and "dropped=" in line

@@ -294,6 +294,7 @@ class SupervisedServer:
             "requests": {f"{rpc}/{decision}": n for (rpc, decision), n in stats.requests.items()},
             "readings_delivered": stats.readings_delivered,
             "readings_dropped": self.servicer.dropped_now(),
+            "streams": self.servicer.stream_rows(),
         }
         worker_states = getattr(self._backend, "worker_states", None)
         if worker_states is not None:

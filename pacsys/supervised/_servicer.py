@@ -58,6 +58,26 @@ class ServicerStats:
     latency_observer: Callable[[str, float], None] | None = None
 
 
+@dataclass
+class OpenStream:
+    """One client stream, as the status view shows it."""
+
+    peer: str
+    drfs: list[str]
+    opened: float  # time.time()
+    handle: AsyncSubscriptionHandle
+
+    def row(self, now: float) -> dict[str, object]:
+        return {
+            "peer": self.peer,
+            "drfs": summarize_drfs(self.drfs, limit=2),
+            "age_s": round(now - self.opened, 1),
+            "delivered": self.handle.delivered,
+            "dropped": self.handle.dropped,
+            "queued": len(self.handle),
+        }
+
+
 class _Abort(Exception):
     """A request refused at the door or by a policy: the gRPC code and its details."""
 
@@ -104,7 +124,7 @@ class DAQServicer:
         self.limits = limits or ServicerLimits()
         self.log_requests = log_requests
         self.stats = ServicerStats()
-        self._streams: set[AsyncSubscriptionHandle] = set()
+        self._streams: dict[AsyncSubscriptionHandle, OpenStream] = {}
         # A backend that receives readings already encoded shares its cache of their bodies.
         self._bodies = backend.reply_bodies if backend.reply_bodies is not None else ReplyBodies()
         self.draining = False
@@ -136,6 +156,12 @@ class DAQServicer:
     def dropped_now(self) -> int:
         """Readings dropped so far for slow clients, ended and live streams together."""
         return self.stats.readings_dropped + sum(h.dropped for h in list(self._streams))
+
+    def stream_rows(self, limit: int = 20) -> list[dict[str, object]]:
+        """The `limit` open streams most behind: most readings dropped, then queued, then oldest."""
+        now = time.time()
+        streams = sorted(list(self._streams.values()), key=lambda s: (-s.handle.dropped, -len(s.handle), s.opened))
+        return [s.row(now) for s in streams[:limit]]
 
     def set_token(self, token: str | None) -> None:
         """Replace the bearer token that Set requires (None: no token required)."""
@@ -277,7 +303,7 @@ class DAQServicer:
                 self.stats.limits_hit["max_streams"] += 1
                 raise LimitExceeded(f"too many open streams (the limit is {self.limits.max_streams})")
             self._log("Read", peer, drfs, "allow", started)
-            async for reply in self._stream(final.drfs, original, seq):
+            async for reply in self._stream(final.drfs, original, seq, peer):
                 yield reply
         except _Abort as abort:
             await context.abort(abort.code, abort.details)
@@ -290,7 +316,7 @@ class DAQServicer:
             self.stats.requests[("Read", "error")] += 1
             await context.abort(code, details)
 
-    async def _stream(self, drfs: list[str], original: list[int], seq: int) -> AsyncIterator[bytes]:
+    async def _stream(self, drfs: list[str], original: list[int], seq: int, peer: str) -> AsyncIterator[bytes]:
         # Readings come back under the DRF as requested or in its canonical spelling
         # (a shared subscription serves every spelling of one request).
         slots: dict[str, list[int]] = {}
@@ -301,7 +327,7 @@ class DAQServicer:
                 slots.setdefault(canonical, []).append(original[pos])
         handle = await self.backend.subscribe(drfs)
         handle.resize(self.limits.stream_buffer)
-        self._streams.add(handle)
+        self._streams[handle] = OpenStream(peer, drfs, time.time(), handle)
         bodies = self._bodies
         log_out = self.audit is not None and self.audit.log_responses
         try:
@@ -327,8 +353,16 @@ class DAQServicer:
                         raise _Abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down", "draining")
                     return
         finally:
-            self._streams.discard(handle)
+            self._streams.pop(handle, None)
             self.stats.readings_dropped += handle.dropped
+            if handle.dropped:
+                logger.warning(
+                    "event=stream_ended_behind peer=%s drfs=%s delivered=%d dropped=%d",
+                    peer,
+                    summarize_drfs(drfs),
+                    handle.delivered,
+                    handle.dropped,
+                )
             await handle.stop()
 
     # -- Set ---------------------------------------------------------------------------

@@ -490,7 +490,7 @@ def _status(argv: list[str]) -> int:
 
 
 def render_status(view: dict[str, Any]) -> str:
-    """The status view as an operator reads it: a line of totals, then one row per worker."""
+    """The status view as an operator reads it: totals, the streams most behind, then the workers."""
     requests = view.get("requests", {})
     lines = [
         f"{view['address']}  pid {view['pid']}  up {view['uptime']:.0f}s  {'READY' if view['ready'] else 'NOT READY'}"
@@ -499,29 +499,32 @@ def render_status(view: dict[str, Any]) -> str:
         f"  dropped {view['readings_dropped']}  requests "
         + (", ".join(f"{k}={v}" for k, v in sorted(requests.items())) or "none"),
     ]
+    streams = view.get("streams") or []
+    if streams:
+        lines.append(f"open streams, most behind first ({len(streams)} of {view['active_streams']}):")
+        header = ("peer", "drfs", "age_s", "delivered", "dropped", "queued")
+        lines += _table(header, [tuple(str(s[k]) for k in header) for s in streams])
     workers = view.get("workers")
     if workers is None:
         return "\n".join(lines)
     lines.append(f"backend subscriptions {view.get('backend_subscriptions')}")
-    header = ("slot", "state", "pid", "devices", "subs", "in_flight", "rss_mb", "cpu_s", "restarts", "last_exit")
-    rows = [header]
-    for w in workers:
-        rows.append(
-            (
-                str(w["slot"]),
-                w["state"],
-                str(w["pid"] or "-"),
-                str(w["devices"]),
-                str(w["subscriptions"]),
-                str(w["in_flight"]),
-                f"{w['rss_bytes'] / 2**20:.1f}" if "rss_bytes" in w else "-",
-                f"{w['cpu_seconds']:.1f}" if "cpu_seconds" in w else "-",
-                str(w["restarts"]),
-                w["last_exit"] or "-",
-            )
+    columns = ("slot", "state", "pid", "devices", "subs", "in_flight", "rss_mb", "cpu_s", "restarts", "last_exit")
+    rows: list[tuple[str, ...]] = [
+        (
+            str(w["slot"]),
+            w["state"],
+            str(w["pid"] or "-"),
+            str(w["devices"]),
+            str(w["subscriptions"]),
+            str(w["in_flight"]),
+            f"{w['rss_bytes'] / 2**20:.1f}" if "rss_bytes" in w else "-",
+            f"{w['cpu_seconds']:.1f}" if "cpu_seconds" in w else "-",
+            str(w["restarts"]),
+            w["last_exit"] or "-",
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines += ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+        for w in workers
+    ]
+    lines += _table(columns, rows)
     pool = view.get("pool")
     if pool:
         exits = ", ".join(f"{k}={v}" for k, v in sorted(pool["restarts_by_reason"].items())) or "none"
@@ -530,6 +533,13 @@ def render_status(view: dict[str, Any]) -> str:
             f"  writes outcome unknown {pool['writes_outcome_unknown']}  stream gaps {pool['stream_gaps']}"
         )
     return "\n".join(lines)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned columns as wide as their widest cell."""
+    everything = [header, *rows]
+    widths = [max(len(r[i]) for r in everything) for i in range(len(header))]
+    return ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in everything]
 
 
 if __name__ == "__main__":
