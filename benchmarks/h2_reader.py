@@ -110,8 +110,8 @@ class StreamCounter(asyncio.Protocol):
             + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", MAX_WINDOW - DEFAULT_WINDOW))
         )
 
-    def open(self, path: str, request: bytes) -> int:
-        """Start one call; returns its index in `order` (the order of opening)."""
+    def open(self, path: str, request: bytes) -> None:
+        """Start one call; `order` lists the calls' stream ids in the order of opening."""
         assert self._transport is not None
         stream_id = 2 * len(self.order) + 1
         block = hpack_literals(
@@ -129,7 +129,6 @@ class StreamCounter(asyncio.Protocol):
         self._transport.write(
             frame(HEADERS, END_HEADERS, stream_id, block) + frame(DATA, END_STREAM, stream_id, grpc_message(request))
         )
-        return len(self.order) - 1
 
     def close(self) -> None:
         if self._transport is not None and not self._transport.is_closing():

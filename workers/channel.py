@@ -65,10 +65,6 @@ class FrameChannel(asyncio.Protocol):
             self._transport.write(b"".join(self._outgoing))
         self._outgoing.clear()
 
-    @property
-    def write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() if self._transport is not None else 0
-
     def close(self) -> None:
         self.flush()
         if self._transport is not None:

@@ -203,8 +203,8 @@ class WorkerPool(AsyncBackend):
             raise ValueError("a WorkerPool needs at least one worker")
         self.options = options
         self.stats = PoolStats()
-        self._bodies = ReplyBodies()  # the workers encode each reading's reply body
-        self.reply_bodies = self._bodies  # shared with the servicer as its cache
+        # The workers encode each reading's reply body; the servicer uses this as its cache.
+        self.reply_bodies: ReplyBodies = ReplyBodies()
         self._slots: list[_Slot] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
@@ -717,7 +717,7 @@ class WorkerPool(AsyncBackend):
     def _reading(self, drf: str, wire: p.WireReading) -> Reading:
         reading = p.reading_from_wire(drf, wire)
         if wire.body is not None:
-            self._bodies.remember(reading, wire.body)
+            self.reply_bodies.remember(reading, wire.body)
         return reading
 
     # -- AsyncBackend: writes ----------------------------------------------------------

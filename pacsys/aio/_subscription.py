@@ -93,9 +93,7 @@ class AsyncSubscriptionHandle:
         if len(buffer) == buffer.maxlen:
             self.dropped += 1  # the deque drops the oldest on append
         buffer.append(reading)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def _put(self, readings: tuple[Reading, ...]) -> None:
         if self._stopped:
