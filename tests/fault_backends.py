@@ -85,6 +85,14 @@ def broken_when_flagged():
     return Scripted()
 
 
+def broken_everywhere_when_flagged():
+    """Fails to start in every slot while the file named by $FAULT_FLAG exists."""
+    flag = os.environ.get("FAULT_FLAG")
+    if flag and Path(flag).exists():
+        raise RuntimeError("the hardware is unreachable")
+    return Scripted()
+
+
 class BlockingSync(Backend):
     """A sync backend whose reads of Z:BLOCK never return (they hold a thread each)."""
 

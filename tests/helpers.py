@@ -56,8 +56,7 @@ class Running:
 
     def owner_pid(self, device):
         """The pid that serves `device` (the scripted backend reads Z:PID as its pid)."""
-        slot = self.pool._owner(device)
-        return slot.worker.pid
+        return self.pool._router.owner(device).pid
 
     def stop(self):
         self.pids_seen |= set(worker_pids(self.pool))

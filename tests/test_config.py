@@ -61,7 +61,7 @@ def test_defaults():
     assert (s.max_drfs_per_request, s.max_settings_per_request, s.max_streams) == (1000, 100, 10000)
     assert (s.max_message_bytes, s.stream_buffer, s.shutdown_grace) == (4194304, 1000, 5.0)
     assert (s.min_workers_ready, s.ready_timeout, s.ping_interval, s.hang_timeout) == (1, 30.0, 1.0, 5.0)
-    assert (s.restart_backoff_initial, s.restart_backoff_max, s.restart_backoff_reset) == (0.1, 5.0, 30.0)
+    assert (s.restart_backoff_initial, s.restart_backoff_max, s.restart_stable_uptime) == (0.1, 5.0, 1.0)
     assert (s.restart_intensity, s.restart_period) == (5, 60.0)
     assert (s.recycle_rss_mb, s.recycle_requests, s.recycle_jitter, s.subscription_linger) == (0, 0, 0.1, 2.0)
     assert (s.audit_path, s.audit_proto_path, s.audit_log_responses, s.audit_flush_interval) == (None, None, False, 1)

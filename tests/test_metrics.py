@@ -7,11 +7,12 @@ import urllib.request
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import FAST, wait_for
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
 from pacsys.supervised import ReadOnlyPolicy, SupervisedServer
-from pacsys.supervised.metrics import MetricsServer
+from pacsys.supervised.metrics import SLOT_STATES, MetricsServer
 from workers.pool import WorkerPool
 
 
@@ -35,7 +36,7 @@ def _value(text, name, **labels):
 
 @pytest.fixture
 def stack():
-    pool = WorkerPool(backend="sim", workers=2, restart_intensity=0, **FAST)
+    pool = WorkerPool(backend="sim", workers=2, **FAST)
     server = SupervisedServer(pool, port=0, host="127.0.0.1", policies=[ReadOnlyPolicy()], close_backend=True)
     server.start()
     metrics = MetricsServer(server, port=0, host="127.0.0.1")
@@ -71,14 +72,40 @@ def test_metrics_count_known_traffic(stack):
     call.cancel()
 
 
-def test_http_probes_follow_readiness(stack):
-    server, pool, metrics, _ = stack
-    assert _get(metrics.port, "/healthz")[0] == 200
-    assert _get(metrics.port, "/readyz")[0] == 200
-    for row in pool.worker_states():
-        os.kill(row["pid"], signal.SIGKILL)  # restart_intensity=0: both slots are given up
-    wait_for(lambda: _get(metrics.port, "/readyz")[0] == 503, what="readyz to fail")
-    assert _get(metrics.port, "/healthz")[0] == 200  # the front itself is alive
-    status, text = _get(metrics.port, "/metrics")
-    assert _value(text, "pacsys_slots_given_up_total") == 2
-    assert _value(text, "pacsys_worker_exits_total", reason="crash") == 2
+def test_http_probes_follow_readiness_and_liveness(tmp_path, monkeypatch):
+    """No worker can start: readiness fails at once, liveness after unready_limit; both come back."""
+    flag = tmp_path / "broken"
+    monkeypatch.setenv("FAULT_FLAG", str(flag))
+    pool = WorkerPool(backend="fault_backends:broken_everywhere_when_flagged", workers=2, unready_limit=1.0, **FAST)
+    server = SupervisedServer(pool, port=0, host="127.0.0.1", close_backend=True)
+    server.start()
+    metrics = MetricsServer(server, port=0, host="127.0.0.1")
+    metrics.start()
+    try:
+        assert _get(metrics.port, "/healthz")[0] == 200
+        assert _get(metrics.port, "/readyz")[0] == 200
+        flag.touch()
+        for row in pool.worker_states():
+            os.kill(row["pid"], signal.SIGKILL)
+        wait_for(lambda: _get(metrics.port, "/readyz")[0] == 503, what="readyz to fail")
+        wait_for(lambda: _get(metrics.port, "/healthz")[0] == 503, what="healthz to fail after unready_limit")
+        wait_for(lambda: _liveness(server.port) == "NOT_SERVING", what="the gRPC liveness probe to say the same")
+        text = _get(metrics.port, "/metrics")[1]
+        assert _value(text, "pacsys_alive") == 0
+        assert _value(text, "pacsys_no_worker_seconds") > 1.0
+        assert _value(text, "pacsys_worker_exits_total", reason="signal") == 2
+        assert _value(text, "pacsys_worker_exits_total", reason="startup_failed") >= 1
+        assert sum(_value(text, "pacsys_worker_state", slot="0", state=s) for s in SLOT_STATES) == 1
+        flag.unlink()  # the backend can start again: the pool, which never stopped trying, recovers
+        wait_for(lambda: _get(metrics.port, "/healthz")[0] == 200, what="healthz back")
+        wait_for(lambda: _get(metrics.port, "/readyz")[0] == 200, what="readyz back")
+        wait_for(lambda: _liveness(server.port) == "SERVING", what="liveness back")
+    finally:
+        metrics.stop()
+        server.stop()
+
+
+def _liveness(port):
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

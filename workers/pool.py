@@ -1,40 +1,29 @@
 """WorkerPool: backend worker processes behind the AsyncBackend interface.
 
-The servicer calls the pool like any AsyncBackend; everything about processes lives
-here and stays invisible to it:
+The servicer calls the pool like any AsyncBackend; everything about processes stays
+invisible to it. The pool is a composition of four ideas, each in its own module:
 
-- Routing (device affinity): every DRF goes to the worker that ranks first for its
-  canonical device name among the ready workers (rendezvous hashing). A request that
-  names devices of several workers is split, sent in parallel and reassembled in
-  request order. When a worker dies its devices move to their next-ranked worker, and
-  back when the slot's replacement is ready.
-- Shared subscriptions (fan-out): one backend subscription per distinct canonical DRF,
-  whatever the number of client streams; each client stream has its own bounded
-  handle, so a slow client loses its own oldest readings and nobody else's. The last
-  client leaving closes the backend subscription after a linger.
-- Supervision: a worker's death is seen at once (its socket closes; its pidfd becomes
-  readable on the loop), it is reaped and respawned with exponential backoff; a slot
-  that dies more than `restart_intensity` times within `restart_period` seconds is given
-  up. A loop that does not answer pings within `hang_timeout` is killed. One-shot reads
-  in flight on a dead worker are retried once elsewhere; writes are never replayed,
-  they answer DPM_WRITE_OUTCOME_UNKNOWN. Subscriptions move to the device's next worker
-  and the client streams stay open.
+- `workers.process`: one worker process (spawn, socket, exit watch, kill);
+- `workers.supervision`: the life of a slot as a state machine (restart, backoff,
+  cool-down, recycling), which decides what happens after each event;
+- `workers.routing`: which worker serves a device (rendezvous hashing);
+- `workers.fanout`: one backend subscription per distinct DRF, shared by client streams.
+
+What stays here: carrying out the state machine's actions on real processes, and
+one-shot calls (reads and writes) with their retry and wait rules. A one-shot call that
+finds no worker serving waits for one (`worker_wait`, and never past the client's own
+deadline) before it answers UNAVAILABLE. One-shot reads in flight on a worker that dies
+are retried once on each device's next worker; writes are never replayed, they answer
+DPM_WRITE_OUTCOME_UNKNOWN.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import enum
-import hashlib
 import itertools
 import logging
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -43,13 +32,28 @@ from typing import Any
 import psutil
 
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
-from pacsys.drf import DRFError, parse_cached
 from pacsys.errors import AuthenticationError, BackendUnavailable, LimitExceeded, PolicyDenied
 from pacsys.replies import ReplyBodies
-from pacsys.status import DPM, DPM_INTERNAL, DPM_WRITE_OUTCOME_UNKNOWN
+from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
 from workers import protocol as p
-from workers.channel import FrameChannel
+from workers.fanout import Fanout, GapStats
+from workers.process import WorkerCommand, WorkerLost, WorkerProcess, WorkerStartupError
+from workers.routing import Router
+from workers.supervision import (
+    Action,
+    Exit,
+    Kill,
+    Retire,
+    Slot,
+    SlotState,
+    Spawn,
+    SpawnReplacement,
+    SupervisionPolicy,
+    Wait,
+)
+
+__all__ = ["PoolOptions", "PoolStats", "WorkerLost", "WorkerPool", "WorkerStartupError"]
 
 logger = logging.getLogger("pacsys.workers")
 
@@ -66,35 +70,10 @@ _EXCEPTIONS: dict[str, type[Exception]] = {
     "DRFError": ValueError,
 }
 
+# Why the front itself stopped a worker that no longer served: not exits of the slot.
+_STOPPED_BY_FRONT = frozenset({"recycled", "scale_down", "shutdown", "recycle_failed", "recycle_cancelled"})
 
-_FRONT_REASONS = frozenset(
-    {
-        "hang",
-        "protocol_error",
-        "startup_failed",
-        "spawn_failed",
-        "ready_timeout",
-        "recycle_rss",
-        "recycle_requests",
-        "scale_down",
-    }
-)
-
-
-class WorkerStartupError(RuntimeError):
-    """A worker could not build its backend (the pool does not start)."""
-
-
-class WorkerLost(Exception):
-    """The worker holding a request died before answering it."""
-
-
-class SlotState(enum.Enum):
-    STARTING = "starting"
-    READY = "ready"
-    RESTARTING = "restarting"
-    GIVEN_UP = "given_up"
-    STOPPED = "stopped"
+_DRAIN_SECONDS = 30.0  # how long a retired worker may take to finish its calls in flight
 
 
 @dataclass
@@ -106,13 +85,17 @@ class PoolOptions:
     threads_per_worker: int = 16
     min_workers_ready: int = 1
     ready_timeout: float = 30.0
+    worker_wait: float = 5.0
+    unready_limit: float = 120.0
     ping_interval: float = 1.0
     hang_timeout: float = 5.0
     restart_backoff_initial: float = 0.1
     restart_backoff_max: float = 5.0
-    restart_backoff_reset: float = 30.0
+    restart_stable_uptime: float = 1.0
     restart_intensity: int = 5
     restart_period: float = 60.0
+    restart_cooldown_initial: float = 10.0
+    restart_cooldown_max: float = 300.0
     recycle_rss_mb: int = 0
     recycle_requests: int = 0
     recycle_jitter: float = 0.1
@@ -126,70 +109,28 @@ class PoolOptions:
         names = cls.__dataclass_fields__.keys()
         return cls(**{n: getattr(settings, n) for n in names if hasattr(settings, n)})
 
+    def supervision(self) -> SupervisionPolicy:
+        return SupervisionPolicy(
+            backoff_initial=self.restart_backoff_initial,
+            backoff_max=self.restart_backoff_max,
+            stable_uptime=self.restart_stable_uptime,
+            intensity=self.restart_intensity,
+            period=self.restart_period,
+            cooldown_initial=self.restart_cooldown_initial,
+            cooldown_max=self.restart_cooldown_max,
+        )
+
 
 @dataclass
-class PoolStats:
-    restarts_by_reason: collections.Counter = field(default_factory=collections.Counter)
-    slots_given_up: int = 0
+class PoolStats(GapStats):
+    exits_by_reason: collections.Counter = field(default_factory=collections.Counter)
+    recycles_by_reason: collections.Counter = field(default_factory=collections.Counter)
+    cooldowns: int = 0  # slots cooled down after too many early exits
     reads_retried: int = 0
     writes_outcome_unknown: int = 0
-    stream_gaps: int = 0
-    last_gap_seconds: float | None = None
-    max_gap_seconds: float = 0.0
+    calls_waited: int = 0  # one-shot calls and subscriptions that found no worker serving
+    calls_unavailable: int = 0  # ... and still none after worker_wait: UNAVAILABLE
     last_restart_to_ready_seconds: float | None = None
-
-
-class _Worker:
-    """One worker process incarnation."""
-
-    def __init__(self, slot: _Slot, process: subprocess.Popen, channel: FrameChannel):
-        self.slot = slot
-        self.process = process
-        self.pid = process.pid
-        self.channel = channel
-        self.ready: asyncio.Future[p.Ready] = asyncio.get_running_loop().create_future()
-        self.pending: dict[int, asyncio.Future] = {}
-        self.ready_at: float | None = None
-        self.last_pong = time.monotonic()
-        self.ping_seq = 0
-        self.requests = 0
-        self.in_flight_remote = 0
-        self.subscriptions_remote = 0
-        self.exit_reason: str | None = None  # why the front ended it (hang, recycle, shutdown)
-        self.gone = False
-        self.pidfd: int | None = None
-        self.psutil: psutil.Process | None = None
-        self.recycle_after: int = 0
-
-
-class _Slot:
-    def __init__(self, index: int, options: PoolOptions):
-        self.index = index
-        self.state = SlotState.STARTING
-        self.worker: _Worker | None = None
-        self.backoff = options.restart_backoff_initial
-        self.restart_times: collections.deque[float] = collections.deque()
-        self.restarts = 0
-        self.last_exit: str | None = None
-        self.died_at: float | None = None
-        self.respawn: asyncio.Handle | None = None
-        self.replacing = False
-
-
-class _Shared:
-    """One backend subscription (one canonical DRF) and the client streams that share it."""
-
-    def __init__(self, key: str, device: str, periodic: bool):
-        self.key = key
-        self.device = device
-        self.periodic = periodic
-        self.sid = 0
-        self.worker: _Worker | None = None  # the incarnation holding the backend subscription
-        self.subscribers: set[AsyncSubscriptionHandle] = set()
-        self.last: Reading | None = None
-        self.linger: asyncio.TimerHandle | None = None
-        self.gap_started: float | None = None
-        self.authorization: str | None = None
 
 
 class WorkerPool(AsyncBackend):
@@ -205,17 +146,25 @@ class WorkerPool(AsyncBackend):
         self.stats = PoolStats()
         # The workers encode each reading's reply body; the servicer uses this as its cache.
         self.reply_bodies: ReplyBodies = ReplyBodies()
-        self._slots: list[_Slot] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._command = WorkerCommand(
+            options.backend, options.threads_per_worker, options.worker_log_level, options.event_loop
+        )
+        self._policy = options.supervision()
+        self._slots: list[Slot] = []
+        self._workers: dict[tuple[int, int], WorkerProcess] = {}  # (slot, generation): every unreaped process
+        self._timers: dict[int, asyncio.TimerHandle] = {}
         self._ids = itertools.count(1)
-        self._rankings: dict[str, tuple[int, ...]] = {}
-        self._shared: dict[str, _Shared] = {}
-        self._by_sid: dict[int, _Shared] = {}
-        self._clients: dict[AsyncSubscriptionHandle, list[_Shared]] = {}
+        self._router: Router[WorkerProcess] = Router(self._serving_worker)
+        self._fanout = Fanout(
+            self._router.owner, self._ids, self.reply_bodies, options.stream_buffer, options.subscription_linger
+        )
+        self._fanout.gaps = self.stats
+        self._any_serving = asyncio.Event()
+        self._unready_since: float | None = None
         self._capabilities = BackendCapability(0)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ticker: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._live: set[_Worker] = set()  # every worker process not yet reaped
         self._closing = False
         self._started = False
 
@@ -227,42 +176,52 @@ class WorkerPool(AsyncBackend):
 
     @property
     def ready_count(self) -> int:
-        return sum(1 for s in self._slots if s.state is SlotState.READY)
+        return sum(1 for slot in self._slots if self._serving_worker(slot.index) is not None)
 
     @property
     def is_ready(self) -> bool:
         """Enough workers are ready to serve (health readiness)."""
         return self.ready_count >= self.options.min_workers_ready
 
+    def unready_seconds(self) -> float:
+        """How long no worker has been serving (0 while one is)."""
+        return 0.0 if self._unready_since is None else time.monotonic() - self._unready_since
+
+    @property
+    def is_alive(self) -> bool:
+        """The pool can still recover by itself: a worker served within `unready_limit` seconds.
+
+        The pool never stops trying (the last slot standing never cools down), so past that
+        limit a restart of the whole service is the only remedy left: health liveness, the
+        systemd watchdog and, with `unready_exit`, the service itself act on this.
+        """
+        return self.unready_seconds() <= self.options.unready_limit
+
     @property
     def subscription_count(self) -> int:
         """Backend subscriptions held in the workers (one per distinct DRF in use)."""
-        return sum(1 for s in self._shared.values() if s.worker is not None)
+        return self._fanout.subscription_count
 
     @property
     def client_subscription_count(self) -> int:
-        return len(self._clients)
+        return self._fanout.client_count
 
     def worker_states(self) -> list[dict[str, Any]]:
         """One dict per slot, for health, metrics and the status view."""
         now = time.monotonic()
-        subscriptions: collections.Counter[int] = collections.Counter()
-        devices: dict[int, set[str]] = collections.defaultdict(set)
-        for shared in self._shared.values():
-            if shared.worker is not None:
-                subscriptions[shared.worker.slot.index] += 1
-                devices[shared.worker.slot.index].add(shared.device)
+        subscriptions, devices = self._fanout.by_slot()
         rows = []
         for slot in self._slots:
-            w = slot.worker
+            w = self._workers.get((slot.index, slot.generation))
             row: dict[str, Any] = {
                 "slot": slot.index,
                 "state": slot.state.value,
                 "pid": w.pid if w else None,
                 "restarts": slot.restarts,
-                "last_exit": slot.last_exit,
-                "subscriptions": subscriptions[slot.index],
-                "devices": len(devices[slot.index]),  # distinct devices it streams now
+                "last_exit": slot.last_exit.reason if slot.last_exit else None,
+                "last_exit_detail": slot.last_exit.detail if slot.last_exit else None,
+                "subscriptions": subscriptions.get(slot.index, 0),
+                "devices": len(devices.get(slot.index, ())),  # distinct devices it streams now
                 "in_flight": len(w.pending) if w else 0,
                 # as the worker last reported: calls inside its backend (a saturated
                 # thread pool shows here) and the backend subscriptions it holds
@@ -271,7 +230,12 @@ class WorkerPool(AsyncBackend):
                 "requests": w.requests if w else 0,
                 "heartbeat_age": (now - w.last_pong) if w and w.ready_at else None,
                 "uptime": (now - w.ready_at) if w and w.ready_at else None,
-                "restart_budget_left": max(0, self.options.restart_intensity - len(slot.restart_times)),
+                # the restart rules at work: counted early exits left before a cool-down,
+                # the delay of the next restart, and when a waiting slot starts again
+                "restart_budget_left": slot.restart_budget_left(),
+                "next_backoff": slot.backoff,
+                "next_start_in": max(0.0, slot.wake_at - now) if slot.wake_at is not None else None,
+                "cooldowns": slot.cooldowns,
             }
             if w is not None and w.psutil is not None:
                 try:
@@ -292,8 +256,10 @@ class WorkerPool(AsyncBackend):
             return
         self._started = True
         self._loop = asyncio.get_running_loop()
-        self._slots = [_Slot(i, self.options) for i in range(self.options.workers)]
-        results = await asyncio.gather(*(self._start_slot(s) for s in self._slots), return_exceptions=True)
+        self._slots = [self._new_slot(i) for i in range(self.options.workers)]
+        self._router.resize(len(self._slots))
+        starts = [self._start_worker(slot, _spawned(slot.start()), first=True) for slot in self._slots]
+        results = await asyncio.gather(*starts, return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         startup = [r for r in failures if isinstance(r, WorkerStartupError)]
         if startup or self.ready_count < self.options.min_workers_ready:
@@ -307,126 +273,11 @@ class WorkerPool(AsyncBackend):
         self._ticker = self._loop.create_task(self._tick())
         logger.info("event=pool_ready workers=%d backend=%s", self.ready_count, self.options.backend)
 
-    async def _start_slot(self, slot: _Slot) -> None:
-        slot.state = SlotState.STARTING
-        worker = await self._spawn(slot)
-        try:
-            ready = await asyncio.wait_for(asyncio.shield(worker.ready), self.options.ready_timeout)
-        except TimeoutError:
-            self._kill(worker, "ready_timeout")
-            raise WorkerStartupError(
-                f"worker {slot.index} was not ready within {self.options.ready_timeout} s"
-            ) from None
-        except WorkerLost as exc:
-            raise WorkerStartupError(str(exc)) from None
-        self._on_ready(worker, ready)
+    def _new_slot(self, index: int) -> Slot:
+        return Slot(index, self._policy, others_serving=self._others_serving)
 
-    async def _spawn(self, slot: _Slot, install: bool = True) -> _Worker:
-        loop = asyncio.get_running_loop()
-        front_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        # The worker resolves `module:factory` specs on the same import path as the front.
-        env["PYTHONPATH"] = os.pathsep.join(x for x in [os.getcwd(), *sys.path] if x)
-        env["PACSYS_WORKER_SLOT"] = str(slot.index)
-        cmd = [
-            sys.executable,
-            "-m",
-            "workers.worker",
-            "--fd",
-            str(worker_end.fileno()),
-            "--backend",
-            self.options.backend,
-            "--threads",
-            str(self.options.threads_per_worker),
-            "--slot",
-            str(slot.index),
-            "--log-level",
-            self.options.worker_log_level,
-            "--loop",
-            self.options.event_loop,
-        ]
-        try:
-            # A session of its own: a terminal's Ctrl-C, hangup or job-control signals go to
-            # the front, which decides what the workers do.
-            process = subprocess.Popen(
-                cmd, pass_fds=(worker_end.fileno(),), env=env, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        finally:
-            worker_end.close()
-        holder: list[_Worker] = []
-        try:
-            _, channel = await loop.create_unix_connection(
-                lambda: FrameChannel(
-                    p.ToFront,
-                    lambda m: self._on_message(holder[0], m),
-                    lambda exc: self._on_disconnect(holder[0], exc),
-                ),
-                sock=front_end,
-            )
-        except BaseException:  # cancelled or failed: the process must not be left behind
-            process.kill()
-            process.wait()
-            front_end.close()
-            raise
-        worker = _Worker(slot, process, channel)
-        holder.append(worker)
-        self._live.add(worker)
-        if install:
-            slot.worker = worker
-        try:
-            worker.psutil = psutil.Process(process.pid)
-        except psutil.Error:
-            worker.psutil = None
-        self._watch_exit(worker)
-        logger.info("event=worker_spawned slot=%d pid=%d", slot.index, worker.pid)
-        return worker
-
-    def _watch_exit(self, worker: _Worker) -> None:
-        """Reap the process the moment it exits: its pidfd becomes readable on the loop."""
-        assert self._loop is not None
-        try:
-            worker.pidfd = os.pidfd_open(worker.pid)
-        except (AttributeError, OSError):
-            # No pidfd (old kernel): wait in a thread instead.
-            self._loop.run_in_executor(None, worker.process.wait).add_done_callback(
-                lambda _f: self._loop.call_soon_threadsafe(self._reap, worker)  # type: ignore[union-attr]
-            )
-            return
-        self._loop.add_reader(worker.pidfd, self._reap, worker)
-
-    def _reap(self, worker: _Worker) -> None:
-        if worker.pidfd is not None:
-            assert self._loop is not None
-            self._loop.remove_reader(worker.pidfd)
-            os.close(worker.pidfd)
-            worker.pidfd = None
-        code = worker.process.wait()
-        self._live.discard(worker)
-        reason = worker.exit_reason or (f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}")
-        self._on_exit(worker, reason)
-        worker.channel.abort()
-
-    def _on_ready(self, worker: _Worker, ready: p.Ready) -> None:
-        slot = worker.slot
-        worker.ready_at = time.monotonic()
-        worker.last_pong = worker.ready_at
-        self._capabilities = BackendCapability(ready.capabilities)
-        if self.options.recycle_requests:
-            jitter = 1 + random.uniform(0, self.options.recycle_jitter)
-            worker.recycle_after = int(self.options.recycle_requests * jitter)
-        slot.state = SlotState.READY
-        if slot.died_at is not None:
-            self.stats.last_restart_to_ready_seconds = worker.ready_at - slot.died_at
-            slot.died_at = None
-        logger.info("event=worker_ready slot=%d pid=%d", slot.index, worker.pid)
-        self._rebalance()
-
-    def _background(self, coro: Any) -> None:
-        """Run a restart or a recycle on the loop; close() cancels what is still running."""
-        assert self._loop is not None
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _others_serving(self, slot: Slot) -> bool:
+        return any(self._serving_worker(s.index) is not None for s in self._slots if s is not slot)
 
     async def close(self) -> None:
         if self._closing:
@@ -434,19 +285,17 @@ class WorkerPool(AsyncBackend):
         self._closing = True
         if self._ticker is not None:
             self._ticker.cancel()
+        for timer in self._timers.values():
+            timer.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for handle in list(self._clients):
-            handle._signal_stop()
-        self._clients.clear()
-        workers = list(self._live)  # slot holders, and replacements still starting
+        self._fanout.stop_all()
         for slot in self._slots:
-            if slot.respawn is not None:
-                slot.respawn.cancel()
-            slot.state = SlotState.STOPPED
+            slot.retire()
+        workers = list(self._workers.values())  # serving ones, and any still starting or draining
         for w in workers:
-            w.exit_reason = "shutdown"
+            w.ended_by = "shutdown"
             w.channel.send(p.Shutdown())
         deadline = time.monotonic() + 5.0
         for w in workers:
@@ -455,118 +304,219 @@ class WorkerPool(AsyncBackend):
             if w.process.poll() is None:
                 w.process.kill()
                 w.process.wait()
-            if w.pidfd is not None:
-                self._reap(w)
+            w.reap()
             w.channel.abort()
         logger.info("event=pool_stopped")
 
-    # -- supervision -----------------------------------------------------------------
+    def _background(self, coro: Any) -> None:
+        """Run a start or a drain on the loop; close() cancels what is still running."""
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _kill(self, worker: _Worker, reason: str) -> None:
-        if worker.process.poll() is None:
-            worker.exit_reason = worker.exit_reason or reason
-            logger.warning("event=worker_kill slot=%d pid=%d reason=%s", worker.slot.index, worker.pid, reason)
-            worker.process.kill()
+    # -- supervision: the state machine's actions, carried out -----------------------------
 
-    def _on_disconnect(self, worker: _Worker, exc: BaseException | None) -> None:
+    def _serving_worker(self, index: int) -> WorkerProcess | None:
+        """The worker that serves slot `index` now (None while it starts, restarts or cools)."""
+        slot = self._slots[index]
+        if not slot.serving:
+            return None
+        worker = self._workers.get((index, slot.generation))
+        # A worker whose socket closed is not reaped yet (its slot still serves) but serves
+        # nothing; one being retired takes no new work.
+        if worker is None or worker.gone or worker.ended_by is not None:
+            return None
+        return worker
+
+    def _apply(self, slot: Slot, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Spawn):
+                self._background(self._start_worker(slot, action.generation))
+            elif isinstance(action, SpawnReplacement):
+                logger.info("event=worker_recycle slot=%d reason=%s", slot.index, action.reason)
+                self.stats.recycles_by_reason[action.reason] += 1
+                self._background(self._start_worker(slot, action.generation))
+            elif isinstance(action, Wait):
+                assert self._loop is not None
+                old = self._timers.pop(slot.index, None)
+                if old is not None:
+                    old.cancel()
+                self._timers[slot.index] = self._loop.call_later(action.delay, self._timer_fired, slot, action.token)
+            elif isinstance(action, Kill):
+                worker = self._workers.get((slot.index, action.generation))
+                if worker is not None:
+                    worker.kill(action.reason)
+            elif isinstance(action, Retire):
+                worker = self._workers.get((slot.index, action.generation))
+                if worker is not None:
+                    worker.ended_by = "recycled"
+                    self._background(self._drain_and_stop(worker))
+        self._serving_changed()
+
+    def _serving_changed(self) -> None:
+        """Move subscriptions to the workers that serve now, and wake calls waiting for one."""
+        if self._closing:
+            return
+        self._fanout.rebalance()
+        if self.ready_count:
+            self._unready_since = None
+            self._any_serving.set()
+        else:
+            self._unready_since = self._unready_since or time.monotonic()
+            self._any_serving.clear()
+
+    def _timer_fired(self, slot: Slot, token: int) -> None:
+        self._timers.pop(slot.index, None)
+        if not self._closing:
+            self._apply(slot, slot.timer_fired(token))
+
+    async def _start_worker(self, slot: Slot, generation: int, first: bool = False) -> None:
+        """Start generation `generation` of the slot and report how it went to the slot.
+
+        The first start of a pool raises WorkerStartupError instead, so a backend that
+        cannot be built fails the service's start rather than looping.
+        """
+        try:
+            worker = await WorkerProcess.spawn(
+                slot.index, generation, self._command, self._on_message, self._on_disconnect, self._on_exit
+            )
+        except OSError as exc:
+            logger.error("event=worker_spawn_failed slot=%d error=%s", slot.index, exc)
+            if first:
+                raise WorkerStartupError(f"worker {slot.index} could not be started: {exc}") from None
+            self._exited(slot, generation, Exit("spawn_failed", str(exc)), None)
+            return
+        self._workers[(slot.index, generation)] = worker
+        try:
+            ready = await asyncio.wait_for(asyncio.shield(worker.ready), self.options.ready_timeout)
+        except TimeoutError:
+            worker.kill("ready_timeout")  # its exit, reaped, reaches the slot
+            self._apply(slot, slot.replacement_failed(generation))
+            if first:
+                raise WorkerStartupError(
+                    f"worker {slot.index} was not ready within {self.options.ready_timeout} s"
+                ) from None
+            return
+        except WorkerStartupError as exc:
+            worker.ended_by = "startup_failed"
+            worker.kill("startup_failed")
+            if first:
+                raise
+            logger.warning("event=worker_start_failed slot=%d error=%s", slot.index, exc)
+            return
+        except WorkerLost as exc:  # it died first; its exit, reaped, reaches the slot
+            if first:
+                raise WorkerStartupError(str(exc)) from None
+            return
+        worker.ready_at = worker.last_pong = time.monotonic()
+        self._capabilities = BackendCapability(ready.capabilities)
+        if self.options.recycle_requests:
+            worker.recycle_after = int(
+                self.options.recycle_requests * (1 + random.uniform(0, self.options.recycle_jitter))
+            )
+        actions = slot.ready(generation)
+        if slot.last_restart_to_ready is not None:
+            self.stats.last_restart_to_ready_seconds = slot.last_restart_to_ready
+        logger.info("event=worker_ready slot=%d pid=%d", slot.index, worker.pid)
+        self._apply(slot, actions)
+        if self._serving_worker(slot.index) is not worker:  # the slot was retired meanwhile
+            worker.ended_by = worker.ended_by or "scale_down"
+            self._background(self._drain_and_stop(worker))
+
+    async def _drain_and_stop(self, worker: WorkerProcess) -> None:
+        """A worker that serves no more finishes its calls in flight, then is asked to stop."""
+        deadline = time.monotonic() + _DRAIN_SECONDS
+        while worker.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        worker.channel.send(p.Shutdown())
+
+    def _on_disconnect(self, worker: WorkerProcess, exc: BaseException | None) -> None:
         """The worker's socket closed: it can serve nothing more. Fail over at once.
 
-        Its process is reaped (and its slot restarted) when the process exits, which a
-        closed socket means is imminent; a worker that broke the protocol is killed.
+        Its process is reaped (and its slot told) when the process exits, which a closed
+        socket means is imminent; a worker that broke the protocol is killed.
         """
         if worker.gone:
             return
         worker.gone = True
         if isinstance(exc, p.ProtocolError):
-            worker.exit_reason = worker.exit_reason or "protocol_error"
+            worker.ended_by = worker.ended_by or "protocol_error"
         if worker.process.poll() is None:
             worker.process.kill()
         if not worker.ready.done():
-            worker.ready.set_exception(WorkerLost(f"worker {worker.slot.index} exited before it was ready"))
+            worker.ready.set_exception(WorkerLost(f"worker {worker.slot} exited before it was ready"))
             worker.ready.exception()  # retrieved here, so an unawaited future logs nothing
         for future in worker.pending.values():
             if not future.done():
-                future.set_exception(WorkerLost(f"worker {worker.slot.index} (pid {worker.pid}) died"))
+                future.set_exception(WorkerLost(f"worker {worker.slot} (pid {worker.pid}) died"))
         worker.pending.clear()
-        if not self._closing:
-            self._rebalance()
+        self._serving_changed()
 
-    def _on_exit(self, worker: _Worker, reason: str) -> None:
-        """The process has exited and is reaped: restart its slot, or give the slot up."""
+    def _on_exit(self, worker: WorkerProcess, how: Exit) -> None:
+        """The process has exited and is reaped: tell its slot (unless the front retired it)."""
+        self._workers.pop((worker.slot, worker.generation), None)
         self._on_disconnect(worker, None)
-        slot = worker.slot
-        if slot.worker is not worker:
+        if self._closing:
             return
-        slot.worker = None
-        if self._closing or slot.state in (SlotState.STOPPED, SlotState.GIVEN_UP):
-            return
-        self._slot_down(slot, reason, worker.ready_at, worker.pid)
-
-    def _slot_down(self, slot: _Slot, reason: str, ready_at: float | None, pid: int | None) -> None:
-        slot.last_exit = reason
-        # Reasons the front chose (hang, recycle_rss, ...) are counted by name; any
-        # other end of a process (a signal, an exit code) is a crash.
-        self.stats.restarts_by_reason[reason if reason in _FRONT_REASONS else "crash"] += 1
-        logger.warning("event=worker_lost slot=%d pid=%s reason=%s", slot.index, pid, reason)
-        now = time.monotonic()
-        slot.died_at = slot.died_at or now
-        if ready_at is not None and now - ready_at > self.options.restart_backoff_reset:
-            slot.backoff = self.options.restart_backoff_initial  # it had been stable: start over
-        slot.restart_times.append(now)
-        while slot.restart_times and now - slot.restart_times[0] > self.options.restart_period:
-            slot.restart_times.popleft()
-        if len(slot.restart_times) > self.options.restart_intensity:
-            slot.state = SlotState.GIVEN_UP
-            self.stats.slots_given_up += 1
-            logger.error(
-                "event=slot_given_up slot=%d restarts=%d period=%.0fs last_exit=%s",
-                slot.index,
-                len(slot.restart_times),
-                self.options.restart_period,
-                reason,
+        if worker.ended_by in _STOPPED_BY_FRONT:
+            logger.info(
+                "event=worker_stopped slot=%d pid=%d reason=%s detail=%s",
+                worker.slot,
+                worker.pid,
+                how.reason,
+                how.detail,
             )
-        else:
-            slot.state = SlotState.RESTARTING
-            delay = slot.backoff
-            slot.backoff = min(slot.backoff * 2, self.options.restart_backoff_max)
-            assert self._loop is not None
-            slot.respawn = self._loop.call_later(delay, self._respawn, slot)
-        self._rebalance()
-
-    def _respawn(self, slot: _Slot) -> None:
-        slot.respawn = None
-        if self._closing or slot.state is not SlotState.RESTARTING:
             return
-        slot.restarts += 1
-        assert self._loop is not None
-        self._background(self._restart(slot))
+        self._exited(self._slots[worker.slot], worker.generation, how, worker.pid)
 
-    async def _restart(self, slot: _Slot) -> None:
-        try:
-            await self._start_slot(slot)
-        except Exception as exc:
-            logger.warning("event=worker_start_failed slot=%d error=%s", slot.index, exc)
-            worker = slot.worker
-            if worker is None:  # it could not even be spawned
-                self._slot_down(slot, "spawn_failed", None, None)
-            elif not worker.gone:
-                worker.exit_reason = "startup_failed"
-                self._kill(worker, "startup_failed")
-            # else: its exit is being reaped, which restarts the slot
+    def _exited(self, slot: Slot, generation: int, how: Exit, pid: int | None) -> None:
+        was_current = generation == slot.generation and slot.state in (
+            SlotState.STARTING,
+            SlotState.READY,
+            SlotState.RECYCLING,
+        )
+        actions = slot.exited(generation, how)
+        if was_current:
+            self.stats.exits_by_reason[how.reason] += 1
+            wait = next((a for a in actions if isinstance(a, Wait)), None)
+            delay = wait.delay if wait is not None else 0.0
+            if slot.state is SlotState.COOLING:
+                self.stats.cooldowns += 1
+                logger.error(
+                    "event=slot_cooling slot=%d pid=%s reason=%s detail=%s early_exits=%d period=%.0fs cooldown=%.0fs",
+                    slot.index,
+                    pid,
+                    how.reason,
+                    how.detail,
+                    self.options.restart_intensity + 1,
+                    self.options.restart_period,
+                    delay,
+                )
+            else:
+                logger.warning(
+                    "event=worker_lost slot=%d pid=%s reason=%s detail=%s restart_in=%.2fs",
+                    slot.index,
+                    pid,
+                    how.reason,
+                    how.detail,
+                    delay,
+                )
+        self._apply(slot, actions)
 
     async def _tick(self) -> None:
-        """Heartbeats, hang detection and recycling, once per ping interval."""
+        """Heartbeats, hang detection and recycling by memory, once per ping interval."""
         interval = self.options.ping_interval
         rss_limit = self.options.recycle_rss_mb * 1024 * 1024
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for slot in self._slots:
-                w = slot.worker
-                if w is None or w.gone or slot.state is not SlotState.READY:
+                w = self._serving_worker(slot.index)
+                if w is None:
                     continue
                 if now - w.last_pong > self.options.hang_timeout:
-                    self._kill(w, "hang")
+                    self._apply(slot, slot.pong_missed(w.generation))
                     continue
                 w.ping_seq += 1
                 w.channel.send(p.Ping(seq=w.ping_seq))
@@ -576,164 +526,141 @@ class WorkerPool(AsyncBackend):
                     except psutil.Error:
                         continue
                     if rss > rss_limit:
-                        self._recycle(w, "recycle_rss")
+                        self._apply(slot, slot.over_limit(w.generation, "recycle_rss"))
 
-    def _recycle(self, worker: _Worker, reason: str) -> None:
-        """Replace a worker gracefully: the replacement is ready first, then work moves, then the old one stops."""
-        slot = worker.slot
-        if worker.exit_reason is not None or slot.replacing or self._closing:
-            return
-        slot.replacing = True
-        assert self._loop is not None
-        self._background(self._replace(worker, reason))
+    # -- messages from workers -------------------------------------------------------------
 
-    async def _replace(self, old: _Worker, reason: str) -> None:
-        slot = old.slot
-        logger.info("event=worker_recycle slot=%d pid=%d reason=%s", slot.index, old.pid, reason)
+    def _on_message(self, worker: WorkerProcess, msg: object) -> None:
+        if isinstance(msg, p.Data):
+            self._fanout.on_data(worker, msg)
+        elif isinstance(msg, p.ReadDone | p.WriteDone):
+            future = worker.pending.pop(msg.id, None)
+            if future is not None and not future.done():
+                future.set_result(msg)
+        elif isinstance(msg, p.Failed):
+            future = worker.pending.pop(msg.id, None)
+            if future is not None and not future.done():
+                future.set_exception(_EXCEPTIONS.get(msg.kind, RuntimeError)(f"{msg.kind}: {msg.message}"))
+        elif isinstance(msg, p.Pong):
+            worker.last_pong = time.monotonic()
+            worker.in_flight_remote = msg.in_flight
+            worker.subscriptions_remote = msg.subscriptions
+        elif isinstance(msg, p.SubscriptionEnded):
+            self._fanout.on_ended(worker, msg)
+        elif isinstance(msg, p.Ready):
+            if not worker.ready.done():
+                worker.ready.set_result(msg)
+        elif isinstance(msg, p.StartupFailed):
+            if not worker.ready.done():
+                worker.ready.set_exception(WorkerStartupError(f"backend {self.options.backend!r}: {msg.message}"))
+
+    # -- one-shot calls --------------------------------------------------------------------
+
+    async def _route(
+        self, drfs: list[str], positions: Iterable[int], timeout: float | None
+    ) -> tuple[dict[WorkerProcess, list[int]], float | None]:
+        """Group positions by serving worker, waiting for one if none serves; and the time left."""
+        positions = list(positions)
+        groups, unserved = self._router.group(drfs, positions)
+        if not unserved:
+            return groups, timeout
+        self.stats.calls_waited += 1
+        wait = self.options.worker_wait if timeout is None else min(self.options.worker_wait, timeout)
+        started = time.monotonic()
         try:
-            new = await self._spawn(slot, install=False)
-            try:
-                ready = await asyncio.wait_for(asyncio.shield(new.ready), self.options.ready_timeout)
-            except (TimeoutError, WorkerLost, WorkerStartupError) as exc:
-                logger.warning("event=worker_recycle_failed slot=%d error=%s", slot.index, exc)
-                self._kill(new, "recycle_failed")
-                return
-            if old.gone or self._closing:
-                self._kill(new, "recycle_cancelled")
-                return
-            old.exit_reason = reason
-            self.stats.restarts_by_reason[reason] += 1
-            slot.worker = new
-            self._on_ready(new, ready)  # new calls and the subscriptions go to the new worker now
-        finally:
-            slot.replacing = False
-        deadline = time.monotonic() + 30
-        while old.pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        old.channel.send(p.Shutdown())
+            async with asyncio.timeout(wait):
+                while unserved:
+                    await self._any_serving.wait()
+                    groups, unserved = self._router.group(drfs, positions)
+                    if unserved:
+                        await asyncio.sleep(0)  # it was lost again at once: let the loop turn
+        except TimeoutError:
+            self.stats.calls_unavailable += 1
+            raise BackendUnavailable(f"no backend worker became ready within {wait:g} s") from None
+        return groups, None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
 
-    # -- routing -----------------------------------------------------------------------
-
-    def _ranking(self, device: str) -> tuple[int, ...]:
-        ranking = self._rankings.get(device)
-        if ranking is None:
-            scores = []
-            for slot in self._slots:
-                digest = hashlib.blake2b(f"{device}\x00{slot.index}".encode(), digest_size=8).digest()
-                scores.append((digest, slot.index))
-            ranking = tuple(i for _, i in sorted(scores, reverse=True))
-            if len(self._rankings) > 100_000:
-                self._rankings.clear()
-            self._rankings[device] = ranking
-        return ranking
-
-    def _owner(self, device: str) -> _Slot | None:
-        for index in self._ranking(device):
-            slot = self._slots[index]
-            worker = slot.worker
-            # A worker whose socket closed is not reaped yet (its slot still says READY) but
-            # serves nothing; one being recycled takes no new work.
-            if slot.state is SlotState.READY and worker is not None and not worker.gone and worker.exit_reason is None:
-                return slot
-        return None
-
-    @staticmethod
-    def _device(drf: str) -> str:
-        try:
-            return parse_cached(drf).device
-        except DRFError as exc:
-            raise ValueError(str(exc)) from None
-
-    async def _call(self, slot: _Slot, make: Any, timeout: float | None) -> Any:
-        """Send the request `make(id)` to the slot's worker and wait for its reply.
+    async def _call(self, worker: WorkerProcess, make: Any, timeout: float | None) -> Any:
+        """Send the request `make(id)` to the worker and wait for its reply.
 
         WorkerLost when the worker is gone or dies first; TimeoutError after `timeout`.
         """
-        worker = slot.worker
-        if worker is None or worker.gone:
-            raise WorkerLost(f"worker {slot.index} is not running")
+        if worker.gone:
+            raise WorkerLost(f"worker {worker.slot} is not running")
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         worker.pending[request_id] = future
         worker.requests += 1
         worker.channel.send(make(request_id))
         if worker.recycle_after and worker.requests >= worker.recycle_after:
-            self._recycle(worker, "recycle_requests")
+            slot = self._slots[worker.slot]
+            self._apply(slot, slot.over_limit(worker.generation, "recycle_requests"))
         try:
             async with asyncio.timeout(timeout):
                 return await future
         finally:
             worker.pending.pop(request_id, None)  # answered, timed out or cancelled: forget it
 
-    def _group(self, drfs: list[str], positions: Iterable[int] | None = None) -> dict[int, list[int]]:
-        """Positions of `drfs` (all, or the given ones) grouped by the slot that owns each device."""
-        groups: dict[int, list[int]] = {}
-        for pos in range(len(drfs)) if positions is None else positions:
-            slot = self._owner(self._device(drfs[pos]))
-            if slot is None:
-                raise BackendUnavailable("no backend worker is ready")
-            groups.setdefault(slot.index, []).append(pos)
-        return groups
-
-    # -- AsyncBackend: reads ---------------------------------------------------------------
-
     async def get_many(self, drfs: list[str], timeout: float | None = None) -> list[Reading]:
         results: list[Reading | None] = [None] * len(drfs)
-        groups = self._group(drfs)
         auth = caller_authorization.get()
-        await _all(
-            self._read_group(self._slots[i], drfs, positions, results, timeout, auth) for i, positions in groups.items()
-        )
+        await self._read(drfs, range(len(drfs)), results, timeout, auth, retry=True)
         return results  # type: ignore[return-value]
+
+    async def _read(
+        self,
+        drfs: list[str],
+        positions: Iterable[int],
+        results: list[Reading | None],
+        timeout: float | None,
+        auth: str | None,
+        retry: bool,
+    ) -> None:
+        groups, timeout = await self._route(drfs, positions, timeout)
+        await _all(self._read_group(w, drfs, pos, results, timeout, auth, retry) for w, pos in groups.items())
 
     async def _read_group(
         self,
-        slot: _Slot,
+        worker: WorkerProcess,
         drfs: list[str],
         positions: list[int],
         results: list[Reading | None],
         timeout: float | None,
         auth: str | None,
-        retry: bool = True,
+        retry: bool,
     ) -> None:
         subset = [drfs[i] for i in positions]
+        started = time.monotonic()
         try:
             reply = await self._call(
-                slot, lambda rid: p.Read(id=rid, drfs=subset, timeout=timeout, authorization=auth), timeout
+                worker, lambda rid: p.Read(id=rid, drfs=subset, timeout=timeout, authorization=auth), timeout
             )
         except WorkerLost:
             if not retry:
                 raise BackendUnavailable("the backend worker died twice while reading") from None
             # Reads are idempotent: once more, on each device's next worker.
             self.stats.reads_retried += 1
-            regroup = self._group(drfs, positions)
-            await _all(
-                self._read_group(self._slots[i], drfs, sub, results, timeout, auth, False) for i, sub in regroup.items()
-            )
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+            await self._read(drfs, positions, results, left, auth, retry=False)
             return
         for pos, wire in zip(positions, reply.readings, strict=True):
-            results[pos] = self._reading(drfs[pos], wire)
-
-    def _reading(self, drf: str, wire: p.WireReading) -> Reading:
-        reading = p.reading_from_wire(drf, wire)
-        if wire.body is not None:
-            self.reply_bodies.remember(reading, wire.body)
-        return reading
-
-    # -- AsyncBackend: writes ----------------------------------------------------------
+            reading = p.reading_from_wire(drfs[pos], wire)
+            if wire.body is not None:
+                self.reply_bodies.remember(reading, wire.body)
+            results[pos] = reading
 
     async def write_many(self, settings: list[tuple[str, Value]], timeout: float | None = None) -> list[WriteResult]:
         drfs = [d for d, _ in settings]
-        groups = self._group(drfs)
+        # A write waits for a worker only before it is sent: once sent, it is never sent again.
+        groups, timeout = await self._route(drfs, range(len(drfs)), timeout)
         results: list[WriteResult | None] = [None] * len(settings)
         auth = caller_authorization.get()
 
-        async def write_group(slot: _Slot, positions: list[int]) -> None:
+        async def write_group(worker: WorkerProcess, positions: list[int]) -> None:
             subset = [drfs[i] for i in positions]
             values = [settings[i][1] for i in positions]
             try:
                 reply = await self._call(
-                    slot,
+                    worker,
                     lambda rid: p.Write(id=rid, drfs=subset, values=values, timeout=timeout, authorization=auth),
                     timeout,
                 )
@@ -753,202 +680,59 @@ class WorkerPool(AsyncBackend):
                     drf=drfs[pos], facility_code=r.facility, error_code=r.error, message=r.message
                 )
 
-        await _all(write_group(self._slots[i], pos) for i, pos in groups.items())
+        await _all(write_group(w, pos) for w, pos in groups.items())
         return results  # type: ignore[return-value]
 
-    # -- AsyncBackend: subscriptions -------------------------------------------------------
+    # -- subscriptions ---------------------------------------------------------------------
 
     async def subscribe(self, drfs: list[str], callback: Any = None, on_error: Any = None) -> AsyncSubscriptionHandle:
         if self.ready_count == 0:
-            raise BackendUnavailable("no backend worker is ready")
-        handle = AsyncSubscriptionHandle(remover=self._release, maxsize=self.options.stream_buffer)
-        shares: list[_Shared] = []
-        auth = caller_authorization.get()
-        for drf in drfs:
-            try:
-                parsed = parse_cached(drf)
-            except DRFError as exc:
-                raise ValueError(str(exc)) from None
-            key = parsed.canonical
-            shared = self._shared.get(key)
-            if shared is None:
-                periodic = parsed.event is not None and parsed.event.kind in ("P", "Q", "U")
-                shared = _Shared(key, parsed.device, periodic or parsed.event is None)
-                shared.authorization = auth
-                self._shared[key] = shared
-                self._place(shared)
-            if shared in shares:
-                continue
-            if shared.linger is not None:
-                shared.linger.cancel()
-                shared.linger = None
-            shared.subscribers.add(handle)
-            shares.append(shared)
-            if shared.last is not None and shared.periodic:
-                handle._dispatch(shared.last)  # a late joiner gets the latest reading at once
-        self._clients[handle] = shares
-        return handle
+            await self._route(drfs, range(min(len(drfs), 1)), None)  # waits for a worker, like a one-shot call
+        return self._fanout.subscribe(drfs, caller_authorization.get())
 
-    async def _release(self, handle: AsyncSubscriptionHandle) -> None:
-        assert self._loop is not None
-        for shared in self._clients.pop(handle, []):
-            shared.subscribers.discard(handle)
-            if not shared.subscribers and shared.linger is None:
-                shared.linger = self._loop.call_later(self.options.subscription_linger, self._close_shared, shared)
-
-    def _close_shared(self, shared: _Shared) -> None:
-        shared.linger = None
-        if shared.subscribers or self._shared.get(shared.key) is not shared:
-            return
-        del self._shared[shared.key]
-        self._unplace(shared)
-
-    def _place(self, shared: _Shared) -> None:
-        """Open the backend subscription on the device's worker (or leave it waiting for one)."""
-        slot = self._owner(shared.device)
-        worker = slot.worker if slot is not None else None
-        shared.worker = worker
-        if worker is None:
-            return
-        shared.sid = next(self._ids)
-        self._by_sid[shared.sid] = shared
-        worker.channel.send(p.Subscribe(sid=shared.sid, drf=shared.key, authorization=shared.authorization))
-
-    def _unplace(self, shared: _Shared) -> None:
-        worker, sid = shared.worker, shared.sid
-        self._by_sid.pop(sid, None)
-        shared.worker = None
-        if worker is not None and not worker.gone:
-            worker.channel.send(p.Unsubscribe(sid=sid))
-
-    def _rebalance(self) -> None:
-        """Put every subscription on the worker that now serves its device.
-
-        After a death its subscriptions move to the device's next worker (a gap, counted);
-        when the slot is back, or a recycled worker's replacement is ready, they move again.
-        """
-        now = time.monotonic()
-        for shared in list(self._shared.values()):
-            slot = self._owner(shared.device)
-            target = slot.worker if slot is not None else None
-            current = shared.worker
-            if current is target and current is not None:
-                continue
-            if current is None or current.gone:
-                self._mark_gap(shared, now)
-            if target is None:
-                if current is not None and current.gone:
-                    self._by_sid.pop(shared.sid, None)
-                    shared.worker = None
-                continue
-            self._unplace(shared)
-            self._place(shared)
-
-    def _mark_gap(self, shared: _Shared, now: float) -> None:
-        if shared.gap_started is None:
-            shared.gap_started = now
-            self.stats.stream_gaps += 1
-
-    # -- messages from workers -------------------------------------------------------------
-
-    def _on_message(self, worker: _Worker, msg: object) -> None:
-        if isinstance(msg, p.Data):
-            self._on_data(worker, msg)
-        elif isinstance(msg, p.ReadDone | p.WriteDone):
-            future = worker.pending.pop(msg.id, None)
-            if future is not None and not future.done():
-                future.set_result(msg)
-        elif isinstance(msg, p.Failed):
-            future = worker.pending.pop(msg.id, None)
-            if future is not None and not future.done():
-                future.set_exception(_EXCEPTIONS.get(msg.kind, RuntimeError)(f"{msg.kind}: {msg.message}"))
-        elif isinstance(msg, p.Pong):
-            worker.last_pong = time.monotonic()
-            worker.in_flight_remote = msg.in_flight
-            worker.subscriptions_remote = msg.subscriptions
-        elif isinstance(msg, p.SubscriptionEnded):
-            self._on_subscription_error(worker, msg)
-        elif isinstance(msg, p.Ready):
-            if not worker.ready.done():
-                worker.ready.set_result(msg)
-        elif isinstance(msg, p.StartupFailed):
-            if not worker.ready.done():
-                worker.ready.set_exception(WorkerStartupError(f"backend {self.options.backend!r}: {msg.message}"))
-
-    def _on_data(self, worker: _Worker, msg: p.Data) -> None:
-        now: float | None = None
-        for sid, wire in msg.items:
-            shared = self._by_sid.get(sid)
-            if shared is None or shared.worker is not worker:
-                continue  # late data of a subscription that moved or closed
-            reading = self._reading(shared.key, wire)
-            shared.last = reading
-            if shared.gap_started is not None:
-                now = now or time.monotonic()
-                gap = now - shared.gap_started
-                shared.gap_started = None
-                self.stats.last_gap_seconds = gap
-                self.stats.max_gap_seconds = max(self.stats.max_gap_seconds, gap)
-            for handle in shared.subscribers:
-                handle._feed(reading)  # the pool and its handles share the front's loop
-
-    def _on_subscription_error(self, worker: _Worker, msg: p.SubscriptionEnded) -> None:
-        """The backend refused or ended one DRF: its clients get a status for that slot, nothing more."""
-        shared = self._by_sid.pop(msg.sid, None)
-        if shared is None or shared.worker is not worker:
-            return
-        shared.worker = None
-        if self._shared.get(shared.key) is shared:
-            del self._shared[shared.key]
-        reading = Reading(
-            drf=shared.key, facility_code=DPM, error_code=DPM_INTERNAL, message=f"{msg.kind}: {msg.message}"
-        )
-        for handle in shared.subscribers:
-            handle._dispatch(reading)
-        for handle in shared.subscribers:
-            shares = self._clients.get(handle)
-            if shares is not None and shared in shares:
-                shares.remove(shared)
-
-    # -- run-time scaling ---------------------------------------------------------------------
+    # -- run-time scaling ------------------------------------------------------------------
 
     async def add_worker(self) -> None:
         """Start one more worker, in a slot retired earlier if there is one (its ranking is kept)."""
-        retired = [s for s in self._slots if s.state is SlotState.STOPPED]
+        retired = [s for s in self._slots if s.state is SlotState.RETIRED]
         if retired:
             slot = retired[0]
-            slot.restart_times.clear()
-            slot.backoff = self.options.restart_backoff_initial
-            slot.state = SlotState.STARTING
+            generation = _spawned(slot.revive())
         else:
-            slot = _Slot(len(self._slots), self.options)
+            slot = self._new_slot(len(self._slots))
             self._slots.append(slot)
-            self._rankings.clear()
+            self._router.resize(len(self._slots))
+            generation = _spawned(slot.start())
         self._count_workers()
-        await self._start_slot(slot)
+        await self._start_worker(slot, generation)
 
     def _count_workers(self) -> None:
-        self.options.workers = sum(1 for s in self._slots if s.state is not SlotState.STOPPED)
+        self.options.workers = sum(1 for s in self._slots if s.state is not SlotState.RETIRED)
 
     async def remove_worker(self) -> None:
         """Retire the last slot: its devices and subscriptions move first, then it stops."""
-        live = [s for s in self._slots if s.state is not SlotState.STOPPED]
+        live = [s for s in self._slots if s.state is not SlotState.RETIRED]
         if len(live) <= 1:
             logger.warning("event=remove_worker_refused reason=last_worker")
             return
         slot = live[-1]
-        slot.state = SlotState.STOPPED
+        slot.retire()
+        timer = self._timers.pop(slot.index, None)
+        if timer is not None:
+            timer.cancel()
         self._count_workers()
-        if slot.respawn is not None:
-            slot.respawn.cancel()
-        self._rebalance()
-        worker = slot.worker
-        if worker is not None:
-            worker.exit_reason = "scale_down"
-            deadline = time.monotonic() + 30
-            while worker.pending and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            worker.channel.send(p.Shutdown())
+        leaving = [w for (index, _), w in self._workers.items() if index == slot.index]
+        for worker in leaving:
+            worker.ended_by = "scale_down"
+        self._serving_changed()  # its subscriptions move to the other workers first
+        await asyncio.gather(*(self._drain_and_stop(w) for w in leaving))
+
+
+def _spawned(actions: list[Action]) -> int:
+    """The generation a start event asked to spawn."""
+    (spawn,) = actions
+    assert isinstance(spawn, Spawn)
+    return spawn.generation
 
 
 async def _all(coros: Iterable[Any]) -> None:

@@ -102,6 +102,7 @@ class SupervisedServer:
         self._start_error: BaseException | None = None
         self._stop_requested: asyncio.Event | None = None
         self._ready: bool | None = None
+        self._alive: bool | None = None
         self._started_at = 0.0
 
     # -- properties ----------------------------------------------------------------
@@ -131,8 +132,19 @@ class SupervisedServer:
         """True while the service reports SERVING (enough workers, not draining)."""
         return bool(self._ready)
 
+    def alive(self, timeout: float = 2.0) -> bool:
+        """Liveness: the front's loop answers and the backend can still recover by itself.
+
+        A worker pool cannot when no worker has served for `unready_limit` seconds; then a
+        restart of the whole service is the remaining remedy, and liveness says so.
+        """
+        return self.backend_alive() and self.loop_alive(timeout)
+
+    def backend_alive(self) -> bool:
+        return bool(getattr(self._backend, "is_alive", True))
+
     def loop_alive(self, timeout: float = 2.0) -> bool:
-        """True when the server's event loop runs a callback within `timeout` (liveness)."""
+        """True when the server's event loop runs a callback within `timeout`."""
         loop = self._loop
         if loop is None or self._stopped.is_set():
             return False
@@ -237,7 +249,6 @@ class SupervisedServer:
         await self._open_backend()
         await server.start()
         self._started_at = time.time()
-        await self.health.set("liveness", SERVING)
         await self._update_readiness()
         watcher = asyncio.get_running_loop().create_task(self._watch_readiness())
         logger.info("serving DAQ on %s:%d", self._host, self._port)
@@ -253,6 +264,14 @@ class SupervisedServer:
         return bool(getattr(self._backend, "is_ready", True))
 
     async def _update_readiness(self) -> None:
+        alive = self.backend_alive()
+        if alive != self._alive:
+            self._alive = alive
+            await self.health.set("liveness", SERVING if alive else NOT_SERVING)
+            if alive:
+                logger.info("event=liveness status=SERVING")
+            else:
+                logger.error("event=liveness status=NOT_SERVING reason=no_worker_serving")
         ready = self._backend_ready() and not self.servicer.draining
         if ready != self._ready:
             self._ready = ready

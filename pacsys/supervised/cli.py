@@ -56,6 +56,8 @@ from pacsys.supervised.config import (
 logger = logging.getLogger("pacsys.supervised")
 
 PROG = "pacsys-supervisor"
+# Exit status when `unready_exit` is set and no worker could serve for `unready_limit` seconds.
+EXIT_UNREADY = 4
 SUBCOMMANDS = ("check-config", "probe", "status")
 
 # Settings a SIGHUP applies at once; a change to any other one waits for a restart.
@@ -253,7 +255,7 @@ class _Service:
             print(f"{PROG}: serving DAQ on {s.host}:{self.server.port} ({self._describe()})", flush=True)
             systemd.notify(f"READY=1\nSTATUS=serving on port {self.server.port}\nMAINPID={os.getpid()}")
             watchdog_stop = threading.Event()
-            systemd.start_watchdog(self.server.loop_alive, watchdog_stop)
+            systemd.start_watchdog(self.server.alive, watchdog_stop)
             try:
                 return self._wait()
             finally:
@@ -321,6 +323,18 @@ class _Service:
             except queue.Empty:
                 if self.server.wait(0):
                     return _error("the server stopped unexpectedly (see the log)")
+                if self.settings.unready_exit and not self.server.backend_alive():
+                    # Erlang's escalation: this process cannot recover by itself; let the
+                    # service manager restart all of it.
+                    logger.error(
+                        "event=unready_exit no worker served for %g s: draining and exiting with status %d",
+                        self.settings.unready_limit,
+                        EXIT_UNREADY,
+                    )
+                    self.stopping = True
+                    systemd.notify("STOPPING=1")
+                    self.server.stop()
+                    return EXIT_UNREADY
                 continue
             name = signal.Signals(signum).name
             if signum in (signal.SIGINT, signal.SIGTERM):
@@ -508,7 +522,21 @@ def render_status(view: dict[str, Any]) -> str:
     if workers is None:
         return "\n".join(lines)
     lines.append(f"backend subscriptions {view.get('backend_subscriptions')}")
-    columns = ("slot", "state", "pid", "devices", "subs", "in_flight", "rss_mb", "cpu_s", "restarts", "last_exit")
+    columns = (
+        "slot",
+        "state",
+        "pid",
+        "devices",
+        "subs",
+        "in_flight",
+        "rss_mb",
+        "cpu_s",
+        "restarts",
+        "last_exit",
+        "next_start",
+        "backoff",
+        "budget",
+    )
     rows: list[tuple[str, ...]] = [
         (
             str(w["slot"]),
@@ -520,17 +548,25 @@ def render_status(view: dict[str, Any]) -> str:
             f"{w['rss_bytes'] / 2**20:.1f}" if "rss_bytes" in w else "-",
             f"{w['cpu_seconds']:.1f}" if "cpu_seconds" in w else "-",
             str(w["restarts"]),
-            w["last_exit"] or "-",
+            " ".join(x for x in (w["last_exit"], w["last_exit_detail"]) if x) or "-",
+            f"{w['next_start_in']:.1f}s" if w["next_start_in"] is not None else "-",
+            f"{w['next_backoff']:g}s",
+            str(w["restart_budget_left"]),
         )
         for w in workers
     ]
     lines += _table(columns, rows)
     pool = view.get("pool")
     if pool:
-        exits = ", ".join(f"{k}={v}" for k, v in sorted(pool["restarts_by_reason"].items())) or "none"
+        exits = ", ".join(f"{k}={v}" for k, v in sorted(pool["exits_by_reason"].items())) or "none"
+        recycles = ", ".join(f"{k}={v}" for k, v in sorted(pool["recycles_by_reason"].items())) or "none"
         lines.append(
-            f"exits {exits}  given up {pool['slots_given_up']}  reads retried {pool['reads_retried']}"
-            f"  writes outcome unknown {pool['writes_outcome_unknown']}  stream gaps {pool['stream_gaps']}"
+            f"exits {exits}  recycles {recycles}  cool-downs {pool['cooldowns']}"
+            f"  calls waited {pool['calls_waited']} (unavailable {pool['calls_unavailable']})"
+        )
+        lines.append(
+            f"reads retried {pool['reads_retried']}  writes outcome unknown {pool['writes_outcome_unknown']}"
+            f"  stream gaps {pool['stream_gaps']}"
         )
     return "\n".join(lines)
 

@@ -292,17 +292,56 @@ class Settings:
         5.0, "Seconds without a ping answer after which a worker is killed and replaced.", section="Supervision", gt=0
     )
     restart_backoff_initial: float = _setting(
-        0.1, "Seconds before the first restart of a crashed worker (doubles each time).", section="Supervision", gt=0
+        0.1,
+        "Seconds before a worker is started again after it ended (doubles while it keeps ending early).",
+        section="Supervision",
+        gt=0,
     )
     restart_backoff_max: float = _setting(5.0, "Longest wait before restarting a worker.", section="Supervision", gt=0)
-    restart_backoff_reset: float = _setting(
-        30.0, "Seconds a worker must run to reset its backoff.", section="Supervision", gt=0
+    restart_stable_uptime: float = _setting(
+        1.0,
+        "A worker that served this many seconds before it ended is restarted after restart_backoff_initial and its "
+        "exit does not count towards restart_intensity; one that ended sooner is a crash-loop suspect.",
+        section="Supervision",
+        gt=0,
     )
     restart_intensity: int = _setting(
-        5, "Restarts allowed per worker slot within restart_period ...", section="Supervision", min=0
+        5,
+        "Early exits (crash-loop suspects) allowed per worker slot within restart_period ...",
+        section="Supervision",
+        min=0,
     )
     restart_period: float = _setting(
-        60.0, "... seconds; one more and the slot is given up.", section="Supervision", gt=0
+        60.0, "... seconds; one more cools the slot down (while another slot serves).", section="Supervision", gt=0
+    )
+    restart_cooldown_initial: float = _setting(
+        10.0,
+        "Seconds a slot cools down the first time; doubles on each repeated cool-down.",
+        section="Supervision",
+        gt=0,
+    )
+    restart_cooldown_max: float = _setting(
+        300.0, "Longest cool-down of a slot before it tries again.", section="Supervision", gt=0
+    )
+    worker_wait: float = _setting(
+        5.0,
+        "Seconds a Read or Set waits for a worker when none serves (never past the client's deadline); "
+        "then UNAVAILABLE.",
+        section="Supervision",
+        min=0,
+    )
+    unready_limit: float = _setting(
+        120.0,
+        "Seconds without any serving worker after which liveness turns NOT_SERVING (and the systemd watchdog "
+        "stops), so that the service is restarted as a whole.",
+        section="Supervision",
+        gt=0,
+    )
+    unready_exit: bool = _setting(
+        False,
+        "After unready_limit without a serving worker, drain and exit with status 4 instead of only "
+        "reporting it (escalation to systemd or Kubernetes).",
+        section="Supervision",
     )
 
     # recycling
@@ -357,6 +396,12 @@ class Settings:
         if self.workers > 0 and self.min_workers_ready > self.workers:
             raise _key_error(
                 "min_workers_ready", f"({self.min_workers_ready}) must not exceed 'workers' ({self.workers})"
+            )
+        if self.restart_cooldown_max < self.restart_cooldown_initial:
+            raise _key_error(
+                "restart_cooldown_max",
+                f"({self.restart_cooldown_max:g}) must not be below 'restart_cooldown_initial' "
+                f"({self.restart_cooldown_initial:g})",
             )
         if self.restart_backoff_max < self.restart_backoff_initial:
             raise _key_error(

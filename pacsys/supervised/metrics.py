@@ -16,6 +16,11 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from workers.supervision import SERVING, SlotState
+
+SLOT_STATES = tuple(state.value for state in SlotState if state is not SlotState.RETIRED)
+SERVING_STATES = frozenset(state.value for state in SERVING)
+
 if TYPE_CHECKING:
     from pacsys.supervised._server import SupervisedServer
 
@@ -52,6 +57,18 @@ class _Collector:
             "pacsys_ready", "1 while the service reports SERVING", value=1 if self._server.ready else 0
         )
         backend = self._server.backend
+        yield GaugeMetricFamily(
+            "pacsys_alive",
+            "1 while liveness is SERVING (0: no worker served for unready_limit seconds)",
+            value=1 if self._server.backend_alive() else 0,
+        )
+        unready_seconds = getattr(backend, "unready_seconds", None)
+        if unready_seconds is not None:
+            yield GaugeMetricFamily(
+                "pacsys_no_worker_seconds",
+                "Seconds since a worker last served (0 while one does)",
+                value=unready_seconds(),
+            )
         subscriptions = getattr(backend, "subscription_count", None)
         if subscriptions is not None:
             yield GaugeMetricFamily("pacsys_backend_subscriptions", "Backend subscriptions held", value=subscriptions)
@@ -62,7 +79,7 @@ class _Collector:
 
 def _worker_metrics(rows: list[dict[str, Any]], pool_stats: Any) -> Iterator[Any]:
     gauges = {
-        "up": GaugeMetricFamily("pacsys_worker_up", "1 when the worker is ready", labels=["slot"]),
+        "up": GaugeMetricFamily("pacsys_worker_up", "1 when the slot's worker serves", labels=["slot"]),
         "pid": GaugeMetricFamily("pacsys_worker_pid", "Process id of the worker", labels=["slot"]),
         "rss": GaugeMetricFamily("pacsys_worker_rss_bytes", "Resident memory of the worker", labels=["slot"]),
         "heartbeat": GaugeMetricFamily(
@@ -70,14 +87,24 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: Any) -> Iterator[Any
         ),
         "in_flight": GaugeMetricFamily("pacsys_worker_in_flight", "Requests waiting on the worker", labels=["slot"]),
         "budget": GaugeMetricFamily(
-            "pacsys_worker_restart_budget_left", "Restarts left before the slot is given up", labels=["slot"]
+            "pacsys_worker_restart_budget_left",
+            "Early exits the slot may still have within restart_period before it cools down",
+            labels=["slot"],
         ),
     }
+    state = GaugeMetricFamily(
+        "pacsys_worker_state", "1 for the slot's current state (starting, ready, ...)", labels=["slot", "state"]
+    )
     restarts = CounterMetricFamily("pacsys_worker_restarts", "Restarts of the slot", labels=["slot"])
+    cooldowns = CounterMetricFamily("pacsys_worker_cooldowns", "Cool-downs of the slot", labels=["slot"])
     cpu = CounterMetricFamily("pacsys_worker_cpu_seconds", "CPU time of the current worker process", labels=["slot"])
     for row in rows:
+        if row["state"] == SlotState.RETIRED.value:
+            continue  # a retired slot leaves no series behind
         slot = [str(row["slot"])]
-        gauges["up"].add_metric(slot, 1 if row["state"] == "ready" else 0)
+        gauges["up"].add_metric(slot, 1 if row["state"] in SERVING_STATES else 0)
+        for name in SLOT_STATES:
+            state.add_metric([slot[0], name], 1 if row["state"] == name else 0)
         if row["pid"] is not None:
             gauges["pid"].add_metric(slot, row["pid"])
         if "rss_bytes" in row:
@@ -89,17 +116,26 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: Any) -> Iterator[Any
         gauges["in_flight"].add_metric(slot, row["in_flight"])
         gauges["budget"].add_metric(slot, row["restart_budget_left"])
         restarts.add_metric(slot, row["restarts"])
+        cooldowns.add_metric(slot, row["cooldowns"])
     yield from gauges.values()
+    yield state
     yield restarts
+    yield cooldowns
     yield cpu
     if pool_stats is None:
         return
-    by_reason = CounterMetricFamily("pacsys_worker_exits", "Worker exits by reason", labels=["reason"])
-    for reason, n in list(pool_stats.restarts_by_reason.items()):
-        by_reason.add_metric([reason], n)
-    yield by_reason
+    for name, help_text, counts in (
+        ("pacsys_worker_exits", "Worker exits by reason (signal, exit, hang, ...)", pool_stats.exits_by_reason),
+        ("pacsys_worker_recycles", "Workers replaced gracefully, by reason", pool_stats.recycles_by_reason),
+    ):
+        family = CounterMetricFamily(name, help_text, labels=["reason"])
+        for reason, n in list(counts.items()):
+            family.add_metric([reason], n)
+        yield family
     for name, help_text in (
-        ("slots_given_up", "Slots given up after too many restarts"),
+        ("cooldowns", "Slots cooled down after too many early exits"),
+        ("calls_waited", "One-shot calls and subscriptions that found no worker serving and waited"),
+        ("calls_unavailable", "Calls that waited worker_wait for a worker in vain (UNAVAILABLE)"),
         ("reads_retried", "One-shot reads retried after their worker died"),
         ("writes_outcome_unknown", "Settings answered 'worker lost; outcome unknown'"),
         ("stream_gaps", "Subscriptions interrupted by a worker's death"),
@@ -108,7 +144,7 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: Any) -> Iterator[Any
 
 
 class MetricsServer:
-    """Serves /metrics, /healthz (the front's loop answers) and /readyz (SERVING) over HTTP."""
+    """Serves /metrics, /healthz (liveness) and /readyz (SERVING) over HTTP."""
 
     def __init__(self, server: SupervisedServer, port: int, host: str = "0.0.0.0"):
         self.registry = CollectorRegistry()
@@ -129,7 +165,7 @@ class MetricsServer:
                 if self.path == "/metrics":
                     self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
                 elif self.path == "/healthz":
-                    alive = supervised.loop_alive()
+                    alive = supervised.alive()
                     self._reply(200 if alive else 503, b"ok\n" if alive else b"front loop not answering\n")
                 elif self.path == "/readyz":
                     ready = supervised.ready
