@@ -4,17 +4,23 @@
     memory_sync     the same as a sync Backend (runs through a thread pool)
     blocking_10ms   sync Backend: every get_many/write_many sleeps 10 ms, then answers from memory
     cpu_1ms         sync Backend: every get_many/write_many burns ~1 ms of CPU (holding the GIL)
+    chaos_sync      sync Backend for bench_chaos: memory reads, periodic subscriptions (a thread
+                    each), and every write applied is appended to $CHAOS_WRITE_LOG before it is
+                    answered, so a benchmark can tell writes lost or applied twice
 
 All accept writes (the value is stored and read back). Unknown devices read 0.0.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from datetime import UTC, datetime
 
 from pacsys.aio import AsyncBackend
-from pacsys.backends import Backend
+from pacsys.backends import Backend, SubscriptionHandle
+from pacsys.drf import parse_cached
 from pacsys.drf_utils import get_device_name
 from pacsys.types import BackendCapability, Reading, Value, ValueType, WriteResult
 
@@ -94,6 +100,52 @@ class CpuBackend(SyncMemoryBackend):
         end = time.perf_counter() + 0.001
         while time.perf_counter() < end:
             pass
+
+
+class ChaosBackend(SyncMemoryBackend):
+    """Writes are logged as they are applied; `@p,N` subscriptions tick on their own threads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        path = os.environ.get("CHAOS_WRITE_LOG")
+        # O_APPEND: each line is one write(2) that outlives a SIGKILL of this process.
+        self._log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if path else None
+        self._lock = threading.Lock()
+
+    @property
+    def capabilities(self) -> BackendCapability:
+        return CAPABILITIES | BackendCapability.STREAM
+
+    def write_many(self, settings: list[tuple[str, Value]], timeout: float | None = None) -> list[WriteResult]:
+        results = super().write_many(settings, timeout)
+        if self._log is not None:
+            lines = "".join(f"{get_device_name(drf)} {value!r}\n" for drf, value in settings)
+            with self._lock:
+                os.write(self._log, lines.encode())
+        return results
+
+    def subscribe(self, drfs: list[str], callback=None, on_error=None) -> SubscriptionHandle:  # type: ignore[no-untyped-def]
+        handle = SubscriptionHandle(drfs, callback=callback, on_error=on_error)
+        event = parse_cached(drfs[0]).event
+        period = (event.period or 1_000_000) / 1e6 if event is not None and event.period else 1.0
+
+        def tick() -> None:
+            while not handle.stopped:
+                time.sleep(period - time.monotonic() % period)  # on multiples of the period
+                for reading in self.memory.get_many(drfs):
+                    handle._dispatch(reading)
+
+        threading.Thread(target=tick, daemon=True).start()
+        return handle
+
+    def close(self) -> None:
+        if self._log is not None:
+            os.close(self._log)
+            self._log = None
+
+
+def chaos_sync() -> ChaosBackend:
+    return ChaosBackend()
 
 
 def memory() -> MemoryBackend:
