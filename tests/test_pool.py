@@ -145,6 +145,13 @@ def test_a_call_waits_for_a_worker_when_none_serves(running):
     wait_for(lambda: r.pool.ready_count == 0, what="no worker serving")
     assert r.read(["M:OUTTMP@I"])[0].WhichOneof("value") == "readings"  # waited, did not fail
     assert r.pool.stats.calls_waited >= 1 and r.pool.stats.calls_unavailable == 0
+    for pid in worker_pids(r.pool):
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: r.pool.ready_count == 0, what="no worker serving again")
+    stream = r.stub.Read(DAQ_pb2.ReadingList(drf=["Z:SIM001@p,100"]), timeout=20)
+    assert next(stream).WhichOneof("value") == "readings"  # a new stream waits too
+    stream.cancel()
+    assert r.pool.stats.calls_unavailable == 0
 
 
 def test_a_call_answers_unavailable_after_waiting_worker_wait_and_never_hangs(running, tmp_path, monkeypatch):

@@ -569,15 +569,25 @@ class WorkerPool(AsyncBackend):
         started = time.monotonic()
         try:
             async with asyncio.timeout(wait):
-                while unserved:
+                while unserved:  # a worker that serves again may be lost again before this call runs
                     await self._any_serving.wait()
                     groups, unserved = self._router.group(drfs, positions)
                     if unserved:
-                        await asyncio.sleep(0)  # it was lost again at once: let the loop turn
+                        await asyncio.sleep(0.01)
         except TimeoutError:
             self.stats.calls_unavailable += 1
             raise BackendUnavailable(f"no backend worker became ready within {wait:g} s") from None
         return groups, None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+
+    async def _wait_for_a_worker(self) -> None:
+        """Wait until any worker serves (at most `worker_wait`): a new stream, like a one-shot call."""
+        self.stats.calls_waited += 1
+        try:
+            async with asyncio.timeout(self.options.worker_wait):
+                await self._any_serving.wait()
+        except TimeoutError:
+            self.stats.calls_unavailable += 1
+            raise BackendUnavailable(f"no backend worker became ready within {self.options.worker_wait:g} s") from None
 
     async def _call(self, worker: WorkerProcess, make: Any, timeout: float | None) -> Any:
         """Send the request `make(id)` to the worker and wait for its reply.
@@ -687,7 +697,7 @@ class WorkerPool(AsyncBackend):
 
     async def subscribe(self, drfs: list[str], callback: Any = None, on_error: Any = None) -> AsyncSubscriptionHandle:
         if self.ready_count == 0:
-            await self._route(drfs, range(min(len(drfs), 1)), None)  # waits for a worker, like a one-shot call
+            await self._wait_for_a_worker()  # the stream then moves with its devices
         return self._fanout.subscribe(drfs, caller_authorization.get())
 
     # -- run-time scaling ------------------------------------------------------------------
