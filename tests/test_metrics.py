@@ -92,7 +92,7 @@ def test_http_probes_follow_readiness_and_liveness(tmp_path, monkeypatch):
         wait_for(lambda: _liveness(server.port) == "NOT_SERVING", what="the gRPC liveness probe to say the same")
         text = _get(metrics.port, "/metrics")[1]
         assert _value(text, "pacsys_alive") == 0
-        assert _value(text, "pacsys_no_worker_seconds") > 1.0
+        assert _value(text, "pacsys_unready_seconds") > 1.0
         assert _value(text, "pacsys_worker_exits_total", reason="signal") == 2
         assert _value(text, "pacsys_worker_exits_total", reason="startup_failed") >= 1
         assert sum(_value(text, "pacsys_worker_state", slot="0", state=s) for s in SLOT_STATES) == 1

@@ -282,3 +282,16 @@ def test_a_sync_backend_with_every_thread_blocked_times_out_per_call_and_keeps_p
     blocked_at = time.monotonic()
     wait_for(lambda: worker.last_pong > blocked_at + FAST["hang_timeout"], what="pongs past the hang timeout")
     assert victim in worker_pids(r.pool) and r.pool.stats.exits_by_reason["hang"] == 0
+
+
+def test_liveness_fails_when_the_pool_stays_short_of_min_workers_ready(running, tmp_path, monkeypatch):
+    flag = tmp_path / "cursed"
+    monkeypatch.setenv("FAULT_FLAG", str(flag))
+    r = running(backend="fault_backends:broken_when_flagged", workers=2, min_workers_ready=2, unready_limit=1.0)
+    assert r.pool.is_alive
+    flag.touch()
+    os.kill(r.pool.worker_states()[1]["pid"], signal.SIGKILL)
+    wait_for(lambda: not r.pool.is_alive, what="liveness to fail")
+    assert r.pool.ready_count == 1  # one worker serves, but never enough to be ready: not alive
+    flag.unlink()
+    wait_for(lambda: r.pool.is_ready and r.pool.is_alive, what="ready and alive again")

@@ -184,16 +184,17 @@ class WorkerPool(AsyncBackend):
         return self.ready_count >= self.options.min_workers_ready
 
     def unready_seconds(self) -> float:
-        """How long no worker has been serving (0 while one is)."""
+        """How long the pool has not been ready (fewer than `min_workers_ready` serving; 0 while ready)."""
         return 0.0 if self._unready_since is None else time.monotonic() - self._unready_since
 
     @property
     def is_alive(self) -> bool:
-        """The pool can still recover by itself: a worker served within `unready_limit` seconds.
+        """The pool can still recover by itself: it was ready within the last `unready_limit` seconds.
 
         The pool never stops trying (the last slot standing never cools down), so past that
         limit a restart of the whole service is the only remedy left: health liveness, the
-        systemd watchdog and, with `unready_exit`, the service itself act on this.
+        systemd watchdog and, with `unready_exit`, the service itself act on this. So the
+        service never sits NOT_SERVING for good while its liveness says SERVING.
         """
         return self.unready_seconds() <= self.options.unready_limit
 
@@ -359,12 +360,15 @@ class WorkerPool(AsyncBackend):
         if self._closing:
             return
         self._fanout.rebalance()
-        if self.ready_count:
-            self._unready_since = None
+        serving = self.ready_count
+        if serving:
             self._any_serving.set()
         else:
-            self._unready_since = self._unready_since or time.monotonic()
             self._any_serving.clear()
+        if serving >= self.options.min_workers_ready:
+            self._unready_since = None
+        else:
+            self._unready_since = self._unready_since or time.monotonic()
 
     def _timer_fired(self, slot: Slot, token: int) -> None:
         self._timers.pop(slot.index, None)

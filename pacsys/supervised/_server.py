@@ -135,7 +135,7 @@ class SupervisedServer:
     def alive(self, timeout: float = 2.0) -> bool:
         """Liveness: the front's loop answers and the backend can still recover by itself.
 
-        A worker pool cannot when no worker has served for `unready_limit` seconds; then a
+        A worker pool cannot when it has not been ready for `unready_limit` seconds; then a
         restart of the whole service is the remaining remedy, and liveness says so.
         """
         return self.backend_alive() and self.loop_alive(timeout)
@@ -271,7 +271,7 @@ class SupervisedServer:
             if alive:
                 logger.info("event=liveness status=SERVING")
             else:
-                logger.error("event=liveness status=NOT_SERVING reason=no_worker_serving")
+                logger.error("event=liveness status=NOT_SERVING reason=unready_limit")
         ready = self._backend_ready() and not self.servicer.draining
         if ready != self._ready:
             self._ready = ready

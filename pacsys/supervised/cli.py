@@ -56,7 +56,7 @@ from pacsys.supervised.config import (
 logger = logging.getLogger("pacsys.supervised")
 
 PROG = "pacsys-supervisor"
-# Exit status when `unready_exit` is set and no worker could serve for `unready_limit` seconds.
+# Exit status when `unready_exit` is set and the pool was not ready for `unready_limit` seconds.
 EXIT_UNREADY = 4
 SUBCOMMANDS = ("check-config", "probe", "status")
 
@@ -327,7 +327,7 @@ class _Service:
                     # Erlang's escalation: this process cannot recover by itself; let the
                     # service manager restart all of it.
                     logger.error(
-                        "event=unready_exit no worker served for %g s: draining and exiting with status %d",
+                        "event=unready_exit unready_limit=%g exit_status=%d",
                         self.settings.unready_limit,
                         EXIT_UNREADY,
                     )

@@ -332,14 +332,14 @@ class Settings:
     )
     unready_limit: float = _setting(
         120.0,
-        "Seconds without any serving worker after which liveness turns NOT_SERVING (and the systemd watchdog "
-        "stops), so that the service is restarted as a whole.",
+        "Seconds the pool may stay not ready (fewer than min_workers_ready workers serving) before liveness turns "
+        "NOT_SERVING and the systemd watchdog stops, so that the service is restarted as a whole.",
         section="Supervision",
         gt=0,
     )
     unready_exit: bool = _setting(
         False,
-        "After unready_limit without a serving worker, drain and exit with status 4 instead of only "
+        "After unready_limit not ready, drain and exit with status 4 instead of only "
         "reporting it (escalation to systemd or Kubernetes).",
         section="Supervision",
     )

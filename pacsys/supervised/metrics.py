@@ -59,13 +59,13 @@ class _Collector:
         backend = self._server.backend
         yield GaugeMetricFamily(
             "pacsys_alive",
-            "1 while liveness is SERVING (0: no worker served for unready_limit seconds)",
+            "1 while liveness is SERVING (0: not ready for unready_limit seconds)",
             value=1 if self._server.backend_alive() else 0,
         )
         unready_seconds = getattr(backend, "unready_seconds", None)
         if unready_seconds is not None:
             yield GaugeMetricFamily(
-                "pacsys_no_worker_seconds",
+                "pacsys_unready_seconds",
                 "Seconds since a worker last served (0 while one does)",
                 value=unready_seconds(),
             )
