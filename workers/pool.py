@@ -50,6 +50,7 @@ from pacsys.status import DPM, DPM_INTERNAL, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
 from workers import protocol as p
 from workers.channel import FrameChannel
+from workers.worker import command as worker_command
 
 logger = logging.getLogger("pacsys.workers")
 
@@ -120,6 +121,7 @@ class PoolOptions:
     stream_buffer: int = 1000
     worker_log_level: str = "WARNING"
     event_loop: str = "auto"
+    worker_python: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Any) -> PoolOptions:
@@ -328,10 +330,14 @@ class WorkerPool(AsyncBackend):
         # The worker resolves `module:factory` specs on the same import path as the front.
         env["PYTHONPATH"] = os.pathsep.join(x for x in [os.getcwd(), *sys.path] if x)
         env["PACSYS_WORKER_SLOT"] = str(slot.index)
+        # Under another interpreter (worker_python) the worker sets its own path: see worker.command.
+        start = (
+            worker_command(self.options.worker_python)
+            if self.options.worker_python
+            else [sys.executable, "-m", "workers.worker"]
+        )
         cmd = [
-            sys.executable,
-            "-m",
-            "workers.worker",
+            *start,
             "--fd",
             str(worker_end.fileno()),
             "--backend",
@@ -418,7 +424,7 @@ class WorkerPool(AsyncBackend):
         if slot.died_at is not None:
             self.stats.last_restart_to_ready_seconds = worker.ready_at - slot.died_at
             slot.died_at = None
-        logger.info("event=worker_ready slot=%d pid=%d", slot.index, worker.pid)
+        logger.info("event=worker_ready slot=%d pid=%d backend=%r", slot.index, worker.pid, ready.backend)
         self._rebalance()
 
     def _background(self, coro: Any) -> None:
