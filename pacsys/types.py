@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import Enum, Flag, auto
 from typing import TYPE_CHECKING, Any
 
-from pacsys.drf_utils import get_device_name
+from pacsys.drf_utils import guess_device_name
 
 if TYPE_CHECKING:
     from pacsys.backends import SubscriptionHandle
@@ -157,7 +157,7 @@ class Reading:
 
     @property
     def name(self) -> str:
-        return self.meta.name if self.meta else get_device_name(self.drf)
+        return self.meta.name if self.meta else guess_device_name(self.drf)
 
     @property
     def units(self) -> str | None:
