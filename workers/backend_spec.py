@@ -84,7 +84,13 @@ def parse_factory(spec: str) -> tuple[str, str, dict[str, Any]] | None:
 
 
 def describe(spec: str) -> str:
-    """The spec without its argument values (they may be secrets), for log lines."""
+    """The spec for log lines: a factory without its argument values (they may be secrets)."""
+    if is_builtin(spec):
+        try:
+            from pacsys.backends.spec import describe_spec  # only where our own backends are
+        except ImportError:
+            return spec.partition("?")[0]
+        return describe_spec(spec)
     parsed = parse_factory(spec)
     if parsed is None:
         return spec
