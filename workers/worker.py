@@ -86,6 +86,8 @@ class Worker:
         self._done: asyncio.Future[None] | None = None
         self._subs: dict[int, Subscription] = {}
         self._cancelled: set[int] = set()
+        # sid -> None while its Subscribe is being set up, or the exception that ended it meanwhile
+        self._starting: dict[int, BaseException | None] = {}
         self._tasks: set[asyncio.Task] = set()
         self._write_tails: dict[str, asyncio.Future] = {}
         self._data: list[tuple[int, p.WireReading]] = []
@@ -208,16 +210,21 @@ class Worker:
     async def _subscribe(self, msg: p.Subscribe) -> None:
         assert self._backend is not None and self._channel is not None
         sid = msg.sid
+        self._starting[sid] = None
         try:
             sub = await self._backend.subscribe(
                 msg.drf, msg.authorization, lambda readings: self._on_readings(sid, readings), self._ender(sid)
             )
         except Exception as exc:
+            self._starting.pop(sid, None)
             self._channel.send(p.SubscriptionEnded(sid=sid, kind=type(exc).__name__, message=str(exc)))
             return
-        if sid in self._cancelled:
+        ended = self._starting.pop(sid, None)  # the backend may end it before subscribe returns
+        if sid in self._cancelled or ended is not None:
             self._cancelled.discard(sid)
             await sub.stop()
+            if ended is not None:
+                self._channel.send(p.SubscriptionEnded(sid=sid, kind=type(ended).__name__, message=str(ended)))
             return
         self._subs[sid] = sub
 
@@ -231,7 +238,9 @@ class Worker:
         def on_end(exc: BaseException | None) -> None:
             # Readings gathered before the end go first.
             self._flush_data()
-            if self._subs.pop(sid, None) is not None and exc is not None and self._channel is not None:
+            if sid in self._starting:
+                self._starting[sid] = exc
+            elif self._subs.pop(sid, None) is not None and exc is not None and self._channel is not None:
                 self._channel.send(p.SubscriptionEnded(sid=sid, kind=type(exc).__name__, message=str(exc)))
 
         return on_end
