@@ -14,11 +14,12 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
 from helpers import wait_for
-from release_venv import VENV, release_python
+from release_venv import release_python
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 
@@ -58,12 +59,13 @@ def _value(reply):
     return reply.readings.reading[0].data.scalar
 
 
-def _release_backends_loaded(caplog):
+def _release_backends_loaded(caplog, release_py):
     """Each worker says which class it hosts and the file it came from: the release's, never ours."""
+    venv = str(Path(release_py).parent.parent)  # .../bin/python -> the venv
     lines = [r.getMessage() for r in caplog.records if "event=worker_ready" in r.getMessage()]
     assert lines
     for line in lines:
-        assert str(VENV) in line and "/pacsys/" in line, line
+        assert f"from {venv}/" in line and "/pacsys/" in line, line
 
 
 def _kill_owner(r, device):
@@ -76,7 +78,7 @@ def _kill_owner(r, device):
 def test_release_fake_backend_in_release_workers(running, release_py, caplog):
     caplog.set_level(logging.INFO, logger="pacsys.workers")
     r = running(backend="pacsys.testing:FakeBackend", workers=2, worker_python=release_py)
-    _release_backends_loaded(caplog)
+    _release_backends_loaded(caplog, release_py)
 
     (nope,) = r.read(["M:NOPE@I"])  # the release's fake: nothing configured yet
     assert (nope.status.facility_code, nope.status.status_code) == (1, -1)
@@ -97,7 +99,7 @@ def test_release_grpc_backend_in_release_workers(running, release_py, upstream_s
     caplog.set_level(logging.INFO, logger="pacsys.workers")
     spec = f"pacsys.backends.grpc_backend:GRPCBackend?host=127.0.0.1&port={upstream_sim}"
     r = running(backend=spec, workers=2, worker_python=release_py)
-    _release_backends_loaded(caplog)
+    _release_backends_loaded(caplog, release_py)
 
     first, second = r.read(["M:OUTTMP@I", "G:AMANDA@I"])
     assert 60 < _value(first) < 90 and 30 < _value(second) < 50  # the simulator's ranges
