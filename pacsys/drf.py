@@ -413,9 +413,17 @@ class DRF:
         return text
 
     def for_write(self) -> DRF:
-        """This DRF prepared for a write: READING -> SETTING, STATUS -> CONTROL, event ``@N``."""
+        """This DRF prepared for a write: READING -> SETTING, STATUS -> CONTROL, event ``@N``.
+
+        A status field other than RAW (``.ON``, ``.READY``...) names a bit to read; a CONTROL
+        write takes the whole command, so the field is dropped (``M:OUTTMP.STATUS.ON`` ->
+        ``M:OUTTMP.CONTROL@N``), as the pacsys release does.
+        """
         prop = _WRITE_PROPERTY.get(self.property.value, self.property)
-        return _make_drf(self.device, prop, self.range, self.field, _NEVER, self.extra)
+        field = self.field
+        if prop is Property.CONTROL and field is not None and field is not Field.RAW:
+            field = None
+        return _make_drf(self.device, prop, self.range, field, _NEVER, self.extra)
 
     def __str__(self) -> str:
         return self.canonical

@@ -5,20 +5,32 @@ oneof field, so the oneof part of a reading is serialized once (`reading_body`) 
 each client slot only prepends its index (`reply_bytes`). The bytes are exactly what
 protobuf itself would write for the same message.
 
-This module imports protobuf messages and no gRPC, so a worker process can encode the
-bodies of its readings (the front then only prepends indices: see `ReplyBodies`).
+Bodies are written by `workers.reply_body` (re-exported here as `reading_body` and
+`status_body`), the one encoder of the front and of the workers: a worker encodes the bodies
+of its readings, and the front then only prepends indices (see `ReplyBodies`).
 """
 
 from __future__ import annotations
 
 import weakref
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
 from pacsys._proto.controls.common.v1 import device_pb2, status_pb2
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
-from pacsys.status import DPM, DPM_INTERNAL
 from pacsys.types import Reading, ValueType, WriteResult, infer_value_type
+from workers.reply_body import reading_body, status_body
+
+__all__ = [
+    "ReplyBodies",
+    "reading_body",
+    "reading_from_reply",
+    "reply_bytes",
+    "setting_reply",
+    "status_body",
+    "value_from_proto",
+    "value_to_proto",
+]
 
 _ALARM_FIELDS = {
     # python key -> wire field, shared by analog and digital alarm blocks
@@ -110,41 +122,6 @@ def reading_from_reply(drf: str, reply: DAQ_pb2.ReadingReply) -> Reading:
     return Reading(drf=drf, facility_code=s.facility_code, error_code=s.status_code, message=s.message or None)
 
 
-def reading_body(reading: Reading) -> bytes:
-    """The serialized oneof part of the ReadingReply for `reading` (index not included)."""
-    reply = DAQ_pb2.ReadingReply()
-    if reading.ok:
-        r = reply.readings.reading.add()
-        # Timestamp.FromDatetime is pure Python and was a fifth of a streaming front's CPU.
-        seconds, micros = _epoch_seconds(reading.timestamp or datetime.now(UTC))
-        r.timestamp.seconds = seconds
-        r.timestamp.nanos = micros * 1000
-        try:
-            value_to_proto(reading.value, reading.value_type, r.data)
-        except (TypeError, ValueError) as exc:
-            return status_body(DPM, DPM_INTERNAL, f"cannot encode value of {reading.drf}: {exc}")
-        if reading.error_code:
-            r.status.facility_code = reading.facility_code
-            r.status.status_code = reading.error_code
-    else:
-        reply.status.facility_code = reading.facility_code
-        reply.status.status_code = reading.error_code
-        if reading.message:
-            reply.status.message = reading.message
-    return reply.SerializeToString()
-
-
-def _epoch_seconds(ts: datetime) -> tuple[int, int]:
-    """(whole seconds since the Unix epoch, microseconds) of `ts`; a naive time counts as UTC."""
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    delta = ts - _EPOCH
-    return delta.days * 86_400 + delta.seconds, delta.microseconds
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 class _Body(weakref.ref):
     """A weak reference to a reading that carries the reading's encoded body."""
 
@@ -189,15 +166,6 @@ class ReplyBodies:
         # Runs as the reading is freed, before its id can be reused.
         if self._entries.get(ref.key) is ref:
             del self._entries[ref.key]
-
-
-def status_body(facility_code: int, status_code: int, message: str = "") -> bytes:
-    reply = DAQ_pb2.ReadingReply()
-    reply.status.facility_code = facility_code
-    reply.status.status_code = status_code
-    if message:
-        reply.status.message = message
-    return reply.SerializeToString()
 
 
 def _varint(n: int) -> bytes:

@@ -14,13 +14,13 @@ from datetime import datetime
 from enum import Enum, Flag, auto
 from typing import TYPE_CHECKING, Any
 
-from pacsys.drf_utils import get_device_name
+from pacsys.drf_utils import guess_device_name
 
 if TYPE_CHECKING:
     from pacsys.backends import SubscriptionHandle
 
 # A device value: a scalar, text, raw bytes, a list of floats or strings (a numpy
-# array is accepted where a list of floats is) or a dict (alarm blocks, basic status).
+# array is accepted, and kept, where a list of floats is) or a dict (alarm blocks, basic status).
 Value = float | int | str | bytes | list | dict | Any
 
 ReadingCallback = Callable[["Reading", "SubscriptionHandle"], None]
@@ -104,8 +104,27 @@ def normalize_value(value: object) -> object:
 
 
 def _value_to_json(value: object) -> object:
+    """`value` as JSON data: bytes as base64; numpy arrays and scalars, also inside dicts and lists, as lists and numbers."""
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
+    if isinstance(value, dict):
+        return {k: _value_to_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_value_to_json(v) for v in value]
+    if value is None or isinstance(value, str | int | float):
+        return value
+    tolist = getattr(value, "tolist", None)  # numpy, without importing it
+    return tolist() if callable(tolist) else value
+
+
+def _frozen(value: object) -> object:
+    """A hashable stand-in for a value that compares equal exactly when the values are equal."""
+    if isinstance(value, dict):
+        return ("dict", frozenset((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return ("list", tuple(_frozen(v) for v in value))
+    if _is_ndarray(value):
+        return ("list", tuple(_frozen(v) for v in value.tolist()))  # type: ignore[attr-defined]
     return value
 
 
@@ -115,11 +134,13 @@ def _value_from_json(value: object, value_type: ValueType | None) -> object:
     return value
 
 
-@dataclass(frozen=True, slots=True, weakref_slot=True)  # weakref: see pacsys.replies.ReplyBodies
+@dataclass(frozen=True, slots=True, weakref_slot=True, eq=False)  # weakref: see pacsys.replies.ReplyBodies
 class Reading:
     """One device reading: a status (facility + signed error code) and, when usable, a value.
 
-    error_code 0 is success, above 0 a warning, below 0 an error.
+    error_code 0 is success, above 0 a warning, below 0 an error. A numpy array value is
+    kept as it is (numpy is optional: nothing here imports it); readings still compare and
+    hash by value, arrays and dicts included.
     """
 
     drf: str
@@ -133,10 +154,33 @@ class Reading:
     meta: DeviceMeta | None = None
 
     def __post_init__(self) -> None:
-        if self.value is not None:
+        value = self.value
+        if value is not None:
             if self.value_type is None:
                 raise ValueError("value_type is required when value is set")
-            object.__setattr__(self, "value", normalize_value(self.value))
+            if isinstance(value, tuple | bytearray):
+                object.__setattr__(self, "value", normalize_value(value))
+
+    def _key(self) -> tuple:
+        return (
+            self.drf,
+            self.value_type,
+            self.facility_code,
+            self.error_code,
+            _frozen(self.value),
+            self.message,
+            self.timestamp,
+            self.cycle,
+            self.meta,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Reading):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     @property
     def is_success(self) -> bool:
@@ -157,7 +201,7 @@ class Reading:
 
     @property
     def name(self) -> str:
-        return self.meta.name if self.meta else get_device_name(self.drf)
+        return self.meta.name if self.meta else guess_device_name(self.drf)
 
     @property
     def units(self) -> str | None:

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import replace
 from datetime import datetime
 
 import pytest
@@ -20,7 +21,10 @@ from pacsys.supervised._audit import (
     read_audit,
     read_audit_proto,
 )
-from pacsys.supervised._policies import RequestContext
+from pacsys.supervised._policies import PolicyDecision, RequestContext
+
+PEER = "ipv4:10.0.0.1:5000"
+ALLOW = PolicyDecision(True)
 
 
 def read_request(*drfs: str, peer: str = "ipv4:10.0.0.1:5000") -> RequestContext:
@@ -56,14 +60,14 @@ def paths(tmp_path):
 def write_session(json_path, proto_path, log_responses=True):
     """A Read with two replies, an allowed Set, a denied Set and an event."""
     with AuditLog(json_path, proto_path=proto_path, log_responses=log_responses) as audit:
-        seq_read = audit.log_request(read_request("M:OUTTMP@I", "Z:NOPE@I"), True, None)
-        audit.log_response(seq_read, "Read", reading_reply(0))
-        audit.log_response(seq_read, "Read", error_reply(1))
-        seq_set = audit.log_request(
-            set_request(("M:OUTTMP.SETTING@N", 80.0)), True, None, final_drfs=["M:OUTTMP.SETTING@N"]
+        seq_read = audit.log_request(read_request("M:OUTTMP@I", "Z:NOPE@I"), ALLOW)
+        audit.log_response(seq_read, PEER, "Read", reading_reply(0))
+        audit.log_response(seq_read, PEER, "Read", error_reply(1))
+        seq_set = audit.log_request(set_request(("M:OUTTMP.SETTING@N", 80.0)), ALLOW)
+        audit.log_response(seq_set, "ipv4:10.0.0.2:6000", "Set", setting_reply(0))
+        audit.log_request(
+            set_request(("G:AMANDA@N", 1e6)), PolicyDecision(False, "Value 1000000.0 for G:AMANDA outside [0, 10]")
         )
-        audit.log_response(seq_set, "Set", setting_reply(0))
-        audit.log_request(set_request(("G:AMANDA@N", 1e6)), False, "Value 1000000.0 for G:AMANDA outside [0, 10]")
         audit.log_event(seq_set, "write_outcome_unknown", drfs=["M:OUTTMP.SETTING@N"])
     return seq_read, seq_set
 
@@ -98,7 +102,8 @@ class TestJsonLog:
 
     def test_final_drfs_only_when_changed(self, paths):
         with AuditLog(paths[0]) as audit:
-            audit.log_request(read_request("T:OUTTMP"), True, None, final_drfs=["M:OUTTMP"])
+            ctx = read_request("T:OUTTMP")
+            audit.log_request(ctx, PolicyDecision(True, ctx=replace(ctx, drfs=["M:OUTTMP"])))
         assert next(read_audit(paths[0]))["final_drfs"] == ["M:OUTTMP"]
 
     def test_no_out_lines_without_log_responses(self, paths):
@@ -117,7 +122,7 @@ class TestJsonLog:
         ]
         ctx = RequestContext([d for d, _ in values], "Set", "p", {}, values, None)
         with AuditLog(paths[0]) as audit:
-            audit.log_request(ctx, True, None)
+            audit.log_request(ctx, ALLOW)
             audit.log_event(1, "odd", blob=b"\x00", loop=float("-inf"))
         entry, event = read_audit(paths[0])
         assert [v for _, v in entry["values"]][:3] == ["01ff", "nan", [1, [2.5, "inf"]]]
@@ -133,20 +138,20 @@ class TestJsonLog:
 
     def test_seq_is_monotonic_and_close_then_reopen_appends(self, paths):
         audit = AuditLog(paths[0])
-        assert [audit.log_request(read_request("M:A"), True, None) for _ in range(3)] == [1, 2, 3]
+        assert [audit.log_request(read_request("M:A"), ALLOW) for _ in range(3)] == [1, 2, 3]
         audit.close()
-        assert audit.log_request(read_request("M:A"), True, None) == 4  # reopened in append mode
+        assert audit.log_request(read_request("M:A"), ALLOW) == 4  # reopened in append mode
         audit.close()
         assert [e["seq"] for e in read_audit(paths[0])] == [1, 2, 3, 4]
 
     def test_flush_interval(self, paths):
         audit = AuditLog(paths[0], flush_interval=3)
-        audit.log_request(read_request("M:A"), True, None)
-        audit.log_request(read_request("M:A"), True, None)
+        audit.log_request(read_request("M:A"), ALLOW)
+        audit.log_request(read_request("M:A"), ALLOW)
         assert paths[0].read_text() == ""
-        audit.log_request(read_request("M:A"), True, None)
+        audit.log_request(read_request("M:A"), ALLOW)
         assert len(paths[0].read_text().splitlines()) == 3
-        audit.log_request(read_request("M:A"), True, None)
+        audit.log_request(read_request("M:A"), ALLOW)
         audit.flush()
         assert len(paths[0].read_text().splitlines()) == 4
         audit.close()
@@ -187,7 +192,7 @@ class TestProtoCapture:
     def test_large_payload_uses_multibyte_length(self, paths):
         drfs = [f"M:DEV{i:04d}@I" for i in range(200)]
         with AuditLog(paths[0], proto_path=paths[1]) as audit:
-            audit.log_request(read_request(*drfs), True, None)
+            audit.log_request(read_request(*drfs), ALLOW)
         ((tag, message),) = read_audit_proto(paths[1], decode=True)
         assert tag == TAG_READ_REQUEST and list(message.drf) == drfs
 
@@ -214,7 +219,7 @@ class TestProtoCapture:
     def test_request_without_protobuf_gets_no_frame(self, paths):
         ctx = RequestContext(["M:A"], "Read", "p", {}, [], raw_request=None)
         with AuditLog(paths[0], proto_path=paths[1]) as audit:
-            audit.log_request(ctx, True, None)
+            audit.log_request(ctx, ALLOW)
         assert list(read_audit_proto(paths[1])) == []
         assert len(list(read_audit(paths[0]))) == 1
 
@@ -224,12 +229,12 @@ class TestFailures:
         folder = tmp_path / "logs"
         folder.mkdir()
         audit = AuditLog(folder / "audit.jsonl", proto_path=folder / "audit.binpb", log_responses=True)
-        audit.log_request(read_request("M:A"), True, None)
+        audit.log_request(read_request("M:A"), ALLOW)
         shutil.rmtree(folder)
         audit.close()  # the next entry must reopen, and cannot
         with caplog.at_level(logging.ERROR, logger="pacsys.supervised.audit"):
-            seq = audit.log_request(read_request("M:A"), True, None)
-            audit.log_response(seq, "Read", reading_reply(0))
+            seq = audit.log_request(read_request("M:A"), ALLOW)
+            audit.log_response(seq, PEER, "Read", reading_reply(0))
             audit.log_event(seq, "x")
             audit.flush()
             audit.close()
@@ -243,16 +248,16 @@ class TestFailures:
     def test_disk_full(self, caplog):
         audit = AuditLog("/dev/full")
         with caplog.at_level(logging.ERROR, logger="pacsys.supervised.audit"):
-            assert audit.log_request(read_request("M:A"), True, None) == 1
+            assert audit.log_request(read_request("M:A"), ALLOW) == 1
             audit.close()
         assert not audit.healthy
         assert "cannot flush" in caplog.text
 
     def test_failed_write_is_rolled_back(self, paths):
         audit = AuditLog(paths[0], flush_interval=2)
-        audit.log_request(read_request("M:A"), True, None)
-        audit.log_request(read_request("M:B"), True, None)  # flushed: a record boundary
-        audit.log_request(read_request("M:C"), True, None)  # buffered, lost below
+        audit.log_request(read_request("M:A"), ALLOW)
+        audit.log_request(read_request("M:B"), ALLOW)  # flushed: a record boundary
+        audit.log_request(read_request("M:C"), ALLOW)  # buffered, lost below
 
         real = audit._json._file
         assert real is not None
@@ -269,9 +274,9 @@ class TestFailures:
                 real.close()
 
         audit._json._file = HalfWrites()  # type: ignore[assignment]
-        audit.log_request(read_request("M:D"), True, None)
+        audit.log_request(read_request("M:D"), ALLOW)
         assert not audit.healthy
-        audit.log_request(read_request("M:E"), True, None)  # reopens and carries on
+        audit.log_request(read_request("M:E"), ALLOW)  # reopens and carries on
         audit.flush()
         assert audit.healthy
         audit.close()
@@ -280,13 +285,13 @@ class TestFailures:
     def test_unknown_method_frame_is_skipped(self, paths, caplog):
         ctx = RequestContext(["M:A"], "Alarms", "p", {}, [], DAQ_pb2.ReadingList(drf=["M:A"]))
         with AuditLog(paths[0], proto_path=paths[1]) as audit, caplog.at_level(logging.ERROR):
-            audit.log_request(ctx, True, None)
+            audit.log_request(ctx, ALLOW)
         assert "no frame tag" in caplog.text
         assert next(read_audit(paths[0]))["method"] == "Alarms"
 
     def test_unsummarizable_reply_still_logged(self, paths, caplog):
         with AuditLog(paths[0], log_responses=True) as audit, caplog.at_level(logging.ERROR):
-            audit.log_response(1, "Read", object())
+            audit.log_response(1, PEER, "Read", object())
         assert next(read_audit(paths[0]))["dir"] == "out"
         assert "cannot summarize" in caplog.text
 

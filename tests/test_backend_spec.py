@@ -293,3 +293,52 @@ def test_unknown_forms(spec):
 )
 def test_describe_spec(spec, expected):
     assert describe_spec(spec) == expected
+
+
+# -- factory arguments -----------------------------------------------------------------------
+
+
+def test_factory_arguments_are_keywords_read_as_json_or_text(module_dir):
+    name = module_dir(
+        """
+        from pacsys.testing import FakeBackend
+
+        def make(**kwargs):
+            fb = FakeBackend()
+            fb.kwargs = kwargs
+            return fb
+        """
+    )
+    backend = build_backend(f"{name}:make?host=127.0.0.1&port=50051&tls=false&label=%22007%22&names=[1,2]&empty=")
+    assert backend.kwargs == {
+        "host": "127.0.0.1",
+        "port": 50051,
+        "tls": False,
+        "label": "007",
+        "names": [1, 2],
+        "empty": "",
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [("port", "key=value"), ("a=1&a=2", "given twice"), ("1x=2", "not a Python identifier")],
+)
+def test_bad_factory_arguments(args, fragment):
+    message = _spec_error(f"mod:make?{args}")
+    assert fragment in message and "mod:make" in message
+
+
+def test_factory_arguments_a_factory_refuses_are_named(module_dir):
+    name = module_dir(
+        """
+        def make(host):
+            raise AssertionError("not reached")
+        """
+    )
+    message = _spec_error(f"{name}:make?port=1")
+    assert "unexpected keyword argument 'port'" in message
+
+
+def test_describe_hides_argument_values():
+    assert describe_spec("m.mod:make?token=s3cret&port=1") == "backend from factory m.mod:make(token=..., port=...)"

@@ -174,6 +174,9 @@ def test_bad_override_names_the_option():
         ({"policies": [{"type": "nope"}]}, "policies[0]", "unknown type 'nope'"),
         ({"policies": [{"mode": "allow"}]}, "policies[0]", "needs a 'type'"),
         ({"config": "x.toml"}, "config", "cannot be set in the config file"),
+        ({"backend": "mod:make?port"}, "backend", "key=value"),
+        ({"backend": "mod:make?a=1&a=2"}, "backend", "given twice"),
+        ({"worker_python": "/venv/bin/python", "workers": 0, "backend": "m:f"}, "worker_python", "workers >= 1"),
     ],
 )
 def test_bad_values(values, key, fragment):
@@ -426,3 +429,12 @@ def test_check_config_missing_file_and_usage(tmp_path, capsys):
     assert main(["check-config", str(tmp_path / "missing.toml")]) == 2
     assert "cannot read" in capsys.readouterr().err
     assert main(["check-config"]) == 2  # usage error from argparse
+
+
+def test_worker_python_and_factory_arguments_from_file_and_command_line(tmp_path):
+    spec = "pacsys.backends.grpc_backend:GRPCBackend?host=127.0.0.1&port=50051"
+    path = write(tmp_path, f'backend = "{spec}"\nworker_python = "/opt/release/bin/python"\n')
+    s = load_config(path)
+    assert (s.backend, s.worker_python) == (spec, "/opt/release/bin/python")
+    s = settings_from({}, {"backend": "m:make?x=1", "worker_python": "/p/python"}, source="cmd")
+    assert (s.backend, s.worker_python) == ("m:make?x=1", "/p/python")

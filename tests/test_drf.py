@@ -27,7 +27,7 @@ from pacsys.drf import (
     parse_cached,
     prepare_for_write,
 )
-from pacsys.drf_utils import get_device_name
+from pacsys.drf_utils import get_device_name, guess_device_name
 
 
 def _err(text: object) -> DRFError:
@@ -575,7 +575,8 @@ def test_canonical(text: str, expected: str) -> None:
         ("m_outtmp", "M:OUTTMP.SETTING@N"),
         ("M:OUTTMP.READING[0:3].RAW@I", "M:OUTTMP.SETTING[0:3].RAW@N"),
         ("M|OUTTMP", "M:OUTTMP.CONTROL@N"),
-        ("M:OUTTMP.STATUS.ON@I", "M:OUTTMP.CONTROL.ON@N"),
+        ("M:OUTTMP.STATUS.ON@I", "M:OUTTMP.CONTROL@N"),  # a status bit is read, not written
+        ("M:OUTTMP.STATUS.RAW@I", "M:OUTTMP.CONTROL.RAW@N"),
         ("M&OUTTMP", "M:OUTTMP.CONTROL@N"),
         ("M@OUTTMP.MAX", "M:OUTTMP.ANALOG.MAX@N"),
         ("M$OUTTMP", "M:OUTTMP.DIGITAL@N"),
@@ -634,23 +635,29 @@ def test_module_functions_raise_drf_error() -> None:
         ("M@OUTTMP.MAX@I", "M:OUTTMP"),
         ("z|acltst[0:2]<-LOGGER:1:2", "Z:ACLTST"),
         # not valid DRFs: best effort
-        ("m_outtmp.foo", "M:OUTTMP"),
         ("  m:outtmp@x  ", "M:OUTTMP"),
         ("M@OUTTMP@X", "M:OUTTMP"),
         ("m:outtmp\n", "M:OUTTMP"),
         ("M:OUT\x00TMP", "M:OUTTMP"),
         ("weird name", "WEIRD"),
         ("AB", "AB"),
-        ("", ""),
     ],
 )
 def test_get_device_name(text: str, expected: str) -> None:
     assert get_device_name(text) == expected
+    assert guess_device_name(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [("m_outtmp.foo", "M:OUTTMP"), ("", "")])
+def test_guess_device_name_guesses_where_get_device_name_refuses(text: str, expected: str) -> None:
+    assert guess_device_name(text) == expected
+    with pytest.raises(ValueError):
+        get_device_name(text)
 
 
 @pytest.mark.parametrize("value", [None, 3, b"M:OUTTMP", ["M:OUTTMP"], object()])
-def test_get_device_name_never_raises(value: object) -> None:
-    assert get_device_name(value) == ""  # type: ignore[arg-type]
+def test_guess_device_name_never_raises(value: object) -> None:
+    assert guess_device_name(value) == ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -819,7 +826,7 @@ def _check_any(text: str) -> None:
         assert error.position is None or 0 <= error.position <= len(text)
         assert isinstance(error.reason, str) and error.reason
         assert error.reason != "malformed event"  # the event fast path and its diagnosis agree
-        assert isinstance(get_device_name(text), str)
+        assert isinstance(guess_device_name(text), str)
         return
     # anything that parses must round-trip through its canonical form
     assert parse(result.canonical) == result

@@ -123,7 +123,7 @@ def test_oneshot_read_error_statuses(fake, upstream):
     assert (bad.drf, bad.facility_code, bad.error_code, bad.message) == ("M:BADDEV@I", 17, -42, "Device not found")
     assert bad.value is None and not bad.ok
     assert good.ok and good.value == pytest.approx(42.0)
-    assert (missing.facility_code, missing.error_code) == (17, -26)
+    assert (missing.facility_code, missing.error_code) == (1, -1)  # the fake: "No reading configured"
 
 
 def test_read_single_and_value_helpers(upstream):

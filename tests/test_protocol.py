@@ -79,10 +79,18 @@ def test_wire_reading_carries_the_reply_body_the_front_would_encode():
     assert frame.items[0][1].body == wire.body
 
 
-def test_the_worker_imports_no_grpc():
+def test_the_worker_runtime_imports_no_grpc_and_none_of_our_pacsys():
+    """A worker may run in another environment, whose `pacsys` (the release's) ours must not shadow."""
     import subprocess
     import sys
 
-    code = "import sys, workers.worker; print(sorted(m for m in sys.modules if m.split('.')[0] == 'grpc'))"
+    code = "import sys, workers.worker; print(sorted({m.split('.')[0] for m in sys.modules} & {'grpc', 'pacsys', 'google'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_capability_bits_are_the_fronts():
+    from pacsys.types import BackendCapability
+
+    assert p.CAPABILITY_BITS == {c.name: c.value for c in BackendCapability}
+    assert p.capability_bits(BackendCapability.READ | BackendCapability.STREAM) == 5

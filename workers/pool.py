@@ -103,6 +103,7 @@ class PoolOptions:
     stream_buffer: int = 1000
     worker_log_level: str = "WARNING"
     event_loop: str = "auto"
+    worker_python: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Any) -> PoolOptions:
@@ -147,7 +148,11 @@ class WorkerPool(AsyncBackend):
         # The workers encode each reading's reply body; the servicer uses this as its cache.
         self.reply_bodies: ReplyBodies = ReplyBodies()
         self._command = WorkerCommand(
-            options.backend, options.threads_per_worker, options.worker_log_level, options.event_loop
+            options.backend,
+            options.threads_per_worker,
+            options.worker_log_level,
+            options.event_loop,
+            options.worker_python,
         )
         self._policy = options.supervision()
         self._slots: list[Slot] = []
@@ -422,7 +427,7 @@ class WorkerPool(AsyncBackend):
         actions = slot.ready(generation)
         if slot.last_restart_to_ready is not None:
             self.stats.last_restart_to_ready_seconds = slot.last_restart_to_ready
-        logger.info("event=worker_ready slot=%d pid=%d", slot.index, worker.pid)
+        logger.info("event=worker_ready slot=%d pid=%d backend=%r", slot.index, worker.pid, ready.backend)
         self._apply(slot, actions)
         if self._serving_worker(slot.index) is not worker:  # the slot was retired meanwhile
             worker.ended_by = worker.ended_by or "scale_down"

@@ -26,6 +26,7 @@ import psutil
 from workers import protocol as p
 from workers.channel import FrameChannel
 from workers.supervision import Exit
+from workers.worker import command as worker_command
 
 logger = logging.getLogger("pacsys.workers")
 
@@ -46,12 +47,14 @@ class WorkerCommand:
     threads: int
     log_level: str
     event_loop: str
+    python: str | None = None  # another environment's interpreter (worker_python), or this one
 
     def argv(self, fd: int, slot: int) -> list[str]:
+        # Under another interpreter the worker sets its own import path (see worker.command),
+        # so that environment's own `pacsys` is not shadowed by ours.
+        start = worker_command(self.python) if self.python else [sys.executable, "-m", "workers.worker"]
         return [
-            sys.executable,
-            "-m",
-            "workers.worker",
+            *start,
             "--fd",
             str(fd),
             "--backend",

@@ -9,17 +9,25 @@ Ids: the front numbers its requests (`id`) and its shared subscriptions (`sid`);
 reply carries the id of its request. Values travel as msgpack natives (float, int,
 str, bytes, lists, maps) with their `value_type` name; timestamps as integer
 nanoseconds since the Unix epoch (UTC).
+
+The worker side of this module imports nothing of this project's `pacsys` (a worker may
+run in another environment, with the pacsys release): it reads a backend's readings through
+their attributes. Only `reading_from_wire`, used by the front, builds our `Reading`.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from pacsys.replies import reading_body
-from pacsys.types import Reading, ValueType
+from workers.reply_body import reading_body
+
+if TYPE_CHECKING:
+    from pacsys.types import Reading
 
 MAX_FRAME = 64 * 1024 * 1024
 HEADER = struct.Struct(">I")
@@ -205,25 +213,57 @@ class FrameReader:
 
 # -- conversions to and from the library's types --------------------------------------
 
+# BackendCapability flags by name, as the front's `pacsys.types.BackendCapability` numbers
+# them (a test keeps the two equal); a worker's backend may come from another pacsys.
+CAPABILITY_BITS = {"READ": 1, "WRITE": 2, "STREAM": 4, "AUTH_KERBEROS": 8, "AUTH_JWT": 16, "BATCH": 32}
 
-def reading_to_wire(reading: Reading) -> WireReading:
-    ts = reading.timestamp
+
+def capability_bits(capabilities: object) -> int:
+    """The front's capability number of any pacsys's BackendCapability flags (unknown names ignored)."""
+    return sum(bit for name, bit in CAPABILITY_BITS.items() if _has_flag(capabilities, name))
+
+
+def _has_flag(capabilities: object, name: str) -> bool:
+    member = getattr(type(capabilities), name, None)
+    return member is not None and (capabilities & member) == member  # type: ignore[operator]
+
+
+def plain_value(value: object) -> object:
+    """`value` as msgpack natives: numpy arrays and scalars (a release's readings keep them) become lists and numbers."""
+    if isinstance(value, dict):
+        return {k: plain_value(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [plain_value(v) for v in value]
+    if isinstance(value, str | bytes | int | float | list) or value is None:
+        return value
+    tolist = getattr(value, "tolist", None)  # numpy, without importing it
+    return tolist() if callable(tolist) else value
+
+
+def reading_to_wire(reading: object) -> WireReading:
+    """A reading of any pacsys, through its attributes, with its reply body encoded."""
+    r: Any = reading
+    ts = r.timestamp
+    vt = r.value_type
     return WireReading(
-        facility=reading.facility_code,
-        error=reading.error_code,
-        value_type=reading.value_type.value if reading.value_type is not None else None,
-        value=reading.value,
-        message=reading.message,
+        facility=r.facility_code,
+        error=r.error_code,
+        value_type=None if vt is None else vt.value,
+        value=plain_value(r.value),
+        message=r.message,
         timestamp_ns=None if ts is None else _datetime_to_ns(ts),
-        cycle=reading.cycle,
-        body=reading_body(reading),
+        cycle=r.cycle,
+        body=reading_body(r),
     )
 
 
 def reading_from_wire(drf: str, wire: WireReading) -> Reading:
+    """The front's Reading of a wire reading (only the front calls this: it imports our pacsys)."""
+    from pacsys.types import Reading
+
     return Reading(
         drf=drf,
-        value_type=_VALUE_TYPES[wire.value_type] if wire.value_type is not None else None,
+        value_type=_value_types()[wire.value_type] if wire.value_type is not None else None,
         value=wire.value,
         facility_code=wire.facility,
         error_code=wire.error,
@@ -231,6 +271,13 @@ def reading_from_wire(drf: str, wire: WireReading) -> Reading:
         timestamp=None if wire.timestamp_ns is None else _ns_to_datetime(wire.timestamp_ns),
         cycle=wire.cycle,
     )
+
+
+@functools.cache
+def _value_types() -> dict:
+    from pacsys.types import ValueType
+
+    return {t.value: t for t in ValueType}  # a dict lookup: ValueType(x) costs a microsecond
 
 
 def _datetime_to_ns(ts: datetime) -> int:
@@ -245,4 +292,3 @@ def _ns_to_datetime(ns: int) -> datetime:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_VALUE_TYPES = {t.value: t for t in ValueType}  # a dict lookup: ValueType(x) costs a microsecond

@@ -2,9 +2,12 @@
 
 Started by the pool as a fresh interpreter (`python -m workers.worker --fd N ...`), the
 same clean start as multiprocessing's spawn method, with the socket inherited as a file
-descriptor. It imports no gRPC server code. It builds its backend from the spec (a sync
-backend goes through pacsys's one adapter and its thread pool), says Ready, then serves
-requests concurrently. It exits when its socket closes or the front asks it to; on Linux
+descriptor. It imports no gRPC server code, and nothing of this project's `pacsys`: with
+the `worker_python` setting it runs under another environment's interpreter (the pacsys
+release's, say), started by `command()`, and hosts that environment's backends unchanged.
+It builds its backend from the spec (`workers.backend_spec`), uses it through the public
+Backend / AsyncBackend methods (`workers.hosted`), says Ready, then serves requests
+concurrently. It exits when its socket closes or the front asks it to; on Linux
 it also asks the kernel to kill it when the front dies, so it never outlives the front
 even when its own loop is stuck.
 """
@@ -16,20 +19,52 @@ import asyncio
 import ctypes
 import logging
 import os
+import re
 import signal
 import socket
+import sys
+from pathlib import Path
 from typing import NoReturn
 
-from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, as_async, caller_authorization
-from pacsys.aio._loops import new_event_loop
-from pacsys.backends.spec import build_backend, describe_spec
-from pacsys.drf_utils import get_device_name
+from workers import backend_spec
 from workers import protocol as p
 from workers.channel import FrameChannel
+from workers.hosted import HostedBackend, Subscription
 
 logger = logging.getLogger("pacsys.workers.worker")
 
 EXIT_STARTUP_FAILED = 3
+
+# Run under another interpreter with `-I` (isolated: no PYTHONPATH, no current directory on
+# the path): that environment's packages come first, then this project's root (for the
+# `workers` package) and the front's working directory (for module:factory specs), so a
+# `pacsys` installed there is never shadowed by ours.
+_BOOTSTRAP = "import sys; sys.path += sys.argv[1:3]; del sys.argv[1:3]; from workers.worker import main; main()"
+
+
+def command(python: str) -> list[str]:
+    """The start of the command line that runs a worker under the interpreter `python`."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return [python, "-I", "-c", _BOOTSTRAP, root, os.getcwd()]
+
+
+# The device part of a DRF the front has already checked: up to the first property,
+# range, field or event mark; the qualifier (second character) becomes ':'.
+_DEVICE_END = re.compile(r"[.\[{@<]")
+
+
+def device_of(drf: str) -> str:
+    """The canonical device name of a valid DRF (`m_outtmp.setting@p,1000` -> `M:OUTTMP`)."""
+    end = _DEVICE_END.search(drf, 2)
+    name = drf[: end.start()] if end else drf
+    return (name[:1] + ":" + name[2:]).upper() if len(name) > 1 else name.upper()
+
+
+def _describe(spec: str, backend: object) -> str:
+    cls = type(backend)
+    module = sys.modules.get(cls.__module__)
+    where = getattr(module, "__file__", None) or "?"
+    return f"{backend_spec.describe(spec)}: {cls.__module__}.{cls.__qualname__} from {where}"
 
 
 def _die_with_parent() -> None:
@@ -46,12 +81,13 @@ class Worker:
         self._sock = sock
         self._spec = spec
         self._threads = threads
-        self._backend: AsyncBackend | None = None
+        self._backend: HostedBackend | None = None
         self._channel: FrameChannel | None = None
         self._done: asyncio.Future[None] | None = None
-        self._subs: dict[int, AsyncSubscriptionHandle] = {}
-        self._pumps: dict[int, asyncio.Task] = {}
+        self._subs: dict[int, Subscription] = {}
         self._cancelled: set[int] = set()
+        # sid -> None while its Subscribe is being set up, or the exception that ended it meanwhile
+        self._starting: dict[int, BaseException | None] = {}
         self._tasks: set[asyncio.Task] = set()
         self._write_tails: dict[str, asyncio.Future] = {}
         self._data: list[tuple[int, p.WireReading]] = []
@@ -66,19 +102,16 @@ class Worker:
         )
         self._channel = channel
         try:
-            backend = build_backend(self._spec)
-            self._backend = as_async(backend, max_threads=self._threads)
-            start = getattr(self._backend, "start", None)
-            if start is not None and asyncio.iscoroutinefunction(start):
-                await start()
+            backend = backend_spec.build(self._spec)
+            self._backend = HostedBackend(backend, self._threads)
+            await self._backend.start()
+            capabilities = p.capability_bits(self._backend.capabilities)
         except BaseException as exc:
             channel.send(p.StartupFailed(pid=os.getpid(), message=f"{type(exc).__name__}: {exc}"))
             channel.close()
             await asyncio.sleep(0)
             return EXIT_STARTUP_FAILED
-        channel.send(
-            p.Ready(pid=os.getpid(), capabilities=self._backend.capabilities.value, backend=describe_spec(self._spec))
-        )
+        channel.send(p.Ready(pid=os.getpid(), capabilities=capabilities, backend=_describe(self._spec, backend)))
         await self._done
         await self._shutdown()
         return 0
@@ -88,10 +121,13 @@ class Worker:
             self._done.set_result(None)
 
     async def _shutdown(self) -> None:
-        for task in list(self._tasks) + list(self._pumps.values()):
+        for task in list(self._tasks):
             task.cancel()
-        for handle in list(self._subs.values()):
-            await handle.stop()
+        for sub in list(self._subs.values()):
+            try:
+                await sub.stop()
+            except Exception:
+                logger.exception("subscription stop failed")
         if self._backend is not None:
             try:
                 await asyncio.wait_for(self._backend.close(), 5)
@@ -130,8 +166,7 @@ class Worker:
         assert self._backend is not None and self._channel is not None
         self._in_flight += 1
         try:
-            caller_authorization.set(msg.authorization)
-            readings = await self._backend.get_many(msg.drfs, timeout=msg.timeout)
+            readings = await self._backend.get_many(msg.drfs, msg.timeout, msg.authorization)
             self._channel.send(p.ReadDone(id=msg.id, readings=[p.reading_to_wire(r) for r in readings]))
         except Exception as exc:
             self._fail(msg.id, exc)
@@ -144,7 +179,7 @@ class Worker:
         Called synchronously on arrival, so queue order is arrival order.
         """
         done = asyncio.get_running_loop().create_future()
-        devices = {get_device_name(d) for d in drfs}
+        devices = {device_of(d) for d in drfs}
         earlier = [self._write_tails[d] for d in devices if d in self._write_tails]
         for device in devices:
             self._write_tails[device] = done
@@ -157,9 +192,8 @@ class Worker:
         try:
             for future in earlier:
                 await future
-            caller_authorization.set(msg.authorization)
             settings = list(zip(msg.drfs, msg.values, strict=True))
-            results = await self._backend.write_many(settings, timeout=msg.timeout)
+            results = await self._backend.write_many(settings, msg.timeout, msg.authorization)
             wire = [p.WireResult(facility=r.facility_code, error=r.error_code, message=r.message) for r in results]
             self._channel.send(p.WriteDone(id=msg.id, results=wire))
         except Exception as exc:
@@ -175,35 +209,41 @@ class Worker:
 
     async def _subscribe(self, msg: p.Subscribe) -> None:
         assert self._backend is not None and self._channel is not None
+        sid = msg.sid
+        self._starting[sid] = None
         try:
-            caller_authorization.set(msg.authorization)
-            handle = await self._backend.subscribe([msg.drf])
+            sub = await self._backend.subscribe(
+                msg.drf, msg.authorization, lambda readings: self._on_readings(sid, readings), self._ender(sid)
+            )
         except Exception as exc:
-            self._channel.send(p.SubscriptionEnded(sid=msg.sid, kind=type(exc).__name__, message=str(exc)))
+            self._starting.pop(sid, None)
+            self._channel.send(p.SubscriptionEnded(sid=sid, kind=type(exc).__name__, message=str(exc)))
             return
-        if msg.sid in self._cancelled:
-            self._cancelled.discard(msg.sid)
-            await handle.stop()
+        ended = self._starting.pop(sid, None)  # the backend may end it before subscribe returns
+        if sid in self._cancelled or ended is not None:
+            self._cancelled.discard(sid)
+            await sub.stop()
+            if ended is not None:
+                self._channel.send(p.SubscriptionEnded(sid=sid, kind=type(ended).__name__, message=str(ended)))
             return
-        self._subs[msg.sid] = handle
-        self._pumps[msg.sid] = asyncio.get_running_loop().create_task(self._pump(msg.sid, handle))
+        self._subs[sid] = sub
 
-    async def _pump(self, sid: int, handle: AsyncSubscriptionHandle) -> None:
-        assert self._channel is not None
-        while True:
-            await handle.wait()
-            for reading in handle.drain():
-                self._data.append((sid, p.reading_to_wire(reading)))
-            if not self._data_scheduled and self._data:
-                self._data_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush_data)
-            if handle.stopped and not len(handle):
-                if handle.exc is not None and sid in self._subs:
-                    exc = handle.exc
-                    self._channel.send(p.SubscriptionEnded(sid=sid, kind=type(exc).__name__, message=str(exc)))
-                self._subs.pop(sid, None)
-                self._pumps.pop(sid, None)
-                return
+    def _on_readings(self, sid: int, readings: list) -> None:
+        self._data.extend((sid, p.reading_to_wire(reading)) for reading in readings)
+        if not self._data_scheduled and self._data:
+            self._data_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_data)
+
+    def _ender(self, sid: int):
+        def on_end(exc: BaseException | None) -> None:
+            # Readings gathered before the end go first.
+            self._flush_data()
+            if sid in self._starting:
+                self._starting[sid] = exc
+            elif self._subs.pop(sid, None) is not None and exc is not None and self._channel is not None:
+                self._channel.send(p.SubscriptionEnded(sid=sid, kind=type(exc).__name__, message=str(exc)))
+
+        return on_end
 
     def _flush_data(self) -> None:
         self._data_scheduled = False
@@ -212,14 +252,24 @@ class Worker:
             self._data = []
 
     def _unsubscribe(self, sid: int) -> None:
-        handle = self._subs.pop(sid, None)
-        if handle is None:
+        sub = self._subs.pop(sid, None)
+        if sub is None:
             self._cancelled.add(sid)  # its Subscribe is still being set up
             return
-        pump = self._pumps.pop(sid, None)
-        if pump is not None:
-            pump.cancel()
-        self._spawn(handle.stop())
+        self._spawn(sub.stop())
+
+
+def _new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """uvloop for "uvloop", and for "auto" when it is installed (as `pacsys.aio._loops` chooses)."""
+    if kind != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -236,7 +286,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         signal.signal(signum, signal.SIG_IGN)  # meant for the front, which decides what workers do
     logging.basicConfig(level=args.log_level, format=f"worker{args.slot} pid={os.getpid()} %(levelname)s %(message)s")
     sock = socket.socket(fileno=args.fd)
-    with asyncio.Runner(loop_factory=lambda: new_event_loop(args.loop)) as runner:
+    with asyncio.Runner(loop_factory=lambda: _new_event_loop(args.loop)) as runner:
         code = runner.run(Worker(sock, args.backend, args.threads).run())
     logging.shutdown()
     # Threads of a sync backend may be stuck in a call that never returns; the

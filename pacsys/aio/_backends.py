@@ -28,6 +28,16 @@ class AsyncBackend(ABC):
     @abstractmethod
     def capabilities(self) -> BackendCapability: ...
 
+    @property
+    def authenticated(self) -> bool:
+        """Whether the backend holds credentials (as `Backend.authenticated`)."""
+        return False
+
+    @property
+    def principal(self) -> str | None:
+        """Who the backend acts as, when authenticated."""
+        return None
+
     @abstractmethod
     async def get_many(self, drfs: list[str], timeout: float | None = None) -> list[Reading]:
         """One reading per DRF, in order; a device failure is an error reading, not an exception."""

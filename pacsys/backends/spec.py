@@ -7,8 +7,10 @@
                                 token_file=PATH (bearer token read from PATH),
                                 pass_token=1 (send the caller's own authorization header),
                                 timeout=SECONDS (deadline of one-shot calls, default 5)
-    module:factory              import `module` (dotted names allowed), call `factory()`
-                                (a dotted attribute path is allowed) with no arguments
+    module:factory[?ARGS]       import `module` (dotted names allowed), call `factory()`
+                                (a dotted attribute path is allowed), with keyword arguments
+                                from ARGS: key=value&key=value, each value read as JSON when
+                                it is JSON and as text otherwise (see workers.backend_spec)
 
 `build_backend` returns the backend; every failure is a BackendSpecError (a ValueError)
 with a one-line message that names the spec.
@@ -16,20 +18,19 @@ with a one-line message that names the spec.
 
 from __future__ import annotations
 
-import importlib
-import re
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 from pacsys.aio import AsyncBackend
 from pacsys.backends import Backend
+from workers.backend_spec import FactorySpecError, call_factory, parse_factory
+from workers.backend_spec import describe as describe_factory
 
-_FACTORY = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _GRPC_KEYS = {"token_file", "pass_token", "timeout"}
 
-FORMS = "sim, sim:PATH, fake, grpc://HOST:PORT, module:factory"
+FORMS = "sim, sim:PATH, fake, grpc://HOST:PORT, module:factory[?key=value&...]"
 
 
 class BackendSpecError(ValueError):
@@ -54,9 +55,12 @@ def build_backend(spec: str) -> Backend | AsyncBackend:
         return _build_fake()
     if spec.startswith("grpc://"):
         return _build_grpc(spec)
-    match = _FACTORY.match(spec)
-    if match is not None:
-        return _build_factory(spec, match["module"], match["attr"])
+    try:
+        factory = parse_factory(spec)
+    except FactorySpecError as exc:
+        raise BackendSpecError(str(exc)) from None
+    if factory is not None:
+        return _build_factory(spec)
     raise _fail(spec, f"unknown form (expected one of: {FORMS})")
 
 
@@ -132,28 +136,15 @@ def _build_grpc(spec: str) -> AsyncBackend:
     return DAQClientBackend(target, token=token, pass_caller_token=pass_token, default_timeout=timeout)
 
 
-def _build_factory(spec: str, module_name: str, attr: str) -> Backend | AsyncBackend:
+def _build_factory(spec: str) -> Backend | AsyncBackend:
     try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise _fail(spec, f"cannot import module {module_name!r}: {_one_line(exc)}") from exc
-    factory: object = module
-    for part in attr.split("."):
-        try:
-            factory = getattr(factory, part)
-        except AttributeError:
-            raise _fail(spec, f"module {module_name!r} has no attribute {attr!r}") from None
-    if not callable(factory):
-        raise _fail(spec, f"{module_name}:{attr} is not callable (it is a {type(factory).__name__})")
-    try:
-        backend = factory()
-    except Exception as exc:
-        raise _fail(spec, f"factory {module_name}:{attr}() raised {_one_line(exc)}") from exc
+        backend = call_factory(spec)
+    except FactorySpecError as exc:
+        raise BackendSpecError(str(exc)) from exc.__cause__
     if not isinstance(backend, Backend | AsyncBackend):
         raise _fail(
             spec,
-            f"factory {module_name}:{attr}() returned {type(backend).__name__}, "
-            "not a pacsys Backend or AsyncBackend instance",
+            f"factory returned {type(backend).__name__}, not a pacsys Backend or AsyncBackend instance",
         )
     return backend
 
@@ -178,8 +169,11 @@ def describe_spec(spec: str) -> str:
         if pass_token:
             extras.append("caller token passed on")
         return f"DAQ gRPC server at {target} ({', '.join(extras)})"
-    if _FACTORY.match(spec):
-        return f"backend from factory {spec}()"
+    try:
+        if parse_factory(spec) is not None:
+            return f"backend from factory {describe_factory(spec)}"
+    except FactorySpecError:
+        return f"invalid factory spec {spec.partition('?')[0]!r}"
     return f"unknown backend spec {spec!r}"
 
 

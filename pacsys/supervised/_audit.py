@@ -7,7 +7,7 @@ Two append-only files:
   - ``"dir": "in"``, one per request: ``ts`` (ISO-8601 with timezone), ``seq``, ``peer``,
     ``method``, ``drfs``, ``allowed``, ``reason``; ``values`` (``[[drf, value], ...]``) for a
     Set; ``final_drfs`` only when a policy changed the DRF list.
-  - ``"dir": "out"``, only with ``log_responses``: the request's ``seq`` and a summary of one
+  - ``"dir": "out"``, only with ``log_responses``: the request's ``seq``, ``peer`` and a summary of one
     reply: for a Read reply its ``index`` and ``readings`` (how many) or ``status``
     (``[facility_code, status_code]``); for a Set reply ``statuses``, one pair per setting.
   - ``"dir": "event"``: a notable outcome tied to a request, e.g.
@@ -47,9 +47,9 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, Literal, overload
 
 from google.protobuf.json_format import MessageToDict
 
-from pacsys.drf_utils import get_device_name
+from pacsys.drf_utils import guess_device_name
 
-from ._policies import RequestContext
+from ._policies import PolicyDecision, RequestContext
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
@@ -224,10 +224,13 @@ class AuditLog:
         """
         return not self._json.failing
 
-    def log_request(
-        self, ctx: RequestContext, allowed: bool, reason: str | None, final_drfs: list[str] | None = None
-    ) -> int:
-        """Record a request and the policy decision; returns its ``seq`` for the reply and events."""
+    def log_request(self, ctx: RequestContext, decision: PolicyDecision) -> int:
+        """Record a request and the policy decision; returns its ``seq`` for the reply and events.
+
+        ``final_drfs`` is recorded when the decision carries a context whose DRFs differ.
+        """
+        allowed, reason = decision.allowed, decision.reason
+        final_drfs = decision.ctx.drfs if decision.ctx is not None else None
         with self._lock:
             self._seq += 1
             seq = self._seq
@@ -256,12 +259,12 @@ class AuditLog:
             self._record(entry, frame)
         return seq
 
-    def log_response(self, seq: int, method: str, response: Any) -> None:
-        """Record one reply (a ReadingReply of a Read stream or a SettingReply) when ``log_responses``."""
+    def log_response(self, seq: int, peer: str, method: str, response: Any) -> None:
+        """Record one reply (a ReadingReply of a Read stream or a SettingReply) to ``peer`` when ``log_responses``."""
         if not self._log_responses:
             return
         with self._lock:
-            entry: dict[str, object] = {"ts": _now(), "seq": seq, "dir": "out", "method": method}
+            entry: dict[str, object] = {"ts": _now(), "seq": seq, "dir": "out", "peer": peer, "method": method}
             try:
                 entry.update(_summarize(method, response))
             except Exception:
@@ -447,7 +450,7 @@ def _parse_since(text: str) -> datetime:
 
 
 def _names_device(drfs: Sequence[str], device: re.Pattern[str]) -> bool:
-    return any(device.fullmatch(get_device_name(drf)) for drf in drfs)
+    return any(device.fullmatch(guess_device_name(drf)) for drf in drfs)
 
 
 def _print_entries(

@@ -26,7 +26,7 @@ needs a write-gating policy in its chain: an allow-mode ``DeviceAccessPolicy`` f
 
 Matching and speed
 ------------------
-Policies match canonical, upper-cased device names (``pacsys.drf_utils.get_device_name``).
+Policies match canonical, upper-cased device names (``pacsys.drf_utils.guess_device_name``).
 Globs are case-insensitive fnmatch patterns and regexes are full matches, also case-insensitive.
 ``check()`` runs on the gateway's hot path, so patterns are compiled once and the result for
 each device name is cached in a small bounded dict. Stateful policies take a lock; a policy
@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeGuard
 
-from pacsys.drf_utils import get_device_name
+from pacsys.drf_utils import guess_device_name
 
 __all__ = [
     "DeviceAccessPolicy",
@@ -157,7 +157,7 @@ def evaluate_policies(policies: Sequence[Policy], ctx: RequestContext) -> Policy
     if any(p.allows_writes for p in policies):
         for i, drf in enumerate(current.drfs):
             if i not in current.allowed:
-                reason = f"Device {get_device_name(drf)} not approved for {current.rpc_method}"
+                reason = f"Device {guess_device_name(drf)} not approved for {current.rpc_method}"
                 return PolicyDecision(allowed=False, reason=reason, policy="approval")
     for policy in policies:
         policy.on_allowed(current)
@@ -244,14 +244,14 @@ class DeviceAccessPolicy(Policy):
             return _ALLOW
         if self._mode == "deny":
             for drf in ctx.drfs:
-                name = get_device_name(drf)
+                name = guess_device_name(drf)
                 if self._patterns.matching(name):
                     return PolicyDecision(allowed=False, reason=f"Device {name} is denied")
             return _ALLOW
         newly = {
             i
             for i, drf in enumerate(ctx.drfs)
-            if i not in ctx.allowed and self._patterns.matching(get_device_name(drf))
+            if i not in ctx.allowed and self._patterns.matching(guess_device_name(drf))
         }
         if not newly:
             return _ALLOW
@@ -334,7 +334,7 @@ class ValueRangePolicy(Policy):
         for drf, value in ctx.values:
             if not _is_number(value):
                 continue
-            name = get_device_name(drf)
+            name = guess_device_name(drf)
             for i in self._patterns.matching(name):
                 lo, hi = self._bounds[i]
                 if not lo <= value <= hi:
@@ -396,7 +396,7 @@ class SlewRatePolicy(Policy):
             for drf, value in ctx.values:
                 if not _is_number(value):
                     continue
-                name = get_device_name(drf)
+                name = guess_device_name(drf)
                 matched = self._patterns.matching(name)
                 if not matched:
                     continue
@@ -418,7 +418,7 @@ class SlewRatePolicy(Policy):
         with self._lock:
             now = self._clock()
             for drf, value in ctx.values:
-                name = get_device_name(drf)
+                name = guess_device_name(drf)
                 if _is_number(value) and self._patterns.matching(name):
                     self._history[name] = (float(value), now)
 

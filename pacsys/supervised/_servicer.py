@@ -212,16 +212,16 @@ class DAQServicer:
             logger.exception("policy raised on rpc=%s peer=%s", ctx.rpc_method, ctx.peer)
             raise _Abort(grpc.StatusCode.INTERNAL, f"Policy error: {exc}", "error") from None
         if not decision.allowed:
-            self._audit_request(ctx, False, decision.reason, None)
+            self._audit_request(ctx, decision)
             self.stats.denials_by_policy[decision.policy or "policy"] += 1
             raise _Abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason or "denied by policy", "denied")
         final = decision.ctx or ctx
         return final, _original_indices(ctx.drfs, final.drfs)
 
-    def _audit_request(self, ctx: RequestContext, allowed: bool, reason: str | None, final: list[str] | None) -> int:
+    def _audit_request(self, ctx: RequestContext, decision: PolicyDecision) -> int:
         if self.audit is None:
             return 0
-        return self.audit.log_request(ctx, allowed, reason, final)
+        return self.audit.log_request(ctx, decision)
 
     def _refused(
         self,
@@ -239,7 +239,7 @@ class DAQServicer:
             ctx = RequestContext(
                 drfs=drfs, rpc_method=rpc, peer=peer, metadata=_metadata(context), values=[], raw_request=request
             )
-            self.audit.log_request(ctx, False, f"{abort.code.name}: {abort.details}")
+            self.audit.log_request(ctx, PolicyDecision(False, f"{abort.code.name}: {abort.details}"))
 
     def _log(self, rpc: str, peer: str, drfs: list[str], decision: str, started: float) -> None:
         self.stats.requests[(rpc, decision)] += 1
@@ -285,7 +285,7 @@ class DAQServicer:
             self._refused("Read", peer, drfs, request, context, abort, started)
             await context.abort(abort.code, abort.details)
             return
-        seq = self._audit_request(ctx, True, None, final.drfs if final.drfs != drfs else None)
+        seq = self._audit_request(ctx, PolicyDecision(True, ctx=final if final.drfs != drfs else None))
         caller_authorization.set(metadata.get("authorization"))
         oneshot = all(p.is_oneshot for p in parsed)
         try:
@@ -296,7 +296,7 @@ class DAQServicer:
                 for pos, reading in enumerate(readings):
                     reply = reply_bytes(original[pos], self._bodies.body(reading))
                     if self.audit is not None and self.audit.log_responses:
-                        self.audit.log_response(seq, "Read", DAQ_pb2.ReadingReply.FromString(reply))
+                        self.audit.log_response(seq, peer, "Read", DAQ_pb2.ReadingReply.FromString(reply))
                     yield reply
                 return
             if len(self._streams) >= self.limits.max_streams:
@@ -343,7 +343,7 @@ class DAQServicer:
                     for index in indices:
                         reply = reply_bytes(index, body)
                         if log_out:
-                            self.audit.log_response(seq, "Read", DAQ_pb2.ReadingReply.FromString(reply))  # type: ignore[union-attr]
+                            self.audit.log_response(seq, peer, "Read", DAQ_pb2.ReadingReply.FromString(reply))  # type: ignore[union-attr]
                         yield reply
                 self.stats.readings_delivered += len(batch)
                 if handle.stopped and not len(handle):
@@ -393,7 +393,7 @@ class DAQServicer:
             self._refused("Set", peer, drfs, request, context, abort, started)
             await context.abort(abort.code, abort.details)
             raise AssertionError("unreachable: abort raises")  # noqa: B904
-        seq = self._audit_request(ctx, True, None, final.drfs if final.drfs != drfs else None)
+        seq = self._audit_request(ctx, PolicyDecision(True, ctx=final if final.drfs != drfs else None))
         settings = list(zip(final.drfs, (v for _, v in final.values), strict=True))
         caller_authorization.set(metadata.get("authorization"))
         try:
@@ -415,7 +415,7 @@ class DAQServicer:
             self.audit.log_event(seq, "write_outcome_unknown", drfs=unknown)
         reply = setting_reply(ordered)
         if self.audit is not None and self.audit.log_responses:
-            self.audit.log_response(seq, "Set", reply)
+            self.audit.log_response(seq, peer, "Set", reply)
         self._log("Set", peer, drfs, "allow", started)
         return reply
 

@@ -47,6 +47,7 @@ from pacsys.supervised._policies import (
     ValueRangePolicy,
 )
 from pacsys.supervised._servicer import ServicerLimits
+from workers.backend_spec import FactorySpecError, parse_factory
 
 __all__ = [
     "POLICY_TYPES",
@@ -79,7 +80,7 @@ _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = re.compile(rf"{_IDENT}(\.{_IDENT})*")
 
 
-_SPEC_FORMS = "sim, sim:PATH, fake, grpc://HOST:PORT or module:factory"
+_SPEC_FORMS = "sim, sim:PATH, fake, grpc://HOST:PORT or module:factory[?key=value&...]"
 
 
 def check_backend_spec(spec: str) -> str | None:
@@ -100,9 +101,11 @@ def check_backend_spec(spec: str) -> str | None:
         except BackendSpecError as exc:
             return f"is invalid: {exc}"
         return None
-    module, sep, factory = spec.partition(":")
-    if sep and _DOTTED.fullmatch(module) and _DOTTED.fullmatch(factory):
-        return None
+    try:
+        if parse_factory(spec) is not None:
+            return None
+    except FactorySpecError as exc:
+        return f"is invalid: {exc}"
     return f"must be {_SPEC_FORMS}, got {spec!r}"
 
 
@@ -196,7 +199,8 @@ class Settings:
     # backend and workers
     backend: str = _setting(
         "sim",
-        "Backend: sim, sim:PATH, fake, grpc://HOST:PORT or module:factory.",
+        "Backend: sim, sim:PATH, fake, grpc://HOST:PORT or module:factory[?key=value&...] "
+        "(keyword arguments for the factory; a value is read as JSON when it is JSON, else as text).",
         section="Backend and workers",
         check=check_backend_spec,
         metavar="SPEC",
@@ -207,6 +211,14 @@ class Settings:
         section="Backend and workers",
         min=0,
         max=1024,
+    )
+    worker_python: str | None = _setting(
+        None,
+        "Interpreter the workers run under, e.g. another venv's bin/python where the pacsys release is "
+        "installed (unset: the front's own). It needs msgspec; the backend must then be a module:factory spec.",
+        section="Backend and workers",
+        example="/opt/pacsys-release/bin/python",
+        metavar="PATH",
     )
     threads_per_worker: int = _setting(
         16,
@@ -403,6 +415,8 @@ class Settings:
                 f"({self.restart_cooldown_max:g}) must not be below 'restart_cooldown_initial' "
                 f"({self.restart_cooldown_initial:g})",
             )
+        if self.worker_python is not None and self.workers == 0:
+            raise _key_error("worker_python", "needs workers >= 1 (with workers = 0 the front hosts the backend)")
         if self.restart_backoff_max < self.restart_backoff_initial:
             raise _key_error(
                 "restart_backoff_max",
