@@ -56,19 +56,21 @@ def render_haproxy_cfg(text: str, listen: int, stats: int, servers: dict[str, tu
     """ops/haproxy.cfg with loopback addresses: the listener, the stats page, and each server's ports.
 
     `servers` maps a server name of the file to (service port, metrics port). Every
-    substitution must match exactly once, so a change to the file's layout fails loudly.
+    substitution must match as often as expected, so a change to the file's layout fails loudly.
     """
 
-    def sub(pattern: str, replacement: str, text: str) -> str:
+    def sub(pattern: str, replacement: str, text: str, count: int = 1) -> str:
         new, n = re.subn(pattern, replacement, text, flags=re.MULTILINE)
-        if n != 1:
-            raise ValueError(f"{HAPROXY_CFG}: expected one line matching {pattern!r}, found {n}")
+        if n != count:
+            raise ValueError(f"{HAPROXY_CFG}: expected {count} lines matching {pattern!r}, found {n}")
         return new
 
     text = sub(r"^(\s*bind) :50051\b", rf"\1 127.0.0.1:{listen}", text)
     text = sub(r"^(\s*bind) :8404$", rf"\1 127.0.0.1:{stats}", text)
     for name, (port, metrics) in servers.items():
-        text = sub(rf"^(\s*server {name}) \S+ (.*)port \d+$", rf"\1 127.0.0.1:{port} \2port {metrics}", text)
+        # Each server is listed twice: for reads (supervisors) and for writes (writers).
+        pattern = rf"^(\s*server {name}) \S+ (.*)port \d+( backup)?$"
+        text = sub(pattern, rf"\1 127.0.0.1:{port} \2port {metrics}\3", text, count=2)
     return text
 
 
@@ -162,10 +164,13 @@ class Instance:
 class Pair:
     """Instances `a` and `b` behind haproxy; `stub` is a DAQ client of the balancer's address."""
 
-    def __init__(self, workdir: Path, haproxy: str | None = None):
+    def __init__(self, workdir: Path, *extra: str, haproxy: str | None = None):
+        """`extra`: more pacsys-supervisor options for both instances; "{name}" in one is the instance's name."""
         self.workdir = workdir
         self.haproxy = haproxy or shutil.which("haproxy") or "haproxy"
-        self.instances = {name: Instance(name, workdir) for name in ("a", "b")}
+        self.instances = {
+            name: Instance(name, workdir, *(arg.replace("{name}", name) for arg in extra)) for name in ("a", "b")
+        }
         self.port = free_port()
         self.stats_port = free_port()
         self.haproxy_proc: subprocess.Popen[bytes] | None = None
@@ -197,25 +202,27 @@ class Pair:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = DAQ_pb2_grpc.DAQStub(self.channel)
 
-    def server_status(self) -> dict[str, str]:
-        """haproxy's view of each server: UP, DOWN, "UP 1/2" (coming up), "DOWN 1/2" (going down)..."""
+    def server_status(self) -> dict[tuple[str, str], str]:
+        """haproxy's view of each (backend, server): UP, DOWN, "UP 1/2" (coming up), "DOWN 1/2"..."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.stats_port}/;csv", timeout=5) as reply:
                 text = reply.read().decode()
         except (urllib.error.URLError, ConnectionError):
             return {}
         rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
-        return {r["svname"]: r["status"] for r in rows if r["pxname"] == "supervisors" and r["svname"] in "ab"}
+        return {(r["pxname"], r["svname"]): r["status"] for r in rows if r["svname"] in self.instances}
+
+    def _all(self, name: str, status: str) -> bool:
+        view = self.server_status()
+        mine = [v for (_, server), v in view.items() if server == name]
+        return bool(mine) and all(v == status for v in mine)
 
     def wait_up(self, *names: str, timeout: float = 30.0) -> None:
-        wait_until(
-            lambda: all(self.server_status().get(n) == "UP" for n in names),
-            timeout,
-            f"haproxy to see {', '.join(names)} UP",
-        )
+        """Until every backend of haproxy (reads and writes) sees these instances UP."""
+        wait_until(lambda: all(self._all(n, "UP") for n in names), timeout, f"haproxy to see {', '.join(names)} UP")
 
     def wait_down(self, name: str, timeout: float = 30.0) -> None:
-        wait_until(lambda: self.server_status().get(name) == "DOWN", timeout, f"haproxy to see {name} DOWN")
+        wait_until(lambda: self._all(name, "DOWN"), timeout, f"haproxy to see {name} DOWN")
 
     def close(self) -> None:
         if self.channel is not None:
