@@ -152,4 +152,4 @@ def test_a_release_clients_stream_moves_to_the_other_instance_on_a_drain(pair):
     "grpc-status; gRPC reports UNKNOWN, which the 0.3.0 client treats as final (it retries UNAVAILABLE, CANCELLED)",
 )
 def test_a_release_clients_stream_moves_to_the_other_instance_on_a_kill(pair):
-    _stream_moves(pair, signal.SIGKILL, patience=8)
+    _stream_moves(pair, signal.SIGKILL, patience=5)
