@@ -68,7 +68,9 @@ def _build() -> None:
 def release_python() -> pathlib.Path:
     """The interpreter of a virtual environment holding the pacsys 0.3.0 release.
 
-    Skips the calling test (with the reason) when the release cannot be installed here.
+    Run it with ``-I`` (isolated: no PYTHONPATH, no current directory on the path), so that
+    this repository's own ``pacsys`` package never shadows the release. Skips the calling
+    test (with the reason) when the release cannot be installed here.
     """
     python = _python(VENV)
     done = VENV / ".complete"
