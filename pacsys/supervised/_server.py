@@ -66,6 +66,7 @@ class SupervisedServer:
         max_message_bytes: int = 4 * 1024 * 1024,
         backend_threads: int = 16,
         shutdown_grace: float = 5.0,
+        drain_delay: float = 0.0,
         log_requests: bool = False,
         close_backend: bool = False,
         event_loop: str = "auto",
@@ -84,6 +85,8 @@ class SupervisedServer:
         self._port: int | None = None
         self._max_message_bytes = max_message_bytes
         self._grace = shutdown_grace
+        self._drain_delay = drain_delay
+        self._leaving = False  # stop() was asked: NOT_SERVING, but still serving during drain_delay
         self._close_backend = close_backend
         self._event_loop = event_loop
         self.servicer = DAQServicer(
@@ -272,7 +275,7 @@ class SupervisedServer:
                 logger.info("event=liveness status=SERVING")
             else:
                 logger.error("event=liveness status=NOT_SERVING reason=unready_limit")
-        ready = self._backend_ready() and not self.servicer.draining
+        ready = self._backend_ready() and not self._leaving and not self.servicer.draining
         if ready != self._ready:
             self._ready = ready
             status = SERVING if ready else NOT_SERVING
@@ -342,8 +345,14 @@ class SupervisedServer:
             await start()
 
     async def _shutdown(self, server: grpc.aio.Server) -> None:
+        self._leaving = True
+        await self._update_readiness()  # NOT_SERVING from this moment
+        if self._drain_delay > 0:
+            # A load balancer sends new calls here until its health check sees NOT_SERVING:
+            # keep serving them, and end streams only once their reconnects go elsewhere.
+            logger.info("event=drain_delay seconds=%g", self._drain_delay)
+            await asyncio.sleep(self._drain_delay)
         self.servicer.end_streams()
-        await self._update_readiness()  # draining: NOT_SERVING from this moment
         await server.stop(self._grace)
         if self._close_backend:
             await self._backend.close()

@@ -236,6 +236,7 @@ class _Service:
                     max_message_bytes=s.max_message_bytes,
                     backend_threads=s.threads_per_worker,
                     shutdown_grace=s.shutdown_grace,
+                    drain_delay=s.drain_delay,
                     log_requests=s.log_requests,
                     close_backend=True,
                     event_loop=s.event_loop,

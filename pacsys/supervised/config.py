@@ -195,6 +195,13 @@ class Settings:
         section="Server",
         min=0,
     )
+    drain_delay: float = _setting(
+        0.0,
+        "Seconds to keep serving after reporting NOT_SERVING on SIGTERM/SIGINT, before the drain (load balancers).",
+        section="Server",
+        min=0,
+        max=3600,
+    )
 
     # backend and workers
     backend: str = _setting(

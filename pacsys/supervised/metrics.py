@@ -56,6 +56,13 @@ class _Collector:
         yield GaugeMetricFamily(
             "pacsys_ready", "1 while the service reports SERVING", value=1 if self._server.ready else 0
         )
+        audit = servicer.audit
+        if audit is not None:
+            yield GaugeMetricFamily(
+                "pacsys_audit_healthy",
+                "1 while the audit log is written (0 from a failed write until the next good flush)",
+                value=1 if audit.healthy else 0,
+            )
         backend = self._server.backend
         yield GaugeMetricFamily(
             "pacsys_alive",
