@@ -75,6 +75,9 @@ class RequestContext:
         values: ``[(drf, value), ...]`` for a Set; empty for a Read.
         raw_request: The protobuf request message.
         allowed: Indices of approved slots: all of them for a Read, none for a Set when built.
+        identity: Who the client is: the subject of its TLS client certificate
+            (``CN=ops1,O=Fermilab``) when it presented one, else its address without the port
+            (``ipv4:10.0.0.5``).
     """
 
     drfs: list[str]
@@ -84,6 +87,7 @@ class RequestContext:
     values: list[tuple[str, object]]
     raw_request: object
     allowed: frozenset[int] = frozenset()
+    identity: str = ""
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,10 @@ from pacsys.aio import AsyncBackend, SyncBackendAdapter, as_async
 from pacsys.aio._loops import new_event_loop
 from pacsys.backends import Backend
 from pacsys.supervised._audit import AuditLog
+from pacsys.supervised._peers import PeerLimit, is_loopback
 from pacsys.supervised._policies import Policy
-from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits
+from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits, identity_of
+from pacsys.supervised._tls import ServerTLS, TLSFiles
 
 logger = logging.getLogger("pacsys.supervised")
 
@@ -69,6 +71,10 @@ class SupervisedServer:
         log_requests: bool = False,
         close_backend: bool = False,
         event_loop: str = "auto",
+        allow_unaudited_writes: bool = False,
+        allow_token_plaintext: bool | None = None,
+        admin_token: str | None = None,
+        tls: TLSFiles | None = None,
     ):
         if not isinstance(backend, Backend | AsyncBackend):
             raise TypeError(
@@ -86,6 +92,10 @@ class SupervisedServer:
         self._grace = shutdown_grace
         self._close_backend = close_backend
         self._event_loop = event_loop
+        # Read now, so that a bad certificate file fails the start, not the first handshake.
+        self.tls = ServerTLS(tls) if tls is not None else None
+        if allow_token_plaintext is None:  # a token never crosses a network in clear by default
+            allow_token_plaintext = _is_loopback_host(host)
         self.servicer = DAQServicer(
             self._backend,
             policies=policies,
@@ -93,8 +103,11 @@ class SupervisedServer:
             audit_log=audit_log,
             limits=limits,
             log_requests=log_requests,
+            allow_unaudited_writes=allow_unaudited_writes,
+            token_over_plaintext=allow_token_plaintext,
         )
-        self.health = health_aio.HealthServicer()
+        self.admin_token = admin_token
+        self.health = _Health(self.servicer)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -102,6 +115,7 @@ class SupervisedServer:
         self._start_error: BaseException | None = None
         self._stop_requested: asyncio.Event | None = None
         self._ready: bool | None = None
+        self._audit_healthy: bool | None = None
         self._started_at = 0.0
 
     # -- properties ----------------------------------------------------------------
@@ -253,6 +267,17 @@ class SupervisedServer:
         return bool(getattr(self._backend, "is_ready", True))
 
     async def _update_readiness(self) -> None:
+        audit = self.servicer.audit
+        if audit is not None:
+            # Reads go on while the audit log cannot record; writes do not (see "audit" health).
+            recording = audit.healthy
+            if recording != self._audit_healthy:
+                self._audit_healthy = recording
+                await self.health.set("audit", SERVING if recording else NOT_SERVING)
+                if not recording:
+                    logger.error("event=audit_unavailable writes are refused until the audit log records again")
+                else:
+                    logger.info("event=audit_recording")
         ready = self._backend_ready() and not self.servicer.draining
         if ready != self._ready:
             self._ready = ready
@@ -267,9 +292,27 @@ class SupervisedServer:
             await self._update_readiness()
 
     def _admin_handler(self) -> grpc.GenericRpcHandler:
-        """`pacsys.supervisor.Admin/Status`: the status view as JSON (empty request)."""
+        """`pacsys.supervisor.Admin/Status`: the status view as JSON (empty request).
 
-        async def status(_request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
+        It names every client and what it reads, so it answers a client that presents the
+        admin token (or, without one, the service's token), or any local client when there
+        is no token at all.
+        """
+
+        async def status(_request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            token = self.admin_token if self.admin_token is not None else self.servicer._token
+            if token is None:
+                if not is_loopback(context.peer()):
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED, "the status view answers local clients only (no token set)"
+                    )
+            else:
+                try:
+                    metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+                    self.servicer.check_token(metadata, context, token)
+                except Exception as exc:  # the servicer's refusal: its code and details
+                    code = getattr(exc, "code", grpc.StatusCode.UNAUTHENTICATED)
+                    await context.abort(code, str(exc))
             return json.dumps(self.status()).encode()
 
         return grpc.method_handlers_generic_handler(
@@ -295,7 +338,13 @@ class SupervisedServer:
             "readings_delivered": stats.readings_delivered,
             "readings_dropped": self.servicer.dropped_now(),
             "streams": self.servicer.stream_rows(),
+            "limits_hit": dict(stats.limits_hit),
         }
+        if self.servicer.audit is not None:
+            result["audit"] = {
+                "healthy": self.servicer.audit.healthy,
+                "writes_refused": stats.writes_refused_unaudited,
+            }
         worker_states = getattr(self._backend, "worker_states", None)
         if worker_states is not None:
             result["workers"] = worker_states()
@@ -308,7 +357,10 @@ class SupervisedServer:
     def _bind(self, server: grpc.aio.Server) -> int:
         address = f"{self._host}:{self._requested_port}"
         try:
-            port = server.add_insecure_port(address)
+            if self.tls is not None:
+                port = server.add_secure_port(address, self.tls.credentials)
+            else:
+                port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {address}: {exc}") from None
         if port == 0:
@@ -345,3 +397,28 @@ def tune_gc_for_serving() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
+
+
+def _is_loopback_host(host: str) -> bool:
+    return host in ("localhost", "[::1]") or host.startswith("127.")
+
+
+class _Health(health_aio.HealthServicer):
+    """Health, with each Watch counted as a stream of its client (they hold memory too)."""
+
+    def __init__(self, servicer: DAQServicer):
+        super().__init__()
+        self._servicer = servicer
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:  # noqa: N802 - gRPC's name
+        who = identity_of(context)
+        peers = self._servicer.peers
+        try:
+            peers.open_stream(who)
+        except PeerLimit as exc:
+            self._servicer.stats.limits_hit[exc.limit] += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            await super().Watch(request, context)
+        finally:
+            peers.close_stream(who)

@@ -48,8 +48,10 @@ from pacsys.supervised.config import (
     limits,
     load_config,
     read_config_file,
+    resolve_admin_token,
     resolve_token,
     settings_from,
+    tls_files,
     write_gate,
 )
 
@@ -59,7 +61,16 @@ PROG = "pacsys-supervisor"
 SUBCOMMANDS = ("check-config", "probe", "status")
 
 # Settings a SIGHUP applies at once; a change to any other one waits for a restart.
-RELOADABLE = ("policies", "allow_writes", "token", "token_file", "log_level", "log_format", "log_requests")
+RELOADABLE = (
+    "policies",
+    "allow_writes",
+    "token",
+    "token_file",
+    "admin_token_file",
+    "log_level",
+    "log_format",
+    "log_requests",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,8 +221,10 @@ class _Service:
 
         s = self.settings
         try:
-            chain = write_gate(s, build_policies(s))
             token = resolve_token(s)
+            admin_token = resolve_admin_token(s)
+            tls = tls_files(s)
+            chain = write_gate(s, build_policies(s))
         except ConfigError as exc:
             return _error(exc)
         try:
@@ -237,6 +250,10 @@ class _Service:
                     log_requests=s.log_requests,
                     close_backend=True,
                     event_loop=s.event_loop,
+                    allow_unaudited_writes=s.allow_unaudited_writes,
+                    allow_token_plaintext=s.allow_token_plaintext,
+                    admin_token=admin_token,
+                    tls=tls,
                 )
                 if s.metrics_port is not None:
                     # Up before the workers: /readyz answers "not ready" while they start.
@@ -345,13 +362,18 @@ class _Service:
             return False
         try:
             new = settings_from(read_config_file(path), self.overrides, source=path)
-            chain = write_gate(new, build_policies(new))
             token = resolve_token(new)
-        except ConfigError as exc:
-            logger.error("config reload failed, keeping the old policies: %s", exc)
+            admin_token = resolve_admin_token(new)
+            chain = write_gate(new, build_policies(new))
+            if self.server.tls is not None:
+                self.server.tls.reload()  # a renewed certificate (same paths) serves the next handshakes
+        except Exception as exc:  # a reload never ends the process, whatever the file holds
+            text = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            logger.error("config reload failed, keeping the old policies: %s", text)
             return False
         self.server.set_policies(chain)
         self.server.servicer.set_token(token)  # a rotated token file takes effect here too
+        self.server.admin_token = admin_token
         if (new.log_level, new.log_format) != (old.log_level, old.log_format):
             configure_logging(new.log_level, new.log_format)
         self.server.servicer.log_requests = new.log_requests
@@ -413,9 +435,11 @@ def _check_config(argv: list[str]) -> int:
     ns = parser.parse_args(argv)
     try:
         settings = load_config(ns.file)
-        chain = write_gate(settings, build_policies(settings))
         resolve_token(settings)
-    except ConfigError as exc:
+        resolve_admin_token(settings)
+        tls_files(settings)
+        chain = write_gate(settings, build_policies(settings))
+    except Exception as exc:  # a message, never a traceback
         return _error(exc)
     workers = "in process" if settings.workers == 0 else f"{settings.workers} workers"
     writes = "writes denied" if not any(p.allows_writes for p in chain) else "writes granted by policy"
