@@ -272,12 +272,12 @@ class SupervisedServer:
             # Reads go on while the audit log cannot record; writes do not (see "audit" health).
             recording = audit.healthy
             if recording != self._audit_healthy:
-                self._audit_healthy = recording
-                await self.health.set("audit", SERVING if recording else NOT_SERVING)
                 if not recording:
                     logger.error("event=audit_unavailable writes are refused until the audit log records again")
-                else:
-                    logger.info("event=audit_recording")
+                elif self._audit_healthy is not None:
+                    logger.info("event=audit_recording writes are accepted again")
+                self._audit_healthy = recording
+                await self.health.set("audit", SERVING if recording else NOT_SERVING)
         ready = self._backend_ready() and not self.servicer.draining
         if ready != self._ready:
             self._ready = ready
@@ -294,18 +294,19 @@ class SupervisedServer:
     def _admin_handler(self) -> grpc.GenericRpcHandler:
         """`pacsys.supervisor.Admin/Status`: the status view as JSON (empty request).
 
-        It names every client and what it reads, so it answers a client that presents the
-        admin token (or, without one, the service's token), or any local client when there
-        is no token at all.
+        It names every client and what it reads, pids and memory: it answers a client on this
+        host, and a remote one that presents the admin token (or, without one, the service's
+        bearer token); with no token at all, local clients only.
         """
 
         async def status(_request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             token = self.admin_token if self.admin_token is not None else self.servicer._token
-            if token is None:
-                if not is_loopback(context.peer()):
-                    await context.abort(
-                        grpc.StatusCode.PERMISSION_DENIED, "the status view answers local clients only (no token set)"
-                    )
+            if is_loopback(context.peer()):
+                pass
+            elif token is None:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, "the status view answers local clients only (no token set)"
+                )
             else:
                 try:
                     metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}

@@ -29,7 +29,7 @@ from pacsys.errors import AuthenticationError, BackendUnavailable, LimitExceeded
 from pacsys.replies import ReplyBodies, reply_bytes, setting_reply, value_from_proto
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.supervised._audit import AuditLog, AuditUnavailable
-from pacsys.supervised._peers import Bucket, PeerLimit, Peers, is_loopback, peer_host
+from pacsys.supervised._peers import Bucket, PeerLimit, Peers, peer_host
 from pacsys.supervised._policies import Policy, PolicyDecision, RequestContext, evaluate_policies
 from pacsys.supervised._refusal_log import RefusalLog, excerpt, excerpt_list
 
@@ -251,7 +251,7 @@ class DAQServicer:
         expected = f"Bearer {token}"
         if not hmac.compare_digest(presented.encode(), expected.encode()):
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token", "unauthenticated")
-        if not self.token_over_plaintext and not _over_tls(context) and not is_loopback(context.peer()):
+        if not self.token_over_plaintext and not _over_tls(context):
             # The token has crossed in clear already: say so, so that it gets rotated.
             raise _Abort(
                 grpc.StatusCode.UNAUTHENTICATED,
