@@ -404,3 +404,41 @@ def test_a_token_over_plaintext_is_refused_unless_allowed(serve):
     assert fake.writes == []
     loopback = serve(fake, token=TOKEN)  # the default on a loopback bind: allowed
     assert loopback.set("Z:ACLTST", 1.0, metadata=[("authorization", f"Bearer {TOKEN}")]).status[0].status_code == 0
+
+
+# -- finding 8: the metrics port ------------------------------------------------------------------------
+
+
+def _http_get(port, path):
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+        return reply.status, reply.read().decode()
+
+
+def test_idle_metrics_connections_cost_no_thread_and_time_out(serve):
+    from pacsys.supervised.metrics import MetricsServer
+
+    s = serve()
+    metrics = MetricsServer(s.server, port=0, host="127.0.0.1", max_connections=50, timeout=1.0)
+    metrics.start()
+    idle = []
+    try:
+        assert _http_get(metrics.port, "/readyz") == (200, "ready\n")
+        threads_before = threading.active_count()
+        for _ in range(200):
+            idle.append(socket.create_connection(("127.0.0.1", metrics.port), timeout=5))
+        assert threading.active_count() <= threads_before + 1
+        wait_for(lambda: s.server.servicer.stats.limits_hit["metrics_max_connections"] > 0, what="excess closed")
+        # The idle ones are closed after the timeout; scrapes are answered meanwhile or right after.
+        for sock in idle[:50]:
+            sock.settimeout(10)
+            assert sock.recv(1) == b""
+        started = time.monotonic()
+        status, text = _http_get(metrics.port, "/metrics")
+        assert status == 200 and "pacsys_limits_hit_total" in text
+        assert time.monotonic() - started < 2
+    finally:
+        for sock in idle:
+            sock.close()
+        metrics.stop()

@@ -259,7 +259,13 @@ class _Service:
                     # Up before the workers: /readyz answers "not ready" while they start.
                     from pacsys.supervised.metrics import MetricsServer
 
-                    self.metrics = MetricsServer(self.server, s.metrics_port, host=_metrics_host(s.host))
+                    self.metrics = MetricsServer(
+                        self.server,
+                        s.metrics_port,
+                        host=_metrics_host(s.host),
+                        max_connections=s.metrics_max_connections,
+                        timeout=s.metrics_timeout,
+                    )
                     self.metrics.start()
                 self.server.start(timeout=s.ready_timeout + 30.0)
             except Exception as exc:  # BackendSpecError, WorkerStartupError, OSError (ports in use), ...

@@ -186,6 +186,12 @@ class Settings:
         max=65535,
         example=9109,
     )
+    metrics_max_connections: int = _setting(
+        64, "Most connections the metrics port serves at once (more are closed at once).", section="Server", min=1
+    )
+    metrics_timeout: float = _setting(
+        5.0, "Seconds a metrics connection has to send its request and take the answer.", section="Server", gt=0
+    )
     max_message_bytes: int = _setting(
         4 * 1024 * 1024, "Largest request message accepted, in bytes.", section="Server", min=1024, max=2**31 - 1
     )
