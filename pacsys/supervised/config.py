@@ -45,6 +45,7 @@ from pacsys.supervised._policies import (
     SlewLimit,
     SlewRatePolicy,
     ValueRangePolicy,
+    WriteGrantPolicy,
 )
 from pacsys.supervised._servicer import ServicerLimits
 from pacsys.supervised._tls import TLSFiles
@@ -769,6 +770,27 @@ def _device_access(t: _PolicyTable) -> Policy:
         raise t.error("patterns" if "pattern" in str(exc) else "action", f"is invalid: {exc}") from None
 
 
+def _string_list(t: _PolicyTable, key: str, example: str) -> list[str]:
+    value = t.get(key)
+    if (
+        isinstance(value, str)
+        or not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, str) and v for v in value)
+    ):
+        raise t.error(key, f"must be a non-empty list of patterns, e.g. [{example}], got {value!r}")
+    return value
+
+
+def _write_grant(t: _PolicyTable) -> Policy:
+    identities = _string_list(t, "identities", '"CN=ops*"')
+    patterns = _string_list(t, "patterns", '"Z:*"')
+    try:
+        return WriteGrantPolicy(identities, patterns)
+    except ValueError as exc:
+        raise t.error("patterns", f"is invalid: {exc}") from None
+
+
 def _rate_limit(t: _PolicyTable) -> Policy:
     max_requests = t.get("max_requests")
     if isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 1:
@@ -848,6 +870,7 @@ def _custom(t: _PolicyTable) -> Policy:
 _BUILDERS: dict[str, tuple[Callable[[_PolicyTable], Policy], tuple[str, ...]]] = {
     "read_only": (_read_only, ()),
     "device_access": (_device_access, ("patterns", "mode", "action", "syntax")),
+    "write_grant": (_write_grant, ("identities", "patterns")),
     "rate_limit": (_rate_limit, ("max_requests", "window_seconds")),
     "value_range": (_value_range, ("limits",)),
     "slew_rate": (_slew_rate, ("limits",)),
@@ -933,6 +956,13 @@ _EXAMPLE_POLICIES: list[tuple[list[str], dict[str, Any]]] = [
             "mode deny refuses any request naming one. action: all, read or set; syntax: glob or regex.",
         ],
         {"type": "device_access", "patterns": ["Z:*", "E:*"], "mode": "deny", "action": "set", "syntax": "glob"},
+    ),
+    (
+        [
+            "write_grant: clients whose identity matches (their TLS certificate's subject, or their address",
+            "without the port, e.g. ipv4:10.0.1.*) may write matching devices; grants writes.",
+        ],
+        {"type": "write_grant", "identities": ["CN=ops-*", "ipv4:10.0.1.*"], "patterns": ["Z:ACLTS*"]},
     ),
     (
         ["rate_limit: at most max_requests requests per client address within any window_seconds."],
