@@ -5,7 +5,9 @@
     pacsys-supervisor probe [--addr HOST:PORT] [--service NAME] [--timeout S]
                                                grpc.health.v1 Check: exit 0 SERVING,
                                                1 not serving, 2 unreachable
-    pacsys-supervisor status [--addr HOST:PORT]
+    pacsys-supervisor status [--addr HOST:PORT] [--token-file FILE]
+    pacsys-supervisor explain [--config FILE] [--identity ID] --method Read|Set DRF[=VALUE]...
+                                               which policy decides a request, and why
 
 The serve options are derived from `pacsys.supervised.config.Settings` (one option per
 setting whose metadata has ``flag``); values given on the command line override the config
@@ -58,7 +60,7 @@ from pacsys.supervised.config import (
 logger = logging.getLogger("pacsys.supervised")
 
 PROG = "pacsys-supervisor"
-SUBCOMMANDS = ("check-config", "probe", "status")
+SUBCOMMANDS = ("check-config", "probe", "status", "explain")
 
 # Settings a SIGHUP applies at once; a change to any other one waits for a restart.
 RELOADABLE = (
@@ -82,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _probe(args[1:])
         if args and args[0] == "status":
             return _status(args[1:])
+        if args and args[0] == "explain":
+            from pacsys.supervised.explain import main as explain
+
+            return explain(args[1:])
         if args and args[0] == "serve":
             args = args[1:]
         return _serve(args)
