@@ -507,6 +507,8 @@ def _status(argv: list[str]) -> int:
     parser.add_argument("--addr", default="localhost:50051", metavar="HOST:PORT", help="default: %(default)s")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     parser.add_argument("--json", action="store_true", help="print the raw JSON view")
+    parser.add_argument("--token-file", metavar="FILE", help="the admin (or service) token: needed from another host")
+    parser.add_argument("--ca", metavar="FILE", help="CA certificate of a service that serves TLS")
     ns = parser.parse_args(argv)
     import json
 
@@ -514,9 +516,21 @@ def _status(argv: list[str]) -> int:
 
     from pacsys.supervised._server import ADMIN_SERVICE
 
-    with grpc.insecure_channel(ns.addr) as channel:
+    try:
+        metadata = None
+        if ns.token_file:
+            with open(ns.token_file, encoding="utf-8") as f:
+                metadata = [("authorization", f"Bearer {f.read().strip()}")]
+        ca = None
+        if ns.ca:
+            with open(ns.ca, "rb") as f:
+                ca = f.read()
+    except OSError as exc:
+        return _error(exc)
+    channel = grpc.secure_channel(ns.addr, grpc.ssl_channel_credentials(ca)) if ca else grpc.insecure_channel(ns.addr)
+    with channel:
         try:
-            raw = channel.unary_unary(f"/{ADMIN_SERVICE}/Status")(b"", timeout=ns.timeout)
+            raw = channel.unary_unary(f"/{ADMIN_SERVICE}/Status")(b"", timeout=ns.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             print(f"{ns.addr}: unreachable ({exc.code().name}: {exc.details()})", flush=True)
             return 2
