@@ -41,8 +41,8 @@ SERVICE_NAME = "services.daq.DAQ"
 # Readings per second counted for a stream's DRF that has no period (a clock or state event,
 # or the device default): 15 Hz is ACNET's fastest regular clock event.
 EVENT_RATE_HZ = 15.0
-# A stream hands the loop back after a batch this large, so one heavy stream's burst does
-# not hold everyone else's replies (smaller batches already wait between them).
+# A stream hands the loop back after this many readings of one batch, so that one heavy
+# stream's burst does not hold everyone else's replies (smaller batches wait between them).
 YIELD_AFTER = 32
 
 
@@ -521,7 +521,7 @@ class DAQServicer:
             while True:
                 await handle.wait()
                 batch = handle.drain()
-                for reading in batch:
+                for n, reading in enumerate(batch, 1):
                     indices = slots.get(reading.drf)
                     if indices is None:
                         logger.warning("stream reading for an unrequested DRF %r dropped", reading.drf)
@@ -532,6 +532,8 @@ class DAQServicer:
                         if log_out:
                             self.audit.log_response(seq, "Read", DAQ_pb2.ReadingReply.FromString(reply))  # type: ignore[union-attr]
                         yield reply
+                    if n % YIELD_AFTER == 0:
+                        await asyncio.sleep(0)  # a large batch lets the others' replies through
                 self.stats.readings_delivered += len(batch)
                 if handle.stopped and not len(handle):
                     if handle.exc is not None:
@@ -545,8 +547,6 @@ class DAQServicer:
                 if own_wait or peer_wait:
                     self.stats.limits_hit["max_stream_rate" if own_wait >= peer_wait else "max_peer_rate"] += 1
                     await asyncio.sleep(max(own_wait, peer_wait))
-                elif len(batch) >= YIELD_AFTER:
-                    await asyncio.sleep(0)
         finally:
             self._streams.pop(handle, None)
             self.stats.readings_dropped += handle.dropped
