@@ -227,3 +227,40 @@ def test_the_grpc_backend_reaches_an_upstream_over_mutual_tls(serve, pki):
 
     with pytest.raises(Exception):  # noqa: B017 - the handshake fails: unavailable or timed out
         asyncio.run(refused())
+
+
+def test_the_command_serves_tls_takes_tokens_over_it_only_and_reloads_its_certificate(pki, tmp_path):
+    import signal
+
+    from test_cli import FAKE, Supervisor
+
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    cert.write_bytes(_pem(pki, "server.crt"))
+    key.write_bytes(_pem(pki, "server.key"))
+    config = tmp_path / "supervisor.toml"
+    config.write_text(f'allow_writes = ["Z:*"]\ntoken = "{TOKEN}"\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+    sup = Supervisor(*FAKE, "--config", str(config))  # host [::]: no token over plaintext
+    try:
+        port = sup.wait_serving()
+        assert _set(port, _creds(pki), token=TOKEN).status[0].status_code == 0
+        cert.write_bytes(_pem(pki, "server2.crt"))
+        key.write_bytes(_pem(pki, "server2.key"))
+        mark = sup.mark()
+        sup.proc.send_signal(signal.SIGHUP)
+        sup.wait_line("stderr", r"level=INFO .*config reloaded", start=mark)
+        assert len(_read(port, _creds(pki, ca="other-ca.crt"))) == 1
+    finally:
+        sup.kill()
+    config.write_text(f'allow_writes = ["Z:*"]\ntoken = "{TOKEN}"\n')
+    plain = Supervisor(*FAKE, "--config", str(config))
+    try:
+        port = plain.wait_serving()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            request = DAQ_pb2.SettingList(setting=[DAQ_pb2.Setting(device="Z:ACLTST")])
+            request.setting[0].value.scalar = 1.0
+            stub = DAQ_pb2_grpc.DAQStub(channel)
+            metadata = [("authorization", f"Bearer {TOKEN}")]
+            code, details = _code(lambda: stub.Set(request, timeout=10, metadata=metadata))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "plaintext" in details
+    finally:
+        plain.kill()
