@@ -228,6 +228,19 @@ class DAQServicer:
         streams = sorted(list(self._streams.values()), key=lambda s: (-s.handle.dropped, -len(s.handle), s.opened))
         return [s.row(now) for s in streams[:limit]]
 
+    @property
+    def token(self) -> str | None:
+        """The bearer token that Set requires (None: none)."""
+        return self._token
+
+    def token_refusal(self, context: grpc.aio.ServicerContext, token: str | None) -> tuple[grpc.StatusCode, str] | None:
+        """The code and details that refuse a call not carrying `token` as Set requires it, or None."""
+        try:
+            self.check_token(_metadata(context), context, token)
+        except _Abort as abort:
+            return abort.code, abort.details
+        return None
+
     def set_token(self, token: str | None) -> None:
         """Replace the bearer token that Set requires (None: no token required)."""
         self._token = token
