@@ -260,17 +260,17 @@ class DAQServicer:
         unless a token may cross plaintext."""
         if token is None:
             return
+        if not self.token_over_plaintext and not _over_tls(context):
+            # Checked before the token itself, so that plaintext tells nothing about a guess.
+            raise _Abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "a bearer token is refused over plaintext: connect with TLS (a token sent in clear should be rotated)",
+                "unauthenticated",
+            )
         presented = metadata.get("authorization", "")
         expected = f"Bearer {token}"
         if not hmac.compare_digest(presented.encode(), expected.encode()):
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token", "unauthenticated")
-        if not self.token_over_plaintext and not _over_tls(context):
-            # The token has crossed in clear already: say so, so that it gets rotated.
-            raise _Abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "a bearer token is refused over plaintext: connect with TLS (and rotate the token it just sent)",
-                "unauthenticated",
-            )
 
     # -- shared request steps ----------------------------------------------------------
 
