@@ -53,7 +53,7 @@ from google.protobuf.json_format import MessageToDict
 from pacsys.drf_utils import get_device_name
 
 from ._policies import RequestContext
-from ._refusal_log import excerpt, excerpt_list
+from ._refusal_log import excerpt
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
@@ -272,7 +272,7 @@ class AuditLog:
                     "dir": "in",
                     "peer": ctx.peer,
                     "method": ctx.rpc_method,
-                    "drfs": excerpt_list(ctx.drfs, MAX_LISTED),
+                    "drfs": [excerpt(d, 1000) for d in ctx.drfs[:MAX_LISTED]],
                     "allowed": allowed,
                     "reason": None if reason is None else excerpt(reason, 1000),
                 }
@@ -281,7 +281,7 @@ class AuditLog:
                 if ctx.values:
                     entry["values"] = [[excerpt(drf), _bounded(value)] for drf, value in ctx.values[:MAX_LISTED]]
                 if final_drfs is not None and list(final_drfs) != list(ctx.drfs):
-                    entry["final_drfs"] = excerpt_list(final_drfs, MAX_LISTED)
+                    entry["final_drfs"] = [excerpt(d, 1000) for d in final_drfs[:MAX_LISTED]]
             except Exception:
                 self._json.failing = True
                 logger.exception("audit: cannot build entry for request seq %d", seq)
