@@ -168,6 +168,8 @@ class MetricsServer:
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+        elif not self._loop.is_closed():
+            self._loop.close()  # never started
         self._sock.close()
         self._probe.shutdown(wait=False)
 
