@@ -62,6 +62,11 @@ class ServicerLimits:
     stream_buffer: int = 1_000  # readings queued per client stream before its oldest are dropped
     refusal_log_interval: float = 10.0  # seconds between log lines for one client's refusals of one kind
 
+    def __post_init__(self) -> None:
+        for name in ("max_rate_hz", "max_stream_rate", "max_peer_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+
 
 @dataclass
 class ServicerStats:
