@@ -442,3 +442,11 @@ def test_idle_metrics_connections_cost_no_thread_and_time_out(serve):
         for sock in idle:
             sock.close()
         metrics.stop()
+
+
+def test_a_health_watch_of_a_huge_service_name_is_refused(serve):
+    s = serve()
+    health = health_pb2_grpc.HealthStub(s.channel)
+    code, _ = _refused(lambda: next(health.Watch(health_pb2.HealthCheckRequest(service="x" * 100_000), timeout=5)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert s.server.servicer.peers.streams == 0

@@ -41,6 +41,7 @@ logger = logging.getLogger("pacsys.supervised")
 
 ADMIN_SERVICE = "pacsys.supervisor.Admin"
 READINESS_POLL_SECONDS = 0.25
+MAX_HEALTH_SERVICE_NAME = 256  # characters; ours are at most 16
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -407,6 +408,9 @@ class _Health(health_aio.HealthServicer):
         self._servicer = servicer
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:  # noqa: N802 - gRPC's name
+        if len(request.service) > MAX_HEALTH_SERVICE_NAME:
+            # The base class keeps a condition per name watched: no client-sized keys.
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "service name too long")
         who = identity_of(context)
         peers = self._servicer.peers
         try:
