@@ -564,7 +564,7 @@ class DAQServicer:
                 peer_wait = peer_budget.take(len(batch))
                 if own_wait or peer_wait:
                     self.stats.limits_hit["max_stream_rate" if own_wait >= peer_wait else "max_peer_rate"] += 1
-                    await asyncio.sleep(max(own_wait, peer_wait))
+                    await _pause(handle, max(own_wait, peer_wait))
         finally:
             self._streams.pop(handle, None)
             self.stats.readings_dropped += handle.dropped
@@ -677,6 +677,14 @@ class DAQServicer:
             self.audit.log_response(seq, "Set", reply)
         self._log("Set", peer, drfs, "allow", started)
         return reply
+
+
+async def _pause(handle: AsyncSubscriptionHandle, seconds: float) -> None:
+    """Sleep `seconds`, or less when the subscription stops (a drain must not wait for a paced stream)."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    while not handle.stopped and (left := until - loop.time()) > 0:
+        await asyncio.sleep(min(left, 0.1))
 
 
 def _over_tls(context: grpc.aio.ServicerContext) -> bool:
