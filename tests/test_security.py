@@ -450,3 +450,24 @@ def test_a_health_watch_of_a_huge_service_name_is_refused(serve):
     code, _ = _refused(lambda: next(health.Watch(health_pb2.HealthCheckRequest(service="x" * 100_000), timeout=5)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert s.server.servicer.peers.streams == 0
+
+
+@pytest.mark.parametrize(
+    ("peer", "local"),
+    [
+        ("ipv4:127.0.0.1:5000", True),
+        ("ipv4:127.0.0.2:5000", True),
+        ("ipv6:%5B::1%5D:39092", True),
+        ("ipv6:[::1]:39092", True),
+        ("ipv6:%5B::ffff:127.0.0.1%5D:1", True),
+        ("unix:/run/pacsys.sock", True),
+        ("ipv4:10.0.0.5:5000", False),
+        ("ipv6:%5Bfd00::2%5D:5000", False),
+        ("ipv6:%5B::ffff:10.0.0.5%5D:1", False),
+        ("garbage", False),
+    ],
+)
+def test_which_peers_are_local(peer, local):
+    from pacsys.supervised._peers import is_loopback
+
+    assert is_loopback(peer) is local
