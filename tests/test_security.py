@@ -434,6 +434,7 @@ def test_idle_metrics_connections_cost_no_thread_and_time_out(serve):
         for sock in idle[:50]:
             sock.settimeout(10)
             assert sock.recv(1) == b""
+        wait_for(lambda: s.server.servicer.stats.limits_hit["metrics_timeout"] >= 50, what="timeouts counted")
         started = time.monotonic()
         status, text = _http_get(metrics.port, "/metrics")
         assert status == 200 and "pacsys_limits_hit_total" in text

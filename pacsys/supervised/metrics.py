@@ -126,8 +126,8 @@ class MetricsServer:
     One thread runs an event loop of its own (not the front's: a slow scrape must not delay a
     reply). Connections are bounded (`max_connections`; more are closed at once and counted
     as `metrics_max_connections` in `pacsys_limits_hit`) and each has `timeout` seconds to
-    send its request and take the answer, so idle connections cost neither threads nor slots
-    for long.
+    send its request and take the answer (else it is closed and counted as
+    `metrics_timeout`), so idle connections cost neither threads nor slots for long.
     """
 
     def __init__(
@@ -203,8 +203,10 @@ class MetricsServer:
                 + body
             )
             await asyncio.wait_for(writer.drain(), self._timeout)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass  # too slow, too large or gone: the connection is closed
+        except TimeoutError:
+            self._supervised.servicer.stats.limits_hit["metrics_timeout"] += 1
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass  # too large a request, or gone: the connection is closed
         finally:
             self._open -= 1
             writer.close()
