@@ -264,3 +264,15 @@ def test_the_command_serves_tls_takes_tokens_over_it_only_and_reloads_its_certif
         assert code == grpc.StatusCode.UNAUTHENTICATED and "plaintext" in details
     finally:
         plain.kill()
+
+
+def test_probe_and_status_reach_a_mutual_tls_service(serve, pki, capsys):
+    from pacsys.supervised.cli import main
+
+    server = serve(client_ca=True)
+    addr = f"127.0.0.1:{server.port}"
+    tls = ["--ca", str(pki / "ca.crt"), "--cert", str(pki / "ops-1.crt"), "--key", str(pki / "ops-1.key")]
+    assert main(["probe", "--addr", addr, "--timeout", "5", *tls]) == 0
+    assert main(["status", "--addr", addr, "--json", *tls]) == 0
+    assert '"ready": true' in capsys.readouterr().out
+    assert main(["probe", "--addr", addr, "--timeout", "2"]) == 2  # plaintext: no answer

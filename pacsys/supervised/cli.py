@@ -6,6 +6,7 @@
                                                grpc.health.v1 Check: exit 0 SERVING,
                                                1 not serving, 2 unreachable
     pacsys-supervisor status [--addr HOST:PORT] [--token-file FILE]
+                                 (probe and status: --ca FILE [--cert FILE --key FILE] for TLS)
     pacsys-supervisor explain [--config FILE] [--identity ID] --method Read|Set DRF[=VALUE]...
                                                which policy decides a request, and why
 
@@ -475,13 +476,18 @@ def _probe(argv: list[str]) -> int:
         "--service", default="", metavar="NAME", help="service to check (default: the whole server, '')"
     )
     parser.add_argument("--timeout", type=_number(float), default=5.0, metavar="S", help="default: %(default)s s")
+    _tls_options(parser)
     ns = parser.parse_args(argv)
 
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     label = f"{ns.addr}" + (f" ({ns.service})" if ns.service else "")
-    with grpc.insecure_channel(ns.addr) as channel:
+    try:
+        channel = _open_channel(ns)
+    except OSError as exc:
+        return _error(exc)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=ns.service), timeout=ns.timeout)
@@ -508,7 +514,7 @@ def _status(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     parser.add_argument("--json", action="store_true", help="print the raw JSON view")
     parser.add_argument("--token-file", metavar="FILE", help="the admin (or service) token: needed from another host")
-    parser.add_argument("--ca", metavar="FILE", help="CA certificate of a service that serves TLS")
+    _tls_options(parser)
     ns = parser.parse_args(argv)
     import json
 
@@ -521,13 +527,9 @@ def _status(argv: list[str]) -> int:
         if ns.token_file:
             with open(ns.token_file, encoding="utf-8") as f:
                 metadata = [("authorization", f"Bearer {f.read().strip()}")]
-        ca = None
-        if ns.ca:
-            with open(ns.ca, "rb") as f:
-                ca = f.read()
+        channel = _open_channel(ns)
     except OSError as exc:
         return _error(exc)
-    channel = grpc.secure_channel(ns.addr, grpc.ssl_channel_credentials(ca)) if ca else grpc.insecure_channel(ns.addr)
     with channel:
         try:
             raw = channel.unary_unary(f"/{ADMIN_SERVICE}/Status")(b"", timeout=ns.timeout, metadata=metadata)
@@ -537,6 +539,28 @@ def _status(argv: list[str]) -> int:
     view = json.loads(raw)
     print(json.dumps(view, indent=2) if ns.json else render_status(view), flush=True)
     return 0
+
+
+def _tls_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ca", metavar="FILE", help="CA certificate of a service that serves TLS")
+    parser.add_argument("--cert", metavar="FILE", help="client certificate, for a service that does mutual TLS")
+    parser.add_argument("--key", metavar="FILE", help="the client certificate's key")
+
+
+def _open_channel(ns: argparse.Namespace) -> Any:
+    """A channel to ns.addr: TLS when --ca, --cert or --key is given (OSError for a file)."""
+    import grpc
+
+    if not (ns.ca or ns.cert or ns.key):
+        return grpc.insecure_channel(ns.addr)
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.secure_channel(ns.addr, grpc.ssl_channel_credentials(read(ns.ca), read(ns.key), read(ns.cert)))
 
 
 def render_status(view: dict[str, Any]) -> str:
