@@ -91,10 +91,12 @@ class OpenStream:
     drfs: list[str]
     opened: float  # time.time()
     handle: AsyncSubscriptionHandle
+    identity: str = ""
 
     def row(self, now: float) -> dict[str, object]:
         return {
             "peer": self.peer,
+            "identity": self.identity,
             "drfs": summarize_drfs(self.drfs, limit=2),
             "age_s": round(now - self.opened, 1),
             "delivered": self.handle.delivered,
@@ -529,7 +531,7 @@ class DAQServicer:
                 slots.setdefault(canonical, []).append(original[pos])
         handle = await self.backend.subscribe(drfs)
         handle.resize(self.limits.stream_buffer)
-        self._streams[handle] = OpenStream(peer, drfs, time.time(), handle)
+        self._streams[handle] = OpenStream(peer, drfs, time.time(), handle, who)
         bodies = self._bodies
         log_out = self.audit is not None and self.audit.log_responses
         # Budgets: this stream's, and its client's shared by all of its streams.
