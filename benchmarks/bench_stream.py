@@ -34,7 +34,7 @@ import psutil
 
 from benchmarks.bench_load import LoadGenerator, run_on_loop
 from benchmarks.h2_reader import count_streams
-from benchmarks.serve import ServerProcess, parse_modes
+from benchmarks.serve import ONE_HOST_LIMITS, ServerProcess, parse_modes
 
 MODES = ["null", "inproc", "pool2"]
 SECTIONS = ["spread", "fanout", "stall"]
@@ -216,7 +216,9 @@ def fanout(generator: LoadGenerator, args: argparse.Namespace) -> None:
     from workers.pool import WorkerPool
 
     pool = WorkerPool(backend="sim", workers=2)
-    server = SupervisedServer(pool, port=0, host="127.0.0.1", close_backend=True, shutdown_grace=0.5)
+    server = SupervisedServer(
+        pool, port=0, host="127.0.0.1", close_backend=True, shutdown_grace=0.5, limits=ONE_HOST_LIMITS
+    )
     drf = f"Z:SIM000@p,{args.period_ms}"
 
     def counts() -> tuple[int, int]:

@@ -26,10 +26,15 @@ from pathlib import Path
 from pacsys.aio import AsyncBackend
 from pacsys.backends import Backend
 from pacsys.backends.spec import build_backend
+from pacsys.supervised import ServicerLimits
 from pacsys.supervised._server import tune_gc_for_serving
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
 
 MODES = ("null", "inproc", "seed", "pool")
+
+# Every benchmark client connects from 127.0.0.1, one client as far as the per-client limits
+# go: lift those (the per-request and per-stream ones stay the service's).
+ONE_HOST_LIMITS = ServicerLimits(max_streams_per_peer=1_000_000, max_calls_per_peer=1_000_000, max_peer_rate=1e12)
 
 
 def parse_modes(text: str, fixed: tuple[str, ...]) -> list[str]:
@@ -81,7 +86,9 @@ def make_server(mode: str, spec: str, workers: int):
         backend = build_backend(spec)
         if mode == "seed" and isinstance(backend, Backend):
             backend = ToThreadBackend(backend)
-    server = SupervisedServer(backend, port=0, host="127.0.0.1", close_backend=True, shutdown_grace=0.5)
+    server = SupervisedServer(
+        backend, port=0, host="127.0.0.1", close_backend=True, shutdown_grace=0.5, limits=ONE_HOST_LIMITS
+    )
     server.start()
     return server
 

@@ -296,7 +296,7 @@ def test_sighup_applies_a_rotated_token(supervisor, daq, tmp_path):
     token_file.write_text("first\n")
     config = tmp_path / "supervisor.toml"
     config.write_text(f'allow_writes = ["M:*"]\ntoken_file = "{token_file}"\n')
-    sup = supervisor(*FAKE, "--config", str(config))
+    sup = supervisor(*FAKE, "--allow-token-plaintext", "--config", str(config))  # bound to [::], no TLS
     stub = daq(sup.port)
     request = DAQ_pb2.SettingList(setting=[DAQ_pb2.Setting(device="M:OUTTMP")])
     request.setting[0].value.scalar = 1.0

@@ -13,6 +13,7 @@ from pacsys.supervised import (
     RequestContext,
     SlewRatePolicy,
     ValueRangePolicy,
+    WriteGrantPolicy,
     evaluate_policies,
 )
 from pacsys.supervised.cli import main
@@ -232,6 +233,11 @@ type = "slew_rate"
 limits = { "M:*" = { max_step = 5.0 }, "G:*" = { max_step = 1, max_rate = 0.5 } }
 
 [[policies]]
+type = "write_grant"
+identities = ["CN=ops-*"]
+patterns = ["Z:*"]
+
+[[policies]]
 type = "custom"
 name = "five-per-minute"
 factory = "pacsys.supervised:RateLimitPolicy"
@@ -250,6 +256,7 @@ def test_each_policy_type_is_built_in_file_order(tmp_path):
         RateLimitPolicy,
         ValueRangePolicy,
         SlewRatePolicy,
+        WriteGrantPolicy,
         RateLimitPolicy,
     ]
     assert {t["type"] for t in settings.policies} == set(POLICY_TYPES)
@@ -398,7 +405,7 @@ def test_check_config_ok(tmp_path, capsys):
     path = write(tmp_path, 'workers = 4\nallow_writes = ["M:*"]\n' + ALL_POLICIES)
     assert main(["check-config", path]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{path}: OK") and "4 workers" in out and "7 policies" in out
+    assert out.startswith(f"{path}: OK") and "4 workers" in out and "8 policies" in out
 
 
 def test_check_config_reports_writes_denied(tmp_path, capsys):

@@ -79,7 +79,7 @@ def upstream(fake):
 
 @pytest.fixture
 def secured(fake):
-    srv = SupervisedServer(fake, port=0, token="s3cret")
+    srv = SupervisedServer(fake, port=0, token="s3cret", allow_token_plaintext=True)  # [::], no TLS
     srv.start()
     yield srv
     srv.stop(grace=0)

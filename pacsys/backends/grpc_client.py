@@ -25,6 +25,9 @@ one-shot read and what is a subscription.
   while the upstream is down retries the same way, so errors surface through the handle,
   never from subscribe() itself. The `callback`/`on_error` arguments are ignored, as in the
   other async backends: read `handle.readings()`.
+- TLS: with `tls` (a `ClientTLS`: a CA bundle, the system's when none is given, and
+  optionally a client certificate and key for an upstream that does mutual TLS) the
+  channel is a secure one; the files are read when the backend is built.
 - Authorization: `authorization: Bearer <token>` when `token` is given. With
   `pass_caller_token`, the caller's own `authorization` header
   (`pacsys.aio.caller_authorization`, set by the servicer) is sent as it is and wins over
@@ -49,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -108,6 +112,30 @@ def map_rpc_error(exc: grpc.aio.AioRpcError, target: str, fallback: type[Excepti
     return fallback(message)
 
 
+@dataclass(frozen=True)
+class ClientTLS:
+    """TLS to the upstream: PEM files of the CA (None: the system's roots) and of a client certificate."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs both cert and key")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The channel credentials, the files read now (OSError names the one that cannot be read)."""
+
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
 def _timeout_reading(drf: str) -> Reading:
     return Reading(
         drf=drf, facility_code=ACNET, error_code=ACNET_REQUEST_TIMEOUT, message="no reply from the upstream DAQ server"
@@ -122,6 +150,7 @@ class DAQClientBackend(AsyncBackend):
         pass_caller_token: bool = False,
         default_timeout: float = 5.0,
         channel_options: Sequence[tuple[str, Any]] | None = None,
+        tls: ClientTLS | None = None,
     ):
         if not target:
             raise ValueError("target must be HOST:PORT")
@@ -133,6 +162,7 @@ class DAQClientBackend(AsyncBackend):
         self.default_timeout = default_timeout
         # Caller options come last: gRPC takes the last value given for a key.
         self._options = [*KEEPALIVE_OPTIONS, *(channel_options or ())]
+        self._credentials = tls.credentials() if tls is not None else None
         self._channel: grpc.aio.Channel | None = None
         self._channel_loop: asyncio.AbstractEventLoop | None = None
         self._stub: DAQ_pb2_grpc.DAQStub | None = None
@@ -163,7 +193,10 @@ class DAQClientBackend(AsyncBackend):
         if self._stub is None or self._channel_loop is not loop:
             if self._channel is not None:
                 logger.debug("DAQ channel to %s used from a new event loop: opening another", self.target)
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            if self._credentials is not None:
+                self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
+            else:
+                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
             self._channel_loop = loop
             self._stub = DAQ_pb2_grpc.DAQStub(self._channel)
         return self._stub

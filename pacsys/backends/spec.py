@@ -19,6 +19,7 @@ with a one-line message that names the spec.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 from pacsys.aio import AsyncBackend
@@ -28,7 +29,7 @@ from workers.backend_spec import describe as describe_factory
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-_GRPC_KEYS = {"token_file", "pass_token", "timeout"}
+_GRPC_KEYS = {"token_file", "pass_token", "timeout", "tls", "ca", "cert", "key"}
 
 FORMS = "sim, sim:PATH, fake, grpc://HOST:PORT, module:factory[?key=value&...]"
 
@@ -88,8 +89,19 @@ def _build_fake() -> Backend:
     return fb
 
 
-def _grpc_parts(spec: str) -> tuple[str, str | None, bool, float]:
-    """(target, token_file, pass_token, timeout) of a grpc:// spec."""
+class _GrpcParts(NamedTuple):
+    target: str
+    token_file: str | None
+    pass_token: bool
+    timeout: float
+    tls: bool  # tls=1, or any of ca, cert, key
+    ca: str | None
+    cert: str | None
+    key: str | None
+
+
+def _grpc_parts(spec: str) -> _GrpcParts:
+    """The parts of a grpc:// spec; ``?tls=1`` (the system's CAs), ``?ca=``, ``?cert=&key=`` ask for TLS."""
     url = urlsplit(spec)
     try:
         host, port = url.hostname, url.port
@@ -117,12 +129,22 @@ def _grpc_parts(spec: str) -> tuple[str, str | None, bool, float]:
             timeout = float("nan")
         if not timeout > 0 or timeout == float("inf"):
             raise _fail(spec, f"timeout must be a positive number of seconds, got {query['timeout']!r}")
+    tls_flag = query.get("tls", "0").lower()
+    if tls_flag not in _TRUE | _FALSE:
+        raise _fail(spec, f"tls must be 1 or 0, got {query['tls']!r}")
+    ca, cert, key = (query.get(k) or None for k in ("ca", "cert", "key"))
+    if (cert is None) != (key is None):
+        raise _fail(spec, "a client certificate needs both cert= and key=")
+    tls = tls_flag in _TRUE or any(v is not None for v in (ca, cert, key))
+    if tls_flag in _FALSE and "tls" in query and tls:
+        raise _fail(spec, "tls=0 contradicts ca=, cert= or key=")
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return target, query.get("token_file") or None, flag in _TRUE, timeout
+    return _GrpcParts(target, query.get("token_file") or None, flag in _TRUE, timeout, tls, ca, cert, key)
 
 
 def _build_grpc(spec: str) -> AsyncBackend:
-    target, token_file, pass_token, timeout = _grpc_parts(spec)
+    parts = _grpc_parts(spec)
+    target, token_file, pass_token, timeout = parts[:4]
     token = None
     if token_file is not None:
         try:
@@ -131,9 +153,13 @@ def _build_grpc(spec: str) -> AsyncBackend:
             raise _fail(spec, f"cannot read token_file: {_one_line(exc)}") from exc
         if not token:
             raise _fail(spec, f"token_file {token_file!r} is empty")
-    from pacsys.backends.grpc_client import DAQClientBackend
+    from pacsys.backends.grpc_client import ClientTLS, DAQClientBackend
 
-    return DAQClientBackend(target, token=token, pass_caller_token=pass_token, default_timeout=timeout)
+    tls = ClientTLS(parts.ca, parts.cert, parts.key) if parts.tls else None
+    try:
+        return DAQClientBackend(target, token=token, pass_caller_token=pass_token, default_timeout=timeout, tls=tls)
+    except OSError as exc:
+        raise _fail(spec, f"cannot read a TLS file: {_one_line(exc)}") from exc
 
 
 def _build_factory(spec: str) -> Backend | AsyncBackend:
@@ -160,10 +186,13 @@ def describe_spec(spec: str) -> str:
         return "in-memory fake backend (M:OUTTMP, G:AMANDA)"
     if spec.startswith("grpc://"):
         try:
-            target, token_file, pass_token, timeout = _grpc_parts(spec)
+            parts = _grpc_parts(spec)
         except BackendSpecError:
             return f"invalid grpc spec {spec!r}"
+        target, token_file, pass_token, timeout = parts[:4]
         extras = [f"timeout {timeout:g} s"]
+        if parts.tls:
+            extras.append(f"TLS, CA {parts.ca or 'of the system'}" + (", client certificate" if parts.cert else ""))
         if token_file:
             extras.append(f"token from {token_file}")
         if pass_token:

@@ -16,10 +16,12 @@ from pacsys.supervised._policies import (
     SlewLimit,
     SlewRatePolicy,
     ValueRangePolicy,
+    WriteGrantPolicy,
     evaluate_policies,
 )
 from pacsys.supervised._server import SupervisedServer
 from pacsys.supervised._servicer import ServicerLimits
+from pacsys.supervised._tls import TLSFiles
 
 __all__ = [
     "AuditLog",
@@ -33,7 +35,9 @@ __all__ = [
     "SlewLimit",
     "SlewRatePolicy",
     "SupervisedServer",
+    "TLSFiles",
     "ValueRangePolicy",
+    "WriteGrantPolicy",
     "evaluate_policies",
     "read_audit",
     "read_audit_proto",

@@ -19,7 +19,10 @@ Two append-only files:
 
 Recording never raises: a failure (disk full, directory gone, a value that will not serialize)
 is logged on ``pacsys.supervised.audit`` and the call returns normally; ``healthy`` tells whether
-the last entry reached the JSON log. A failed write cuts the file back to the last flushed
+the last entry reached the JSON log. The one exception is an entry that must be recorded
+(``log_request(..., must_record=True)``, a write's): it is flushed at once, and
+``AuditUnavailable`` says it did not reach the file, so that the write is not made. Entries
+hold bounded excerpts of what the client sent. A failed write cuts the file back to the last flushed
 record, so a file holds whole records only, except the tail of a process that died mid-write,
 which the readers report as an error. Only the constructor raises (bad arguments, files that
 cannot be opened) so that a misconfigured log stops the server at startup.
@@ -50,6 +53,7 @@ from google.protobuf.json_format import MessageToDict
 from pacsys.drf_utils import guess_device_name
 
 from ._policies import PolicyDecision, RequestContext
+from ._refusal_log import excerpt
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
@@ -60,6 +64,7 @@ __all__ = [
     "TAG_SETTING_REPLY",
     "TAG_SETTING_REQUEST",
     "AuditLog",
+    "AuditUnavailable",
     "main",
     "read_audit",
     "read_audit_proto",
@@ -84,6 +89,12 @@ _TAG_TYPES = {
 
 PathLike = str | os.PathLike[str]
 
+MAX_LISTED = 1000  # DRFs and values listed per entry: a request's whole list, up to the largest allowed
+
+
+class AuditUnavailable(Exception):
+    """An entry that had to be recorded (a write's) did not reach the audit file."""
+
 
 def _jsonable(value: object) -> object:
     """``value`` as plain JSON data; anything unknown becomes its repr rather than an error."""
@@ -101,6 +112,18 @@ def _jsonable(value: object) -> object:
     if callable(tolist):
         return _jsonable(tolist())
     return repr(value)
+
+
+def _bounded(value: object) -> object:
+    """A setting's value for the JSON line: long text and long arrays cut to an excerpt."""
+    if isinstance(value, str):
+        return excerpt(value, 1000)
+    data = _jsonable(value)
+    if isinstance(data, list) and len(data) > MAX_LISTED:
+        return [*data[:MAX_LISTED], f"... and {len(data) - MAX_LISTED} more"]
+    if isinstance(data, str):
+        return excerpt(data, 1000)
+    return data
 
 
 def _varint(n: int) -> bytes:
@@ -224,10 +247,13 @@ class AuditLog:
         """
         return not self._json.failing
 
-    def log_request(self, ctx: RequestContext, decision: PolicyDecision) -> int:
+    def log_request(self, ctx: RequestContext, decision: PolicyDecision, *, must_record: bool = False) -> int:
         """Record a request and the policy decision; returns its ``seq`` for the reply and events.
 
         ``final_drfs`` is recorded when the decision carries a context whose DRFs differ.
+        Strings a client sent are kept as bounded excerpts (the binary capture, when there is
+        one, holds the whole request). With ``must_record`` the entry is flushed at once, and
+        AuditUnavailable is raised when it did not reach the file: a write must not be made.
         """
         allowed, reason = decision.allowed, decision.reason
         final_drfs = decision.ctx.drfs if decision.ctx is not None else None
@@ -241,22 +267,28 @@ class AuditLog:
                     "dir": "in",
                     "peer": ctx.peer,
                     "method": ctx.rpc_method,
-                    "drfs": list(ctx.drfs),
+                    "drfs": [excerpt(d, 1000) for d in ctx.drfs[:MAX_LISTED]],
                     "allowed": allowed,
-                    "reason": reason,
+                    "reason": None if reason is None else excerpt(reason, 1000),
                 }
+                if ctx.identity and ctx.identity != ctx.peer:
+                    entry["identity"] = excerpt(ctx.identity)
                 if ctx.values:
-                    entry["values"] = [[drf, _jsonable(value)] for drf, value in ctx.values]
+                    entry["values"] = [[excerpt(drf), _bounded(value)] for drf, value in ctx.values[:MAX_LISTED]]
                 if final_drfs is not None and list(final_drfs) != list(ctx.drfs):
-                    entry["final_drfs"] = list(final_drfs)
+                    entry["final_drfs"] = [excerpt(d, 1000) for d in final_drfs[:MAX_LISTED]]
             except Exception:
                 self._json.failing = True
                 logger.exception("audit: cannot build entry for request seq %d", seq)
+                if must_record:
+                    raise AuditUnavailable(f"cannot build the entry of request seq {seq}") from None
                 return seq
             frame = None
             if hasattr(ctx.raw_request, "SerializeToString"):
                 frame = (_REQUEST_TAGS.get(ctx.rpc_method), ctx.raw_request)
-            self._record(entry, frame)
+            self._record(entry, frame, flush=must_record)
+            if must_record and self._json.failing:
+                raise AuditUnavailable(f"{self._json.path}: cannot record request seq {seq}")
         return seq
 
     def log_response(self, seq: int, peer: str, method: str, response: Any) -> None:
@@ -304,7 +336,7 @@ class AuditLog:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _record(self, entry: dict[str, object], frame: tuple[int | None, Any] | None) -> None:
+    def _record(self, entry: dict[str, object], frame: tuple[int | None, Any] | None, flush: bool = False) -> None:
         """Write one entry and its optional (tag, message) frame. Holds the lock; never raises."""
         seq = entry.get("seq")
         try:
@@ -321,7 +353,7 @@ class AuditLog:
             except Exception:
                 self._failed(self._proto, "cannot write frame of seq %s", seq)
         self._unflushed += 1
-        if self._unflushed >= self._flush_interval:
+        if flush or self._unflushed >= self._flush_interval:
             self._flush()
 
     def _flush(self) -> None:

@@ -59,6 +59,7 @@ __all__ = [
     "SlewLimit",
     "SlewRatePolicy",
     "ValueRangePolicy",
+    "WriteGrantPolicy",
     "evaluate_policies",
 ]
 
@@ -75,6 +76,9 @@ class RequestContext:
         values: ``[(drf, value), ...]`` for a Set; empty for a Read.
         raw_request: The protobuf request message.
         allowed: Indices of approved slots: all of them for a Read, none for a Set when built.
+        identity: Who the client is: the subject of its TLS client certificate
+            (``CN=ops1,O=Fermilab``) when it presented one, else its address without the port
+            (``ipv4:10.0.0.5``).
     """
 
     drfs: list[str]
@@ -84,6 +88,7 @@ class RequestContext:
     values: list[tuple[str, object]]
     raw_request: object
     allowed: frozenset[int] = frozenset()
+    identity: str = ""
 
 
 @dataclass(frozen=True)
@@ -247,6 +252,47 @@ class DeviceAccessPolicy(Policy):
                 name = guess_device_name(drf)
                 if self._patterns.matching(name):
                     return PolicyDecision(allowed=False, reason=f"Device {name} is denied")
+            return _ALLOW
+        newly = {
+            i
+            for i, drf in enumerate(ctx.drfs)
+            if i not in ctx.allowed and self._patterns.matching(guess_device_name(drf))
+        }
+        if not newly:
+            return _ALLOW
+        return PolicyDecision(allowed=True, ctx=replace(ctx, allowed=ctx.allowed | newly))
+
+
+class WriteGrantPolicy(Policy):
+    """Grant writes to some devices for some clients: the EPICS gateways' UAG/HAG rules, per identity.
+
+    Args:
+        identities: Glob patterns on the client's identity (``RequestContext.identity``): the
+            subject of its TLS client certificate (``"CN=ops*"``) or its address without the
+            port (``"ipv4:10.0.1.*"``). Case-sensitive, as certificate subjects are.
+        patterns: Device name patterns (case-insensitive globs) those clients may write.
+
+    A Set from a matching client has the slots of matching devices approved; anyone else's
+    request is left alone (another policy may grant it, or the approval rule denies it).
+    """
+
+    def __init__(self, identities: Sequence[str], patterns: Sequence[str]):
+        if isinstance(identities, str) or not identities or not all(isinstance(i, str) and i for i in identities):
+            raise ValueError("identities must be a non-empty list of identity patterns")
+        if isinstance(patterns, str) or not patterns:
+            raise ValueError("patterns must be a non-empty list of strings")
+        self._identities = [re.compile(fnmatch.translate(i)) for i in identities]
+        self._patterns = _Patterns(patterns)
+
+    @property
+    def allows_writes(self) -> bool:
+        return True
+
+    def matches(self, identity: str) -> bool:
+        return any(rx.fullmatch(identity) for rx in self._identities)
+
+    def check(self, ctx: RequestContext) -> PolicyDecision:
+        if ctx.rpc_method != "Set" or not self.matches(ctx.identity):
             return _ALLOW
         newly = {
             i

@@ -32,13 +32,16 @@ from pacsys.aio import AsyncBackend, SyncBackendAdapter, as_async
 from pacsys.aio._loops import new_event_loop
 from pacsys.backends import Backend
 from pacsys.supervised._audit import AuditLog
+from pacsys.supervised._peers import PeerLimit, is_loopback
 from pacsys.supervised._policies import Policy
-from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits
+from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits, identity_of
+from pacsys.supervised._tls import ServerTLS, TLSFiles
 
 logger = logging.getLogger("pacsys.supervised")
 
 ADMIN_SERVICE = "pacsys.supervisor.Admin"
 READINESS_POLL_SECONDS = 0.25
+MAX_HEALTH_SERVICE_NAME = 256  # characters; ours are at most 16
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -70,6 +73,10 @@ class SupervisedServer:
         log_requests: bool = False,
         close_backend: bool = False,
         event_loop: str = "auto",
+        allow_unaudited_writes: bool = False,
+        allow_token_plaintext: bool | None = None,
+        admin_token: str | None = None,
+        tls: TLSFiles | None = None,
     ):
         if not isinstance(backend, Backend | AsyncBackend):
             raise TypeError(
@@ -89,6 +96,10 @@ class SupervisedServer:
         self._leaving = False  # stop() was asked: NOT_SERVING, but still serving during drain_delay
         self._close_backend = close_backend
         self._event_loop = event_loop
+        # Read now, so that a bad certificate file fails the start, not the first handshake.
+        self.tls = ServerTLS(tls) if tls is not None else None
+        if allow_token_plaintext is None:  # a token never crosses a network in clear by default
+            allow_token_plaintext = _is_loopback_host(host)
         self.servicer = DAQServicer(
             self._backend,
             policies=policies,
@@ -96,8 +107,11 @@ class SupervisedServer:
             audit_log=audit_log,
             limits=limits,
             log_requests=log_requests,
+            allow_unaudited_writes=allow_unaudited_writes,
+            token_over_plaintext=allow_token_plaintext,
         )
-        self.health = health_aio.HealthServicer()
+        self.admin_token = admin_token
+        self.health = _Health(self.servicer)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -106,6 +120,7 @@ class SupervisedServer:
         self._stop_requested: asyncio.Event | None = None
         self._ready: bool | None = None
         self._alive: bool | None = None
+        self._audit_healthy: bool | None = None
         self._started_at = 0.0
 
     # -- properties ----------------------------------------------------------------
@@ -275,6 +290,17 @@ class SupervisedServer:
                 logger.info("event=liveness status=SERVING")
             else:
                 logger.error("event=liveness status=NOT_SERVING reason=unready_limit")
+        audit = self.servicer.audit
+        if audit is not None:
+            # Reads go on while the audit log cannot record; writes do not (see "audit" health).
+            recording = audit.healthy
+            if recording != self._audit_healthy:
+                if not recording:
+                    logger.error("event=audit_unavailable writes are refused until the audit log records again")
+                elif self._audit_healthy is not None:
+                    logger.info("event=audit_recording writes are accepted again")
+                self._audit_healthy = recording
+                await self.health.set("audit", SERVING if recording else NOT_SERVING)
         ready = self._backend_ready() and not self._leaving and not self.servicer.draining
         if ready != self._ready:
             self._ready = ready
@@ -289,9 +315,23 @@ class SupervisedServer:
             await self._update_readiness()
 
     def _admin_handler(self) -> grpc.GenericRpcHandler:
-        """`pacsys.supervisor.Admin/Status`: the status view as JSON (empty request)."""
+        """`pacsys.supervisor.Admin/Status`: the status view as JSON (empty request).
 
-        async def status(_request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
+        It names every client and what it reads, pids and memory: it answers a client on this
+        host, and a remote one that presents the admin token (or, without one, the service's
+        bearer token); with no token at all, local clients only.
+        """
+
+        async def status(_request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            if not is_loopback(context.peer()):
+                token = self.admin_token if self.admin_token is not None else self.servicer.token
+                if token is None:
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED, "the status view answers local clients only (no token set)"
+                    )
+                refusal = self.servicer.token_refusal(context, token)
+                if refusal is not None:
+                    await context.abort(*refusal)
             return json.dumps(self.status()).encode()
 
         return grpc.method_handlers_generic_handler(
@@ -317,7 +357,13 @@ class SupervisedServer:
             "readings_delivered": stats.readings_delivered,
             "readings_dropped": self.servicer.dropped_now(),
             "streams": self.servicer.stream_rows(),
+            "limits_hit": dict(stats.limits_hit),
         }
+        if self.servicer.audit is not None:
+            result["audit"] = {
+                "healthy": self.servicer.audit.healthy,
+                "writes_refused": stats.writes_refused_unaudited,
+            }
         worker_states = getattr(self._backend, "worker_states", None)
         if worker_states is not None:
             result["workers"] = worker_states()
@@ -330,7 +376,10 @@ class SupervisedServer:
     def _bind(self, server: grpc.aio.Server) -> int:
         address = f"{self._host}:{self._requested_port}"
         try:
-            port = server.add_insecure_port(address)
+            if self.tls is not None:
+                port = server.add_secure_port(address, self.tls.credentials)
+            else:
+                port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {address}: {exc}") from None
         if port == 0:
@@ -373,3 +422,31 @@ def tune_gc_for_serving() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
+
+
+def _is_loopback_host(host: str) -> bool:
+    return host in ("localhost", "[::1]") or host.startswith("127.")
+
+
+class _Health(health_aio.HealthServicer):
+    """Health, with each Watch counted as a stream of its client (they hold memory too)."""
+
+    def __init__(self, servicer: DAQServicer):
+        super().__init__()
+        self._servicer = servicer
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:  # noqa: N802 - gRPC's name
+        if len(request.service) > MAX_HEALTH_SERVICE_NAME:
+            # The base class keeps a condition per name watched: no client-sized keys.
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "service name too long")
+        who = identity_of(context)
+        peers = self._servicer.peers
+        try:
+            peers.open_stream(who)
+        except PeerLimit as exc:
+            self._servicer.stats.limits_hit[exc.limit] += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            await super().Watch(request, context)
+        finally:
+            peers.close_stream(who)

@@ -5,7 +5,10 @@
     pacsys-supervisor probe [--addr HOST:PORT] [--service NAME] [--timeout S]
                                                grpc.health.v1 Check: exit 0 SERVING,
                                                1 not serving, 2 unreachable
-    pacsys-supervisor status [--addr HOST:PORT]
+    pacsys-supervisor status [--addr HOST:PORT] [--token-file FILE]
+                                 (probe and status: --ca FILE [--cert FILE --key FILE] for TLS)
+    pacsys-supervisor explain [--config FILE] [--identity ID] --method Read|Set DRF[=VALUE]...
+                                               which policy decides a request, and why
 
 The serve options are derived from `pacsys.supervised.config.Settings` (one option per
 setting whose metadata has ``flag``); values given on the command line override the config
@@ -48,8 +51,10 @@ from pacsys.supervised.config import (
     limits,
     load_config,
     read_config_file,
+    resolve_admin_token,
     resolve_token,
     settings_from,
+    tls_files,
     write_gate,
 )
 
@@ -58,10 +63,19 @@ logger = logging.getLogger("pacsys.supervised")
 PROG = "pacsys-supervisor"
 # Exit status when `unready_exit` is set and the pool was not ready for `unready_limit` seconds.
 EXIT_UNREADY = 4
-SUBCOMMANDS = ("check-config", "probe", "status")
+SUBCOMMANDS = ("check-config", "probe", "status", "explain")
 
 # Settings a SIGHUP applies at once; a change to any other one waits for a restart.
-RELOADABLE = ("policies", "allow_writes", "token", "token_file", "log_level", "log_format", "log_requests")
+RELOADABLE = (
+    "policies",
+    "allow_writes",
+    "token",
+    "token_file",
+    "admin_token_file",
+    "log_level",
+    "log_format",
+    "log_requests",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _probe(args[1:])
         if args and args[0] == "status":
             return _status(args[1:])
+        if args and args[0] == "explain":
+            from pacsys.supervised.explain import main as explain
+
+            return explain(args[1:])
         if args and args[0] == "serve":
             args = args[1:]
         return _serve(args)
@@ -212,8 +230,10 @@ class _Service:
 
         s = self.settings
         try:
-            chain = write_gate(s, build_policies(s))
             token = resolve_token(s)
+            admin_token = resolve_admin_token(s)
+            tls = tls_files(s)
+            chain = write_gate(s, build_policies(s))
         except ConfigError as exc:
             return _error(exc)
         try:
@@ -240,12 +260,22 @@ class _Service:
                     log_requests=s.log_requests,
                     close_backend=True,
                     event_loop=s.event_loop,
+                    allow_unaudited_writes=s.allow_unaudited_writes,
+                    allow_token_plaintext=s.allow_token_plaintext,
+                    admin_token=admin_token,
+                    tls=tls,
                 )
                 if s.metrics_port is not None:
                     # Up before the workers: /readyz answers "not ready" while they start.
                     from pacsys.supervised.metrics import MetricsServer
 
-                    self.metrics = MetricsServer(self.server, s.metrics_port, host=_metrics_host(s.host))
+                    self.metrics = MetricsServer(
+                        self.server,
+                        s.metrics_port,
+                        host=_metrics_host(s.host),
+                        max_connections=s.metrics_max_connections,
+                        timeout=s.metrics_timeout,
+                    )
                     self.metrics.start()
                 self.server.start(timeout=s.ready_timeout + 30.0)
             except Exception as exc:  # BackendSpecError, WorkerStartupError, OSError (ports in use), ...
@@ -360,13 +390,18 @@ class _Service:
             return False
         try:
             new = settings_from(read_config_file(path), self.overrides, source=path)
-            chain = write_gate(new, build_policies(new))
             token = resolve_token(new)
-        except ConfigError as exc:
-            logger.error("config reload failed, keeping the old policies: %s", exc)
+            admin_token = resolve_admin_token(new)
+            chain = write_gate(new, build_policies(new))
+            if self.server.tls is not None:
+                self.server.tls.reload()  # a renewed certificate (same paths) serves the next handshakes
+        except Exception as exc:  # a reload never ends the process, whatever the file holds
+            text = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            logger.error("config reload failed, keeping the old policies: %s", text)
             return False
         self.server.set_policies(chain)
         self.server.servicer.set_token(token)  # a rotated token file takes effect here too
+        self.server.admin_token = admin_token
         if (new.log_level, new.log_format) != (old.log_level, old.log_format):
             configure_logging(new.log_level, new.log_format)
         self.server.servicer.log_requests = new.log_requests
@@ -428,9 +463,11 @@ def _check_config(argv: list[str]) -> int:
     ns = parser.parse_args(argv)
     try:
         settings = load_config(ns.file)
-        chain = write_gate(settings, build_policies(settings))
         resolve_token(settings)
-    except ConfigError as exc:
+        resolve_admin_token(settings)
+        tls_files(settings)
+        chain = write_gate(settings, build_policies(settings))
+    except Exception as exc:  # a message, never a traceback
         return _error(exc)
     workers = "in process" if settings.workers == 0 else f"{settings.workers} workers"
     writes = "writes denied" if not any(p.allows_writes for p in chain) else "writes granted by policy"
@@ -454,13 +491,18 @@ def _probe(argv: list[str]) -> int:
         "--service", default="", metavar="NAME", help="service to check (default: the whole server, '')"
     )
     parser.add_argument("--timeout", type=_number(float), default=5.0, metavar="S", help="default: %(default)s s")
+    _tls_options(parser)
     ns = parser.parse_args(argv)
 
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     label = f"{ns.addr}" + (f" ({ns.service})" if ns.service else "")
-    with grpc.insecure_channel(ns.addr) as channel:
+    try:
+        channel = _open_channel(ns)
+    except OSError as exc:
+        return _error(exc)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=ns.service), timeout=ns.timeout)
@@ -486,6 +528,8 @@ def _status(argv: list[str]) -> int:
     parser.add_argument("--addr", default="localhost:50051", metavar="HOST:PORT", help="default: %(default)s")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     parser.add_argument("--json", action="store_true", help="print the raw JSON view")
+    parser.add_argument("--token-file", metavar="FILE", help="the admin (or service) token: needed from another host")
+    _tls_options(parser)
     ns = parser.parse_args(argv)
     import json
 
@@ -493,15 +537,45 @@ def _status(argv: list[str]) -> int:
 
     from pacsys.supervised._server import ADMIN_SERVICE
 
-    with grpc.insecure_channel(ns.addr) as channel:
+    try:
+        metadata = None
+        if ns.token_file:
+            with open(ns.token_file, encoding="utf-8") as f:
+                metadata = [("authorization", f"Bearer {f.read().strip()}")]
+        channel = _open_channel(ns)
+    except OSError as exc:
+        return _error(exc)
+    with channel:
         try:
-            raw = channel.unary_unary(f"/{ADMIN_SERVICE}/Status")(b"", timeout=ns.timeout)
+            raw = channel.unary_unary(f"/{ADMIN_SERVICE}/Status")(b"", timeout=ns.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             print(f"{ns.addr}: unreachable ({exc.code().name}: {exc.details()})", flush=True)
             return 2
     view = json.loads(raw)
     print(json.dumps(view, indent=2) if ns.json else render_status(view), flush=True)
     return 0
+
+
+def _tls_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ca", metavar="FILE", help="CA certificate of a service that serves TLS")
+    parser.add_argument("--cert", metavar="FILE", help="client certificate, for a service that does mutual TLS")
+    parser.add_argument("--key", metavar="FILE", help="the client certificate's key")
+
+
+def _open_channel(ns: argparse.Namespace) -> Any:
+    """A channel to ns.addr: TLS when --ca, --cert or --key is given (OSError for a file)."""
+    import grpc
+
+    if not (ns.ca or ns.cert or ns.key):
+        return grpc.insecure_channel(ns.addr)
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.secure_channel(ns.addr, grpc.ssl_channel_credentials(read(ns.ca), read(ns.key), read(ns.cert)))
 
 
 def render_status(view: dict[str, Any]) -> str:

@@ -45,8 +45,10 @@ from pacsys.supervised._policies import (
     SlewLimit,
     SlewRatePolicy,
     ValueRangePolicy,
+    WriteGrantPolicy,
 )
 from pacsys.supervised._servicer import ServicerLimits
+from pacsys.supervised._tls import TLSFiles
 from workers.backend_spec import FactorySpecError, parse_factory
 
 __all__ = [
@@ -59,8 +61,10 @@ __all__ = [
     "load_config",
     "read_config_file",
     "render_example",
+    "resolve_admin_token",
     "resolve_token",
     "settings_from",
+    "tls_files",
     "write_gate",
 ]
 
@@ -186,6 +190,12 @@ class Settings:
         max=65535,
         example=9109,
     )
+    metrics_max_connections: int = _setting(
+        64, "Most connections the metrics port serves at once (more are closed at once).", section="Server", min=1
+    )
+    metrics_timeout: float = _setting(
+        5.0, "Seconds a metrics connection has to send its request and take the answer.", section="Server", gt=0
+    )
     max_message_bytes: int = _setting(
         4 * 1024 * 1024, "Largest request message accepted, in bytes.", section="Server", min=1024, max=2**31 - 1
     )
@@ -277,6 +287,42 @@ class Settings:
         example=["Z:ACLTS*"],
         metavar="PATTERN",
     )
+    admin_token_file: str | None = _setting(
+        None,
+        "File holding the token of the Admin/Status RPC (unset: the bearer token); "
+        "without a token it answers local clients only.",
+        section="Security",
+        example="/etc/pacsys/admin.token",
+        metavar="FILE",
+    )
+    allow_token_plaintext: bool | None = _setting(
+        None,
+        "Accept a bearer token over a connection without TLS (unset: only when host is a loopback address).",
+        section="Security",
+        example=False,
+    )
+    tls_cert: str | None = _setting(
+        None,
+        "PEM certificate chain of the service: serve TLS (re-read on SIGHUP; needs tls_key).",
+        section="Security",
+        example="/etc/pacsys/tls/server.crt",
+        metavar="FILE",
+    )
+    tls_key: str | None = _setting(
+        None,
+        "PEM private key of tls_cert (re-read on SIGHUP).",
+        section="Security",
+        example="/etc/pacsys/tls/server.key",
+        metavar="FILE",
+    )
+    tls_client_ca: str | None = _setting(
+        None,
+        "PEM CA certificates of client certificates: mutual TLS, every client needs a certificate they "
+        "signed, and its subject is the client's identity (needs tls_cert).",
+        section="Security",
+        example="/etc/pacsys/tls/clients-ca.crt",
+        metavar="FILE",
+    )
 
     # logging
     log_level: str = _setting(
@@ -294,11 +340,43 @@ class Settings:
         normalize=str.lower,
     )
     log_requests: bool = _setting(False, "Log every request at INFO (costs throughput).", section="Logging")
+    refusal_log_interval: float = _setting(
+        10.0,
+        "Seconds between log lines for one client's refusals of one kind (the others are counted).",
+        section="Logging",
+        min=0,
+    )
 
     # limits
     max_drfs_per_request: int = _setting(1000, "Most DRFs in one Read request.", section="Limits", min=1)
     max_settings_per_request: int = _setting(100, "Most settings in one Set request.", section="Limits", min=1)
-    max_streams: int = _setting(10_000, "Most streaming Reads open at once.", section="Limits", min=1)
+    max_drf_length: int = _setting(
+        512, "Longest DRF (or setting device) accepted, in characters.", section="Limits", min=16
+    )
+    max_streams: int = _setting(
+        10_000, "Most streams open at once: streaming Reads and Health.Watch.", section="Limits", min=1
+    )
+    max_streams_per_peer: int = _setting(
+        1000, "Most streams open at once from one client (identity or host).", section="Limits", min=1
+    )
+    max_calls_per_peer: int = _setting(
+        100, "Most one-shot Reads and Sets in flight from one client.", section="Limits", min=1
+    )
+    max_rate_hz: float = _setting(
+        1440.0,
+        "Fastest periodic rate a DRF may ask for, in Hz (1440 Hz: ACNET's fastest data rate).",
+        section="Limits",
+        gt=0,
+    )
+    max_stream_rate: float = _setting(
+        5000.0,
+        "Readings per second one stream may ask for (an event DRF counts 15/s); delivery is paced to it.",
+        section="Limits",
+        gt=0,
+    )
+    max_peer_rate: float = _setting(
+        10_000.0, "Readings per second all streams of one client may ask for and receive.", section="Limits", gt=0
+    )
     stream_buffer: int = _setting(
         1000, "Readings queued per client stream before its oldest are dropped.", section="Limits", min=1
     )
@@ -395,7 +473,15 @@ class Settings:
     )
     audit_log_responses: bool = _setting(False, "Also record replies in the audit log.", section="Audit")
     audit_flush_interval: int = _setting(
-        1, "Audit entries between flushes (1 flushes every entry).", section="Audit", min=1
+        1,
+        "Audit entries between flushes (1 flushes every entry; a Set's entry is always flushed).",
+        section="Audit",
+        min=1,
+    )
+    allow_unaudited_writes: bool = _setting(
+        False,
+        "Make writes even while the audit log cannot record them (else they are refused with UNAVAILABLE).",
+        section="Audit",
     )
 
     # policies
@@ -434,6 +520,10 @@ class Settings:
             raise _key_error("metrics_port", f"({self.metrics_port}) must differ from 'port'")
         if self.audit_proto_path is not None and self.audit_path is None:
             raise _key_error("audit_proto_path", "needs 'audit_path' as well")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise _key_error("tls_key" if self.tls_key is None else "tls_cert", "needs 'tls_cert' and 'tls_key' both")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise _key_error("tls_client_ca", "needs 'tls_cert' and 'tls_key' (mutual TLS is TLS first)")
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
@@ -558,6 +648,8 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses per nesting level: an array nested 500 deep
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
 
 
 def load_config(path: str) -> Settings:
@@ -620,17 +712,44 @@ def resolve_token(settings: Settings) -> str | None:
     """The bearer token: `token`, or the stripped contents of `token_file`, or None."""
     if settings.token is not None:
         return settings.token
-    if settings.token_file is None:
+    return _read_token_file(settings.token_file, "token_file")
+
+
+def resolve_admin_token(settings: Settings) -> str | None:
+    """The Admin/Status token: the stripped contents of `admin_token_file`, or None."""
+    return _read_token_file(settings.admin_token_file, "admin_token_file")
+
+
+def _read_token_file(path: str | None, key: str) -> str | None:
+    if path is None:
         return None
     try:
-        with open(settings.token_file, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             token = f.read().strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"'token_file' {settings.token_file}: cannot read it: {reason}", key="token_file") from None
+        raise ConfigError(f"'{key}' {path}: cannot read it: {reason}", key=key) from None
     if not token:
-        raise ConfigError(f"'token_file' {settings.token_file} is empty", key="token_file")
+        raise ConfigError(f"'{key}' {path} is empty", key=key)
     return token
+
+
+def tls_files(settings: Settings) -> TLSFiles | None:
+    """The service's TLS files (None: plaintext), each checked readable and PEM now."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    files = TLSFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    for key, path in (("tls_cert", files.cert), ("tls_key", files.key), ("tls_client_ca", files.client_ca)):
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as f:
+                pem = f.read()
+        except OSError as exc:
+            raise ConfigError(f"'{key}' {path}: cannot read it: {exc.strerror or exc}", key=key) from None
+        if b"-----BEGIN" not in pem:
+            raise ConfigError(f"'{key}' {path}: not a PEM file", key=key)
+    return files
 
 
 def limits(settings: Settings) -> ServicerLimits:
@@ -638,8 +757,15 @@ def limits(settings: Settings) -> ServicerLimits:
     return ServicerLimits(
         max_drfs_per_request=settings.max_drfs_per_request,
         max_settings_per_request=settings.max_settings_per_request,
+        max_drf_length=settings.max_drf_length,
         max_streams=settings.max_streams,
+        max_streams_per_peer=settings.max_streams_per_peer,
+        max_calls_per_peer=settings.max_calls_per_peer,
+        max_rate_hz=settings.max_rate_hz,
+        max_stream_rate=settings.max_stream_rate,
+        max_peer_rate=settings.max_peer_rate,
         stream_buffer=settings.stream_buffer,
+        refusal_log_interval=settings.refusal_log_interval,
     )
 
 
@@ -710,6 +836,27 @@ def _device_access(t: _PolicyTable) -> Policy:
         raise t.error("patterns" if "pattern" in str(exc) else "action", f"is invalid: {exc}") from None
 
 
+def _string_list(t: _PolicyTable, key: str, example: str) -> list[str]:
+    value = t.get(key)
+    if (
+        isinstance(value, str)
+        or not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, str) and v for v in value)
+    ):
+        raise t.error(key, f"must be a non-empty list of patterns, e.g. [{example}], got {value!r}")
+    return value
+
+
+def _write_grant(t: _PolicyTable) -> Policy:
+    identities = _string_list(t, "identities", '"CN=ops*"')
+    patterns = _string_list(t, "patterns", '"Z:*"')
+    try:
+        return WriteGrantPolicy(identities, patterns)
+    except ValueError as exc:
+        raise t.error("patterns", f"is invalid: {exc}") from None
+
+
 def _rate_limit(t: _PolicyTable) -> Policy:
     max_requests = t.get("max_requests")
     if isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 1:
@@ -759,7 +906,8 @@ def _import_factory(spec: str) -> Callable[..., Any]:
     return obj
 
 
-def _custom(t: _PolicyTable) -> Policy:
+def _custom_spec(t: _PolicyTable) -> tuple[str, Mapping[str, Any]]:
+    """The factory spec and args of a custom policy, checked without importing anything."""
     spec = t.get("factory")
     module, sep, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if not (sep and _DOTTED.fullmatch(module) and _DOTTED.fullmatch(attr)):
@@ -767,6 +915,11 @@ def _custom(t: _PolicyTable) -> Policy:
     args = t.get("args", {})
     if not isinstance(args, Mapping):
         raise t.error("args", f"must be a table of keyword arguments, got {args!r}")
+    return spec, args
+
+
+def _custom(t: _PolicyTable) -> Policy:
+    spec, args = _custom_spec(t)
     try:
         factory = _import_factory(spec)
     except Exception as exc:  # ImportError, AttributeError, whatever the module raises on import
@@ -783,6 +936,7 @@ def _custom(t: _PolicyTable) -> Policy:
 _BUILDERS: dict[str, tuple[Callable[[_PolicyTable], Policy], tuple[str, ...]]] = {
     "read_only": (_read_only, ()),
     "device_access": (_device_access, ("patterns", "mode", "action", "syntax")),
+    "write_grant": (_write_grant, ("identities", "patterns")),
     "rate_limit": (_rate_limit, ("max_requests", "window_seconds")),
     "value_range": (_value_range, ("limits",)),
     "slew_rate": (_slew_rate, ("limits",)),
@@ -794,18 +948,31 @@ POLICY_TYPES: tuple[str, ...] = tuple(_BUILDERS)
 def build_policies(settings: Settings) -> list[Policy]:
     """The configured policies, in file order; ConfigError naming policies[i] and the key."""
     where = f"{settings.config}: " if settings.config else ""
-    built: list[Policy] = []
+    built: list[Policy | None] = []
+    custom: list[tuple[int, _PolicyTable]] = []
+    # Every table is checked before any custom factory runs: site code is not called for a
+    # file that is going to be refused anyway.
     for i, table in enumerate(settings.policies):
         builder, known = _BUILDERS[table["type"]]
         t = _PolicyTable(table, i, where, known)
         name = t.get("name", None)
         if name is not None and (not isinstance(name, str) or not name):
             raise t.error("name", f"must be a non-empty string, got {name!r}")
-        policy = builder(t)
-        if name is not None:
-            policy.name = name
-        built.append(policy)
-    return built
+        if builder is _custom:
+            _custom_spec(t)
+            custom.append((i, t))
+            built.append(None)
+        else:
+            built.append(_named(builder(t), name))
+    for i, t in custom:
+        built[i] = _named(_custom(t), t.get("name", None))
+    return [p for p in built if p is not None]
+
+
+def _named(policy: Policy, name: str | None) -> Policy:
+    if name is not None:
+        policy.name = name
+    return policy
 
 
 def write_gate(settings: Settings, policies: list[Policy]) -> list[Policy]:
@@ -855,6 +1022,13 @@ _EXAMPLE_POLICIES: list[tuple[list[str], dict[str, Any]]] = [
             "mode deny refuses any request naming one. action: all, read or set; syntax: glob or regex.",
         ],
         {"type": "device_access", "patterns": ["Z:*", "E:*"], "mode": "deny", "action": "set", "syntax": "glob"},
+    ),
+    (
+        [
+            "write_grant: clients whose identity matches (their TLS certificate's subject, or their address",
+            "without the port, e.g. ipv4:10.0.1.*) may write matching devices; grants writes.",
+        ],
+        {"type": "write_grant", "identities": ["CN=ops-*", "ipv4:10.0.1.*"], "patterns": ["Z:ACLTS*"]},
     ),
     (
         ["rate_limit: at most max_requests requests per client address within any window_seconds."],

@@ -7,9 +7,11 @@ hot path (one histogram observation per request).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import socket
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -48,6 +50,17 @@ class _Collector:
         yield limits
         yield GaugeMetricFamily("pacsys_active_streams", "Open client streams", value=servicer.active_streams)
         yield CounterMetricFamily(
+            "pacsys_refusals_not_logged",
+            "Refusal log lines left out by refusal_log_interval",
+            value=stats.refusals_not_logged,
+        )
+        if servicer.audit is not None:
+            yield GaugeMetricFamily(
+                "pacsys_audit_healthy",
+                "1 while the audit log records (writes are refused while it cannot)",
+                value=1 if servicer.audit.healthy else 0,
+            )
+        yield CounterMetricFamily(
             "pacsys_readings_delivered", "Readings delivered to client streams", value=stats.readings_delivered
         )
         yield CounterMetricFamily(
@@ -56,13 +69,6 @@ class _Collector:
         yield GaugeMetricFamily(
             "pacsys_ready", "1 while the service reports SERVING", value=1 if self._server.ready else 0
         )
-        audit = servicer.audit
-        if audit is not None:
-            yield GaugeMetricFamily(
-                "pacsys_audit_healthy",
-                "1 while the audit log is written (0 from a failed write until the next good flush)",
-                value=1 if audit.healthy else 0,
-            )
         backend = self._server.backend
         yield GaugeMetricFamily(
             "pacsys_alive",
@@ -151,9 +157,24 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: Any) -> Iterator[Any
 
 
 class MetricsServer:
-    """Serves /metrics, /healthz (liveness) and /readyz (SERVING) over HTTP."""
+    """Serves /metrics, /healthz (liveness) and /readyz (SERVING) over HTTP.
 
-    def __init__(self, server: SupervisedServer, port: int, host: str = "0.0.0.0"):
+    One thread runs an event loop of its own (not the front's: a slow scrape must not delay a
+    reply). Connections are bounded (`max_connections`; more are closed at once and counted
+    as `metrics_max_connections` in `pacsys_limits_hit`) and each has `timeout` seconds to
+    send its request and take the answer (else it is closed and counted as
+    `metrics_timeout`), so idle connections cost neither threads nor slots for long.
+    """
+
+    def __init__(
+        self,
+        server: SupervisedServer,
+        port: int,
+        host: str = "0.0.0.0",
+        *,
+        max_connections: int = 64,
+        timeout: float = 5.0,
+    ):
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(server))  # type: ignore[arg-type]
         latency = Histogram(
@@ -165,39 +186,80 @@ class MetricsServer:
         )
         observers = {rpc: latency.labels(rpc).observe for rpc in ("Read", "Set")}
         server.servicer.stats.latency_observer = lambda rpc, seconds: observers[rpc](seconds)
-        registry, supervised = self.registry, server
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                if self.path == "/metrics":
-                    self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-                elif self.path == "/healthz":
-                    alive = supervised.alive()
-                    self._reply(200 if alive else 503, b"ok\n" if alive else b"front loop not answering\n")
-                elif self.path == "/readyz":
-                    ready = supervised.ready
-                    self._reply(200 if ready else 503, b"ready\n" if ready else b"not ready\n")
-                else:
-                    self._reply(404, b"not found\n")
-
-            def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass  # probes every few seconds would flood the log
-
-        self._http = ThreadingHTTPServer((host, port), Handler)
-        self._http.daemon_threads = True
-        self.port = self._http.server_address[1]
-        self._thread = threading.Thread(target=self._http.serve_forever, name="pacsys-metrics", daemon=True)
+        self._supervised = server
+        self._max_connections = max_connections
+        self._timeout = timeout
+        self._open = 0
+        self._sock = socket.create_server((host, port), family=socket.AF_INET, backlog=128)
+        self.port = self._sock.getsockname()[1]
+        self._loop = asyncio.new_event_loop()
+        # /healthz asks the front's loop and may wait up to 2 s for it: one thread does that.
+        self._probe = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pacsys-metrics-probe")
+        self._thread = threading.Thread(target=self._run, name="pacsys-metrics", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._http.shutdown()
-        self._http.server_close()
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        elif not self._loop.is_closed():
+            self._loop.close()  # never started
+        self._sock.close()
+        self._probe.shutdown(wait=False)
+
+    def _run(self) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        listening = loop.run_until_complete(asyncio.start_server(self._connection, sock=self._sock, limit=16384))
+        try:
+            loop.run_forever()
+        finally:
+            listening.close()
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self._max_connections:
+            self._supervised.servicer.stats.limits_hit["metrics_max_connections"] += 1
+            writer.transport.abort()
+            return
+        self._open += 1
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._timeout)
+            parts = head.split(b"\r\n", 1)[0].split()
+            method, path = (parts[0], parts[1].decode("latin-1")) if len(parts) >= 2 else (b"", "")
+            status, body, content_type = await self._answer(method, path)
+            writer.write(
+                f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + body
+            )
+            await asyncio.wait_for(writer.drain(), self._timeout)
+        except TimeoutError:
+            self._supervised.servicer.stats.limits_hit["metrics_timeout"] += 1
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass  # too large a request, or gone: the connection is closed
+        finally:
+            self._open -= 1
+            writer.close()
+
+    async def _answer(self, method: bytes, path: str) -> tuple[str, bytes, str]:
+        text = "text/plain; charset=utf-8"
+        if method != b"GET":
+            return "405 Method Not Allowed", b"GET only\n", text
+        if path == "/metrics":
+            return "200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if path == "/healthz":
+            loop = asyncio.get_running_loop()
+            alive = await loop.run_in_executor(self._probe, self._supervised.alive)
+            return (
+                ("200 OK", b"ok\n", text) if alive else ("503 Service Unavailable", b"front loop not answering\n", text)
+            )
+        if path == "/readyz":
+            ready = self._supervised.ready
+            return ("200 OK", b"ready\n", text) if ready else ("503 Service Unavailable", b"not ready\n", text)
+        return "404 Not Found", b"not found\n", text

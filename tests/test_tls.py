@@ -1,0 +1,278 @@
+"""TLS and mutual TLS on the service port, client identities in policies and the audit log,
+and the grpc:// backend over TLS. Certificates are made by the test with the openssl command."""
+
+import asyncio
+import shutil
+import subprocess
+
+import grpc
+import pytest
+from helpers import wait_for
+
+from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
+from pacsys.backends.spec import build_backend
+from pacsys.supervised import AuditLog, SupervisedServer, TLSFiles, WriteGrantPolicy, read_audit
+from pacsys.testing import FakeBackend
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+
+TOKEN = "t0ken"
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def _key(name, cwd):
+    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", f"{name}.key", cwd=cwd)
+
+
+def _ca(name, cwd):
+    _key(name, cwd)
+    _openssl(
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        f"{name}.key",
+        "-out",
+        f"{name}.crt",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        cwd=cwd,
+    )
+
+
+def _signed(name, ca, cwd, subject, server=False):
+    _key(name, cwd)
+    _openssl("req", "-new", "-key", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=cwd)
+    extra = []
+    if server:
+        (cwd / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        extra = ["-extfile", f"{name}.ext"]
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+        "-out", f"{name}.crt", "-days", "2", *extra, cwd=cwd,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    _ca("ca", d)
+    _ca("other-ca", d)
+    _signed("server", "ca", d, "/CN=localhost", server=True)
+    _signed("server2", "other-ca", d, "/CN=localhost", server=True)
+    _signed("ops-1", "ca", d, "/O=Test Lab/CN=ops-1")
+    _signed("guest", "ca", d, "/O=Test Lab/CN=guest")
+    _signed("stranger", "other-ca", d, "/O=Elsewhere/CN=ops-1")
+    return d
+
+
+def _pem(pki, name):
+    return (pki / name).read_bytes()
+
+
+def _creds(pki, client=None, ca="ca.crt"):
+    if client is None:
+        return grpc.ssl_channel_credentials(_pem(pki, ca))
+    return grpc.ssl_channel_credentials(_pem(pki, ca), _pem(pki, f"{client}.key"), _pem(pki, f"{client}.crt"))
+
+
+def _fake():
+    fb = FakeBackend()
+    fb.set_reading("M:OUTTMP", 72.5)
+    return fb
+
+
+@pytest.fixture
+def serve(pki):
+    started = []
+
+    def start(backend=None, client_ca=False, **kwargs):
+        files = TLSFiles(str(pki / "server.crt"), str(pki / "server.key"), str(pki / "ca.crt") if client_ca else None)
+        server = SupervisedServer(backend or _fake(), port=0, host="127.0.0.1", tls=files, **kwargs)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def _read(port, creds, drf="M:OUTTMP@I"):
+    with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+        return list(DAQ_pb2_grpc.DAQStub(channel).Read(DAQ_pb2.ReadingList(drf=[drf]), timeout=5))
+
+
+def _set(port, creds, device="Z:ACLTST", value=1.0, token=None):
+    request = DAQ_pb2.SettingList(setting=[DAQ_pb2.Setting(device=device)])
+    request.setting[0].value.scalar = value
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+        return DAQ_pb2_grpc.DAQStub(channel).Set(request, timeout=5, metadata=metadata)
+
+
+def _code(call):
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def test_tls_serves_clients_that_trust_its_ca_and_no_plaintext(serve, pki):
+    server = serve()
+    assert _read(server.port, _creds(pki))[0].readings.reading[0].data.scalar == pytest.approx(72.5)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as plain:
+        stub = DAQ_pb2_grpc.DAQStub(plain)
+        assert _code(lambda: list(stub.Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@I"]), timeout=3)))[0] == (
+            grpc.StatusCode.UNAVAILABLE
+        )
+    assert _code(lambda: _read(server.port, _creds(pki, ca="other-ca.crt")))[0] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_token_is_accepted_over_tls_where_plaintext_is_refused(serve, pki):
+    fake = _fake()
+    server = serve(fake, token=TOKEN, allow_token_plaintext=False)
+    assert _set(server.port, _creds(pki), token=TOKEN).status[0].status_code == 0
+    assert fake.writes == [("Z:ACLTST", 1.0)]
+
+
+def test_mutual_tls_identity_reaches_policies_and_the_audit(serve, pki, tmp_path):
+    fake = _fake()
+    path = str(tmp_path / "audit.jsonl")
+    grant = WriteGrantPolicy(["CN=ops-*"], ["Z:*"])
+    server = serve(fake, client_ca=True, policies=[grant], audit_log=AuditLog(path))
+    assert _set(server.port, _creds(pki, "ops-1")).status[0].status_code == 0
+    code, details = _code(lambda: _set(server.port, _creds(pki, "guest")))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "not approved" in details
+    code, _ = _code(lambda: _set(server.port, _creds(pki, "ops-1"), device="M:OUTTMP"))
+    assert code == grpc.StatusCode.PERMISSION_DENIED  # ops may write Z:* only
+    assert fake.writes == [("Z:ACLTST", 1.0)]
+    # No certificate, or one another CA signed (whatever its subject says): no connection.
+    assert _code(lambda: _read(server.port, _creds(pki)))[0] == grpc.StatusCode.UNAVAILABLE
+    assert _code(lambda: _read(server.port, _creds(pki, "stranger")))[0] == grpc.StatusCode.UNAVAILABLE
+    server.servicer.audit.flush()
+    sets = [e for e in read_audit(path) if e["dir"] == "in" and e["method"] == "Set"]
+    assert [(e["identity"], e["allowed"]) for e in sets] == [
+        ("CN=ops-1,O=Test Lab", True),
+        ("CN=guest,O=Test Lab", False),
+        ("CN=ops-1,O=Test Lab", False),
+    ]
+
+
+def test_mutual_tls_limits_count_per_identity(serve, pki):
+    from pacsys.supervised import ServicerLimits
+
+    server = serve(client_ca=True, limits=ServicerLimits(max_streams_per_peer=1))
+    with grpc.secure_channel(f"127.0.0.1:{server.port}", _creds(pki, "ops-1")) as ops:
+        call = DAQ_pb2_grpc.DAQStub(ops).Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@p,1000"]), timeout=30)
+        wait_for(lambda: server.servicer.active_streams == 1, what="the first stream")
+        code, details = _code(lambda: _read(server.port, _creds(pki, "ops-1"), "M:OUTTMP@p,1000"))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "CN=ops-1" in details
+        # Same host, another certificate: another client.
+        with grpc.secure_channel(f"127.0.0.1:{server.port}", _creds(pki, "guest")) as guest:
+            other = DAQ_pb2_grpc.DAQStub(guest).Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@p,1000"]), timeout=30)
+            wait_for(lambda: server.servicer.active_streams == 2, what="the other client's stream")
+            other.cancel()
+        call.cancel()
+
+
+def test_a_renewed_certificate_serves_new_connections_after_reload(serve, pki, tmp_path):
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    cert.write_bytes(_pem(pki, "server.crt"))
+    key.write_bytes(_pem(pki, "server.key"))
+    server = SupervisedServer(_fake(), port=0, host="127.0.0.1", tls=TLSFiles(str(cert), str(key)))
+    server.start()
+    try:
+        assert len(_read(server.port, _creds(pki))) == 1
+        cert.write_bytes(_pem(pki, "server2.crt"))
+        key.write_bytes(_pem(pki, "server2.key"))
+        server.tls.reload()
+        assert len(_read(server.port, _creds(pki, ca="other-ca.crt"))) == 1
+        assert _code(lambda: _read(server.port, _creds(pki)))[0] == grpc.StatusCode.UNAVAILABLE
+        cert.write_text("not a certificate")
+        with pytest.raises(ValueError):
+            server.tls.reload()  # refused: the running configuration stays
+        assert len(_read(server.port, _creds(pki, ca="other-ca.crt"))) == 1
+    finally:
+        server.stop()
+
+
+def test_the_grpc_backend_reaches_an_upstream_over_mutual_tls(serve, pki):
+    upstream = serve(client_ca=True, policies=[WriteGrantPolicy(["CN=ops-1*"], ["Z:*"])])
+    spec = f"grpc://127.0.0.1:{upstream.port}?ca={pki / 'ca.crt'}&cert={pki / 'ops-1.crt'}&key={pki / 'ops-1.key'}"
+    backend = build_backend(spec)
+
+    async def use():
+        try:
+            readings = await backend.get_many(["M:OUTTMP@I"], timeout=5)
+            results = await backend.write_many([("Z:ACLTST", 2.0)], timeout=5)
+            return readings, results
+        finally:
+            await backend.close()
+
+    readings, results = asyncio.run(use())
+    assert readings[0].value == pytest.approx(72.5)
+    assert results[0].error_code == 0
+    plain = build_backend(f"grpc://127.0.0.1:{upstream.port}?ca={pki / 'ca.crt'}")  # TLS, no client certificate
+
+    async def refused():
+        try:
+            await plain.get_many(["M:OUTTMP@I"], timeout=3)
+        finally:
+            await plain.close()
+
+    with pytest.raises(Exception):  # noqa: B017 - the handshake fails: unavailable or timed out
+        asyncio.run(refused())
+
+
+def test_the_command_serves_tls_takes_tokens_over_it_only_and_reloads_its_certificate(pki, tmp_path):
+    import signal
+
+    from test_cli import FAKE, Supervisor
+
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    cert.write_bytes(_pem(pki, "server.crt"))
+    key.write_bytes(_pem(pki, "server.key"))
+    config = tmp_path / "supervisor.toml"
+    config.write_text(f'allow_writes = ["Z:*"]\ntoken = "{TOKEN}"\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+    sup = Supervisor(*FAKE, "--config", str(config))  # host [::]: no token over plaintext
+    try:
+        port = sup.wait_serving()
+        assert _set(port, _creds(pki), token=TOKEN).status[0].status_code == 0
+        cert.write_bytes(_pem(pki, "server2.crt"))
+        key.write_bytes(_pem(pki, "server2.key"))
+        mark = sup.mark()
+        sup.proc.send_signal(signal.SIGHUP)
+        sup.wait_line("stderr", r"level=INFO .*config reloaded", start=mark)
+        assert len(_read(port, _creds(pki, ca="other-ca.crt"))) == 1
+    finally:
+        sup.kill()
+    config.write_text(f'allow_writes = ["Z:*"]\ntoken = "{TOKEN}"\n')
+    plain = Supervisor(*FAKE, "--config", str(config))
+    try:
+        port = plain.wait_serving()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            request = DAQ_pb2.SettingList(setting=[DAQ_pb2.Setting(device="Z:ACLTST")])
+            request.setting[0].value.scalar = 1.0
+            stub = DAQ_pb2_grpc.DAQStub(channel)
+            metadata = [("authorization", f"Bearer {TOKEN}")]
+            code, details = _code(lambda: stub.Set(request, timeout=10, metadata=metadata))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "plaintext" in details
+    finally:
+        plain.kill()
+
+
+def test_probe_and_status_reach_a_mutual_tls_service(serve, pki, capsys):
+    from pacsys.supervised.cli import main
+
+    server = serve(client_ca=True)
+    addr = f"127.0.0.1:{server.port}"
+    tls = ["--ca", str(pki / "ca.crt"), "--cert", str(pki / "ops-1.crt"), "--key", str(pki / "ops-1.key")]
+    assert main(["probe", "--addr", addr, "--timeout", "5", *tls]) == 0
+    assert main(["status", "--addr", addr, "--json", *tls]) == 0
+    assert '"ready": true' in capsys.readouterr().out
+    assert main(["probe", "--addr", addr, "--timeout", "2"]) == 2  # plaintext: no answer
