@@ -21,8 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from pacsys._logging import configure_logging
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
-from pacsys.supervised._logging import configure_logging
 from pacsys.supervised.cli import main, serve_parser
 from pacsys.supervised.config import FIELDS, flag_name
 
@@ -333,7 +333,7 @@ def test_scaling_signals_without_a_pool_are_logged(supervisor, daq):
     sup = supervisor(*FAKE)
     mark = sup.mark()
     sup.proc.send_signal(signal.SIGTTIN)
-    sup.wait_line("stderr", r"SIGTTIN: cannot add worker", start=mark)
+    sup.wait_line("stderr", r"SIGTTIN: cannot add_worker", start=mark)
     assert read_scalar(daq(sup.port), "M:OUTTMP@I") == pytest.approx(72.5)
 
 
@@ -354,9 +354,9 @@ def test_worker_pool_serves_scales_and_stops(supervisor, daq):
     assert sup.wait_exit(15) == 0
 
 
-def test_worker_that_cannot_build_its_backend_exits_2():
+def test_worker_that_cannot_build_its_backend_exits_3():
     result = run_cli("--workers", "1", "--port", "0", "--backend", "nosuch_module_xyz:make")
-    assert result.returncode == 2, result
+    assert result.returncode == 3, result
     assert result.stderr.strip().splitlines()[-1].startswith("pacsys-supervisor: error: "), result.stderr
     assert "nosuch_module_xyz" in result.stderr and "Traceback" not in result.stderr
 
@@ -365,25 +365,25 @@ def test_worker_that_cannot_build_its_backend_exits_2():
 
 
 @pytest.mark.parametrize(
-    ("spec", "fragment"),
+    ("spec", "fragment", "code"),
     [
-        ("nosuch_module_xyz:make", "nosuch_module_xyz"),
-        ("bogus spec", "--backend must be sim, sim:PATH, fake, grpc://HOST:PORT or module:factory"),
-        ("sim:/nonexistent/devices.toml", "/nonexistent/devices.toml"),
+        ("nosuch_module_xyz:make", "nosuch_module_xyz", 3),  # well formed, cannot be built: failed start
+        ("bogus spec", "--backend must be sim, sim:PATH, fake, grpc://HOST:PORT or module:factory", 2),  # usage
+        ("sim:/nonexistent/devices.toml", "/nonexistent/devices.toml", 3),
     ],
 )
-def test_bad_backend_spec_exits_2(spec, fragment):
+def test_bad_backend_spec_exit_status(spec, fragment, code):
     result = run_cli("--workers", "0", "--port", "0", "--backend", spec)
-    assert result.returncode == 2, result
+    assert result.returncode == code, result
     assert result.stderr.strip().splitlines()[-1].startswith("pacsys-supervisor: error: "), result.stderr
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr and "serving" not in result.stdout
 
 
-def test_port_in_use_exits_2(supervisor):
+def test_port_in_use_exits_3(supervisor):
     sup = supervisor(*FAKE, "--host", "127.0.0.1")
     result = run_cli("--workers", "0", "--backend", "fake", "--host", "127.0.0.1", "--port", str(sup.port))
-    assert result.returncode == 2, result
+    assert result.returncode == 3, result
     assert "pacsys-supervisor: error: " in result.stderr and "Traceback" not in result.stderr
 
 

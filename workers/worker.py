@@ -20,6 +20,7 @@ import signal
 import socket
 from typing import NoReturn
 
+from pacsys._logging import MAX_VALUE_CHARS, configure_logging
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, as_async, caller_authorization
 from pacsys.aio._loops import new_event_loop
 from pacsys.backends.spec import build_backend, describe_spec
@@ -234,7 +235,13 @@ def main(argv: list[str] | None = None) -> NoReturn:
     _die_with_parent()
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(signum, signal.SIG_IGN)  # meant for the front, which decides what workers do
-    logging.basicConfig(level=args.log_level, format=f"worker{args.slot} pid={os.getpid()} %(levelname)s %(message)s")
+    # The front's log format and value limit, inherited with its environment (see pacsys._logging).
+    configure_logging(
+        args.log_level,
+        os.environ.get("PACSYS_SUPERVISOR_LOG_FORMAT", "kv"),
+        fields={"worker": args.slot, "pid": os.getpid()},
+        max_value_chars=int(os.environ.get("PACSYS_SUPERVISOR_LOG_VALUE_CHARS", MAX_VALUE_CHARS)),
+    )
     sock = socket.socket(fileno=args.fd)
     with asyncio.Runner(loop_factory=lambda: new_event_loop(args.loop)) as runner:
         code = runner.run(Worker(sock, args.backend, args.threads).run())

@@ -2,17 +2,23 @@
 
 Nothing is counted twice: the servicer and the pool keep their own counters, and a
 collector reads them when Prometheus scrapes. Only request latency is observed on the
-hot path (one histogram observation per request).
+hot path (one histogram observation per request). The registry is the server's own (two
+servers in one process must not share series), so the front's process_* and python_gc_*
+collectors and pacsys_build_info are registered on it explicitly.
+
+An IPv6 host (``::``) is bound dual-stack: the port answers on IPv4 as well.
 """
 
 from __future__ import annotations
 
+import platform
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -107,12 +113,45 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: Any) -> Iterator[Any
         yield CounterMetricFamily(f"pacsys_{name}", help_text, value=getattr(pool_stats, name))
 
 
+def _build_info() -> Iterator[Any]:
+    from pacsys.supervised.cli import version
+
+    info = GaugeMetricFamily("pacsys_build_info", "Always 1: the running version", labels=["version", "python"])
+    info.add_metric([version(), platform.python_version()], 1)
+    yield info
+
+
+class _BuildInfo:
+    def __init__(self) -> None:
+        self._families = list(_build_info())  # fixed for the life of the process
+
+    def collect(self) -> Iterator[Any]:
+        yield from self._families
+
+
+class _DualStackServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        # Linux defaults to dual-stack, but net.ipv6.bindv6only (and other systems) may not.
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
 class MetricsServer:
-    """Serves /metrics, /healthz (the front's loop answers) and /readyz (SERVING) over HTTP."""
+    """Serves /metrics, /healthz (the front's loop answers) and /readyz (SERVING) over HTTP.
+
+    `host` is an address to bind: IPv4 (``0.0.0.0``), or IPv6 with or without brackets
+    (``::`` listens on both families).
+    """
 
     def __init__(self, server: SupervisedServer, port: int, host: str = "0.0.0.0"):
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(server))  # type: ignore[arg-type]
+        self.registry.register(_BuildInfo())  # type: ignore[arg-type]
+        # prometheus_client's own process and GC collectors (they read process-wide figures).
+        self.registry.register(PROCESS_COLLECTOR)
+        self.registry.register(GC_COLLECTOR)
         latency = Histogram(
             "pacsys_request_latency_seconds",
             "Time from a request's arrival to its backend answer",
@@ -147,7 +186,9 @@ class MetricsServer:
             def log_message(self, *args: Any) -> None:
                 pass  # probes every few seconds would flood the log
 
-        self._http = ThreadingHTTPServer((host, port), Handler)
+        host = host.strip("[]")
+        http_server = _DualStackServer if ":" in host else ThreadingHTTPServer
+        self._http = http_server((host, port), Handler)
         self._http.daemon_threads = True
         self.port = self._http.server_address[1]
         self._thread = threading.Thread(target=self._http.serve_forever, name="pacsys-metrics", daemon=True)
