@@ -305,7 +305,7 @@ class _Service:
             tune_gc_for_serving()
             banner = f"{PROG}: serving DAQ on {s.host}:{self.server.port} ({self._describe()})"
             if _json_logging:
-                logger.info("%s", banner)
+                logger.info(banner)  # no arguments: our own text, not escaped
             else:
                 print(banner, flush=True)
             systemd.notify(f"READY=1\nSTATUS=serving on port {self.server.port}\nMAINPID={os.getpid()}")

@@ -1,0 +1,115 @@
+"""Log lines as a log shipper reads them: one record per line, every value where it belongs.
+
+A client chooses the DRFs, and DRFs end up in log lines. These tests send hostile DRFs through
+a real server and read its stderr back with a key=value parser written here (independent of
+the formatter) and with json.loads: each line must parse completely, with the DRF as one value
+and no field, level or line of its own.
+"""
+
+import json
+import re
+
+import grpc
+import pytest
+from processes import run_cli
+
+from pacsys._logging import escape_value, parse_pairs
+from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
+
+FORGED_FIELDS = 'x" level=ERROR logger=pacsys.workers msg="event=slot_given_up'
+CONTROL_CHARACTERS = "Y:\x1b[31mRED\x1b[0m\u2028event=worker_lost\r\nts=0 level=CRITICAL\x00\u2029\u200b"
+HOSTILE = (FORGED_FIELDS, CONTROL_CHARACTERS)
+
+# key=bare or key="quoted with \" escapes", separated by single spaces, nothing else.
+_LOGFMT_PAIR = re.compile(r'([A-Za-z_][A-Za-z0-9_.]*)=("(?:[^"\\]|\\.)*"|[^\s"=]+)(?: |$)')
+
+
+def logfmt(line: str) -> dict[str, str]:
+    """A strict key=value parser: the whole line must be pairs. Values are unquoted, unescaped."""
+    pairs: dict[str, str] = {}
+    pos = 0
+    while pos < len(line):
+        match = _LOGFMT_PAIR.match(line, pos)
+        assert match, f"not key=value at {pos}: {line[pos : pos + 40]!r} in {line!r}"
+        key, value = match.groups()
+        assert key not in pairs, f"{key} twice in {line!r}"
+        if value.startswith('"'):
+            value = json.loads(value.replace("\\x", "\\u00").replace("\\U000", "\\u"))  # JSON-style escapes
+        pairs[key] = value
+        pos = match.end()
+    return pairs
+
+
+def _read_invalid(port: int, drf: str) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        read = channel.unary_stream("/services.daq.DAQ/Read", DAQ_pb2.ReadingList.SerializeToString)
+        with pytest.raises(grpc.RpcError) as info:
+            list(read(DAQ_pb2.ReadingList(drf=[drf]), timeout=10))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_kv_lines_keep_hostile_drfs_in_their_value(supervisor):
+    sup = supervisor("--workers", "0", "--port", "0", "--host", "127.0.0.1", "--backend", "fake")
+    for drf in HOSTILE:
+        mark = sup.mark()
+        _read_invalid(sup.port, drf)
+        sup.wait_line("stderr", r"decision=invalid", start=mark)
+    records = [logfmt(line) for line in sup.lines["stderr"] if line]
+    for record in records:
+        assert set(record) == {"ts", "level", "logger", "msg"}, record
+        assert record["level"] == "INFO" and record["logger"] == "pacsys.supervised", record
+    requests = [logfmt(r["msg"]) for r in records if "decision=" in r["msg"]]
+    assert [r["devices"] for r in requests] == list(HOSTILE)
+    for request in requests:
+        assert set(request) == {"rpc", "peer", "devices", "decision", "ms"}, request
+        assert request["decision"] == "invalid"
+
+
+def test_json_mode_writes_every_line_as_json_on_stderr(supervisor, tmp_path):
+    sup = supervisor(
+        *("--workers", "1", "--port", "0", "--host", "127.0.0.1", "--backend", "fault_backends:noisy"),
+        *("--log-format", "json"),
+        serving=False,
+        tests_on_path=True,
+    )
+    banner = sup.wait_line("stderr", r'"msg": "pacsys-supervisor: serving DAQ on 127\.0\.0\.1:(\d+) ')
+    port = int(banner.group(1))
+    for drf in HOSTILE:
+        mark = sup.mark()
+        _read_invalid(port, drf)
+        sup.wait_line("stderr", r'"decision": "invalid"', start=mark)
+    assert sup.lines["stdout"] == [], "stdout must stay empty in json mode"
+    entries = [json.loads(line) for line in sup.lines["stderr"] if line]
+    for entry in entries:
+        assert {"ts", "level", "logger", "msg"} <= set(entry), entry
+        assert entry["level"] in ("INFO", "WARNING"), entry
+    requests = [e for e in entries if e.get("decision") == "invalid"]
+    assert [e["devices"] for e in requests] == list(HOSTILE)
+    assert all(e["rpc"] == "Read" and e["logger"] == "pacsys.supervised" for e in requests)
+    (worker_line,) = [e for e in entries if e["logger"] == "fault_backends"]
+    assert worker_line["worker"] == 0 and worker_line["pid"] > 0 and worker_line["level"] == "WARNING"
+    assert "forged" not in worker_line
+    ready = [e for e in entries if e.get("event") == "worker_ready"]
+    assert ready and ready[0]["slot"] == "0", entries  # the msg's pairs are fields of their own
+
+
+def test_json_mode_reports_a_failed_start_as_json():
+    result = run_cli(
+        "--workers", "0", "--port", "0", "--backend", "sim:/nonexistent/devices.toml", "--log-format", "json"
+    )
+    assert result.returncode == 3, result
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert entries[-1]["level"] == "ERROR" and "/nonexistent/devices.toml" in entries[-1]["msg"]
+
+
+@pytest.mark.parametrize("text", [*HOSTILE, "", "plain", "a b", "ä→漢", "tab\there", "\\", "x" * 1000])
+def test_escaped_values_read_back_as_one_value(text):
+    escaped = escape_value(text, max_chars=2000)
+    assert "\n" not in escaped and "\r" not in escaped and "\u2028" not in escaped and "\x1b" not in escaped
+    assert logfmt(f"k={escaped}") == {"k": text}
+    assert parse_pairs(f"a=1 k={escaped} b=2") == {"a": "1", "k": text, "b": "2"}
+
+
+def test_long_values_are_cut_and_say_so():
+    escaped = escape_value("y" * 5000, max_chars=100)
+    assert len(escaped) < 150 and escaped.endswith('... (+4900 chars)"')
