@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     parser.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"))
     args = parser.parse_args(argv)
     _die_with_parent()
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(signum, signal.SIG_IGN)  # meant for the front, which decides what workers do
     # The front's log format and value limit, inherited with its environment (see pacsys._logging).
     configure_logging(

@@ -1,7 +1,7 @@
 """DAQClientBackend: an AsyncBackend that forwards to another DAQ gRPC server.
 
 The upstream is Fermilab's DAQ service or another pacsys-supervisor; the wire is the
-one in spec/daq-wire.md. DRFs are sent unchanged, so the upstream decides what is a
+one in docs/wire.md. DRFs are sent unchanged, so the upstream decides what is a
 one-shot read and what is a subscription.
 
 - The grpc.aio channel is created lazily, on the running loop of the first call (a
