@@ -18,9 +18,13 @@ kept: ``"abc... (+5000 chars)"``). A value can therefore never end the message, 
 line, or forge a ``key=value`` pair of its own. In kv lines the message is itself one quoted
 value, so its quotes and backslashes are escaped once more.
 
+Under systemd, when stderr is the journal (``JOURNAL_STREAM`` names it), each line starts
+with its syslog priority (``<4>`` for WARNING), which journald takes off and records, so that
+``journalctl -p warning`` works in both formats.
+
 The same module configures the worker processes (they import no gRPC): the front exports its
 format in ``PACSYS_SUPERVISOR_LOG_FORMAT``, which workers inherit with the rest of its
-environment.
+environment (and its stderr).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import numbers
+import os
 import re
 import sys
 import time
@@ -40,7 +45,9 @@ __all__ = [
     "KVFormatter",
     "configure_logging",
     "escape_value",
+    "journal_prefix",
     "parse_pairs",
+    "stderr_is_journal",
 ]
 
 FORMATS = ("kv", "json")
@@ -121,6 +128,31 @@ def parse_pairs(text: str) -> dict[str, str]:
     return pairs
 
 
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def _priority(levelno: int) -> int:
+    """The syslog priority of a log level (7, debug, below INFO)."""
+    return next((p for level, p in _PRIORITIES if levelno >= level), 7)
+
+
+def stderr_is_journal(stream: TextIO | None = None) -> bool:
+    """Whether `stream` (stderr) is the journal stream systemd gave this service."""
+    journal = os.environ.get("JOURNAL_STREAM")
+    if not journal:
+        return False
+    try:
+        st = os.fstat((stream or sys.stderr).fileno())
+    except (AttributeError, OSError, ValueError):  # a stream without a file descriptor
+        return False
+    return journal == f"{st.st_dev}:{st.st_ino}"
+
+
+def journal_prefix(levelno: int, stream: TextIO | None = None) -> str:
+    """``<N>`` for a line written at `levelno` to the journal, else nothing."""
+    return f"<{_priority(levelno)}>" if stderr_is_journal(stream) else ""
+
+
 def _timestamp(created: float) -> str:
     """UTC, ISO 8601, milliseconds: 2025-01-02T03:04:05.678Z."""
     seconds = int(created)
@@ -128,10 +160,23 @@ def _timestamp(created: float) -> str:
 
 
 class _Formatter(logging.Formatter):
-    def __init__(self, fields: Mapping[str, object] | None = None, max_value_chars: int = MAX_VALUE_CHARS):
+    def __init__(
+        self,
+        fields: Mapping[str, object] | None = None,
+        max_value_chars: int = MAX_VALUE_CHARS,
+        priority_prefix: bool = False,
+    ):
         super().__init__()
         self.fields = dict(fields or {})
         self.max_value_chars = max_value_chars
+        self.priority_prefix = priority_prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = self.line(record)
+        return f"<{_priority(record.levelno)}>{line}" if self.priority_prefix else line
+
+    def line(self, record: logging.LogRecord) -> str:
+        raise NotImplementedError
 
     def message(self, record: logging.LogRecord) -> str:
         """The record's message with every argument escaped."""
@@ -155,7 +200,7 @@ class _Formatter(logging.Formatter):
 
 
 class KVFormatter(_Formatter):
-    def format(self, record: logging.LogRecord) -> str:
+    def line(self, record: logging.LogRecord) -> str:
         head = f"ts={_timestamp(record.created)} level={record.levelname} logger={record.name}"
         fixed = "".join(f" {k}={escape_value(str(v))}" for k, v in self.fields.items())
         # The message is one quoted value: its own quotes and escapes are escaped once more.
@@ -167,9 +212,7 @@ class KVFormatter(_Formatter):
 
 
 class JSONFormatter(_Formatter):
-    RESERVED = ("ts", "level", "logger", "msg", "exc")
-
-    def format(self, record: logging.LogRecord) -> str:
+    def line(self, record: logging.LogRecord) -> str:
         msg = self.message(record)
         entry: dict[str, Any] = {
             "ts": _timestamp(record.created),
@@ -216,9 +259,10 @@ def configure_logging(
     for old in [h for h in root.handlers if isinstance(h, _Handler)]:
         root.removeHandler(old)
         old.close()
-    handler = _Handler(stream if stream is not None else sys.stderr)
+    stream = stream if stream is not None else sys.stderr
+    handler = _Handler(stream)
     kind = KVFormatter if fmt == "kv" else JSONFormatter
-    handler.setFormatter(kind(fields, max_value_chars))
+    handler.setFormatter(kind(fields, max_value_chars, priority_prefix=stderr_is_journal(stream)))
     root.addHandler(handler)
     root.setLevel(level)
     return handler

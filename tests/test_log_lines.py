@@ -6,14 +6,17 @@ the formatter) and with json.loads: each line must parse completely, with the DR
 and no field, level or line of its own.
 """
 
+import io
 import json
+import logging
+import os
 import re
 
 import grpc
 import pytest
-from processes import run_cli
+from processes import REPO, run_cli
 
-from pacsys._logging import escape_value, parse_pairs
+from pacsys._logging import configure_logging, escape_value, parse_pairs
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 
 FORGED_FIELDS = 'x" level=ERROR logger=pacsys.workers msg="event=slot_given_up'
@@ -113,3 +116,58 @@ def test_escaped_values_read_back_as_one_value(text):
 def test_long_values_are_cut_and_say_so():
     escaped = escape_value("y" * 5000, max_chars=100)
     assert len(escaped) < 150 and escaped.endswith('... (+4900 chars)"')
+
+
+def test_lines_to_the_journal_carry_their_priority(monkeypatch, root_logging):
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as stream, os.fdopen(read_end) as reader:
+        st = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        configure_logging("DEBUG", "json", stream=stream)
+        log = logging.getLogger("pacsys.test")
+        log.error("e")
+        log.warning("w")
+        log.info("i")
+        log.debug("d")
+        stream.flush()
+        configure_logging("INFO", "kv", stream=io.StringIO())  # releases the pipe
+        stream.close()
+        lines = reader.read().splitlines()
+    assert [line[:3] for line in lines] == ["<3>", "<4>", "<6>", "<7>"]
+    assert json.loads(lines[0][3:])["msg"] == "e"
+
+
+def test_lines_elsewhere_have_no_priority(monkeypatch, root_logging):
+    monkeypatch.setenv("JOURNAL_STREAM", "1:2")  # another stream: a child's stderr redirected elsewhere
+    stream = io.StringIO()
+    configure_logging("INFO", "kv", stream=stream)
+    logging.getLogger("pacsys.test").warning("w")
+    assert stream.getvalue().startswith("ts=")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message", "values"),
+    [
+        ("event=(worker_lost|slot_given_up)", "event=worker_lost slot=%d pid=%d reason=%s", (0, 123, "crash")),
+        ("decision=denied", "rpc=%s peer=%s devices=%s decision=denied ms=%.2f", ("Set", "ipv4:1.2.3.4:5", "Z:A", 0.2)),
+    ],
+)
+def test_the_guides_journalctl_patterns_match_both_formats(pattern, message, values, root_logging):
+    assert f"-g '{pattern}'" in (REPO / "ops/README.md").read_text()
+    for fmt in ("kv", "json"):
+        stream = io.StringIO()
+        configure_logging("INFO", fmt, stream=stream)
+        logging.getLogger("pacsys.supervised").warning(message, *values)
+        assert re.search(pattern, stream.getvalue()), (fmt, stream.getvalue())
+
+
+@pytest.fixture
+def root_logging():
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    yield
+    for handler in root.handlers:
+        if handler not in saved[1]:
+            handler.close()
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]

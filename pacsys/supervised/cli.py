@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-from pacsys._logging import configure_logging
+from pacsys._logging import configure_logging, journal_prefix
 from pacsys.supervised import _systemd as systemd
 from pacsys.supervised.config import (
     FIELDS,
@@ -120,7 +120,7 @@ def _error(exc: BaseException | str, code: int = EXIT_USAGE) -> int:
     if _json_logging:
         logger.error("%s: error: %s", PROG, text)  # with --log-format json, every line is JSON
     else:
-        print(f"{PROG}: error: {text}", file=sys.stderr, flush=True)
+        print(f"{journal_prefix(logging.ERROR)}{PROG}: error: {text}", file=sys.stderr, flush=True)
     return code
 
 
