@@ -49,7 +49,6 @@ from pacsys.supervised.config import (
     FIELDS,
     ConfigError,
     Settings,
-    _toml_value,
     build_policies,
     check_files,
     env_name,
@@ -61,6 +60,7 @@ from pacsys.supervised.config import (
     resolve_token,
     setting_sources,
     settings_from,
+    toml_value,
     write_gate,
 )
 
@@ -516,7 +516,7 @@ def _shown(name: str, value: Any) -> str:
         return "(hidden)"
     if name == "policies":
         return ", ".join(t.get("name", t["type"]) for t in value) or "none"
-    return _toml_value(value)
+    return toml_value(value)
 
 
 # -- probe and status ----------------------------------------------------------------------------

@@ -67,6 +67,7 @@ __all__ = [
     "render_example",
     "resolve_token",
     "settings_from",
+    "toml_value",
     "write_gate",
 ]
 
@@ -883,7 +884,8 @@ def write_gate(settings: Settings, policies: list[Policy]) -> list[Policy]:
 # -- the example file --------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """`value` written as TOML (the example file, and check-config's listing)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -891,9 +893,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"no TOML form for {value!r}")
 
 
@@ -975,8 +977,8 @@ def render_example() -> str:
         if f.default is None:
             lines.append("# (unset by default)")
         elif md["example"] is not None:
-            lines.append(f"# e.g. {f.name} = {_toml_value(md['example'])}")
-        lines.append(f"#{f.name} = {_toml_value(value)}")
+            lines.append(f"# e.g. {f.name} = {toml_value(md['example'])}")
+        lines.append(f"#{f.name} = {toml_value(value)}")
     lines += [
         "",
         "",
@@ -990,7 +992,7 @@ def render_example() -> str:
         lines.append("")
         lines += [f"# {h}" for h in help_lines]
         lines.append("#[[policies]]")
-        lines += [f"#{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
+        lines += [f"#{_toml_key(k)} = {toml_value(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"
 
 
