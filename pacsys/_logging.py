@@ -53,6 +53,13 @@ __all__ = [
 FORMATS = ("kv", "json")
 MAX_VALUE_CHARS = 256
 
+
+class _Counts:
+    values_cut = 0  # values longer than their limit, cut in a log line (a metric of the front)
+
+
+counts = _Counts()
+
 # A value is written bare only when it is printable (str.isprintable: no line or paragraph
 # separators, no control or format characters, no space but ' ') and has none of these.
 _QUOTE_IF = frozenset(' "=\\')
@@ -62,6 +69,7 @@ _SPECIAL = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 def escape_value(text: str, max_chars: int = MAX_VALUE_CHARS) -> str:
     """`text` as one key=value value: bare when it is safe, else quoted with escapes."""
     if len(text) > max_chars:
+        counts.values_cut += 1
         text = f"{text[:max_chars]}... (+{len(text) - max_chars} chars)"
     if text and text.isprintable() and _QUOTE_IF.isdisjoint(text):
         return text

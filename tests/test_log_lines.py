@@ -16,7 +16,7 @@ import grpc
 import pytest
 from processes import REPO, run_cli
 
-from pacsys._logging import configure_logging, escape_value, parse_pairs
+from pacsys._logging import configure_logging, counts, escape_value, parse_pairs
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 
 FORGED_FIELDS = 'x" level=ERROR logger=pacsys.workers msg="event=slot_given_up'
@@ -114,7 +114,9 @@ def test_escaped_values_read_back_as_one_value(text):
 
 
 def test_long_values_are_cut_and_say_so():
+    before = counts.values_cut
     escaped = escape_value("y" * 5000, max_chars=100)
+    assert counts.values_cut == before + 1  # pacsys_log_values_cut_total
     assert len(escaped) < 150 and escaped.endswith('... (+4900 chars)"')
 
 

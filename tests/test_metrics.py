@@ -101,6 +101,7 @@ def test_front_process_gc_and_build_info(stack):
     assert _value(text, "process_open_fds") > 0
     assert _value(text, "process_start_time_seconds") > 1.7e9
     assert _value(text, "python_gc_collections_total", generation="0") >= 0
+    assert _value(text, "pacsys_log_values_cut_total") >= 0
 
 
 def test_ipv6_any_address_listens_on_both_families():

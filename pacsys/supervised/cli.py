@@ -132,6 +132,15 @@ def _configure_logging(settings: Settings) -> None:
     global _json_logging
     configure_logging(settings.log_level, settings.log_format, max_value_chars=settings.log_value_chars)
     _json_logging = settings.log_format == "json"
+    # Whatever else Python would print on stderr becomes a log record too: warnings, and the
+    # traceback of an exception nothing caught (in the main thread or another one).
+    logging.captureWarnings(True)
+    sys.excepthook = lambda kind, exc, tb: logger.critical("uncaught exception", exc_info=(kind, exc, tb))
+    threading.excepthook = lambda a: logger.error(
+        "uncaught exception in thread %s",
+        a.thread.name if a.thread else "?",
+        exc_info=(a.exc_type, a.exc_value or a.exc_type(), a.exc_traceback),
+    )
     for name in ("log_format", "log_value_chars"):
         os.environ[env_name(name)] = str(getattr(settings, name))
 

@@ -22,6 +22,8 @@ from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pacsys._logging import counts as log_counts
+
 if TYPE_CHECKING:
     from pacsys.supervised._server import SupervisedServer
 
@@ -56,6 +58,9 @@ class _Collector:
         )
         yield GaugeMetricFamily(
             "pacsys_ready", "1 while the service reports SERVING", value=1 if self._server.ready else 0
+        )
+        yield CounterMetricFamily(
+            "pacsys_log_values_cut", "Log values cut at log_value_chars characters", value=log_counts.values_cut
         )
         backend = self._server.backend
         subscriptions = getattr(backend, "subscription_count", None)
