@@ -354,14 +354,13 @@ def test_help_synopsis_shows_every_subcommands_options(capsys):
         assert fragment in usage, usage
 
 
-def test_audit_log_that_cannot_be_opened_exits_3(tmp_path):
-    missing = tmp_path / "no-such-dir" / "audit.jsonl"
-    result = run_cli(*FAKE, "--audit-path", str(missing))
+@pytest.mark.parametrize("where", ["missing", "read-only"])
+def test_audit_log_that_cannot_be_opened_exits_3(tmp_path, where):
+    directory = tmp_path / "no-such-dir" if where == "missing" else _read_only_directory(tmp_path)
+    path = f"{directory}/audit.jsonl"
+    result = run_cli(*FAKE, "--audit-path", path)
     assert result.returncode == 3, result
-    assert (
-        result.stderr.startswith("pacsys-supervisor: error: cannot open the audit log")
-        and str(missing) in result.stderr
-    )
+    assert result.stderr.startswith("pacsys-supervisor: error: cannot open the audit log") and path in result.stderr
 
 
 def test_environment_sits_between_the_file_and_the_command_line(supervisor, daq, tmp_path):
@@ -426,14 +425,23 @@ def test_check_config_checks_the_audit_files_as_the_start_would(tmp_path):
     assert not (tmp_path / "audit.jsonl").exists()  # checked, not created
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to a read-only directory")
+def _read_only_directory(tmp_path):
+    """A directory this user cannot write to: mode 0500, or for root (who may write there) /proc/sys."""
+    if os.geteuid() != 0:
+        directory = tmp_path / "ro"
+        directory.mkdir(mode=0o500)
+        return directory
+    if not os.access("/proc/sys", os.W_OK):
+        return "/proc/sys"
+    pytest.skip("no directory here that root cannot write to")
+
+
 def test_check_config_refuses_a_read_only_audit_directory(tmp_path):
-    directory = tmp_path / "ro"
-    directory.mkdir(mode=0o500)
+    directory = _read_only_directory(tmp_path)
     config = tmp_path / "supervisor.toml"
     config.write_text(f'audit_path = "{directory}/audit.jsonl"\n')
     result = run_cli("check-config", str(config))
-    assert result.returncode == 2 and "is not writable by this user" in result.stderr, result
+    assert result.returncode == 2 and f"its directory {directory} is not writable by this user" in result.stderr, result
 
 
 def test_sigusr1_reopens_the_audit_files(supervisor, daq, tmp_path):
