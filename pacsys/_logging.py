@@ -188,11 +188,13 @@ class _Formatter(logging.Formatter):
 
     def message(self, record: logging.LogRecord) -> str:
         """The record's message with every argument escaped."""
-        msg = str(record.msg)
+        limit = self.max_value_chars
+        if not isinstance(record.msg, str):  # logger.warning(exc): the object is a value, not our text
+            return escape_value(str(record.msg), limit)
+        msg = record.msg
         args = record.args
         if not args:
             return msg
-        limit = self.max_value_chars
         try:
             if isinstance(args, Mapping):
                 return msg % {k: _safe(v, limit) for k, v in args.items()}

@@ -173,3 +173,13 @@ def root_logging():
             handler.close()
     root.setLevel(saved[0])
     root.handlers[:] = saved[1]
+
+
+def test_an_object_logged_as_the_message_is_a_value(root_logging):
+    stream = io.StringIO()
+    configure_logging("INFO", "json", stream=stream)
+    logging.getLogger("pacsys.test").warning(ValueError('bad DRF x" level=ERROR forged=1'))
+    entry = json.loads(stream.getvalue())
+    assert (
+        entry["msg"] == '"bad DRF x\\" level=ERROR forged=1"' and "forged" not in entry and entry["level"] == "WARNING"
+    )
