@@ -12,7 +12,7 @@ Loads (each: warm-up, then a timed window; only calls that complete inside it ar
     cpu       32 concurrent one-DRF reads, sync backend burning 1 ms of CPU per call
     write     32 concurrent one-setting Sets, memory backend
 Modes: null (bare grpc.aio server), inproc (SupervisedServer(backend); sync backends through
-pacsys's thread-pool adapter), seed (sync backends through asyncio.to_thread; skipped for async
+pacsys's thread-pool adapter), to_thread (sync backends through asyncio.to_thread; skipped for async
 backends, where it is inproc), pool1/pool2/pool4 (WorkerPool with 1, 2, 4 workers).
 """
 
@@ -54,7 +54,7 @@ LOADS = {
         Load("write", MEMORY, 32, write=True),
     )
 }
-MODES = ["null", "inproc", "seed", "pool1", "pool2", "pool4"]
+MODES = ["null", "inproc", "to_thread", "pool1", "pool2", "pool4"]
 
 
 # -- the load generator (runs in a spawned process) --------------------------------------------
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.warmup, args.duration = 0.5, 1.5
     try:
-        modes = parse_modes(args.modes, ("null", "inproc", "seed"))
+        modes = parse_modes(args.modes, ("null", "inproc", "to_thread"))
     except ValueError as exc:
         parser.error(str(exc))
     loads = [LOADS[name] for name in (args.only or LOADS)]
@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for mode in modes:
             for backend in backends:
-                if mode == "seed" and backend in async_backends:
-                    continue  # an async backend is awaited directly: seed == inproc
+                if mode == "to_thread" and backend in async_backends:
+                    continue  # an async backend is awaited directly: to_thread == inproc
                 with ServerProcess(*_server_args(mode, backend)) as server:
                     for load in (x for x in loads if x.backend == backend):
                         r = measure(generator, server, load, args.warmup, args.duration)
@@ -290,8 +290,8 @@ def main(argv: list[str] | None = None) -> None:
         generator.close()
     print_table(results, loads, modes)
     print(f"loadavg at the end: {os.getloadavg()[0]:.2f} (other processes on this machine skew the numbers)")
-    if "seed" in modes and async_backends:
-        print("seed rows are absent for async backends (memory): awaited directly, seed == inproc.")
+    if "to_thread" in modes and async_backends:
+        print("to_thread rows are absent for async backends (memory): awaited directly, to_thread == inproc.")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ MODE is one of
     null     the bare grpc.aio server of `benchmarks.null_server` (BACKEND and WORKERS ignored)
     inproc   SupervisedServer(backend): the backend in this process (a sync one through
              pacsys's thread-pool adapter)
-    seed     as inproc, but a sync backend runs through `asyncio.to_thread` (the default
-             executor), as the seed did
+    to_thread  as inproc, but a sync backend runs through `asyncio.to_thread` (the default
+               executor), as the server's first form did
     pool     SupervisedServer(WorkerPool(backend=BACKEND, workers=WORKERS))
 BACKEND is a backend SPEC (sim, fake, module:factory such as benchmarks.backends:memory).
 
@@ -30,7 +30,7 @@ from pacsys.supervised import ServicerLimits
 from pacsys.supervised._server import tune_gc_for_serving
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
 
-MODES = ("null", "inproc", "seed", "pool")
+MODES = ("null", "inproc", "to_thread", "pool")
 
 # Every benchmark client connects from 127.0.0.1, one client as far as the per-client limits
 # go: lift those (the per-request and per-stream ones stay the service's).
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class ToThreadBackend(AsyncBackend):
-    """The seed's design: each call of a sync backend in `asyncio.to_thread` (the default executor)."""
+    """The server's first design: each call of a sync backend in `asyncio.to_thread` (the default executor)."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
@@ -84,7 +84,7 @@ def make_server(mode: str, spec: str, workers: int):
         backend = WorkerPool(backend=spec, workers=workers)
     else:
         backend = build_backend(spec)
-        if mode == "seed" and isinstance(backend, Backend):
+        if mode == "to_thread" and isinstance(backend, Backend):
             backend = ToThreadBackend(backend)
     server = SupervisedServer(
         backend, port=0, host="127.0.0.1", close_backend=True, shutdown_grace=0.5, limits=ONE_HOST_LIMITS

@@ -4,7 +4,7 @@ A DRF names what to read or set on ACNET and when::
 
     DEVICE[.PROPERTY][RANGE][.FIELD][@EVENT][<-EXTRA]
 
-The grammar contract is the project's DRF spec (``spec/drf.md`` of the shared design docs).  This
+The grammar it accepts is described in ``docs/drf.md``.  This
 module turns a DRF string into an immutable :class:`DRF` value, or raises :class:`DRFError` -- the
 only exception :func:`parse` ever raises, whatever it is given.
 

@@ -1,6 +1,6 @@
 """ACNET status codes used by pacsys: a facility and a signed error number.
 
-0 is success, above 0 a warning, below 0 an error (see spec/daq-wire.md).
+0 is success, above 0 a warning, below 0 an error (see docs/wire.md).
 """
 
 ACNET = 1

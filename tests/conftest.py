@@ -2,6 +2,7 @@
 
 import pytest
 from helpers import Running
+from processes import daq, supervisor  # noqa: F401 - fixtures: a pacsys-supervisor process, a client of it
 
 
 @pytest.fixture

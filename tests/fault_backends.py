@@ -1,6 +1,7 @@
 """Backends for fault-injection tests, loaded in worker processes as `fault_backends:NAME`."""
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -70,6 +71,12 @@ class Scripted(AsyncBackend):
 
 
 def scripted():
+    return Scripted()
+
+
+def noisy():
+    """Scripted, after a warning that quotes a hostile text (the worker's log line must stay one line)."""
+    logging.getLogger("fault_backends").warning("built for %s", 'x" level=ERROR\nforged=1')
     return Scripted()
 
 

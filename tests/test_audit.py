@@ -4,6 +4,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from datetime import datetime
 
@@ -342,3 +344,59 @@ class TestCli:
         assert main([str(paths[0].parent / "missing.jsonl")]) == 1
         with pytest.raises(SystemExit):
             main([str(paths[1]), "--proto", "--since", "2020-01-01"])
+
+
+# -- files on disk: modes, rotation, a closed pipe ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
+def test_files_are_created_0640_whatever_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        log = AuditLog(tmp_path / "audit.jsonl", tmp_path / "audit.bin")
+    finally:
+        os.umask(old)
+    log.log_request(read_request("M:OUTTMP"), ALLOW)
+    log.close()
+    for name in ("audit.jsonl", "audit.bin"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_an_existing_file_keeps_its_mode(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    path.write_text("")
+    path.chmod(0o600)
+    AuditLog(path).close()
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_reopen_follows_a_rotation(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.log_request(read_request("M:OUTTMP"), ALLOW)
+    path.rename(tmp_path / "audit.jsonl.1")  # what logrotate does
+    log.log_request(read_request("G:AMANDA"), ALLOW)  # still the old file: it is open
+    log.reopen()
+    assert path.exists() and path.stat().st_mode & 0o777 == 0o640  # there at once, for logrotate's next look
+    log.log_request(read_request("Z:ACLTST"), ALLOW)
+    log.close()
+    assert [e["drfs"] for e in read_audit(tmp_path / "audit.jsonl.1")] == [["M:OUTTMP"], ["G:AMANDA"]]
+    assert [(e["seq"], e["drfs"]) for e in read_audit(path)] == [(3, ["Z:ACLTST"])]
+
+
+def test_pacsys_audit_into_head_ends_quietly(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path, flush_interval=1000) as log:
+        for i in range(5000):  # far more than a pipe holds
+            log.log_request(read_request(f"Z:DEV{i:04d}"), ALLOW)
+    command = "import sys; from pacsys.supervised._audit import main; sys.exit(main(sys.argv[1:]))"
+    reader = subprocess.Popen(
+        [sys.executable, "-c", command, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert reader.stdout is not None and reader.stderr is not None
+    head = [reader.stdout.readline() for _ in range(3)]  # like `| head -3`
+    reader.stdout.close()
+    assert reader.wait(30) == 0
+    assert reader.stderr.read() == b""
+    assert head[0].startswith(b"TIME") and b"Z:DEV0001" in head[2]
+    reader.stderr.close()

@@ -1,7 +1,7 @@
 """The pacsys-supervisor command as a real process: serving, write gate, probe, signals, errors.
 
-Every process started here is killed in a fixture's teardown. Nothing waits by sleeping:
-the tests read the serving line and the log lines the process writes.
+Every process started here is killed in a fixture's teardown (tests/processes.py). Nothing
+waits by sleeping: the tests read the serving line and the log lines the process writes.
 """
 
 import io
@@ -10,182 +10,19 @@ import logging
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
-import threading
-import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
+from processes import FAKE, SERVING, free_port, read_scalar, run_cli, set_scalar
 
-from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
-from pacsys.supervised._logging import configure_logging
+from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 from pacsys.supervised.cli import main, serve_parser
 from pacsys.supervised.config import FIELDS, flag_name
+from workers.logformat import configure_logging
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-
-REPO = Path(__file__).resolve().parent.parent
-STARTUP_DEADLINE = 30.0
-SERVING = re.compile(r"^pacsys-supervisor: serving DAQ on (\S+):(\d+) \((.*)\)$")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-class Supervisor:
-    """A pacsys-supervisor process with its stdout and stderr collected line by line."""
-
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pacsys.supervised.cli", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_env(),
-            cwd=REPO,
-        )
-        self.lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
-        self._changed = threading.Condition()
-        self._readers = [
-            threading.Thread(target=self._read, args=(name, stream), daemon=True)
-            for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))
-        ]
-        for reader in self._readers:
-            reader.start()
-        self.port: int | None = None
-
-    def _read(self, name: str, stream) -> None:
-        for line in stream:
-            with self._changed:
-                self.lines[name].append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self.lines[name].append("")  # EOF marker wakes waiters
-            self._changed.notify_all()
-
-    def output(self) -> str:
-        return "\n".join(self.lines["stdout"] + ["--- stderr ---"] + self.lines["stderr"])
-
-    def wait_line(self, stream: str, pattern: str | re.Pattern, timeout: float = 30.0, start: int = 0) -> re.Match:
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.lines[stream][start:]:
-                    match = regex.search(line)
-                    if match:
-                        return match
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.proc.poll() is not None and self.lines[stream][-1:] == [""]):
-                    pytest.fail(f"no {stream} line matching {regex.pattern!r}:\n{self.output()}")
-                self._changed.wait(min(remaining, 0.5))
-
-    def mark(self, stream: str = "stderr") -> int:
-        with self._changed:
-            return len(self.lines[stream])
-
-    def wait_serving(self) -> int:
-        match = self.wait_line("stdout", SERVING, timeout=STARTUP_DEADLINE)
-        self.port = int(match.group(2))
-        return self.port
-
-    def wait_exit(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"pacsys-supervisor did not exit within {timeout} s:\n{self.output()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        for reader in self._readers:
-            reader.join(5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
-@pytest.fixture
-def supervisor():
-    started: list[Supervisor] = []
-
-    def start(*args: str, serving: bool = True) -> Supervisor:
-        sup = Supervisor(*args)
-        started.append(sup)
-        if serving:
-            sup.wait_serving()
-        return sup
-
-    yield start
-    for sup in started:
-        sup.kill()
-
-
-def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pacsys.supervised.cli", *args],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=REPO,
-        timeout=timeout,
-    )
-
-
-# -- a gRPC client ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def daq():
-    channels: list[grpc.Channel] = []
-
-    def stub(port: int) -> DAQ_pb2_grpc.DAQStub:
-        channel = grpc.insecure_channel(f"localhost:{port}")
-        channels.append(channel)
-        grpc.channel_ready_future(channel).result(timeout=10)
-        return DAQ_pb2_grpc.DAQStub(channel)
-
-    yield stub
-    for channel in channels:
-        channel.close()
-
-
-def read_scalar(stub: DAQ_pb2_grpc.DAQStub, drf: str) -> float:
-    replies = list(stub.Read(DAQ_pb2.ReadingList(drf=[drf]), timeout=10))
-    assert len(replies) == 1 and replies[0].WhichOneof("value") == "readings", replies
-    return replies[0].readings.reading[0].data.scalar
-
-
-def set_scalar(stub: DAQ_pb2_grpc.DAQStub, device: str, value: float) -> grpc.StatusCode:
-    """The call's status code; OK only when every setting succeeded."""
-    request = DAQ_pb2.SettingList()
-    setting = request.setting.add()
-    setting.device = device
-    setting.value.scalar = value
-    try:
-        reply = stub.Set(request, timeout=10)
-    except grpc.RpcError as exc:
-        return exc.code()
-    assert [s.status_code for s in reply.status] == [0], reply
-    return grpc.StatusCode.OK
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-FAKE = ("--workers", "0", "--port", "0", "--backend", "fake")
 
 
 # -- serving ------------------------------------------------------------------------------------------------
@@ -333,7 +170,7 @@ def test_scaling_signals_without_a_pool_are_logged(supervisor, daq):
     sup = supervisor(*FAKE)
     mark = sup.mark()
     sup.proc.send_signal(signal.SIGTTIN)
-    sup.wait_line("stderr", r"SIGTTIN: cannot add worker", start=mark)
+    sup.wait_line("stderr", r"SIGTTIN: cannot add_worker", start=mark)
     assert read_scalar(daq(sup.port), "M:OUTTMP@I") == pytest.approx(72.5)
 
 
@@ -354,9 +191,9 @@ def test_worker_pool_serves_scales_and_stops(supervisor, daq):
     assert sup.wait_exit(15) == 0
 
 
-def test_worker_that_cannot_build_its_backend_exits_2():
+def test_worker_that_cannot_build_its_backend_exits_3():
     result = run_cli("--workers", "1", "--port", "0", "--backend", "nosuch_module_xyz:make")
-    assert result.returncode == 2, result
+    assert result.returncode == 3, result
     assert result.stderr.strip().splitlines()[-1].startswith("pacsys-supervisor: error: "), result.stderr
     assert "nosuch_module_xyz" in result.stderr and "Traceback" not in result.stderr
 
@@ -365,25 +202,25 @@ def test_worker_that_cannot_build_its_backend_exits_2():
 
 
 @pytest.mark.parametrize(
-    ("spec", "fragment"),
+    ("spec", "fragment", "code"),
     [
-        ("nosuch_module_xyz:make", "nosuch_module_xyz"),
-        ("bogus spec", "--backend must be sim, sim:PATH, fake, grpc://HOST:PORT or module:factory"),
-        ("sim:/nonexistent/devices.toml", "/nonexistent/devices.toml"),
+        ("nosuch_module_xyz:make", "nosuch_module_xyz", 3),  # well formed, cannot be built: failed start
+        ("bogus spec", "--backend must be sim, sim:PATH, fake, grpc://HOST:PORT or module:factory", 2),  # usage
+        ("sim:/nonexistent/devices.toml", "/nonexistent/devices.toml", 3),
     ],
 )
-def test_bad_backend_spec_exits_2(spec, fragment):
+def test_bad_backend_spec_exit_status(spec, fragment, code):
     result = run_cli("--workers", "0", "--port", "0", "--backend", spec)
-    assert result.returncode == 2, result
+    assert result.returncode == code, result
     assert result.stderr.strip().splitlines()[-1].startswith("pacsys-supervisor: error: "), result.stderr
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr and "serving" not in result.stdout
 
 
-def test_port_in_use_exits_2(supervisor):
+def test_port_in_use_exits_3(supervisor):
     sup = supervisor(*FAKE, "--host", "127.0.0.1")
     result = run_cli("--workers", "0", "--backend", "fake", "--host", "127.0.0.1", "--port", str(sup.port))
-    assert result.returncode == 2, result
+    assert result.returncode == 3, result
     assert "pacsys-supervisor: error: " in result.stderr and "Traceback" not in result.stderr
 
 
@@ -489,3 +326,135 @@ def test_gc_tuning_for_serving_freezes_startup_objects():
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+# -- version, exit status, environment, check-config ----------------------------------------------------------
+
+
+def test_version_is_the_distributions():
+    import importlib.metadata
+
+    result = run_cli("--version")
+    assert result.returncode == 0, result
+    assert result.stdout.strip() == f"pacsys-supervisor {importlib.metadata.version('pacsys-supervisor')}"
+
+
+def test_help_synopsis_shows_every_subcommands_options(capsys):
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    for fragment in (
+        "check-config [-h] [-q] FILE",
+        "--service NAME",
+        "--wait",
+        "status [-h] [--addr HOST:PORT]",
+        "--json",
+    ):
+        assert fragment in usage, usage
+
+
+@pytest.mark.parametrize("where", ["missing", "read-only"])
+def test_audit_log_that_cannot_be_opened_exits_3(tmp_path, where):
+    directory = tmp_path / "no-such-dir" if where == "missing" else _read_only_directory(tmp_path)
+    path = f"{directory}/audit.jsonl"
+    result = run_cli(*FAKE, "--audit-path", path)
+    assert result.returncode == 3, result
+    assert result.stderr.startswith("pacsys-supervisor: error: cannot open the audit log") and path in result.stderr
+
+
+def test_environment_sits_between_the_file_and_the_command_line(supervisor, daq, tmp_path):
+    config = tmp_path / "supervisor.toml"
+    config.write_text('allow_writes = ["G:*"]\nworkers = 3\n')
+    env = {
+        "PACSYS_SUPERVISOR_ALLOW_WRITES": "M:* Z:*",
+        "PACSYS_SUPERVISOR_WORKERS": "0",
+        "PACSYS_SUPERVISOR_BACKEND": "fake",
+    }
+    sup = supervisor("--config", str(config), "--port", "0", "--allow-writes", "Z:*", env=env)
+    assert SERVING.match(sup.lines["stdout"][0]).group(3) == "backend fake, in process"  # type: ignore[union-attr]
+    stub = daq(sup.port)
+    assert set_scalar(stub, "Z:ACLTST", 1.0) == grpc.StatusCode.OK  # the command line
+    assert set_scalar(stub, "M:OUTTMP", 1.0) == grpc.StatusCode.PERMISSION_DENIED  # the environment lost to it
+    assert set_scalar(stub, "G:AMANDA", 1.0) == grpc.StatusCode.PERMISSION_DENIED  # the file lost to both
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"PACSYS_SUPERVISOR_PORT": "abc"}, "PACSYS_SUPERVISOR_PORT must be an integer, got 'abc'"),
+        ({"PACSYS_SUPERVISOR_PORT": "70000"}, "PACSYS_SUPERVISOR_PORT must be an integer from 0 to 65535"),
+        ({"PACSYS_SUPERVISOR_WOKERS": "2"}, "unknown environment variable PACSYS_SUPERVISOR_WOKERS (did you mean"),
+        ({"PACSYS_SUPERVISOR_LOG_REQUESTS": "maybe"}, "PACSYS_SUPERVISOR_LOG_REQUESTS must be true or false"),
+        ({"PACSYS_SUPERVISOR_POLICIES": "[]"}, "unknown environment variable PACSYS_SUPERVISOR_POLICIES"),
+    ],
+)
+def test_bad_environment_exits_2_naming_the_variable(env, fragment):
+    result = run_cli("--workers", "0", "--backend", "fake", env=env)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("pacsys-supervisor: error: ") and fragment in result.stderr, result.stderr
+
+
+def test_check_config_shows_where_each_value_came_from(tmp_path):
+    config = tmp_path / "supervisor.toml"
+    config.write_text('workers = 3\nport = 50099\ntoken = "s3cret"\n')
+    result = run_cli("check-config", str(config), env={"PACSYS_SUPERVISOR_WORKERS": "4"})
+    assert result.returncode == 0, result
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{config}: OK (backend sim, 4 workers")
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in lines[2:]}
+    assert rows["workers"] == ["4", "environment (PACSYS_SUPERVISOR_WORKERS)"]
+    assert rows["port"] == ["50099", "file"]
+    assert rows["host"] == ['"[::]"', "default"]
+    assert rows["token"] == ["(hidden)", "file"] and "s3cret" not in result.stdout
+
+
+def test_check_config_checks_the_audit_files_as_the_start_would(tmp_path):
+    config = tmp_path / "supervisor.toml"
+    config.write_text(f'audit_path = "{tmp_path}/missing/audit.jsonl"\n')
+    result = run_cli("check-config", str(config))
+    assert result.returncode == 2, result
+    assert (
+        f"'audit_path' {tmp_path}/missing/audit.jsonl: its directory {tmp_path}/missing does not exist" in result.stderr
+    )
+    config.write_text(f'audit_path = "{tmp_path}/audit.jsonl"\naudit_proto_path = "{tmp_path}"\n')
+    result = run_cli("check-config", str(config))
+    assert result.returncode == 2 and f"'audit_proto_path' {tmp_path}: is a directory" in result.stderr, result
+    config.write_text(f'audit_path = "{tmp_path}/audit.jsonl"\n')
+    assert run_cli("check-config", "-q", str(config)).returncode == 0
+    assert not (tmp_path / "audit.jsonl").exists()  # checked, not created
+
+
+def _read_only_directory(tmp_path):
+    """A directory this user cannot write to: mode 0500, or for root (who may write there) /proc/sys."""
+    if os.geteuid() != 0:
+        directory = tmp_path / "ro"
+        directory.mkdir(mode=0o500)
+        return directory
+    if not os.access("/proc/sys", os.W_OK):
+        return "/proc/sys"
+    pytest.skip("no directory here that root cannot write to")
+
+
+def test_check_config_refuses_a_read_only_audit_directory(tmp_path):
+    directory = _read_only_directory(tmp_path)
+    config = tmp_path / "supervisor.toml"
+    config.write_text(f'audit_path = "{directory}/audit.jsonl"\n')
+    result = run_cli("check-config", str(config))
+    assert result.returncode == 2 and f"its directory {directory} is not writable by this user" in result.stderr, result
+
+
+def test_sigusr1_reopens_the_audit_files(supervisor, daq, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    sup = supervisor(*FAKE, "--audit-path", str(audit), umask=0o077)
+    stub = daq(sup.port)
+    read_scalar(stub, "M:OUTTMP@I")
+    audit.rename(tmp_path / "audit.jsonl.1")
+    mark = sup.mark()
+    sup.proc.send_signal(signal.SIGUSR1)
+    sup.wait_line("stderr", r"SIGUSR1: audit files reopened", start=mark)
+    read_scalar(stub, "G:AMANDA@I")
+    sup.proc.send_signal(signal.SIGTERM)
+    assert sup.wait_exit(15) == 0
+    old = [json.loads(line)["drfs"] for line in (tmp_path / "audit.jsonl.1").read_text().splitlines()]
+    new = [json.loads(line)["drfs"] for line in audit.read_text().splitlines()]
+    assert (old, new) == ([["M:OUTTMP@I"]], [["G:AMANDA@I"]])
+    assert audit.stat().st_mode & 0o777 == 0o640  # not the process's umask (0600)

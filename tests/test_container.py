@@ -154,14 +154,16 @@ def test_the_images_command_serves_in_an_environment_built_the_dockerfiles_way(t
     overrides = ["--port", str(port), "--metrics-port", str(metrics_port), "--host", "127.0.0.1"]
     overrides += ["--token-file", str(token), "--audit-path", str(tmp_path / "audit.jsonl")]
     argv = [a.replace(IMAGE_VENV, str(VENV)).replace(config_in_image, str(config)) for a in command] + overrides
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, text=True, cwd=tmp_path)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "serving DAQ" in line, line + (proc.stderr.read() if proc.poll() is not None else "")
-
+        # The image logs JSON lines on stderr (its start-up line too): wait with the image's own probe.
         probe = exec_form(given["HEALTHCHECK"].split(" CMD ", 1)[1])
         probe = [a.replace(IMAGE_VENV, str(VENV)).replace("127.0.0.1:50051", f"127.0.0.1:{port}") for a in probe]
+        started = subprocess.run([*probe, "--wait", "--timeout", "60"], capture_output=True, text=True, timeout=90)
+        assert started.returncode == 0, started.stdout + log.read_text()
+        assert "serving DAQ" in log.read_text()
         checked = subprocess.run(probe, capture_output=True, text=True, timeout=30)
         assert checked.returncode == 0, checked.stdout + checked.stderr
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=10) as reply:

@@ -62,7 +62,10 @@ def test_the_configmap_holds_the_container_config_and_check_config_accepts_it(tm
     token = tmp_path / "token"
     token.write_text("t\n")
     config = tmp_path / "supervisor.toml"
-    config.write_text(CONTAINER_CONFIG.read_text().replace(container_settings()["token_file"], str(token)))
+    settings = container_settings()
+    # The token and the audit directory are the pod's mounts: stand-ins here.
+    text = CONTAINER_CONFIG.read_text().replace(settings["token_file"], str(token))
+    config.write_text(text.replace(settings["audit_path"], str(tmp_path / "audit.jsonl")))
     done = subprocess.run(
         [sys.executable, "-m", "pacsys.supervised.cli", "check-config", str(config)],
         capture_output=True,

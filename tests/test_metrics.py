@@ -1,6 +1,8 @@
 """Metrics and HTTP probes scraped over real HTTP after known traffic."""
 
+import importlib.metadata
 import os
+import platform
 import signal
 import urllib.error
 import urllib.request
@@ -13,6 +15,7 @@ from helpers import FAST, wait_for
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
 from pacsys.supervised import ReadOnlyPolicy, SupervisedServer
 from pacsys.supervised.metrics import SLOT_STATES, MetricsServer
+from pacsys.testing import FakeBackend
 from workers.pool import WorkerPool
 
 
@@ -109,3 +112,34 @@ def _liveness(port):
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def test_front_process_gc_and_build_info(stack):
+    _, _, metrics, _ = stack
+    _, text = _get(metrics.port, "/metrics")
+    info = _value(
+        text,
+        "pacsys_build_info",
+        version=importlib.metadata.version("pacsys-supervisor"),
+        python=platform.python_version(),
+    )
+    assert info == 1
+    assert _value(text, "process_resident_memory_bytes") > 10e6
+    assert _value(text, "process_open_fds") > 0
+    assert _value(text, "process_start_time_seconds") > 1.7e9
+    assert _value(text, "python_gc_collections_total", generation="0") >= 0
+    assert _value(text, "pacsys_log_values_cut_total") >= 0
+
+
+def test_ipv6_any_address_listens_on_both_families():
+    server = SupervisedServer(FakeBackend(), port=0, host="127.0.0.1")
+    server.start()
+    metrics = MetricsServer(server, port=0, host="[::]")
+    metrics.start()
+    try:
+        for host in ("127.0.0.1", "[::1]"):
+            with urllib.request.urlopen(f"http://{host}:{metrics.port}/healthz", timeout=5) as reply:
+                assert reply.status == 200, host
+    finally:
+        metrics.stop()
+        server.stop()

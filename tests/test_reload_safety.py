@@ -5,7 +5,7 @@ import sys
 
 import grpc
 import pytest
-from test_cli import FAKE, Supervisor, run_cli, set_scalar
+from processes import FAKE, Supervisor, run_cli, set_scalar
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2_grpc
 from pacsys.supervised.config import ConfigError, build_policies, settings_from

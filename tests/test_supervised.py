@@ -1,6 +1,6 @@
-"""SupervisedServer with in-process backends: the seed's plan (Tasks 2 to 5) and its sync twins.
+"""SupervisedServer with in-process backends: the first acceptance tests and their sync twins.
 
-The Async* classes are the seed plan's tests, verbatim. The sync classes run the same
+The Async* classes are the in-process server's first acceptance tests, unchanged. The sync classes run the same
 scenarios through the sync FakeBackend (served through the one sync-to-async adapter).
 """
 
@@ -146,7 +146,7 @@ class TestPolicyEnforcement:
             assert len(replies) == 1
 
 
-# -- the seed plan's tests, verbatim (Tasks 2 to 5) -------------------------------------
+# -- the first acceptance tests, unchanged ----------------------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -232,7 +232,7 @@ def test_the_grpc_backend_reaches_an_upstream_over_mutual_tls(serve, pki):
 def test_the_command_serves_tls_takes_tokens_over_it_only_and_reloads_its_certificate(pki, tmp_path):
     import signal
 
-    from test_cli import FAKE, Supervisor
+    from processes import FAKE, Supervisor
 
     cert, key = tmp_path / "server.crt", tmp_path / "server.key"
     cert.write_bytes(_pem(pki, "server.crt"))

@@ -1,7 +1,7 @@
-"""The DAQ wire contract (/work/shared/spec/daq-wire.md) checked against the generated modules.
+"""The DAQ wire contract (docs/wire.md) checked against the generated modules.
 
 Existing DAQ clients depend on exact names, numbers and types, so the expected table below is
-transcribed from the spec by hand rather than derived from the .proto files it is checking.
+transcribed from the contract by hand rather than derived from the .proto files it is checking.
 """
 
 from __future__ import annotations

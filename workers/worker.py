@@ -30,6 +30,7 @@ from workers import backend_spec
 from workers import protocol as p
 from workers.channel import FrameChannel
 from workers.hosted import HostedBackend, Subscription
+from workers.logformat import MAX_VALUE_CHARS, configure_logging
 
 logger = logging.getLogger("pacsys.workers.worker")
 
@@ -282,9 +283,15 @@ def main(argv: list[str] | None = None) -> NoReturn:
     parser.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"))
     args = parser.parse_args(argv)
     _die_with_parent()
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(signum, signal.SIG_IGN)  # meant for the front, which decides what workers do
-    logging.basicConfig(level=args.log_level, format=f"worker{args.slot} pid={os.getpid()} %(levelname)s %(message)s")
+    # The front's log format and value limit, inherited with its environment (see workers.logformat).
+    configure_logging(
+        args.log_level,
+        os.environ.get("PACSYS_SUPERVISOR_LOG_FORMAT", "kv"),
+        fields={"worker": args.slot, "pid": os.getpid()},
+        max_value_chars=int(os.environ.get("PACSYS_SUPERVISOR_LOG_VALUE_CHARS", MAX_VALUE_CHARS)),
+    )
     sock = socket.socket(fileno=args.fd)
     with asyncio.Runner(loop_factory=lambda: _new_event_loop(args.loop)) as runner:
         code = runner.run(Worker(sock, args.backend, args.threads).run())

@@ -1,13 +1,14 @@
 """DAQClientBackend: an AsyncBackend that forwards to another DAQ gRPC server.
 
 The upstream is Fermilab's DAQ service or another pacsys-supervisor; the wire is the
-one in spec/daq-wire.md. DRFs are sent unchanged, so the upstream decides what is a
+one in docs/wire.md. DRFs are sent unchanged, so the upstream decides what is a
 one-shot read and what is a subscription.
 
 - The grpc.aio channel is created lazily, on the running loop of the first call (a
   grpc.aio channel belongs to the loop that uses it). The backend may be built outside a
   loop; a call made on another loop later gets a fresh channel. Use it from one loop at
-  a time. Keepalive pings every 30 s, also with no call open, as the pacsys client does.
+  a time. Keepalive pings every 30 s, also with no call open (the pacsys client pings every
+  300 s, only while a call is open: this one keeps idle upstream connections warmer).
 - get_many: one Read call with the DRFs; the first reply per index is kept. A one-shot
   request (every DRF @I or @N) ends upstream once each index is answered. A request with
   other DRFs is a subscription upstream: the first reading per index is returned and the

@@ -27,8 +27,10 @@ record, so a file holds whole records only, except the tail of a process that di
 which the readers report as an error. Only the constructor raises (bad arguments, files that
 cannot be opened) so that a misconfigured log stops the server at startup.
 
-``close()`` releases the files; a later entry reopens them in append mode, which is how a
-rotated log is picked up. ``read_audit``/``read_audit_proto`` read the files back, and
+Files are created with mode 0640 whatever the umask (they name peers and written values);
+an existing file keeps its mode. ``close()`` releases the files, a later entry reopens them in
+append mode; ``reopen()`` does both at once, which is how a rotated log is picked up (SIGUSR1
+to the command). ``read_audit``/``read_audit_proto`` read the files back, and
 ``main`` is the ``pacsys-audit`` command.
 """
 
@@ -88,6 +90,7 @@ _TAG_TYPES = {
 }
 
 PathLike = str | os.PathLike[str]
+FILE_MODE = 0o640
 
 MAX_LISTED = 1000  # DRFs and values listed per entry: a request's whole list, up to the largest allowed
 
@@ -159,7 +162,15 @@ class _File:
         self.failing = False  # set by AuditLog from a failure until the next good flush
 
     def open(self) -> None:
-        self._file = open(self.path, "ab")
+        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            os.fchmod(fd, FILE_MODE)  # the umask narrowed or widened the mode given to open
+        except FileExistsError:
+            # An existing file keeps its mode. O_CREAT still: a symlink whose target is gone
+            # (O_EXCL refuses any symlink) gets its target created, as a plain append would.
+            fd = os.open(self.path, flags | os.O_CREAT, FILE_MODE)
+        self._file = open(fd, "ab")
         self._flushed = self._file.tell()
         self._pending = 0
 
@@ -203,7 +214,8 @@ class _File:
         if f is not None:
             with contextlib.suppress(Exception):  # the handle is abandoned either way
                 f.close()
-        os.truncate(self.path, self._flushed)
+        with contextlib.suppress(OSError):  # not a regular file (a device, a pipe): nothing to cut
+            os.truncate(self.path, self._flushed)
 
 
 class AuditLog:
@@ -328,6 +340,19 @@ class AuditLog:
                         f.close()
                     except Exception:
                         self._failed(f, "cannot close")
+            self._unflushed = 0
+
+    def reopen(self) -> None:
+        """Close the files and open them again by name (a rotated file is left to its mover)."""
+        with self._lock:
+            for f in (self._json, self._proto):
+                if f is None:
+                    continue
+                try:
+                    f.close()
+                    f.open()
+                except Exception:
+                    self._failed(f, "cannot reopen")
             self._unflushed = 0
 
     def __enter__(self) -> AuditLog:
@@ -470,6 +495,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_frames(args.file, device, args.method, args.json)
         else:
             _print_entries(args.file, device, args.method, args.since, args.json)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left (`pacsys-audit ... | head`): stop quietly. Point stdout at /dev/null
+        # so that the interpreter's own flush at exit does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (OSError, ValueError) as e:
         print(f"pacsys-audit: {e}", file=sys.stderr)
         return 1

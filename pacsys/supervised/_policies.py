@@ -17,8 +17,8 @@ after the whole chain has allowed the request, if at least one policy in the cha
 first such device ("Device M:OUTTMP not approved for Set"; its ``policy`` is ``"approval"``).
 
 When no policy in the chain gates writes, and in particular for an empty chain, no slot rule
-applies and nothing is denied for lack of approval: the library default of the pacsys seed
-(which had no slot approval at all) that ``SupervisedServer(backend)`` keeps. Later pacsys
+applies and nothing is denied for lack of approval: the library default of the first
+in-process server (which had no slot approval at all) that ``SupervisedServer(backend)`` keeps. Later pacsys
 releases deny every unapproved Set slot even with an empty chain and use ``allows_writes`` only
 to word the denial. So the ``pacsys-supervisor`` command, which must deny writes nothing grants,
 needs a write-gating policy in its chain: an allow-mode ``DeviceAccessPolicy`` for

@@ -3,11 +3,12 @@
 The server runs a grpc.aio server on an event loop in a background thread. The
 backend is an AsyncBackend awaited directly on that loop; a sync Backend is wrapped
 once by `pacsys.aio.as_async` (its calls run in the adapter's thread pool). Health
-(grpc.health.v1) and server reflection are served on the same port.
+(grpc.health.v1, List included) and server reflection (v1 and v1alpha) are served on
+the same port.
 
-Library default, as in the seed: with no policies nothing is denied, writes
-included. The `pacsys-supervisor` command is stricter: it denies writes unless a
-policy or `--allow-writes` grants them.
+Library default: with no policies nothing is denied, writes included. The
+`pacsys-supervisor` command is stricter: it denies writes unless a policy or
+`--allow-writes` grants them.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from pacsys.aio import AsyncBackend, SyncBackendAdapter, as_async
 from pacsys.aio._loops import new_event_loop
 from pacsys.backends import Backend
 from pacsys.supervised._audit import AuditLog
+from pacsys.supervised._health import HEALTH_SERVICE, HealthServicer, enable_reflection
 from pacsys.supervised._peers import PeerLimit, is_loopback
 from pacsys.supervised._policies import Policy
 from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits, identity_of
@@ -46,8 +46,11 @@ MAX_HEALTH_SERVICE_NAME = 256  # characters; ours are at most 16
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-# The pacsys client pings every 30 s even with no call open; gRPC's default server
-# policy would answer that with GOAWAY "too_many_pings".
+# Client keepalive pings. The pacsys release's client pings every 300 s while a call is open;
+# this repository's grpc:// backend every 30 s, also with no call open. gRPC's default server
+# policy answers pings more often than every 5 minutes without data with GOAWAY
+# "too_many_pings" after a few strikes; this one accepts a ping every 10 s or slower, with or
+# without calls, and never counts strikes.
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -258,10 +261,7 @@ class SupervisedServer:
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((self.servicer.rpc_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
-        )
+        enable_reflection((SERVICE_NAME, HEALTH_SERVICE), server)
         server.add_generic_rpc_handlers((self._admin_handler(),))
         self._port = self._bind(server)
         await self._open_backend()
@@ -428,7 +428,7 @@ def _is_loopback_host(host: str) -> bool:
     return host in ("localhost", "[::1]") or host.startswith("127.")
 
 
-class _Health(health_aio.HealthServicer):
+class _Health(HealthServicer):
     """Health, with each Watch counted as a stream of its client (they hold memory too)."""
 
     def __init__(self, servicer: DAQServicer):

@@ -422,17 +422,18 @@ class DAQServicer:
         if not_logged is None:
             self.stats.refusals_not_logged += 1
             return
-        logger.log(
-            level,
-            "rpc=%s peer=%s devices=%s decision=%s reason=%s ms=%.2f%s",
+        args: tuple[object, ...] = (
             rpc,
             peer,
             summarize_drfs(excerpt_list(drfs, 5)),
             decision,
             excerpt(reason or "", 300),
             elapsed * 1e3,
-            f" not_logged={not_logged}" if not_logged else "",
         )
+        text = "rpc=%s peer=%s devices=%s decision=%s reason=%s ms=%.2f"
+        if not_logged:
+            text, args = text + " not_logged=%d", (*args, not_logged)
+        logger.log(level, text, *args)
 
     # -- Read --------------------------------------------------------------------------
 

@@ -2,21 +2,26 @@
 
     pacsys-supervisor [serve options]          serve DAQ (the default; `serve` may be given)
     pacsys-supervisor check-config FILE        validate a config file completely; exit 0 or 2
-    pacsys-supervisor probe [--addr HOST:PORT] [--service NAME] [--timeout S]
+    pacsys-supervisor probe [--addr HOST:PORT] [--service NAME] [--timeout S] [--wait]
                                                grpc.health.v1 Check: exit 0 SERVING,
                                                1 not serving, 2 unreachable
-    pacsys-supervisor status [--addr HOST:PORT] [--token-file FILE]
+    pacsys-supervisor status [--addr HOST:PORT] [--json] [--timeout S] [--token-file FILE]
                                  (probe and status: --ca FILE [--cert FILE --key FILE] for TLS)
     pacsys-supervisor explain [--config FILE] [--identity ID] --method Read|Set DRF[=VALUE]...
                                                which policy decides a request, and why
+    pacsys-supervisor --version
 
 The serve options are derived from `pacsys.supervised.config.Settings` (one option per
-setting whose metadata has ``flag``); values given on the command line override the config
-file. Serving, the main thread waits for signals:
+setting whose metadata has ``flag``, and one ``PACSYS_SUPERVISOR_<SETTING>`` environment
+variable each); the command line wins over the environment, which wins over the config file.
+Exit status: 0 after a clean stop, 2 for a usage or configuration error, 3 for a start that
+failed (port in use, audit log not writable, backend that cannot be built, workers not
+ready). Serving, the main thread waits for signals:
 
     SIGINT, SIGTERM   drain and stop, exit 0 (a second one exits at once)
     SIGHUP            re-read the config file; on success swap the policy chain atomically,
                       on failure log why at ERROR and keep the old chain
+    SIGUSR1           reopen the audit files (after logrotate moved them)
     SIGTTIN, SIGTTOU  add or remove a worker (when the backend is a worker pool)
 
 This module is the only place in `pacsys` that imports `workers`, lazily, when workers > 0.
@@ -28,6 +33,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import dataclasses
+import importlib.metadata
 import inspect
 import logging
 import os
@@ -35,35 +41,43 @@ import queue
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
 from pacsys.supervised import _systemd as systemd
-from pacsys.supervised._logging import configure_logging
 from pacsys.supervised.config import (
     FIELDS,
     ConfigError,
     Settings,
     build_policies,
+    check_files,
+    env_name,
+    env_settings,
     field_kind,
     flag_name,
     limits,
-    load_config,
     read_config_file,
     resolve_admin_token,
     resolve_token,
+    setting_sources,
     settings_from,
     tls_files,
+    toml_value,
     write_gate,
 )
+from workers.logformat import configure_logging, journal_prefix
 
 logger = logging.getLogger("pacsys.supervised")
 
 PROG = "pacsys-supervisor"
-# Exit status when `unready_exit` is set and the pool was not ready for `unready_limit` seconds.
-EXIT_UNREADY = 4
+DISTRIBUTION = "pacsys-supervisor"
 SUBCOMMANDS = ("check-config", "probe", "status", "explain")
+
+EXIT_USAGE = 2  # bad options, a bad config file or environment variable: fix it, do not retry
+EXIT_START_FAILED = 3  # a good configuration that could not start here: port, files, backend, workers
+EXIT_UNREADY = 4  # unready_exit: the pool was not ready for unready_limit seconds; restart the service
 
 # Settings a SIGHUP applies at once; a change to any other one waits for a restart.
 RELOADABLE = (
@@ -75,6 +89,7 @@ RELOADABLE = (
     "log_level",
     "log_format",
     "log_requests",
+    "log_value_chars",
 )
 
 
@@ -94,19 +109,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args and args[0] == "serve":
             args = args[1:]
         return _serve(args)
-    except SystemExit as exc:  # argparse: --help, or a usage error (already printed)
-        return exc.code if isinstance(exc.code, int) else 2
+    except SystemExit as exc:  # argparse: --help, --version, or a usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
 
-def _error(exc: BaseException | str) -> int:
+def version() -> str:
+    """The installed distribution's version (from its metadata)."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _error(exc: BaseException | str, code: int = EXIT_USAGE) -> int:
     if isinstance(exc, str):
         text = exc
     elif isinstance(exc, ValueError | OSError | TimeoutError | RuntimeError) and str(exc):
         text = str(exc)
     else:
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    print(f"{PROG}: error: {text}", file=sys.stderr, flush=True)
-    return 2
+    if _json_logging:
+        logger.error("%s: error: %s", PROG, text)  # with --log-format json, every line is JSON
+    else:
+        print(f"{journal_prefix(logging.ERROR)}{PROG}: error: {text}", file=sys.stderr, flush=True)
+    return code
+
+
+_json_logging = False
+
+
+def _configure_logging(settings: Settings) -> None:
+    """The front's log format, exported for the workers (they inherit the environment)."""
+    global _json_logging
+    configure_logging(settings.log_level, settings.log_format, max_value_chars=settings.log_value_chars)
+    _json_logging = settings.log_format == "json"
+    # Whatever else Python would print on stderr becomes a log record too: warnings, and the
+    # traceback of an exception nothing caught (in the main thread or another one).
+    logging.captureWarnings(True)
+    sys.excepthook = lambda kind, exc, tb: logger.critical("uncaught exception", exc_info=(kind, exc, tb))
+    threading.excepthook = lambda a: logger.error(
+        "uncaught exception in thread %s",
+        a.thread.name if a.thread else "?",
+        exc_info=(a.exc_type, a.exc_value or a.exc_type(), a.exc_traceback),
+    )
+    for name in ("log_format", "log_value_chars"):
+        os.environ[env_name(name)] = str(getattr(settings, name))
 
 
 # -- serve options, derived from Settings ---------------------------------------------------------
@@ -138,16 +185,19 @@ def _default_text(f: dataclasses.Field[Any]) -> str:
 def serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
+        usage=f"{PROG} [serve] [options]\n"
+        + "\n".join(f"       {sub.format_usage()[7:].rstrip()}" for sub in _subparsers()),
         description="Serve the DAQ gRPC service with policies, audit and supervised backend workers.",
         epilog=(
-            "other commands:\n"
-            f"  {PROG} check-config FILE\n"
-            f"  {PROG} probe [--addr HOST:PORT] [--service NAME] [--timeout S]\n"
-            f"  {PROG} status [--addr HOST:PORT]\n\n"
-            "Options override the config file. Writes are denied unless --allow-writes or a policy grants them."
+            "Every option is also an environment variable, PACSYS_SUPERVISOR_<SETTING> (e.g.\n"
+            "PACSYS_SUPERVISOR_WORKERS=4). The command line wins over the environment, which wins\n"
+            "over the config file. Writes are denied unless --allow-writes or a policy grants them.\n\n"
+            "exit status: 0 stopped cleanly, 2 usage or configuration error, 3 the start failed\n"
+            "(port in use, audit log not writable, backend that cannot be built, workers not ready)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
     groups: dict[str, Any] = {}
     exclusive: Any = None
     for f in dataclasses.fields(Settings):
@@ -189,20 +239,23 @@ def _serve(argv: list[str]) -> int:
     ns = serve_parser().parse_args(argv)
     overrides = overrides_from(ns)
     try:
-        file_values = read_config_file(ns.config) if ns.config else {}
-        settings = settings_from(file_values, overrides, source=ns.config)
+        env = env_settings()
+        config = overrides.get("config") or env.get("config")
+        file_values = read_config_file(config) if config else {}
+        settings = settings_from(file_values, overrides, env=env, source=config)
     except ConfigError as exc:
         return _error(exc)
-    configure_logging(settings.log_level, settings.log_format)
-    return _Service(settings, overrides).run()
+    _configure_logging(settings)
+    return _Service(settings, overrides, env).run()
 
 
 class _Service:
     """One serving process: build everything from the settings, serve, handle signals."""
 
-    def __init__(self, settings: Settings, overrides: dict[str, Any]):
+    def __init__(self, settings: Settings, overrides: dict[str, Any], env: dict[str, Any] | None = None):
         self.settings = settings
         self.overrides = overrides
+        self.env = env or {}  # read once: a reload re-reads the file, not the environment
         self.backend: Any = None
         self.audit: Any = None
         self.server: Any = None
@@ -240,7 +293,7 @@ class _Service:
             if s.audit_path is not None:
                 self.audit = AuditLog(s.audit_path, s.audit_proto_path, s.audit_log_responses, s.audit_flush_interval)
         except (OSError, ValueError) as exc:
-            return _error(f"cannot open the audit log: {exc}")
+            return _error(f"cannot open the audit log: {exc}", EXIT_START_FAILED)
         previous = self._install_signal_handlers()
         try:
             try:
@@ -281,9 +334,13 @@ class _Service:
             except Exception as exc:  # BackendSpecError, WorkerStartupError, OSError (ports in use), ...
                 logger.debug("startup failed", exc_info=True)
                 self._cleanup_after_failed_start()
-                return _error(exc)
+                return _error(exc, EXIT_START_FAILED)
             tune_gc_for_serving()
-            print(f"{PROG}: serving DAQ on {s.host}:{self.server.port} ({self._describe()})", flush=True)
+            banner = f"{PROG}: serving DAQ on {s.host}:{self.server.port} ({self._describe()})"
+            if _json_logging:
+                logger.info(banner)  # no arguments: our own text, not escaped
+            else:
+                print(banner, flush=True)
             systemd.notify(f"READY=1\nSTATUS=serving on port {self.server.port}\nMAINPID={os.getpid()}")
             watchdog_stop = threading.Event()
             systemd.start_watchdog(self.server.alive, watchdog_stop)
@@ -332,7 +389,7 @@ class _Service:
             logger.warning("not in the main thread: signals are not handled")
             return {}
         previous: dict[int, Any] = {}
-        for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGTTIN", "SIGTTOU"):
+        for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGTTIN", "SIGTTOU"):
             signum = getattr(signal, name, None)
             if signum is not None:
                 previous[signum] = signal.signal(signum, self._on_signal)
@@ -353,7 +410,7 @@ class _Service:
                 signum = self.signals.get(timeout=0.5)
             except queue.Empty:
                 if self.server.wait(0):
-                    return _error("the server stopped unexpectedly (see the log)")
+                    return _error("the server stopped unexpectedly (see the log)", EXIT_START_FAILED)
                 if self.settings.unready_exit and not self.server.backend_alive():
                     # Erlang's escalation: this process cannot recover by itself; let the
                     # service manager restart all of it.
@@ -376,6 +433,8 @@ class _Service:
                 return 0
             if signum == getattr(signal, "SIGHUP", None):
                 self.reload()
+            elif signum == getattr(signal, "SIGUSR1", None):
+                self.reopen()
             elif signum in (getattr(signal, "SIGTTIN", None), getattr(signal, "SIGTTOU", None)):
                 self.scale(up=signum == signal.SIGTTIN, signame=name)
 
@@ -389,7 +448,7 @@ class _Service:
             logger.warning("SIGHUP: no config file to reload (start with --config FILE)")
             return False
         try:
-            new = settings_from(read_config_file(path), self.overrides, source=path)
+            new = settings_from(read_config_file(path), self.overrides, env=self.env, source=path)
             token = resolve_token(new)
             admin_token = resolve_admin_token(new)
             chain = write_gate(new, build_policies(new))
@@ -402,8 +461,12 @@ class _Service:
         self.server.set_policies(chain)
         self.server.servicer.set_token(token)  # a rotated token file takes effect here too
         self.server.admin_token = admin_token
-        if (new.log_level, new.log_format) != (old.log_level, old.log_format):
-            configure_logging(new.log_level, new.log_format)
+        if (new.log_level, new.log_format, new.log_value_chars) != (
+            old.log_level,
+            old.log_format,
+            old.log_value_chars,
+        ):
+            _configure_logging(new)
         self.server.servicer.log_requests = new.log_requests
         self.settings = dataclasses.replace(old, **{k: getattr(new, k) for k in RELOADABLE})
         pending = [k for k in FIELDS if k not in RELOADABLE and getattr(new, k) != getattr(old, k)]
@@ -412,6 +475,16 @@ class _Service:
         logger.info("config reloaded: %d policies (%s)", len(chain), ", ".join(p.name for p in chain) or "none")
         return True
 
+    # -- SIGUSR1 ---------------------------------------------------------------------------
+
+    def reopen(self) -> None:
+        """Reopen the audit files by their names: logrotate has moved the old ones away."""
+        if self.audit is None:
+            logger.info("SIGUSR1: no audit log to reopen")
+            return
+        self.audit.reopen()
+        logger.info("SIGUSR1: audit files reopened")
+
     # -- SIGTTIN / SIGTTOU -----------------------------------------------------------------
 
     def scale(self, up: bool, signame: str = "") -> None:
@@ -419,7 +492,7 @@ class _Service:
         method = getattr(self.backend, what, None)
         loop = self.server.loop
         if method is None or loop is None:
-            logger.warning("%s: cannot %s: the backend is not a worker pool", signame, what.replace("_", " "))
+            logger.warning("%s: cannot %s: the backend is not a worker pool", signame, what)
             return
         logger.info("%s: %s", signame, what)
         if inspect.iscoroutinefunction(method):
@@ -438,12 +511,8 @@ class _Service:
 
 
 def _metrics_host(host: str) -> str:
-    """The metrics server's address (an IPv4 HTTP server) for the gRPC `host` setting."""
-    if host in ("[::1]", "localhost"):
-        return "127.0.0.1"
-    if host.startswith("["):
-        return "0.0.0.0"
-    return host
+    """The metrics server's address for the gRPC `host` setting ([::] binds IPv6 and IPv4)."""
+    return "127.0.0.1" if host == "localhost" else host.strip("[]")
 
 
 async def _awaited(awaitable: Any) -> Any:
@@ -453,20 +522,30 @@ async def _awaited(awaitable: Any) -> Any:
 # -- check-config --------------------------------------------------------------------------------
 
 
-def _check_config(argv: list[str]) -> int:
+def _check_config_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} check-config",
-        description="Validate a config file completely: every setting, every policy, the backend "
-        "spec's syntax (without building it) and the token file. Exit 0 when valid, 2 otherwise.",
+        description="Validate a config file completely, with the PACSYS_SUPERVISOR_* environment applied: every "
+        "setting, every policy, the backend spec's syntax (without building it), the token file and the audit "
+        "files' directories. Exit 0 when valid, 2 otherwise. Then list every setting and where its value came from.",
     )
     parser.add_argument("file", metavar="FILE")
-    ns = parser.parse_args(argv)
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+    return parser
+
+
+def _check_config(argv: list[str]) -> int:
+    ns = _check_config_parser().parse_args(argv)
     try:
-        settings = load_config(ns.file)
+        env = env_settings()
+        file_values = read_config_file(ns.file)
+        overrides = {"config": ns.file}
+        settings = settings_from(file_values, overrides, env=env, source=ns.file)
         resolve_token(settings)
         resolve_admin_token(settings)
         tls_files(settings)
-        chain = write_gate(settings, build_policies(settings))
+        check_files(settings)
+        chain = write_gate(settings, build_policies(settings))  # custom policy factories run last
     except Exception as exc:  # a message, never a traceback
         return _error(exc)
     workers = "in process" if settings.workers == 0 else f"{settings.workers} workers"
@@ -475,13 +554,27 @@ def _check_config(argv: list[str]) -> int:
         f"{ns.file}: OK (backend {settings.backend}, {workers}, {len(settings.policies)} policies, {writes})",
         flush=True,
     )
+    if not ns.quiet:
+        sources = setting_sources(file_values, overrides, env)
+        rows = [(name, _shown(name, getattr(settings, name)), sources[name]) for name in FIELDS]
+        print("\n".join(_table(("setting", "value", "from"), rows)), flush=True)
     return 0
+
+
+def _shown(name: str, value: Any) -> str:
+    if value is None:
+        return "unset"
+    if name == "token":
+        return "(hidden)"
+    if name == "policies":
+        return ", ".join(t.get("name", t["type"]) for t in value) or "none"
+    return toml_value(value)
 
 
 # -- probe and status ----------------------------------------------------------------------------
 
 
-def _probe(argv: list[str]) -> int:
+def _probe_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} probe",
         description="grpc.health.v1 Check. Exit 0 when SERVING, 1 when not serving, 2 when unreachable.",
@@ -490,10 +583,32 @@ def _probe(argv: list[str]) -> int:
     parser.add_argument(
         "--service", default="", metavar="NAME", help="service to check (default: the whole server, '')"
     )
-    parser.add_argument("--timeout", type=_number(float), default=5.0, metavar="S", help="default: %(default)s s")
+    parser.add_argument(
+        "--timeout", type=_number(float), default=5.0, metavar="S", help="seconds to wait (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="ask again until SERVING or --timeout has passed (for scripts that start it)",
+    )
     _tls_options(parser)
-    ns = parser.parse_args(argv)
+    return parser
 
+
+def _probe(argv: list[str]) -> int:
+    ns = _probe_parser().parse_args(argv)
+    deadline = time.monotonic() + ns.timeout
+    while True:
+        code, text = _check_health(ns, max(0.1, deadline - time.monotonic()))
+        remaining = deadline - time.monotonic()
+        if code == 0 or not ns.wait or remaining <= 0:
+            break
+        time.sleep(min(0.2, remaining))  # a retry interval: nothing to wait on in a process not started
+    print(text, flush=True)
+    return code
+
+
+def _check_health(ns: argparse.Namespace, timeout: float) -> tuple[int, str]:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -501,36 +616,40 @@ def _probe(argv: list[str]) -> int:
     try:
         channel = _open_channel(ns)
     except OSError as exc:
-        return _error(exc)
+        return EXIT_USAGE, f"{label}: cannot read a TLS file: {exc}"
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=ns.service), timeout=ns.timeout)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=ns.service), timeout=timeout)
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                print(f"{label}: unreachable ({code.name}: {details})", flush=True)
-                return 2
+                return 2, f"{label}: unreachable ({code.name}: {details})"
             if code == grpc.StatusCode.NOT_FOUND:
-                print(f"{label}: NOT_SERVING (unknown service)", flush=True)
-                return 1
+                return 1, f"{label}: NOT_SERVING (unknown service)"
             name = code.name if code is not None else "error"
-            print(f"{label}: NOT_SERVING (health check failed: {name}: {details})", flush=True)
-            return 1
+            return 1, f"{label}: NOT_SERVING (health check failed: {name}: {details})"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{label}: {status}", flush=True)
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return (0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1), f"{label}: {status}"
+
+
+def _status_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"{PROG} status", description="Workers, pids, RSS, restarts, streams.")
+    parser.add_argument("--addr", default="localhost:50051", metavar="HOST:PORT", help="default: %(default)s")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON view")
+    parser.add_argument("--timeout", type=_number(float), default=5.0, metavar="S", help="seconds to wait")
+    parser.add_argument("--token-file", metavar="FILE", help="the admin (or service) token: needed from another host")
+    _tls_options(parser)
+    return parser
+
+
+def _subparsers() -> list[argparse.ArgumentParser]:
+    return [_check_config_parser(), _probe_parser(), _status_parser()]
 
 
 def _status(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog=f"{PROG} status", description="Workers, pids, RSS, restarts, streams.")
-    parser.add_argument("--addr", default="localhost:50051", metavar="HOST:PORT", help="default: %(default)s")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
-    parser.add_argument("--json", action="store_true", help="print the raw JSON view")
-    parser.add_argument("--token-file", metavar="FILE", help="the admin (or service) token: needed from another host")
-    _tls_options(parser)
-    ns = parser.parse_args(argv)
+    ns = _status_parser().parse_args(argv)
     import json
 
     import grpc
@@ -646,7 +765,7 @@ def render_status(view: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
     """Left-aligned columns as wide as their widest cell."""
     everything = [header, *rows]
     widths = [max(len(r[i]) for r in everything) for i in range(len(header))]

@@ -17,8 +17,10 @@ run in file order (the first denial wins)::
     max_requests = 100
     window_seconds = 60
 
-Values given on the command line override the file. Errors raise `ConfigError` naming the
-key and, when there is one, the file: ``config.toml: unknown key 'wokers'``.
+Every setting that has a command line option can also come from the environment, as
+``PACSYS_SUPERVISOR_<SETTING>`` (``PACSYS_SUPERVISOR_WORKERS=4``). The command line wins over
+the environment, which wins over the file. Errors raise `ConfigError` naming the key and
+where it came from: ``config.toml: unknown key 'wokers'``, ``PACSYS_SUPERVISOR_PORT must be ...``.
 
 Regenerate the example file with ``python -m pacsys.supervised.config > ops/supervisor.example.toml``.
 """
@@ -30,6 +32,7 @@ import difflib
 import importlib
 import json
 import math
+import os
 import re
 import tomllib
 import typing
@@ -57,6 +60,10 @@ __all__ = [
     "Settings",
     "build_policies",
     "check_backend_spec",
+    "check_files",
+    "env_name",
+    "env_settings",
+    "setting_sources",
     "limits",
     "load_config",
     "read_config_file",
@@ -65,6 +72,7 @@ __all__ = [
     "resolve_token",
     "settings_from",
     "tls_files",
+    "toml_value",
     "write_gate",
 ]
 
@@ -345,6 +353,12 @@ class Settings:
         "Seconds between log lines for one client's refusals of one kind (the others are counted).",
         section="Logging",
         min=0,
+    )
+    log_value_chars: int = _setting(
+        256,
+        "Longest value (a DRF, a peer, an error text) written into a log line, in characters; longer ones are cut.",
+        section="Logging",
+        min=16,
     )
 
     # limits
@@ -652,9 +666,9 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
 
 
-def load_config(path: str) -> Settings:
-    """Settings from a TOML file alone (defaults for everything it does not set)."""
-    return settings_from(read_config_file(path), {"config": path}, source=path)
+def load_config(path: str, env: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from a TOML file (and `env`, see `env_settings`); defaults for everything else."""
+    return settings_from(read_config_file(path), {"config": path}, env=env, source=path)
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
@@ -664,14 +678,70 @@ def _unknown_key(key: str, where: str) -> ConfigError:
     return ConfigError(f"{where}unknown key '{key}'{hint}", key=key, body=f"unknown key{hint}")
 
 
-def settings_from(
-    file_values: Mapping[str, Any], overrides: Mapping[str, Any], *, source: str | None = None
-) -> Settings:
-    """Settings from the file's table and the command line's values (which win).
+# -- the environment -----------------------------------------------------------------------------
 
-    `overrides` are keyed by field name; a None value means "not given". `source` names the
-    file in errors. An override of `token` drops the file's `token_file` and the reverse, so
-    ``--token-file`` replaces a token set in the file.
+ENV_PREFIX = "PACSYS_SUPERVISOR_"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_name(name: str) -> str:
+    """The environment variable of a setting: ``workers`` -> ``PACSYS_SUPERVISOR_WORKERS``."""
+    return ENV_PREFIX + name.upper()
+
+
+def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The settings given as ``PACSYS_SUPERVISOR_<SETTING>`` variables, by field name, typed.
+
+    Every setting with a command line option has one. An empty variable counts as not set; a
+    list (allow_writes) is separated by commas or spaces; a boolean is 1/0, true/false, yes/no
+    or on/off. An unknown ``PACSYS_SUPERVISOR_`` variable is an error (a typo would otherwise
+    be ignored). Values are checked later, by `settings_from`, with the variable's name.
+    """
+    environ = os.environ if environ is None else environ
+    by_env = {env_name(name): name for name, f in FIELDS.items() if f.metadata["flag"]}
+    values: dict[str, Any] = {}
+    for var, text in environ.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        name = by_env.get(var)
+        if name is None:
+            close = difflib.get_close_matches(var, by_env, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown environment variable {var}{hint}", key=var)
+        text = text.strip()
+        if not text:
+            continue
+        kind, _ = field_kind(name)
+        if kind is bool:
+            if text.lower() not in _TRUE + _FALSE:
+                raise ConfigError(f"{var} must be true or false (1/0, yes/no, on/off), got {text!r}", key=name)
+            values[name] = text.lower() in _TRUE
+        elif kind is int or kind is float:
+            try:
+                values[name] = kind(text)
+            except ValueError:
+                what = "an integer" if kind is int else "a number"
+                raise ConfigError(f"{var} must be {what}, got {text!r}", key=name) from None
+        elif kind is tuple:
+            values[name] = [p for p in re.split(r"[,\s]+", text) if p]
+        else:
+            values[name] = text
+    return values
+
+
+def settings_from(
+    file_values: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    *,
+    env: Mapping[str, Any] | None = None,
+    source: str | None = None,
+) -> Settings:
+    """Settings from the file's table, the environment's values and the command line's (which win).
+
+    `overrides` and `env` are keyed by field name (`env` as `env_settings` returns it); a None
+    value means "not given". `source` names the file in errors. A later layer's `token` drops an
+    earlier layer's `token_file` and the reverse, so ``--token-file`` replaces a token set in the
+    file.
     """
     where = f"{source}: " if source else ""
     for key in file_values:
@@ -679,20 +749,24 @@ def settings_from(
             raise _unknown_key(key, where)
         if not FIELDS[key].metadata["in_file"]:
             raise ConfigError(f"{where}'{key}' cannot be set in the config file", key=key)
-    for key in overrides:
+    env = dict(env or {})
+    for key in (*overrides, *env):
         if key not in FIELDS:
             raise ConfigError(f"unknown setting '{key}'", key=key)
     given = {k: v for k, v in overrides.items() if v is not None}
     merged = dict(file_values)
-    if "token" in given:
-        merged.pop("token_file", None)
-    if "token_file" in given:
-        merged.pop("token", None)
-    merged.update(given)
+    for layer in (env, given):
+        if "token" in layer:
+            merged.pop("token_file", None)
+        if "token_file" in layer:
+            merged.pop("token", None)
+        merged.update(layer)
 
     def located(key: str, body: str) -> ConfigError:
         if key in given and FIELDS[key].metadata["flag"]:
             return ConfigError(f"{flag_name(key)} {body}", key=key, body=body)
+        if key in env and key not in given:
+            return ConfigError(f"{env_name(key)} {body}", key=key, body=body)
         return ConfigError(f"{where}{_quoted(key)} {body}", key=key, body=body)
 
     for key, value in merged.items():
@@ -706,6 +780,57 @@ def settings_from(
         if exc.key is None or exc.body is None:
             raise
         raise located(exc.key, exc.body) from None
+
+
+def setting_sources(
+    file_values: Mapping[str, Any], overrides: Mapping[str, Any], env: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """Where each setting's value came from: command line, environment (VAR), file or default."""
+    env = env or {}
+    sources = {}
+    for name in FIELDS:
+        if overrides.get(name) is not None:
+            sources[name] = "command line"
+        elif name in env:
+            sources[name] = f"environment ({env_name(name)})"
+        elif name in file_values:
+            sources[name] = "file"
+        else:
+            sources[name] = "default"
+    # A later layer's token or token_file replaces the other one: that one is not in effect.
+    rank = ("default", "file", "environment", "command line")
+    layer = {name: rank.index(text.split(" (")[0]) for name, text in sources.items()}
+    if layer["token"] and layer["token_file"]:
+        sources["token" if layer["token"] < layer["token_file"] else "token_file"] = "default"
+    return sources
+
+
+def check_files(settings: Settings) -> None:
+    """ConfigError when an audit file could not be opened for appending, as start-up would find.
+
+    Checked without creating anything: the file, when it exists, must be a writable regular
+    file; when it does not, its directory must exist and be writable.
+    """
+    for key in ("audit_path", "audit_proto_path"):
+        path = getattr(settings, key)
+        if path is None:
+            continue
+        problem = _append_problem(path)
+        if problem is not None:
+            raise ConfigError(f"'{key}' {path}: {problem}", key=key, body=problem)
+
+
+def _append_problem(path: str) -> str | None:
+    if os.path.isdir(path):
+        return "is a directory"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else "is not writable by this user"
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"its directory {directory} does not exist"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"its directory {directory} is not writable by this user"
+    return None
 
 
 def resolve_token(settings: Settings) -> str | None:
@@ -992,7 +1117,8 @@ def write_gate(settings: Settings, policies: list[Policy]) -> list[Policy]:
 # -- the example file --------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """`value` written as TOML (the example file, and check-config's listing)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -1000,9 +1126,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"no TOML form for {value!r}")
 
 
@@ -1069,6 +1195,8 @@ def render_example() -> str:
         "#   python -m pacsys.supervised.config > ops/supervisor.example.toml",
         "#",
         "# Use:     pacsys-supervisor --config FILE   (options on the command line override the file)",
+        "# Env:     PACSYS_SUPERVISOR_<SETTING>, e.g. PACSYS_SUPERVISOR_WORKERS=4, overrides the file too",
+        "#          (options override the environment). check-config FILE shows where each value came from.",
         "# Check:   pacsys-supervisor check-config FILE",
         "# Reload:  SIGHUP re-reads the file; policies, allow_writes and logging change at once,",
         "#          other settings at the next restart. A bad file is logged and the old policies stay.",
@@ -1089,8 +1217,8 @@ def render_example() -> str:
         if f.default is None:
             lines.append("# (unset by default)")
         elif md["example"] is not None:
-            lines.append(f"# e.g. {f.name} = {_toml_value(md['example'])}")
-        lines.append(f"#{f.name} = {_toml_value(value)}")
+            lines.append(f"# e.g. {f.name} = {toml_value(md['example'])}")
+        lines.append(f"#{f.name} = {toml_value(value)}")
     lines += [
         "",
         "",
@@ -1104,7 +1232,7 @@ def render_example() -> str:
         lines.append("")
         lines += [f"# {h}" for h in help_lines]
         lines.append("#[[policies]]")
-        lines += [f"#{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
+        lines += [f"#{_toml_key(k)} = {toml_value(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"
 
 

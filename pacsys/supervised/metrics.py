@@ -2,22 +2,28 @@
 
 Nothing is counted twice: the servicer and the pool keep their own counters, and a
 collector reads them when Prometheus scrapes. Only request latency is observed on the
-hot path (one histogram observation per request).
+hot path (one histogram observation per request). The registry is the server's own (two
+servers in one process must not share series), so the front's process_* and python_gc_*
+collectors and pacsys_build_info are registered on it explicitly.
+
+An IPv6 host (``::``) is bound dual-stack: the port answers on IPv4 as well.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import platform
 import socket
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from workers.logformat import counts as log_counts
 from workers.supervision import SERVING, SlotState
 
 SLOT_STATES = tuple(state.value for state in SlotState if state is not SlotState.RETIRED)
@@ -68,6 +74,9 @@ class _Collector:
         )
         yield GaugeMetricFamily(
             "pacsys_ready", "1 while the service reports SERVING", value=1 if self._server.ready else 0
+        )
+        yield CounterMetricFamily(
+            "pacsys_log_values_cut", "Log values cut at log_value_chars characters", value=log_counts.values_cut
         )
         backend = self._server.backend
         yield GaugeMetricFamily(
@@ -156,8 +165,27 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: Any) -> Iterator[Any
         yield CounterMetricFamily(f"pacsys_{name}", help_text, value=getattr(pool_stats, name))
 
 
+def _build_info() -> Iterator[Any]:
+    from pacsys.supervised.cli import version
+
+    info = GaugeMetricFamily("pacsys_build_info", "Always 1: the running version", labels=["version", "python"])
+    info.add_metric([version(), platform.python_version()], 1)
+    yield info
+
+
+class _BuildInfo:
+    def __init__(self) -> None:
+        self._families = list(_build_info())  # fixed for the life of the process
+
+    def collect(self) -> Iterator[Any]:
+        yield from self._families
+
+
 class MetricsServer:
     """Serves /metrics, /healthz (liveness) and /readyz (SERVING) over HTTP.
+
+    `host` is an address to bind: IPv4 (``0.0.0.0``), or IPv6 with or without brackets
+    (``::`` listens on both families).
 
     One thread runs an event loop of its own (not the front's: a slow scrape must not delay a
     reply). Connections are bounded (`max_connections`; more are closed at once and counted
@@ -177,6 +205,10 @@ class MetricsServer:
     ):
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(server))  # type: ignore[arg-type]
+        self.registry.register(_BuildInfo())  # type: ignore[arg-type]
+        # prometheus_client's own process and GC collectors (they read process-wide figures).
+        self.registry.register(PROCESS_COLLECTOR)
+        self.registry.register(GC_COLLECTOR)
         latency = Histogram(
             "pacsys_request_latency_seconds",
             "Time from a request's arrival to its backend answer",
@@ -190,7 +222,13 @@ class MetricsServer:
         self._max_connections = max_connections
         self._timeout = timeout
         self._open = 0
-        self._sock = socket.create_server((host, port), family=socket.AF_INET, backlog=128)
+        host = host.strip("[]")
+        if ":" in host:  # IPv6; "::" takes IPv4 clients as well where the system allows it
+            self._sock = socket.create_server(
+                (host, port), family=socket.AF_INET6, backlog=128, dualstack_ipv6=socket.has_dualstack_ipv6()
+            )
+        else:
+            self._sock = socket.create_server((host, port), family=socket.AF_INET, backlog=128)
         self.port = self._sock.getsockname()[1]
         self._loop = asyncio.new_event_loop()
         # /healthz asks the front's loop and may wait up to 2 s for it: one thread does that.

@@ -1,0 +1,135 @@
+"""The files an operator or a newcomer uses as they are: README's commands, .ci/run, the
+systemd units, logrotate's config, and no reference to files outside this repository."""
+
+import configparser
+import grp
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from processes import REPO, read_scalar
+
+UNITS = ("pacsys-supervisor.service", "pacsys-supervisor@.service")
+HARDENING = {
+    "NoNewPrivileges": "yes",
+    "CapabilityBoundingSet": "",
+    "SystemCallFilter": "@system-service",
+    "RestrictSUIDSGID": "yes",
+    "ProtectHostname": "yes",
+    "ProtectClock": "yes",
+    "ProtectKernelLogs": "yes",
+    "RestrictRealtime": "yes",
+    "ProtectProc": "invisible",
+    "ProtectSystem": "strict",
+    "UMask": "0027",
+    "RestartPreventExitStatus": "2",
+}
+
+
+def _code_blocks(text: str) -> list[list[str]]:
+    return [block.strip("\n").splitlines() for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.M | re.S)]
+
+
+def test_readme_opens_with_two_commands_that_ci_runs_from_there():
+    readme = (REPO / "README.md").read_text()
+    serve, test = _code_blocks(readme)[0]
+    assert re.fullmatch(r"pip install -e \. && pacsys-supervisor\s+# .*", serve), serve  # defaults: sim, port 50051
+    assert re.fullmatch(r"pip install -e '\.\[test\]' && pytest\s+# .*", test), test
+    ci = (REPO / ".ci/run").read_text()
+    assert "README.md" in ci and "pacsys-supervisor" not in ci.split("README.md")[0]
+    # Only README's lines install the project and run the tests (the linters are installed alone).
+    assert "pip install -e" not in ci and "pytest" not in ci
+
+
+def test_try_it_waits_for_the_server_before_the_client():
+    readme = (REPO / "README.md").read_text()
+    block = _code_blocks(readme.split("## Try it")[1])[0]
+    assert block[0].startswith("pacsys-supervisor ") and block[0].rstrip().endswith("&")
+    assert block[1].startswith("pacsys-supervisor probe --wait ")
+    assert block[2].startswith("python - <<")
+
+
+def _unit(name: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    parser.optionxform = str  # type: ignore[assignment, method-assign]
+    parser.read_string((REPO / "ops" / name).read_text())
+    return parser
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_units_carry_the_hardening(name):
+    service = _unit(name)["Service"]
+    for key, value in HARDENING.items():
+        assert service.get(key) == value, (name, key)
+    assert service["Type"] == "notify" and service["KillMode"] == "mixed"
+
+
+def test_template_unit_keeps_instances_apart():
+    single, template = _unit(UNITS[0])["Service"], _unit(UNITS[1])["Service"]
+    assert template["ExecStart"] == "/opt/pacsys/bin/pacsys-supervisor --config /etc/pacsys/%i.toml"
+    assert template["LogsDirectory"] == "pacsys/%i" and template["ReadWritePaths"] == "/var/log/pacsys/%i"
+    differ = {k for k in single if single[k] != template.get(k)}
+    assert differ == {"ExecStart", "LogsDirectory", "ReadWritePaths"}
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("name", UNITS)
+def test_systemd_analyze_verifies_the_units(tmp_path, name):
+    # The installed command does not exist here: verify the unit with one that does.
+    text = (REPO / "ops" / name).read_text().replace("/opt/pacsys/bin/pacsys-supervisor", "/bin/true")
+    unit = tmp_path / name.replace("@.", "@check.")
+    unit.write_text(text)
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result
+
+
+@pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate is not installed")
+def test_logrotate_config_rotates_a_running_service(supervisor, daq, tmp_path):
+    """ops/logrotate.conf with its paths, owner and signal pointed at a test server."""
+    logs = tmp_path / "log"
+    logs.mkdir()
+    audit = logs / "audit.jsonl"
+    sup = supervisor("--workers", "0", "--port", "0", "--backend", "fake", "--audit-path", str(audit))
+    stub = daq(sup.port)
+    read_scalar(stub, "M:OUTTMP@I")
+    conf = (REPO / "ops/logrotate.conf").read_text()
+    owner = f"{pwd.getpwuid(os.getuid()).pw_name} {grp.getgrgid(os.getgid()).gr_name}"
+    conf = conf.replace("/var/log/pacsys", str(logs)).replace("create 0640 pacsys pacsys", f"create 0640 {owner}")
+    conf = re.sub(r"(?m)^\s*systemctl kill .*\n", "", conf, count=1)
+    conf = re.sub(r"(?m)^\s*systemctl kill .*$", f"kill -USR1 {sup.proc.pid}", conf)
+    (tmp_path / "logrotate.conf").write_text(conf)
+    mark = sup.mark()
+    command = ["logrotate", "--force", "--state", str(tmp_path / "state"), str(tmp_path / "logrotate.conf")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result
+    sup.wait_line("stderr", r"SIGUSR1: audit files reopened", start=mark)
+    read_scalar(stub, "G:AMANDA@I")
+    sup.proc.send_signal(signal.SIGTERM)
+    assert sup.wait_exit(15) == 0
+    assert "M:OUTTMP@I" in (logs / "audit.jsonl.1").read_text()
+    assert "G:AMANDA@I" in audit.read_text() and "M:OUTTMP" not in audit.read_text()
+
+
+def test_nothing_refers_to_files_outside_the_repository():
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True, timeout=30
+    ).stdout.split(b"\0")
+    # The design notes and specs this project started from live outside it; docs/ holds what a reader needs.
+    outside = re.compile(
+        r"shared/(spec|design)|/work/|spec/(drf|daq-wire)\.md|shared design|\b(the|pacsys) seed\b|\bseed's\b|seed plan",
+        re.I,
+    )
+    hits = []
+    for name in filter(None, files):
+        path = REPO / name.decode()
+        if path.suffix in (".png", ".bin") or not path.is_file() or path.name == Path(__file__).name:
+            continue
+        for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if outside.search(line):
+                hits.append(f"{name.decode()}:{lineno}: {line.strip()}")
+    assert hits == []
