@@ -19,8 +19,6 @@ import subprocess
 import sys
 import venv
 
-import pytest
-
 RELEASE = "pacsys==0.3.0"
 # The release's own dependencies except gssapi and paramiko (Kerberos and SSH), and ours.
 _WITHOUT_KERBEROS = [
@@ -59,24 +57,42 @@ def _install() -> str | None:
     return None
 
 
-def release_python() -> pathlib.Path:
-    """The interpreter of a venv where `import pacsys` is the release; skips the test if it cannot be made."""
+def build() -> str | None:
+    """Make the venv once (under a lock: another process may be making it); why it failed, or None."""
     VENV.parent.mkdir(parents=True, exist_ok=True)
     with open(VENV.parent / ".release-venv.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another test process may be creating it
-        if not _DONE.exists():
-            why = _install()
-            if why is not None:
-                shutil.rmtree(VENV, ignore_errors=True)
-                pytest.skip(f"cannot install {RELEASE} into {VENV}: {why}")
-            check = subprocess.run(
-                [str(_python()), "-I", "-c", "import msgspec, pacsys.testing; print(pacsys.__file__)"],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            if check.returncode != 0:
-                shutil.rmtree(VENV, ignore_errors=True)
-                pytest.skip(f"{RELEASE} installed into {VENV} but does not import: {check.stderr.strip()[-300:]}")
-            _DONE.write_text(f"{RELEASE}\n{check.stdout}")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _DONE.exists():
+            return None
+        why = _install()
+        if why is not None:
+            shutil.rmtree(VENV, ignore_errors=True)
+            return f"cannot install {RELEASE} into {VENV}: {why}"
+        check = subprocess.run(
+            [str(_python()), "-I", "-c", "import msgspec, pacsys.testing; print(pacsys.__file__)"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check.returncode != 0:
+            shutil.rmtree(VENV, ignore_errors=True)
+            return f"{RELEASE} installed into {VENV} but does not import: {check.stderr.strip()[-300:]}"
+        _DONE.write_text(f"{RELEASE}\n{check.stdout}")
+    return None
+
+
+def release_python() -> pathlib.Path:
+    """The interpreter of a venv where `import pacsys` is the release; skips the test if it cannot be made."""
+    why = build()
+    if why is not None:
+        import pytest  # only here: .ci/run calls build() before pytest is installed
+
+        pytest.skip(why)
     return _python()
+
+
+if __name__ == "__main__":  # .ci/run: make it before the tests, and fail when it cannot be made
+    failure = build()
+    if failure is not None:
+        sys.exit(failure)
+    print(_python())
