@@ -411,7 +411,7 @@ class FakeBackend(Backend):
             with self._lock:
                 handles = list(self._handles)
             for handle in handles:
-                handle._signal_error(error)  # type: ignore[arg-type]
+                handle.signal_error(error)  # type: ignore[arg-type]
             return
         if error_code is None:
             raise TypeError("emit_error(drf, ...) needs an error_code")
@@ -424,7 +424,7 @@ class FakeBackend(Backend):
         for handle, subscribed_drf in targets:
             reading = Reading(drf=subscribed_drf, **fields)
             if self._dispatch_mode is DispatchMode.DIRECT:
-                handle._dispatch(reading)
+                handle.dispatch(reading)
             else:
                 self._worker().put((handle, reading))
 
@@ -436,7 +436,7 @@ class FakeBackend(Backend):
 
                 def run() -> None:
                     while (item := q.get()) is not None:
-                        item[0]._dispatch(item[1])
+                        item[0].dispatch(item[1])
 
                 threading.Thread(target=run, name="fake-dispatch", daemon=True).start()
                 self._worker_queue = q
@@ -558,11 +558,11 @@ class AsyncFakeBackend(_AsyncBackend):
 
         handle = AsyncSubscriptionHandle(remover=remove)
         self._handles.append(handle)
-        # The sync fake calls back on the emitter's thread; _dispatch hands it to our loop.
+        # The sync fake calls back on the emitter's thread; dispatch hands it to our loop.
         sync_handle = self._sync.subscribe(
             drfs,
-            callback=lambda reading, _h: handle._dispatch(reading),
-            on_error=lambda exc, _h: handle._signal_error(exc),
+            callback=lambda reading, _h: handle.dispatch(reading),
+            on_error=lambda exc, _h: handle.signal_error(exc),
         )
         return handle
 

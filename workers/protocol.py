@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 MAX_FRAME = 64 * 1024 * 1024
 HEADER = struct.Struct(">I")
 
+# Raised whenever a message changes shape. A worker says its version in Ready, and the pool
+# refuses a worker of another version: a replacement starts from whatever code is on disk
+# then, which an upgrade may have changed under a running front. (Ready itself only ever
+# gains fields with defaults, so that any worker's Ready still decodes.)
+PROTOCOL_VERSION = 1
+
 
 class WireReading(msgspec.Struct, array_like=True, omit_defaults=True):
     """A Reading without its DRF (the request or subscription says which DRF it answers)."""
@@ -107,11 +113,12 @@ class Shutdown(msgspec.Struct, tag=True):
 
 
 class Ready(msgspec.Struct, tag=True):
-    """The backend is built; the worker serves from now on."""
+    """The backend is built; the worker serves from now on (if the front accepts its protocol)."""
 
     pid: int
     capabilities: int
     backend: str
+    protocol: int = 0  # the worker's PROTOCOL_VERSION (0: a worker from before versions)
 
 
 class StartupFailed(msgspec.Struct, tag=True):
