@@ -32,16 +32,14 @@ from typing import Any
 from pacsys.aio._backends import AsyncBackend as _AsyncBackend
 from pacsys.aio._subscription import AsyncSubscriptionHandle
 from pacsys.backends import Backend
-from pacsys.backends._subscription import SubscriptionHandle
+from pacsys.backends._subscription import ErrorCallback, ReadingCallback, SubscriptionHandle
 from pacsys.drf import DRF, DRFError, Property, parse_cached
 from pacsys.status import ACNET, ACNET_RETRY, DBM, DBM_NO_SUCH_PROPERTY, DPM, DPM_BAD_RANGE, DPM_NO_SUCH_DEVICE
 from pacsys.types import (
     BackendCapability,
     DeviceMeta,
     DispatchMode,
-    ErrorCallback,
     Reading,
-    ReadingCallback,
     Value,
     ValueType,
     WriteResult,

@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import base64
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum, Flag, auto
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pacsys.drf_utils import guess_device_name
-
-if TYPE_CHECKING:
-    from pacsys.backends import SubscriptionHandle
 
 # A device value: a scalar, text, raw bytes, a list of floats or strings (a numpy
 # array is accepted, and kept, where a list of floats is) or a dict (alarm blocks, basic status).
 Value = float | int | str | bytes | list | dict | Any
 
-ReadingCallback = Callable[["Reading", "SubscriptionHandle"], None]
-ErrorCallback = Callable[[Exception, "SubscriptionHandle"], None]
+
+def __getattr__(name: str) -> object:
+    # The subscription callback types live beside the handle they name
+    # (pacsys.backends._subscription); the pacsys release exports them here too.
+    if name in ("ReadingCallback", "ErrorCallback"):
+        from pacsys.backends import _subscription
+
+        return getattr(_subscription, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class DispatchMode(Enum):

@@ -8,11 +8,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from pacsys.types import ErrorCallback, Reading, ReadingCallback
+from pacsys.types import Reading
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUFFER_SIZE = 10_000
+
+# What a sync backend's `subscribe` calls: with each reading, and with the error that ended it.
+ReadingCallback = Callable[[Reading, "SubscriptionHandle"], None]
+ErrorCallback = Callable[[Exception, "SubscriptionHandle"], None]
 
 
 class SubscriptionHandle:
