@@ -574,4 +574,12 @@ class AsyncFakeBackend(_AsyncBackend):
         self._sync.close()
 
 
-__all__ = ["PRINCIPAL", "AsyncFakeBackend", "FakeBackend", "FakeSubscriptionHandle", "event_offset"]
+def demo_backend() -> FakeBackend:
+    """The `fake` backend spec of the command: a FakeBackend with M:OUTTMP=72.5 and G:AMANDA=42.0."""
+    fb = FakeBackend()
+    fb.set_reading("M:OUTTMP", 72.5)
+    fb.set_reading("G:AMANDA", 42.0)
+    return fb
+
+
+__all__ = ["PRINCIPAL", "AsyncFakeBackend", "FakeBackend", "FakeSubscriptionHandle", "demo_backend", "event_offset"]
