@@ -269,6 +269,7 @@ class WriteResult:
         return self.ok
 
     def to_dict(self) -> dict:
+        """A JSON-safe dict, as the pacsys release's WriteResult gives (it has no from_dict)."""
         d: dict = {"drf": self.drf, "facility_code": self.facility_code, "error_code": self.error_code}
         for key in ("message", "verified", "readback"):
             if (v := getattr(self, key)) is not None:
@@ -278,19 +279,6 @@ class WriteResult:
         if self.attempts:
             d["attempts"] = self.attempts
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> WriteResult:
-        return cls(
-            drf=d["drf"],
-            facility_code=d.get("facility_code", 0),
-            error_code=d.get("error_code", 0),
-            message=d.get("message"),
-            verified=d.get("verified"),
-            readback=d.get("readback"),
-            skipped=d.get("skipped", False),
-            attempts=d.get("attempts", 0),
-        )
 
 
 def infer_value_type(value: object) -> ValueType:

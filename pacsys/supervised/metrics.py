@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pacsys.supervised._managed import CountsSubscriptions
@@ -41,7 +41,7 @@ class _Collector:
     def __init__(self, server: SupervisedServer):
         self._server = server
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         servicer = self._server.servicer
         stats = servicer.stats
         requests = CounterMetricFamily("pacsys_requests", "Requests by RPC and decision", labels=["rpc", "decision"])
@@ -101,7 +101,7 @@ class _Collector:
             yield from _worker_metrics(managed.worker_states(), managed.stats)
 
 
-def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterator[Any]:
+def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterator[Metric]:
     gauges = {
         "up": GaugeMetricFamily("pacsys_worker_up", "1 when the slot's worker serves", labels=["slot"]),
         "pid": GaugeMetricFamily("pacsys_worker_pid", "Process id of the worker", labels=["slot"]),
@@ -165,7 +165,7 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterat
         yield CounterMetricFamily(f"pacsys_{name}", help_text, value=getattr(pool_stats, name))
 
 
-def _build_info() -> Iterator[Any]:
+def _build_info() -> Iterator[Metric]:
     from pacsys.supervised.cli import version
 
     info = GaugeMetricFamily("pacsys_build_info", "Always 1: the running version", labels=["version", "python"])
@@ -177,7 +177,7 @@ class _BuildInfo:
     def __init__(self) -> None:
         self._families = list(_build_info())  # fixed for the life of the process
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         yield from self._families
 
 
