@@ -70,3 +70,10 @@ def test_in_process_pool_and_chained_client_agree(running):
             assert got[device] is ReadError  # INTERNAL upstream: a failed read here
         else:
             assert got[device] is type(exception_for_code(expected[device], "", ReadError)), device
+
+
+def test_the_worker_runtimes_status_codes_are_pacsys_status():
+    from pacsys import status
+    from workers import reply_body
+
+    assert (reply_body.DPM, reply_body.DPM_INTERNAL) == (status.DPM, status.DPM_INTERNAL)

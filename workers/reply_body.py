@@ -24,6 +24,7 @@ from workers.epoch import since_epoch
 
 __all__ = ["reading_body", "status_body", "varint"]
 
+# pacsys.status's, which the worker runtime cannot import (tests/test_errors.py keeps them equal)
 DPM = 17
 DPM_INTERNAL = -45
 
