@@ -133,7 +133,7 @@ class ChaosBackend(SyncMemoryBackend):
             while not handle.stopped:
                 time.sleep(period - time.monotonic() % period)  # on multiples of the period
                 for reading in self.memory.get_many(drfs):
-                    handle._dispatch(reading)
+                    handle.dispatch(reading)
 
         threading.Thread(target=tick, daemon=True).start()
         return handle

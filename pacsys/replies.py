@@ -19,7 +19,7 @@ from typing import Any
 from pacsys._proto.controls.common.v1 import device_pb2, status_pb2
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 from pacsys.types import Reading, ValueType, WriteResult, infer_value_type
-from workers.reply_body import reading_body, status_body
+from workers.reply_body import reading_body, status_body, varint
 
 __all__ = [
     "ReplyBodies",
@@ -168,23 +168,14 @@ class ReplyBodies:
             del self._entries[ref.key]
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_INDEX_PREFIX = [b""] + [b"\x08" + _varint(i) for i in range(1, 1024)]
+_INDEX_PREFIX = [b""] + [b"\x08" + varint(i) for i in range(1, 1024)]
 
 
 def reply_bytes(index: int, body: bytes) -> bytes:
     """A serialized ReadingReply: the index field (omitted for 0, as protobuf does) and the body."""
     if index < len(_INDEX_PREFIX):
         return _INDEX_PREFIX[index] + body
-    return b"\x08" + _varint(index) + body
+    return b"\x08" + varint(index) + body
 
 
 def setting_reply(results: list[WriteResult]) -> DAQ_pb2.SettingReply:

@@ -32,16 +32,14 @@ from typing import Any
 from pacsys.aio._backends import AsyncBackend as _AsyncBackend
 from pacsys.aio._subscription import AsyncSubscriptionHandle
 from pacsys.backends import Backend
-from pacsys.backends._subscription import SubscriptionHandle
+from pacsys.backends._subscription import ErrorCallback, ReadingCallback, SubscriptionHandle
 from pacsys.drf import DRF, DRFError, Property, parse_cached
 from pacsys.status import ACNET, ACNET_RETRY, DBM, DBM_NO_SUCH_PROPERTY, DPM, DPM_BAD_RANGE, DPM_NO_SUCH_DEVICE
 from pacsys.types import (
     BackendCapability,
     DeviceMeta,
     DispatchMode,
-    ErrorCallback,
     Reading,
-    ReadingCallback,
     Value,
     ValueType,
     WriteResult,
@@ -411,7 +409,7 @@ class FakeBackend(Backend):
             with self._lock:
                 handles = list(self._handles)
             for handle in handles:
-                handle._signal_error(error)  # type: ignore[arg-type]
+                handle.signal_error(error)  # type: ignore[arg-type]
             return
         if error_code is None:
             raise TypeError("emit_error(drf, ...) needs an error_code")
@@ -424,7 +422,7 @@ class FakeBackend(Backend):
         for handle, subscribed_drf in targets:
             reading = Reading(drf=subscribed_drf, **fields)
             if self._dispatch_mode is DispatchMode.DIRECT:
-                handle._dispatch(reading)
+                handle.dispatch(reading)
             else:
                 self._worker().put((handle, reading))
 
@@ -436,7 +434,7 @@ class FakeBackend(Backend):
 
                 def run() -> None:
                     while (item := q.get()) is not None:
-                        item[0]._dispatch(item[1])
+                        item[0].dispatch(item[1])
 
                 threading.Thread(target=run, name="fake-dispatch", daemon=True).start()
                 self._worker_queue = q
@@ -558,11 +556,11 @@ class AsyncFakeBackend(_AsyncBackend):
 
         handle = AsyncSubscriptionHandle(remover=remove)
         self._handles.append(handle)
-        # The sync fake calls back on the emitter's thread; _dispatch hands it to our loop.
+        # The sync fake calls back on the emitter's thread; dispatch hands it to our loop.
         sync_handle = self._sync.subscribe(
             drfs,
-            callback=lambda reading, _h: handle._dispatch(reading),
-            on_error=lambda exc, _h: handle._signal_error(exc),
+            callback=lambda reading, _h: handle.dispatch(reading),
+            on_error=lambda exc, _h: handle.signal_error(exc),
         )
         return handle
 
@@ -576,4 +574,12 @@ class AsyncFakeBackend(_AsyncBackend):
         self._sync.close()
 
 
-__all__ = ["PRINCIPAL", "AsyncFakeBackend", "FakeBackend", "FakeSubscriptionHandle", "event_offset"]
+def demo_backend() -> FakeBackend:
+    """The `fake` backend spec of the command: a FakeBackend with M:OUTTMP=72.5 and G:AMANDA=42.0."""
+    fb = FakeBackend()
+    fb.set_reading("M:OUTTMP", 72.5)
+    fb.set_reading("G:AMANDA", 42.0)
+    return fb
+
+
+__all__ = ["PRINCIPAL", "AsyncFakeBackend", "FakeBackend", "FakeSubscriptionHandle", "demo_backend", "event_offset"]

@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import base64
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum, Flag, auto
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pacsys.drf_utils import guess_device_name
-
-if TYPE_CHECKING:
-    from pacsys.backends import SubscriptionHandle
 
 # A device value: a scalar, text, raw bytes, a list of floats or strings (a numpy
 # array is accepted, and kept, where a list of floats is) or a dict (alarm blocks, basic status).
 Value = float | int | str | bytes | list | dict | Any
 
-ReadingCallback = Callable[["Reading", "SubscriptionHandle"], None]
-ErrorCallback = Callable[[Exception, "SubscriptionHandle"], None]
+
+def __getattr__(name: str) -> object:
+    # The subscription callback types live beside the handle they name
+    # (pacsys.backends._subscription); the pacsys release exports them here too.
+    if name in ("ReadingCallback", "ErrorCallback"):
+        from pacsys.backends import _subscription
+
+        return getattr(_subscription, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class DispatchMode(Enum):
@@ -266,6 +269,7 @@ class WriteResult:
         return self.ok
 
     def to_dict(self) -> dict:
+        """A JSON-safe dict, as the pacsys release's WriteResult gives (it has no from_dict)."""
         d: dict = {"drf": self.drf, "facility_code": self.facility_code, "error_code": self.error_code}
         for key in ("message", "verified", "readback"):
             if (v := getattr(self, key)) is not None:
@@ -275,19 +279,6 @@ class WriteResult:
         if self.attempts:
             d["attempts"] = self.attempts
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> WriteResult:
-        return cls(
-            drf=d["drf"],
-            facility_code=d.get("facility_code", 0),
-            error_code=d.get("error_code", 0),
-            message=d.get("message"),
-            verified=d.get("verified"),
-            readback=d.get("readback"),
-            skipped=d.get("skipped", False),
-            attempts=d.get("attempts", 0),
-        )
 
 
 def infer_value_type(value: object) -> ValueType:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle
 from pacsys.backends import Backend
+from pacsys.drf import DRFError
 from pacsys.drf_utils import get_device_name
+from pacsys.errors import AuthenticationError, BackendUnavailable, LimitExceeded, PolicyDenied
 from pacsys.types import BackendCapability, Reading, ValueType, WriteResult
 
 
@@ -53,7 +55,7 @@ class Scripted(AsyncBackend):
             while True:
                 n += 1
                 now = datetime.now(UTC)
-                handle._dispatch_many(
+                handle.dispatch_many(
                     Reading(drf=d, value_type=ValueType.SCALAR, value=float(n), timestamp=now) for d in drfs
                 )
                 await asyncio.sleep(0.1)
@@ -119,3 +121,37 @@ class BlockingSync(Backend):
 
 def blocking_sync():
     return BlockingSync()
+
+
+class Raising(AsyncBackend):
+    """Raises, for a read of a device named below, the exception of each row of the error table."""
+
+    ERRORS = {
+        "Z:NOTIMPL": NotImplementedError("not here"),
+        "Z:AUTH": AuthenticationError("who are you"),
+        "Z:DENIED": PolicyDenied("not you"),
+        "Z:BUSY": BackendUnavailable("nobody home"),
+        "Z:LIMIT": LimitExceeded("too much"),
+        "Z:LATE": TimeoutError("too late"),
+        "Z:BADARG": ValueError("bad argument"),
+        "Z:DRFERR": DRFError("Z:DRFERR", "bad DRF"),
+        "Z:BUG": RuntimeError("a bug"),
+    }
+
+    @property
+    def capabilities(self):
+        return BackendCapability.READ
+
+    async def get_many(self, drfs, timeout=None):
+        for drf in drfs:
+            error = self.ERRORS.get(get_device_name(drf))
+            if error is not None:
+                raise error
+        return [Reading(drf=d, value_type=ValueType.SCALAR, value=1.0) for d in drfs]
+
+    async def close(self):
+        pass
+
+
+def raising():
+    return Raising()

@@ -94,3 +94,20 @@ def test_capability_bits_are_the_fronts():
 
     assert p.CAPABILITY_BITS == {c.name: c.value for c in BackendCapability}
     assert p.capability_bits(BackendCapability.READ | BackendCapability.STREAM) == 5
+
+
+def test_epoch_times_one_conversion_for_the_protocol_and_the_reply_body():
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from workers import epoch
+
+    aware = datetime(2026, 12, 1, 12, 30, 5, 123456, tzinfo=UTC)
+    assert epoch.to_ns(aware) == epoch.to_ns(aware.replace(tzinfo=None))  # naive counts as UTC
+    assert epoch.to_ns(aware.astimezone(timezone(timedelta(hours=-6)))) == epoch.to_ns(aware)
+    assert epoch.from_ns(epoch.to_ns(aware)) == aware
+    for ts in (aware, datetime(1969, 12, 31, 23, 59, 59, 500000, tzinfo=UTC), epoch.EPOCH):
+        expected = Timestamp()
+        expected.FromDatetime(ts)
+        assert epoch.since_epoch(ts) == (expected.seconds, expected.nanos // 1000)

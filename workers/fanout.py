@@ -114,7 +114,7 @@ class Fanout:
             shared.subscribers.add(handle)
             shares.append(shared)
             if shared.last is not None and shared.periodic:
-                handle._dispatch(shared.last)  # a late joiner gets the latest reading at once
+                handle.dispatch(shared.last)  # a late joiner gets the latest reading at once
         self._clients[handle] = shares
         return handle
 
@@ -135,7 +135,7 @@ class Fanout:
     def stop_all(self) -> None:
         """The pool closes: every client stream ends."""
         for handle in list(self._clients):
-            handle._signal_stop()
+            handle.signal_stop()
         self._clients.clear()
 
     # -- placement -------------------------------------------------------------------------
@@ -203,7 +203,7 @@ class Fanout:
                 self.gaps.last_gap_seconds = gap
                 self.gaps.max_gap_seconds = max(self.gaps.max_gap_seconds, gap)
             for handle in shared.subscribers:
-                handle._feed(reading)  # the pool and its handles share the front's loop
+                handle.dispatch_on_loop(reading)  # the pool and its handles share the front's loop
 
     def on_ended(self, worker: WorkerProcess, msg: p.SubscriptionEnded) -> None:
         """The backend refused or ended one DRF: its clients get a status for that slot, nothing more."""
@@ -217,7 +217,7 @@ class Fanout:
             drf=shared.key, facility_code=DPM, error_code=DPM_INTERNAL, message=f"{msg.kind}: {msg.message}"
         )
         for handle in shared.subscribers:
-            handle._dispatch(reading)
+            handle.dispatch(reading)
         for handle in shared.subscribers:
             shares = self._clients.get(handle)
             if shares is not None and shared in shares:

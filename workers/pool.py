@@ -32,7 +32,7 @@ from typing import Any
 import psutil
 
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
-from pacsys.errors import AuthenticationError, BackendUnavailable, LimitExceeded, PolicyDenied
+from pacsys.errors import BackendUnavailable, exception_for_kind
 from pacsys.replies import ReplyBodies
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
@@ -56,19 +56,6 @@ from workers.supervision import (
 __all__ = ["PoolOptions", "PoolStats", "WorkerLost", "WorkerPool", "WorkerStartupError"]
 
 logger = logging.getLogger("pacsys.workers")
-
-# Exceptions a worker reports by class name, raised again here so the servicer maps
-# them to the same gRPC status as in the in-process mode.
-_EXCEPTIONS: dict[str, type[Exception]] = {
-    "NotImplementedError": NotImplementedError,
-    "AuthenticationError": AuthenticationError,
-    "BackendUnavailable": BackendUnavailable,
-    "LimitExceeded": LimitExceeded,
-    "PolicyDenied": PolicyDenied,
-    "TimeoutError": TimeoutError,
-    "ValueError": ValueError,
-    "DRFError": ValueError,
-}
 
 # Why the front itself stopped a worker that no longer served: not exits of the slot.
 _STOPPED_BY_FRONT = frozenset({"recycled", "scale_down", "shutdown", "recycle_failed", "recycle_cancelled"})
@@ -549,7 +536,8 @@ class WorkerPool(AsyncBackend):
         elif isinstance(msg, p.Failed):
             future = worker.pending.pop(msg.id, None)
             if future is not None and not future.done():
-                future.set_exception(_EXCEPTIONS.get(msg.kind, RuntimeError)(f"{msg.kind}: {msg.message}"))
+                # by class name, raised again here so the servicer answers the same status as in-process
+                future.set_exception(exception_for_kind(msg.kind, f"{msg.kind}: {msg.message}"))
         elif isinstance(msg, p.Pong):
             worker.last_pong = time.monotonic()
             worker.in_flight_remote = msg.in_flight
@@ -557,8 +545,25 @@ class WorkerPool(AsyncBackend):
         elif isinstance(msg, p.SubscriptionEnded):
             self._fanout.on_ended(worker, msg)
         elif isinstance(msg, p.Ready):
-            if not worker.ready.done():
+            if worker.ready.done():
+                return
+            if msg.protocol == p.PROTOCOL_VERSION:
                 worker.ready.set_result(msg)
+                return
+            # Started from other code than the front's (an upgrade on disk): a start failure.
+            logger.error(
+                "event=worker_protocol_mismatch slot=%d pid=%d worker_protocol=%d front_protocol=%d",
+                worker.slot,
+                worker.pid,
+                msg.protocol,
+                p.PROTOCOL_VERSION,
+            )
+            worker.ready.set_exception(
+                WorkerStartupError(
+                    f"worker {worker.slot} (pid {worker.pid}) speaks worker protocol {msg.protocol}, "
+                    f"this front {p.PROTOCOL_VERSION}: refused (restart the service to run the new code)"
+                )
+            )
         elif isinstance(msg, p.StartupFailed):
             if not worker.ready.done():
                 worker.ready.set_exception(WorkerStartupError(f"backend {self.options.backend!r}: {msg.message}"))

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import functools
 import struct
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from workers import epoch
 from workers.reply_body import reading_body
 
 if TYPE_CHECKING:
@@ -31,6 +31,12 @@ if TYPE_CHECKING:
 
 MAX_FRAME = 64 * 1024 * 1024
 HEADER = struct.Struct(">I")
+
+# Raised whenever a message changes shape. A worker says its version in Ready, and the pool
+# refuses a worker of another version: a replacement starts from whatever code is on disk
+# then, which an upgrade may have changed under a running front. (Ready itself only ever
+# gains fields with defaults, so that any worker's Ready still decodes.)
+PROTOCOL_VERSION = 1
 
 
 class WireReading(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -107,11 +113,12 @@ class Shutdown(msgspec.Struct, tag=True):
 
 
 class Ready(msgspec.Struct, tag=True):
-    """The backend is built; the worker serves from now on."""
+    """The backend is built; the worker serves from now on (if the front accepts its protocol)."""
 
     pid: int
     capabilities: int
     backend: str
+    protocol: int = 0  # the worker's PROTOCOL_VERSION (0: a worker from before versions)
 
 
 class StartupFailed(msgspec.Struct, tag=True):
@@ -251,7 +258,7 @@ def reading_to_wire(reading: object) -> WireReading:
         value_type=None if vt is None else vt.value,
         value=plain_value(r.value),
         message=r.message,
-        timestamp_ns=None if ts is None else _datetime_to_ns(ts),
+        timestamp_ns=None if ts is None else epoch.to_ns(ts),
         cycle=r.cycle,
         body=reading_body(r),
     )
@@ -268,7 +275,7 @@ def reading_from_wire(drf: str, wire: WireReading) -> Reading:
         facility_code=wire.facility,
         error_code=wire.error,
         message=wire.message,
-        timestamp=None if wire.timestamp_ns is None else _ns_to_datetime(wire.timestamp_ns),
+        timestamp=None if wire.timestamp_ns is None else epoch.from_ns(wire.timestamp_ns),
         cycle=wire.cycle,
     )
 
@@ -278,17 +285,3 @@ def _value_types() -> dict:
     from pacsys.types import ValueType
 
     return {t.value: t for t in ValueType}  # a dict lookup: ValueType(x) costs a microsecond
-
-
-def _datetime_to_ns(ts: datetime) -> int:
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    delta = ts - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
-
-
-def _ns_to_datetime(ns: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=ns // 1_000)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -18,20 +18,23 @@ A reading is read through its attributes only (`value_type`, `value`, `facility_
 from __future__ import annotations
 
 import struct
-from datetime import UTC, datetime
+from datetime import datetime
 
-__all__ = ["reading_body", "status_body"]
+from workers.epoch import since_epoch
 
+__all__ = ["reading_body", "status_body", "varint"]
+
+# pacsys.status's, which the worker runtime cannot import (tests/test_errors.py keeps them equal)
 DPM = 17
 DPM_INTERNAL = -45
 
 _DOUBLE = struct.Struct("<d")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ZERO = bytes(8)
 _SCALAR_TAG = b"\x09"  # Value.scalar: field 1, 64-bit
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """A protobuf varint; int32/int64 negatives as ten-byte two's complement."""
     if n < 0:
         n += 1 << 64  # int32/int64 negatives are ten-byte two's complement varints
     out = bytearray()
@@ -43,11 +46,11 @@ def _varint(n: int) -> bytes:
 
 
 def _tag(field: int, wire_type: int) -> bytes:
-    return _varint(field << 3 | wire_type)
+    return varint(field << 3 | wire_type)
 
 
 def _message(field: int, payload: bytes) -> bytes:
-    return _tag(field, 2) + _varint(len(payload)) + payload
+    return _tag(field, 2) + varint(len(payload)) + payload
 
 
 def _text(field: int, text: str) -> bytes:
@@ -55,7 +58,7 @@ def _text(field: int, text: str) -> bytes:
 
 
 def _int(field: int, n: int) -> bytes:
-    return _tag(field, 0) + _varint(n) if n else b""
+    return _tag(field, 0) + varint(n) if n else b""
 
 
 def _status(facility: int, code: int, message: str | None) -> bytes:
@@ -156,11 +159,9 @@ def _value(value_type: str, value: object) -> bytes:
 
 def _timestamp(ts: datetime) -> bytes:
     """google.protobuf.Timestamp: seconds 1 (int64), nanos 2; a naive time counts as UTC."""
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    delta = ts - _EPOCH
-    seconds, nanos = delta.days * 86_400 + delta.seconds, delta.microseconds * 1000
-    return (b"\x08" + _varint(seconds) if seconds else b"") + (b"\x10" + _varint(nanos) if nanos else b"")
+    seconds, micros = since_epoch(ts)
+    nanos = micros * 1000
+    return (b"\x08" + varint(seconds) if seconds else b"") + (b"\x10" + varint(nanos) if nanos else b"")
 
 
 def status_body(facility_code: int, status_code: int, message: str = "") -> bytes:

@@ -112,7 +112,14 @@ class Worker:
             channel.close()
             await asyncio.sleep(0)
             return EXIT_STARTUP_FAILED
-        channel.send(p.Ready(pid=os.getpid(), capabilities=capabilities, backend=_describe(self._spec, backend)))
+        channel.send(
+            p.Ready(
+                pid=os.getpid(),
+                capabilities=capabilities,
+                backend=_describe(self._spec, backend),
+                protocol=p.PROTOCOL_VERSION,
+            )
+        )
         await self._done
         await self._shutdown()
         return 0

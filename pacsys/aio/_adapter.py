@@ -3,7 +3,7 @@
 `as_async(backend)` returns an AsyncBackend for either kind: an AsyncBackend as it is,
 a sync Backend wrapped in `SyncBackendAdapter`, which runs its calls in a thread pool of
 its own (sized for the backend, not shared with asyncio's default executor) and hands
-subscription callbacks to the loop through the handle's thread-safe `_dispatch`.
+subscription callbacks to the loop through the handle's thread-safe `dispatch`.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class SyncBackendAdapter(AsyncBackend):
         sync_handle = await self._run(
             self.backend.subscribe,
             list(drfs),
-            callback=lambda reading, _h: handle._dispatch(reading),
-            on_error=lambda exc, _h: handle._signal_error(exc),
+            callback=lambda reading, _h: handle.dispatch(reading),
+            on_error=lambda exc, _h: handle.signal_error(exc),
         )
         return handle
 

@@ -1,10 +1,17 @@
 """The async subscription handle: a bounded buffer that any thread may feed.
 
-Producers call `_dispatch` (from the loop or from any other thread: a sync backend's
-receiver thread, a test's emitter). The consumer iterates `readings()` on the loop and
-is woken at once, with no polling. When the consumer falls behind, the oldest readings
-are dropped and counted in `dropped`: a slow reader loses its own data, it never
-blocks the producer.
+The producer API, for backends (from the loop or from any other thread: a sync backend's
+receiver thread, a test's emitter):
+
+- `dispatch(reading)` / `dispatch_many(readings)`: deliver readings, in order;
+- `dispatch_on_loop(reading)`: the same for a producer already on the handle's loop
+  (the worker pool's hot path: no thread check);
+- `signal_error(exc)`: end the subscription with an error, seen after the buffered readings;
+- `signal_stop()`: end it normally (the backend's subscription is over).
+
+The consumer iterates `readings()` on the loop and is woken at once, with no polling. When
+the consumer falls behind, the oldest readings are dropped and counted in `dropped`: a slow
+reader loses its own data, it never blocks the producer.
 """
 
 from __future__ import annotations
@@ -72,21 +79,24 @@ class AsyncSubscriptionHandle:
         except RuntimeError:
             pass  # the loop is closed: nobody is left to read
 
-    def _dispatch(self, reading: Reading) -> None:
+    def dispatch(self, reading: Reading) -> None:
+        """Deliver one reading (from any thread)."""
         self._call(self._put, (reading,))
 
-    def _dispatch_many(self, readings: Iterable[Reading]) -> None:
+    def dispatch_many(self, readings: Iterable[Reading]) -> None:
+        """Deliver readings in order, with at most one wake-up of the consumer (from any thread)."""
         self._call(self._put, tuple(readings))
 
-    def _signal_error(self, exc: BaseException) -> None:
+    def signal_error(self, exc: BaseException) -> None:
         """End the subscription with an error; the consumer sees it after the buffered readings."""
         self._call(self._end, exc)
 
-    def _signal_stop(self) -> None:
+    def signal_stop(self) -> None:
+        """End the subscription normally; the consumer reads what is buffered, then stops."""
         self._call(self._end, None)
 
-    def _feed(self, reading: Reading) -> None:
-        """`_dispatch` for a producer on the handle's own loop (the pool's hot path): no thread check."""
+    def dispatch_on_loop(self, reading: Reading) -> None:
+        """`dispatch` for a producer on the handle's own loop (the pool's hot path): no thread check."""
         if self._stopped:
             return
         buffer = self._buffer
@@ -94,6 +104,14 @@ class AsyncSubscriptionHandle:
             self.dropped += 1  # the deque drops the oldest on append
         buffer.append(reading)
         self._wake()
+
+    # The pacsys release's backends call its handles' producer methods by these private
+    # names; a backend written against it calls ours the same way.
+    _dispatch = dispatch
+    _signal_error = signal_error
+    _signal_stop = signal_stop
+    # Until the simulator (pacsys/backends/sim.py) calls dispatch_many: not a release name.
+    _dispatch_many = dispatch_many
 
     def _put(self, readings: tuple[Reading, ...]) -> None:
         if self._stopped:

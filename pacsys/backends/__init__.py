@@ -10,17 +10,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from pacsys.backends._subscription import SubscriptionHandle
+from pacsys.backends._subscription import ErrorCallback, ReadingCallback, SubscriptionHandle
 from pacsys.errors import DeviceError, ReadError
-from pacsys.types import (
-    BackendCapability,
-    DispatchMode,
-    ErrorCallback,
-    Reading,
-    ReadingCallback,
-    Value,
-    WriteResult,
-)
+from pacsys.types import BackendCapability, DispatchMode, Reading, Value, WriteResult
 
 
 def summarize_drfs(drfs: list[str], limit: int = 5) -> str:
@@ -100,4 +92,4 @@ class Backend(ABC):
         self.close()
 
 
-__all__ = ["Backend", "SubscriptionHandle", "summarize_drfs"]
+__all__ = ["Backend", "ErrorCallback", "ReadingCallback", "SubscriptionHandle", "summarize_drfs"]

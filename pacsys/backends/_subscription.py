@@ -8,11 +8,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from pacsys.types import ErrorCallback, Reading, ReadingCallback
+from pacsys.types import Reading
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUFFER_SIZE = 10_000
+
+# What a sync backend's `subscribe` calls: with each reading, and with the error that ended it.
+ReadingCallback = Callable[[Reading, "SubscriptionHandle"], None]
+ErrorCallback = Callable[[Exception, "SubscriptionHandle"], None]
 
 
 class SubscriptionHandle:
@@ -20,8 +24,8 @@ class SubscriptionHandle:
 
     With a callback, each reading is passed to it as (reading, handle). Without one,
     readings are buffered (bounded: the oldest is dropped and counted when full) and
-    read with `readings(timeout)`. A backend delivers with `_dispatch`, reports a
-    failure with `_signal_error`, and learns of `stop()` through the `on_stop` hook.
+    read with `readings(timeout)`. A backend (the producer) delivers with `dispatch`,
+    reports a failure with `signal_error`, and learns of `stop()` through the `on_stop` hook.
     """
 
     def __init__(
@@ -50,7 +54,8 @@ class SubscriptionHandle:
     def exc(self) -> Exception | None:
         return self._exc
 
-    def _dispatch(self, reading: Reading) -> None:
+    def dispatch(self, reading: Reading) -> None:
+        """Deliver one reading: to the callback, or into the buffer (from any thread)."""
         if self._stopped:
             return
         if self._callback is not None:
@@ -74,12 +79,17 @@ class SubscriptionHandle:
         except Exception:
             logger.exception("subscription error handler failed")
 
-    def _signal_error(self, exc: Exception) -> None:
+    def signal_error(self, exc: Exception) -> None:
         """The backend lost this subscription: record why and end it."""
         self._exc = exc
         if self._callback is not None:
             self._report(exc)
         self.stop()
+
+    # The pacsys release's backends call its handles' producer methods by these private
+    # names; a backend written against it calls ours the same way.
+    _dispatch = dispatch
+    _signal_error = signal_error
 
     def readings(self, timeout: float | None = None) -> Iterator[tuple[Reading, SubscriptionHandle]]:
         """Yield buffered readings until stopped or until `timeout` seconds have passed in total."""

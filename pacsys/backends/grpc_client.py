@@ -35,17 +35,10 @@ one-shot read and what is a subscription.
   `token`; `token`, if given, is the fallback when the caller sent none. A subscription keeps
   the header it was made with across reconnects.
 
-gRPC errors of one-shot calls (and the ones that end a subscription) become exceptions that
-a chained supervisor's servicer answers with the same code:
-
-    UNIMPLEMENTED       -> NotImplementedError
-    UNAUTHENTICATED     -> pacsys.errors.AuthenticationError
-    PERMISSION_DENIED   -> pacsys.errors.PolicyDenied
-    UNAVAILABLE         -> pacsys.errors.BackendUnavailable (also CANCELLED by the upstream)
-    DEADLINE_EXCEEDED   -> TimeoutError
-    INVALID_ARGUMENT    -> ValueError (also OUT_OF_RANGE)
-    RESOURCE_EXHAUSTED  -> pacsys.errors.LimitExceeded
-    anything else       -> pacsys.errors.ReadError (Read) or WriteError (Set)
+gRPC errors of one-shot calls (and the ones that end a subscription) become the exceptions
+that a chained supervisor's servicer answers with the same code (`pacsys.errors.ERROR_KINDS`;
+CANCELLED by the upstream counts as UNAVAILABLE, OUT_OF_RANGE as INVALID_ARGUMENT); any other
+code becomes pacsys.errors.ReadError (Read) or WriteError (Set).
 """
 
 from __future__ import annotations
@@ -61,14 +54,7 @@ import grpc.aio
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
-from pacsys.errors import (
-    AuthenticationError,
-    BackendUnavailable,
-    LimitExceeded,
-    PolicyDenied,
-    ReadError,
-    WriteError,
-)
+from pacsys.errors import ReadError, WriteError, exception_for_code
 from pacsys.replies import reading_from_reply, value_to_proto
 from pacsys.status import ACNET, ACNET_REQUEST_TIMEOUT, DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
@@ -93,24 +79,10 @@ _RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 def map_rpc_error(exc: grpc.aio.AioRpcError, target: str, fallback: type[Exception] = ReadError) -> Exception:
-    """The exception for a gRPC error of the upstream at `target` (see the module docstring)."""
+    """The exception for a gRPC error of the upstream at `target` (the table in pacsys.errors)."""
     code = exc.code()
     message = f"upstream {target} answered {code.name}: {exc.details() or 'no details'}"
-    if code is grpc.StatusCode.UNIMPLEMENTED:
-        return NotImplementedError(message)
-    if code is grpc.StatusCode.UNAUTHENTICATED:
-        return AuthenticationError(message)
-    if code is grpc.StatusCode.PERMISSION_DENIED:
-        return PolicyDenied(message)
-    if code in _RECONNECT_CODES:
-        return BackendUnavailable(message)
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return TimeoutError(message)
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
-        return ValueError(message)
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return LimitExceeded(message)
-    return fallback(message)
+    return exception_for_code(code.name, message, fallback)
 
 
 @dataclass(frozen=True)
@@ -313,12 +285,12 @@ class DAQClientBackend(AsyncBackend):
                     while (reply := await call.read()) is not grpc.aio.EOF:
                         backoff = RECONNECT_INITIAL
                         if reply.index < len(drfs):
-                            handle._dispatch(reading_from_reply(drfs[reply.index], reply))
-                    handle._signal_stop()  # the upstream ended the stream normally
+                            handle.dispatch(reading_from_reply(drfs[reply.index], reply))
+                    handle.signal_stop()  # the upstream ended the stream normally
                     return
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() not in _RECONNECT_CODES:
-                        handle._signal_error(map_rpc_error(exc, self.target, ReadError))
+                        handle.signal_error(map_rpc_error(exc, self.target, ReadError))
                         return
                     # the first interruption at INFO; the retries of a long outage at DEBUG
                     logger.log(
@@ -337,14 +309,14 @@ class DAQClientBackend(AsyncBackend):
             raise
         except Exception as exc:  # not a gRPC status: end the handle rather than die silently
             logger.exception("subscription to %s failed", self.target)
-            handle._signal_error(exc)
+            handle.signal_error(exc)
         finally:
             self._subscriptions.pop(handle, None)
 
     async def _end_subscriptions(self) -> None:
         subscriptions, self._subscriptions = self._subscriptions, {}
         for handle, task in subscriptions.items():
-            handle._signal_stop()
+            handle.signal_stop()
             task.cancel()
         tasks = [t for t in subscriptions.values() if not t.done()]
         if tasks:

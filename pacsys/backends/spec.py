@@ -32,6 +32,9 @@ _FALSE = {"0", "false", "no", "off", ""}
 _GRPC_KEYS = {"token_file", "pass_token", "timeout", "tls", "ca", "cert", "key"}
 
 FORMS = "sim, sim:PATH, fake, grpc://HOST:PORT, module:factory[?key=value&...]"
+# `fake` is a factory of the test fakes, named here rather than imported: a service's
+# code does not depend on test code.
+FAKE_FACTORY = "pacsys.testing:demo_backend"
 
 
 class BackendSpecError(ValueError):
@@ -53,7 +56,7 @@ def build_backend(spec: str) -> Backend | AsyncBackend:
     if spec == "sim" or spec.startswith("sim:"):
         return _build_sim(spec)
     if spec == "fake":
-        return _build_fake()
+        return _build_factory(FAKE_FACTORY)
     if spec.startswith("grpc://"):
         return _build_grpc(spec)
     try:
@@ -78,15 +81,6 @@ def _build_sim(spec: str) -> AsyncBackend:
         return SimBackend() if path is None else SimBackend(devices=path)
     except Exception as exc:
         raise _fail(spec, f"cannot build the simulated backend: {_one_line(exc)}") from exc
-
-
-def _build_fake() -> Backend:
-    from pacsys.testing import FakeBackend
-
-    fb = FakeBackend()
-    fb.set_reading("M:OUTTMP", 72.5)
-    fb.set_reading("G:AMANDA", 42.0)
-    return fb
 
 
 class _GrpcParts(NamedTuple):

@@ -6,6 +6,7 @@ AsyncBackend. As a library it denies nothing unless given policies; the
 """
 
 from pacsys.supervised._audit import AuditLog, read_audit, read_audit_proto
+from pacsys.supervised._managed import CountsSubscriptions, ManagedBackend
 from pacsys.supervised._policies import (
     DeviceAccessPolicy,
     Policy,
@@ -25,7 +26,9 @@ from pacsys.supervised._tls import TLSFiles
 
 __all__ = [
     "AuditLog",
+    "CountsSubscriptions",
     "DeviceAccessPolicy",
+    "ManagedBackend",
     "Policy",
     "PolicyDecision",
     "RateLimitPolicy",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import inspect
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from pacsys.aio._loops import new_event_loop
 from pacsys.backends import Backend
 from pacsys.supervised._audit import AuditLog
 from pacsys.supervised._health import HEALTH_SERVICE, HealthServicer, enable_reflection
+from pacsys.supervised._managed import ManagedBackend
 from pacsys.supervised._peers import PeerLimit, is_loopback
 from pacsys.supervised._policies import Policy
 from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits, identity_of
@@ -90,6 +90,8 @@ class SupervisedServer:
             raise ValueError(f"port must be an integer from 0 to 65535, got {port!r}")
         self._user_backend = backend
         self._backend = as_async(backend, max_threads=backend_threads)
+        # A worker pool: started before serving, its readiness and workers reported.
+        self._managed = self._backend if isinstance(self._backend, ManagedBackend) else None
         self._host = host
         self._requested_port = port
         self._port: int | None = None
@@ -161,8 +163,13 @@ class SupervisedServer:
         """
         return self.backend_alive() and self.loop_alive(timeout)
 
+    @property
+    def managed(self) -> ManagedBackend | None:
+        """The backend as a ManagedBackend (a worker pool), or None for any other backend."""
+        return self._managed
+
     def backend_alive(self) -> bool:
-        return bool(getattr(self._backend, "is_alive", True))
+        return self._managed is None or self._managed.is_alive
 
     def loop_alive(self, timeout: float = 2.0) -> bool:
         """True when the server's event loop runs a callback within `timeout`."""
@@ -279,7 +286,7 @@ class SupervisedServer:
 
     def _backend_ready(self) -> bool:
         # A worker pool is ready while enough workers are; any other backend always is.
-        return bool(getattr(self._backend, "is_ready", True))
+        return self._managed is None or self._managed.is_ready
 
     async def _update_readiness(self) -> None:
         alive = self.backend_alive()
@@ -364,13 +371,11 @@ class SupervisedServer:
                 "healthy": self.servicer.audit.healthy,
                 "writes_refused": stats.writes_refused_unaudited,
             }
-        worker_states = getattr(self._backend, "worker_states", None)
-        if worker_states is not None:
-            result["workers"] = worker_states()
-            result["backend_subscriptions"] = getattr(self._backend, "subscription_count", None)
-            pool_stats = getattr(self._backend, "stats", None)
-            if pool_stats is not None:
-                result["pool"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(pool_stats).items()}
+        managed = self._managed
+        if managed is not None:
+            result["workers"] = managed.worker_states()
+            result["backend_subscriptions"] = managed.subscription_count
+            result["pool"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(managed.stats).items()}
         return result
 
     def _bind(self, server: grpc.aio.Server) -> int:
@@ -387,11 +392,9 @@ class SupervisedServer:
         return port
 
     async def _open_backend(self) -> None:
-        # A backend with an async start() (the worker pool) is started on this loop
-        # before the server reports SERVING.
-        start = getattr(self._backend, "start", None)
-        if start is not None and inspect.iscoroutinefunction(start):
-            await start()
+        # A worker pool is started on this loop before the server reports SERVING.
+        if self._managed is not None:
+            await self._managed.start()
 
     async def _shutdown(self, server: grpc.aio.Server) -> None:
         self._leaving = True
@@ -435,7 +438,7 @@ class _Health(HealthServicer):
         super().__init__()
         self._servicer = servicer
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:  # noqa: N802 - gRPC's name
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:  # noqa: N802 - gRPC's name
         if len(request.service) > MAX_HEALTH_SERVICE_NAME:
             # The base class keeps a condition per name watched: no client-sized keys.
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "service name too long")

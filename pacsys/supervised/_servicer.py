@@ -25,7 +25,7 @@ from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
 from pacsys.backends import summarize_drfs
 from pacsys.drf import DRF, DRFError, parse_cached
-from pacsys.errors import AuthenticationError, BackendUnavailable, LimitExceeded, PolicyDenied
+from pacsys.errors import grpc_status_of
 from pacsys.replies import ReplyBodies, reply_bytes, setting_reply, value_from_proto
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.supervised._audit import AuditLog, AuditUnavailable
@@ -138,22 +138,9 @@ def _decoder(message_class: Any) -> Callable[[bytes], Any]:
 
 
 def _error_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status for an exception raised by the backend (spec: whole-call failures)."""
-    if isinstance(exc, NotImplementedError):
-        return grpc.StatusCode.UNIMPLEMENTED, str(exc) or "not implemented by the backend"
-    if isinstance(exc, AuthenticationError):
-        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
-    if isinstance(exc, PolicyDenied):
-        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
-    if isinstance(exc, BackendUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, LimitExceeded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "backend timed out"
-    if isinstance(exc, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    """The gRPC status for an exception raised by the backend (the table in pacsys.errors)."""
+    code, details = grpc_status_of(exc)
+    return grpc.StatusCode[code], details
 
 
 def identity_of(context: grpc.aio.ServicerContext) -> str:
@@ -260,7 +247,7 @@ class DAQServicer:
         """Drain: every open stream ends (UNAVAILABLE, so clients reconnect elsewhere)."""
         self.draining = True
         for handle in list(self._streams):
-            handle._signal_stop()
+            handle.signal_stop()
 
     def check_token(self, metadata: dict[str, str], context: grpc.aio.ServicerContext, token: str | None) -> None:
         """Refuse unless `metadata` carries `Bearer <token>` (None: no token needed), over TLS

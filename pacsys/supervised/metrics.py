@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pacsys.supervised._managed import CountsSubscriptions
 from workers.logformat import counts as log_counts
 from workers.supervision import SERVING, SlotState
 
@@ -31,6 +32,7 @@ SERVING_STATES = frozenset(state.value for state in SERVING)
 
 if TYPE_CHECKING:
     from pacsys.supervised._server import SupervisedServer
+    from workers.pool import PoolStats
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -39,7 +41,7 @@ class _Collector:
     def __init__(self, server: SupervisedServer):
         self._server = server
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         servicer = self._server.servicer
         stats = servicer.stats
         requests = CounterMetricFamily("pacsys_requests", "Requests by RPC and decision", labels=["rpc", "decision"])
@@ -84,22 +86,22 @@ class _Collector:
             "1 while liveness is SERVING (0: not ready for unready_limit seconds)",
             value=1 if self._server.backend_alive() else 0,
         )
-        unready_seconds = getattr(backend, "unready_seconds", None)
-        if unready_seconds is not None:
+        managed = self._server.managed
+        if managed is not None:
             yield GaugeMetricFamily(
                 "pacsys_unready_seconds",
                 "Seconds since a worker last served (0 while one does)",
-                value=unready_seconds(),
+                value=managed.unready_seconds(),
             )
-        subscriptions = getattr(backend, "subscription_count", None)
-        if subscriptions is not None:
-            yield GaugeMetricFamily("pacsys_backend_subscriptions", "Backend subscriptions held", value=subscriptions)
-        worker_states = getattr(backend, "worker_states", None)
-        if worker_states is not None:
-            yield from _worker_metrics(worker_states(), getattr(backend, "stats", None))
+        if isinstance(backend, CountsSubscriptions):
+            yield GaugeMetricFamily(
+                "pacsys_backend_subscriptions", "Backend subscriptions held", value=backend.subscription_count
+            )
+        if managed is not None:
+            yield from _worker_metrics(managed.worker_states(), managed.stats)
 
 
-def _worker_metrics(rows: list[dict[str, Any]], pool_stats: Any) -> Iterator[Any]:
+def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterator[Metric]:
     gauges = {
         "up": GaugeMetricFamily("pacsys_worker_up", "1 when the slot's worker serves", labels=["slot"]),
         "pid": GaugeMetricFamily("pacsys_worker_pid", "Process id of the worker", labels=["slot"]),
@@ -144,8 +146,6 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: Any) -> Iterator[Any
     yield restarts
     yield cooldowns
     yield cpu
-    if pool_stats is None:
-        return
     for name, help_text, counts in (
         ("pacsys_worker_exits", "Worker exits by reason (signal, exit, hang, ...)", pool_stats.exits_by_reason),
         ("pacsys_worker_recycles", "Workers replaced gracefully, by reason", pool_stats.recycles_by_reason),
@@ -165,7 +165,7 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: Any) -> Iterator[Any
         yield CounterMetricFamily(f"pacsys_{name}", help_text, value=getattr(pool_stats, name))
 
 
-def _build_info() -> Iterator[Any]:
+def _build_info() -> Iterator[Metric]:
     from pacsys.supervised.cli import version
 
     info = GaugeMetricFamily("pacsys_build_info", "Always 1: the running version", labels=["version", "python"])
@@ -177,7 +177,7 @@ class _BuildInfo:
     def __init__(self) -> None:
         self._families = list(_build_info())  # fixed for the life of the process
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         yield from self._families
 
 
