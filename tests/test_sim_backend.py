@@ -22,6 +22,7 @@ from pacsys.backends.sim import (
     DeviceTable,
     SimBackend,
 )
+from pacsys.backends.sim.ticker import schedule as event_schedule
 from pacsys.drf import parse_cached
 from pacsys.types import BackendCapability, ValueType
 
@@ -514,7 +515,7 @@ def test_event_rates():
     assert outtmp is not None and hs23t is not None
 
     def schedule(drf, spec=outtmp):
-        return backend._schedule(parse_cached(drf).event, spec)
+        return event_schedule(parse_cached(drf).event, spec)
 
     assert schedule("M:OUTTMP") == (1_000_000, False, False)
     assert schedule("M:OUTTMP@U") == (1_000_000, False, False)
