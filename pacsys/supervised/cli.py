@@ -51,7 +51,6 @@ from pacsys.supervised.config import (
     FIELDS,
     ConfigError,
     Settings,
-    build_policies,
     check_files,
     env_name,
     env_settings,
@@ -65,8 +64,8 @@ from pacsys.supervised.config import (
     settings_from,
     tls_files,
     toml_value,
-    write_gate,
 )
+from pacsys.supervised.policy_config import build_policies, write_gate
 from workers.logformat import configure_logging, journal_prefix
 
 logger = logging.getLogger("pacsys.supervised")
