@@ -468,3 +468,18 @@ def test_sigusr1_reopens_the_audit_files(supervisor, daq, tmp_path):
     new = [json.loads(line)["drfs"] for line in audit.read_text().splitlines()]
     assert (old, new) == ([["M:OUTTMP@I"]], [["G:AMANDA@I"]])
     assert audit.stat().st_mode & 0o777 == 0o640  # not the process's umask (0600)
+
+
+def test_console_scripts_name_callables():
+    # pyproject's [project.scripts] name functions by "module:attribute": a module that moved
+    # would leave an installed command that fails on its first use.
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    scripts = pyproject["project"]["scripts"]
+    assert set(scripts) == {"pacsys-supervisor", "pacsys-audit"}
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
