@@ -19,11 +19,11 @@ from pacsys.supervised._audit import (
     TAG_SETTING_REPLY,
     TAG_SETTING_REQUEST,
     AuditLog,
-    main,
     read_audit,
     read_audit_proto,
 )
 from pacsys.supervised._policies import PolicyDecision, RequestContext
+from pacsys.supervised.audit_command import main
 
 PEER = "ipv4:10.0.0.1:5000"
 ALLOW = PolicyDecision(True)
@@ -389,7 +389,7 @@ def test_pacsys_audit_into_head_ends_quietly(tmp_path):
     with AuditLog(path, flush_interval=1000) as log:
         for i in range(5000):  # far more than a pipe holds
             log.log_request(read_request(f"Z:DEV{i:04d}"), ALLOW)
-    command = "import sys; from pacsys.supervised._audit import main; sys.exit(main(sys.argv[1:]))"
+    command = "import sys; from pacsys.supervised.audit_command import main; sys.exit(main(sys.argv[1:]))"
     reader = subprocess.Popen(
         [sys.executable, "-c", command, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )

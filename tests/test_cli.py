@@ -20,6 +20,7 @@ from processes import FAKE, SERVING, free_port, read_scalar, run_cli, set_scalar
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 from pacsys.supervised.cli import main, serve_parser
 from pacsys.supervised.config import FIELDS, flag_name
+from pacsys.supervised.service import SIGNALS, Service
 from workers.logformat import configure_logging
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -172,6 +173,15 @@ def test_scaling_signals_without_a_pool_are_logged(supervisor, daq):
     sup.proc.send_signal(signal.SIGTTIN)
     sup.wait_line("stderr", r"SIGTTIN: cannot add_worker", start=mark)
     assert read_scalar(daq(sup.port), "M:OUTTMP@I") == pytest.approx(72.5)
+
+
+def test_every_handled_signal_has_its_handle_method():
+    # The service's loop calls handle_<name> for each signal it installed: a signal without its
+    # method would end the service with an AttributeError instead of being handled.
+    assert {"INT", "TERM", "HUP", "USR1", "TTIN", "TTOU"} <= set(SIGNALS)
+    for name in SIGNALS:
+        assert hasattr(signal, f"SIG{name}"), name
+        assert callable(getattr(Service, f"handle_{name.lower()}", None)), name
 
 
 # -- with a worker pool --------------------------------------------------------------------------------------
@@ -458,3 +468,18 @@ def test_sigusr1_reopens_the_audit_files(supervisor, daq, tmp_path):
     new = [json.loads(line)["drfs"] for line in audit.read_text().splitlines()]
     assert (old, new) == ([["M:OUTTMP@I"]], [["G:AMANDA@I"]])
     assert audit.stat().st_mode & 0o777 == 0o640  # not the process's umask (0600)
+
+
+def test_console_scripts_name_callables():
+    # pyproject's [project.scripts] name functions by "module:attribute": a module that moved
+    # would leave an installed command that fails on its first use.
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    scripts = pyproject["project"]["scripts"]
+    assert set(scripts) == {"pacsys-supervisor", "pacsys-audit"}
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name

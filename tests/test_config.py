@@ -19,17 +19,15 @@ from pacsys.supervised import (
 from pacsys.supervised.cli import main
 from pacsys.supervised.config import (
     FIELDS,
-    POLICY_TYPES,
     ConfigError,
     Settings,
-    build_policies,
     limits,
     load_config,
     render_example,
     resolve_token,
     settings_from,
-    write_gate,
 )
+from pacsys.supervised.policy_config import POLICY_TYPES, build_policies, write_gate
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "ops" / "supervisor.example.toml"
 

@@ -10,7 +10,7 @@ import psutil
 import pytest
 from helpers import wait_for
 
-from pacsys.supervised.cli import EXIT_UNREADY
+from pacsys.supervised.reporting import EXIT_UNREADY
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 

@@ -22,6 +22,7 @@ from pacsys.backends.sim import (
     DeviceTable,
     SimBackend,
 )
+from pacsys.backends.sim.ticker import schedule as event_schedule
 from pacsys.drf import parse_cached
 from pacsys.types import BackendCapability, ValueType
 
@@ -471,8 +472,8 @@ def test_one_dispatch_per_tick_and_one_ticker_per_period():
             a = await backend.subscribe(drfs)
             b = await backend.subscribe(["G:AMANDA@p,20", "M:OUTTMP@p,20", "B:HS23T@p,50"])
             calls = []
-            original = a._dispatch_many
-            a._dispatch_many = lambda readings: (calls.append(len(tuple(readings))), original(readings))  # type: ignore[method-assign]
+            original = a.dispatch_many
+            a.dispatch_many = lambda readings: (calls.append(len(tuple(readings))), original(readings))  # type: ignore[method-assign]
             await asyncio.sleep(0.5)
             tickers = backend.ticker_count
             readings = a.drain()
@@ -514,7 +515,7 @@ def test_event_rates():
     assert outtmp is not None and hs23t is not None
 
     def schedule(drf, spec=outtmp):
-        return backend._schedule(parse_cached(drf).event, spec)
+        return event_schedule(parse_cached(drf).event, spec)
 
     assert schedule("M:OUTTMP") == (1_000_000, False, False)
     assert schedule("M:OUTTMP@U") == (1_000_000, False, False)

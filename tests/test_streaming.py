@@ -94,7 +94,7 @@ def test_the_front_encodes_nothing_the_workers_encoded(running, monkeypatch):
 def test_the_status_view_names_the_stream_that_falls_behind(running, caplog):
     import logging
 
-    from pacsys.supervised.cli import render_status
+    from pacsys.supervised.admin import render_status
 
     r = running(workers=1, stream_buffer=200)
     stalled = _stream(r, [f"Z:SIM{i:03d}@p,20" for i in range(100)])  # never read

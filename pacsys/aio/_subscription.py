@@ -110,8 +110,6 @@ class AsyncSubscriptionHandle:
     _dispatch = dispatch
     _signal_error = signal_error
     _signal_stop = signal_stop
-    # Until the simulator (pacsys/backends/sim.py) calls dispatch_many: not a release name.
-    _dispatch_many = dispatch_many
 
     def _put(self, readings: tuple[Reading, ...]) -> None:
         if self._stopped:

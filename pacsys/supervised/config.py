@@ -23,13 +23,15 @@ the environment, which wins over the file. Errors raise `ConfigError` naming the
 where it came from: ``config.toml: unknown key 'wokers'``, ``PACSYS_SUPERVISOR_PORT must be ...``.
 
 Regenerate the example file with ``python -m pacsys.supervised.config > ops/supervisor.example.toml``.
+
+The [[policies]] tables are built into policies by `pacsys.supervised.policy_config`
+(`build_policies`, `write_gate`); this module checks only their structure.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import json
 import math
 import os
@@ -40,25 +42,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pacsys.supervised._policies import (
-    DeviceAccessPolicy,
-    Policy,
-    RateLimitPolicy,
-    ReadOnlyPolicy,
-    SlewLimit,
-    SlewRatePolicy,
-    ValueRangePolicy,
-    WriteGrantPolicy,
-)
 from pacsys.supervised._servicer import ServicerLimits
 from pacsys.supervised._tls import TLSFiles
+from pacsys.supervised.config_error import ConfigError, range_text
+from pacsys.supervised.policy_config import EXAMPLE_POLICIES, POLICY_TYPES
 from workers.backend_spec import FactorySpecError, parse_factory
 
 __all__ = [
-    "POLICY_TYPES",
     "ConfigError",
     "Settings",
-    "build_policies",
     "check_backend_spec",
     "check_files",
     "env_name",
@@ -73,24 +65,10 @@ __all__ = [
     "settings_from",
     "tls_files",
     "toml_value",
-    "write_gate",
 ]
 
 
-class ConfigError(ValueError):
-    """A bad setting. `key` names the setting (or ``policies[i]``) when there is one."""
-
-    def __init__(self, message: str, key: str | None = None, body: str | None = None):
-        super().__init__(message)
-        self.key = key
-        self.body = body
-
-
 # -- checks used in the field metadata ---------------------------------------------------------
-
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_DOTTED = re.compile(rf"{_IDENT}(\.{_IDENT})*")
-
 
 _SPEC_FORMS = "sim, sim:PATH, fake, grpc://HOST:PORT or module:factory[?key=value&...]"
 
@@ -575,18 +553,6 @@ def _key_error(key: str, body: str) -> ConfigError:
     return ConfigError(f"{_quoted(key)} {body}", key=key, body=body)
 
 
-def _range_text(lo: float | None, hi: float | None, gt: float | None) -> str:
-    if lo is not None and hi is not None:
-        return f" from {lo:g} to {hi:g}"
-    if gt is not None:
-        return f" > {gt:g}"
-    if lo is not None:
-        return f" >= {lo:g}"
-    if hi is not None:
-        return f" <= {hi:g}"
-    return ""
-
-
 def _check_field(f: dataclasses.Field[Any], value: Any) -> Any:
     """The value normalized, or _Bad with what is wrong (without the key)."""
     kind, optional = field_kind(f.name)
@@ -600,7 +566,7 @@ def _check_field(f: dataclasses.Field[Any], value: Any) -> Any:
             raise _Bad(f"must be true or false, got {value!r}")
         return value
     if kind is int or kind is float:
-        rng = _range_text(md["min"], md["max"], md["gt"])
+        rng = range_text(md["min"], md["max"], md["gt"])
         what = "an integer" if kind is int else "a number"
         ok = isinstance(value, int) if kind is int else isinstance(value, int | float)
         if isinstance(value, bool) or not ok or (kind is float and not math.isfinite(value)):
@@ -894,226 +860,6 @@ def limits(settings: Settings) -> ServicerLimits:
     )
 
 
-# -- policies ----------------------------------------------------------------------------------
-
-
-class _PolicyTable:
-    """Typed access to one [[policies]] table; every error names policies[i] and the key."""
-
-    def __init__(self, table: dict[str, Any], index: int, where: str, known: tuple[str, ...]):
-        self.table = table
-        self.prefix = f"{where}policies[{index}] ({table['type']})"
-        for key in table:
-            if key not in known and key not in ("type", "name"):
-                close = difflib.get_close_matches(key, (*known, "name"), n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"its parameters: {', '.join((*known, 'name'))}"
-                raise self.error(key, f"is not a parameter of this policy type ({hint})")
-
-    def error(self, key: str | None, body: str) -> ConfigError:
-        text = f"{self.prefix}: '{key}' {body}" if key else f"{self.prefix}: {body}"
-        return ConfigError(text, key=key, body=body)
-
-    def get(self, key: str, default: Any = ...) -> Any:
-        if key in self.table:
-            return self.table[key]
-        if default is ...:
-            raise self.error(key, "is required")
-        return default
-
-    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.get(key, default)
-        if value not in choices:
-            raise self.error(key, f"must be one of {', '.join(choices)}, got {value!r}")
-        return value
-
-    def number(self, key: str, value: Any, *, gt: float | None = None, ge: float | None = None) -> float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or (gt is not None and value <= gt) or (ge is not None and value < ge):
-            raise self.error(key, f"must be a number{_range_text(ge, None, gt)}, got {value!r}")
-        return float(value)
-
-    def table_of(self, key: str) -> dict[str, Any]:
-        value = self.get(key)
-        if not isinstance(value, Mapping) or not value:
-            raise self.error(key, f"must be a non-empty table of device pattern = limit, got {value!r}")
-        return dict(value)
-
-
-def _read_only(t: _PolicyTable) -> Policy:
-    return ReadOnlyPolicy()
-
-
-def _device_access(t: _PolicyTable) -> Policy:
-    patterns = t.get("patterns")
-    if (
-        isinstance(patterns, str)
-        or not isinstance(patterns, list)
-        or not patterns
-        or not all(isinstance(p, str) and p for p in patterns)
-    ):
-        raise t.error("patterns", f'must be a non-empty list of device patterns, e.g. ["M:*"], got {patterns!r}')
-    mode = t.choice("mode", ("allow", "deny"), "allow")
-    action = t.choice("action", ("all", "read", "set"), "all")
-    syntax = t.choice("syntax", ("glob", "regex"), "glob")
-    try:
-        return DeviceAccessPolicy(patterns, mode=mode, action=action, syntax=syntax)
-    except ValueError as exc:
-        raise t.error("patterns" if "pattern" in str(exc) else "action", f"is invalid: {exc}") from None
-
-
-def _string_list(t: _PolicyTable, key: str, example: str) -> list[str]:
-    value = t.get(key)
-    if (
-        isinstance(value, str)
-        or not isinstance(value, list)
-        or not value
-        or not all(isinstance(v, str) and v for v in value)
-    ):
-        raise t.error(key, f"must be a non-empty list of patterns, e.g. [{example}], got {value!r}")
-    return value
-
-
-def _write_grant(t: _PolicyTable) -> Policy:
-    identities = _string_list(t, "identities", '"CN=ops*"')
-    patterns = _string_list(t, "patterns", '"Z:*"')
-    try:
-        return WriteGrantPolicy(identities, patterns)
-    except ValueError as exc:
-        raise t.error("patterns", f"is invalid: {exc}") from None
-
-
-def _rate_limit(t: _PolicyTable) -> Policy:
-    max_requests = t.get("max_requests")
-    if isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 1:
-        raise t.error("max_requests", f"must be an integer >= 1, got {max_requests!r}")
-    window = t.number("window_seconds", t.get("window_seconds", 60.0), gt=0)
-    return RateLimitPolicy(max_requests, window)
-
-
-def _value_range(t: _PolicyTable) -> Policy:
-    bounds: dict[str, tuple[float, float]] = {}
-    for pattern, pair in t.table_of("limits").items():
-        key = f'limits."{pattern}"'
-        if not isinstance(pair, list) or len(pair) != 2:
-            raise t.error(key, f"must be [lo, hi], got {pair!r}")
-        lo, hi = (t.number(key, v) for v in pair)
-        if lo > hi:
-            raise t.error(key, f"lo {lo:g} is above hi {hi:g}")
-        bounds[pattern] = (lo, hi)
-    return ValueRangePolicy(bounds)
-
-
-def _slew_rate(t: _PolicyTable) -> Policy:
-    slews: dict[str, SlewLimit] = {}
-    for pattern, spec in t.table_of("limits").items():
-        key = f'limits."{pattern}"'
-        if not isinstance(spec, Mapping) or not spec:
-            raise t.error(key, f"must be a table with max_step and/or max_rate, got {spec!r}")
-        for sub in spec:
-            if sub not in ("max_step", "max_rate"):
-                raise t.error(f"{key}.{sub}", "is not a slew limit: use max_step and/or max_rate")
-        step, rate = (
-            None if spec.get(name) is None else t.number(f"{key}.{name}", spec[name], ge=0)
-            for name in ("max_step", "max_rate")
-        )
-        slews[pattern] = SlewLimit(max_step=step, max_rate=rate)
-    return SlewRatePolicy(slews)
-
-
-def _import_factory(spec: str) -> Callable[..., Any]:
-    module_name, _, attr = spec.partition(":")
-    module = importlib.import_module(module_name)
-    obj: Any = module
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{spec} is not callable")
-    return obj
-
-
-def _custom_spec(t: _PolicyTable) -> tuple[str, Mapping[str, Any]]:
-    """The factory spec and args of a custom policy, checked without importing anything."""
-    spec = t.get("factory")
-    module, sep, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
-    if not (sep and _DOTTED.fullmatch(module) and _DOTTED.fullmatch(attr)):
-        raise t.error("factory", f'must be "module:callable", got {spec!r}')
-    args = t.get("args", {})
-    if not isinstance(args, Mapping):
-        raise t.error("args", f"must be a table of keyword arguments, got {args!r}")
-    return spec, args
-
-
-def _custom(t: _PolicyTable) -> Policy:
-    spec, args = _custom_spec(t)
-    try:
-        factory = _import_factory(spec)
-    except Exception as exc:  # ImportError, AttributeError, whatever the module raises on import
-        raise t.error("factory", f"cannot load {spec}: {type(exc).__name__}: {exc}") from None
-    try:
-        policy = factory(**args)
-    except Exception as exc:
-        raise t.error("args", f"rejected: {spec}(**args) raised {type(exc).__name__}: {exc}") from None
-    if not callable(getattr(policy, "check", None)):
-        raise t.error("factory", f"{spec} returned {type(policy).__name__}, not a Policy")
-    return policy
-
-
-_BUILDERS: dict[str, tuple[Callable[[_PolicyTable], Policy], tuple[str, ...]]] = {
-    "read_only": (_read_only, ()),
-    "device_access": (_device_access, ("patterns", "mode", "action", "syntax")),
-    "write_grant": (_write_grant, ("identities", "patterns")),
-    "rate_limit": (_rate_limit, ("max_requests", "window_seconds")),
-    "value_range": (_value_range, ("limits",)),
-    "slew_rate": (_slew_rate, ("limits",)),
-    "custom": (_custom, ("factory", "args")),
-}
-POLICY_TYPES: tuple[str, ...] = tuple(_BUILDERS)
-
-
-def build_policies(settings: Settings) -> list[Policy]:
-    """The configured policies, in file order; ConfigError naming policies[i] and the key."""
-    where = f"{settings.config}: " if settings.config else ""
-    built: list[Policy | None] = []
-    custom: list[tuple[int, _PolicyTable]] = []
-    # Every table is checked before any custom factory runs: site code is not called for a
-    # file that is going to be refused anyway.
-    for i, table in enumerate(settings.policies):
-        builder, known = _BUILDERS[table["type"]]
-        t = _PolicyTable(table, i, where, known)
-        name = t.get("name", None)
-        if name is not None and (not isinstance(name, str) or not name):
-            raise t.error("name", f"must be a non-empty string, got {name!r}")
-        if builder is _custom:
-            _custom_spec(t)
-            custom.append((i, t))
-            built.append(None)
-        else:
-            built.append(_named(builder(t), name))
-    for i, t in custom:
-        built[i] = _named(_custom(t), t.get("name", None))
-    return [p for p in built if p is not None]
-
-
-def _named(policy: Policy, name: str | None) -> Policy:
-    if name is not None:
-        policy.name = name
-    return policy
-
-
-def write_gate(settings: Settings, policies: list[Policy]) -> list[Policy]:
-    """The service's rule, deny writes unless granted, applied to a policy chain.
-
-    `allow_writes` patterns append an approving DeviceAccessPolicy for Sets; when no policy of
-    the chain then grants writes, a ReadOnlyPolicy goes first and every Set is denied.
-    """
-    chain = list(policies)
-    if settings.allow_writes:
-        chain.append(DeviceAccessPolicy(list(settings.allow_writes), mode="allow", action="set"))
-    if not any(p.allows_writes for p in chain):
-        chain.insert(0, ReadOnlyPolicy())
-    return chain
-
-
 # -- the example file --------------------------------------------------------------------------
 
 
@@ -1134,56 +880,6 @@ def toml_value(value: Any) -> str:
 
 def _toml_key(key: str) -> str:
     return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
-
-
-# (help lines, table) of the example [[policies]], one of each type.
-_EXAMPLE_POLICIES: list[tuple[list[str], dict[str, Any]]] = [
-    (
-        ["read_only: deny every Set (the service adds it first when nothing grants writes)."],
-        {"type": "read_only"},
-    ),
-    (
-        [
-            "device_access: mode allow approves matching devices (for action set or all: grants writes),",
-            "mode deny refuses any request naming one. action: all, read or set; syntax: glob or regex.",
-        ],
-        {"type": "device_access", "patterns": ["Z:*", "E:*"], "mode": "deny", "action": "set", "syntax": "glob"},
-    ),
-    (
-        [
-            "write_grant: clients whose identity matches (their TLS certificate's subject, or their address",
-            "without the port, e.g. ipv4:10.0.1.*) may write matching devices; grants writes.",
-        ],
-        {"type": "write_grant", "identities": ["CN=ops-*", "ipv4:10.0.1.*"], "patterns": ["Z:ACLTS*"]},
-    ),
-    (
-        ["rate_limit: at most max_requests requests per client address within any window_seconds."],
-        {"type": "rate_limit", "max_requests": 100, "window_seconds": 60.0},
-    ),
-    (
-        ["value_range: deny a Set whose numeric value is outside [lo, hi] for a matching device."],
-        {"type": "value_range", "limits": {"M:OUTTMP": [40.0, 105.0], "Z:ACLTS*": [-10.0, 10.0]}},
-    ),
-    (
-        [
-            "slew_rate: deny a Set that moves a device more than max_step, or faster than max_rate per second,",
-            "from the value last written through this process.",
-        ],
-        {"type": "slew_rate", "limits": {"M:OUTTMP": {"max_step": 5.0, "max_rate": 1.0}}},
-    ),
-    (
-        [
-            'custom: any Policy, built by calling factory ("module:callable") with args as keyword arguments.',
-            "Every policy may also have a name, used in logs and metrics.",
-        ],
-        {
-            "type": "custom",
-            "name": "night-shift",
-            "factory": "mysite.policies:night_shift",
-            "args": {"start_hour": 22, "end_hour": 6},
-        },
-    ),
-]
 
 
 def render_example() -> str:
@@ -1228,7 +924,7 @@ def render_example() -> str:
         "# Writes are denied unless granted: by allow_writes above, or by a policy that approves",
         "# them (device_access with mode allow and action set or all, or a custom one).",
     ]
-    for help_lines, table in _EXAMPLE_POLICIES:
+    for help_lines, table in EXAMPLE_POLICIES:
         lines.append("")
         lines += [f"# {h}" for h in help_lines]
         lines.append("#[[policies]]")

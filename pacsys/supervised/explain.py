@@ -27,11 +27,10 @@ from pacsys.supervised._servicer import EVENT_RATE_HZ
 from pacsys.supervised.config import (
     ConfigError,
     Settings,
-    build_policies,
     load_config,
     resolve_token,
-    write_gate,
 )
+from pacsys.supervised.policy_config import build_policies, write_gate
 
 __all__ = ["main"]
 

@@ -166,7 +166,7 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterat
 
 
 def _build_info() -> Iterator[Metric]:
-    from pacsys.supervised.cli import version
+    from pacsys.supervised.reporting import version
 
     info = GaugeMetricFamily("pacsys_build_info", "Always 1: the running version", labels=["version", "python"])
     info.add_metric([version(), platform.python_version()], 1)

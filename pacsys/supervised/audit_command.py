@@ -1,0 +1,158 @@
+"""The ``pacsys-audit`` command: who read or set what, and when, from a pacsys audit log.
+
+    pacsys-audit FILE [--proto] [--device PATTERN] [--method Read|Set] [--since ISO] [--json]
+
+It reads the files that `pacsys.supervised._audit.AuditLog` writes, with its readers
+(`read_audit`, `read_audit_proto`). Exit status 0, or 1 when a file cannot be read or is damaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from pacsys.drf_utils import guess_device_name
+from pacsys.supervised._audit import (
+    TAG_READ_REQUEST,
+    TAG_SETTING_REQUEST,
+    TAG_TYPES,
+    read_audit,
+    read_audit_proto,
+    summarize_reply,
+)
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``pacsys-audit`` command; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="pacsys-audit", description="Print who read or set what, and when, from a pacsys audit log."
+    )
+    parser.add_argument("file", metavar="FILE", help="JSON-lines audit log, or the binary capture with --proto")
+    parser.add_argument("--proto", action="store_true", help="FILE is the binary capture (replies carry no devices)")
+    parser.add_argument("--device", metavar="PATTERN", help="only requests naming a matching device (glob)")
+    parser.add_argument("--method", choices=("Read", "Set"), help="only this RPC")
+    parser.add_argument("--since", metavar="ISO", type=_parse_since, help="only entries at or after (local if no zone)")
+    parser.add_argument("--json", action="store_true", help="print the selected entries as JSON lines")
+    args = parser.parse_args(argv)
+    if args.proto and args.since:
+        parser.error("--since needs the JSON log: the binary capture has no timestamps")
+    device = re.compile(fnmatch.translate(args.device), re.IGNORECASE) if args.device else None
+    try:
+        if args.proto:
+            _print_frames(args.file, device, args.method, args.json)
+        else:
+            _print_entries(args.file, device, args.method, args.since, args.json)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left (`pacsys-audit ... | head`): stop quietly. Point stdout at /dev/null
+        # so that the interpreter's own flush at exit does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (OSError, ValueError) as e:
+        print(f"pacsys-audit: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parse_since(text: str) -> datetime:
+    when = datetime.fromisoformat(text)
+    return when if when.tzinfo else when.astimezone()
+
+
+def _names_device(drfs: Sequence[str], device: re.Pattern[str]) -> bool:
+    return any(device.fullmatch(guess_device_name(drf)) for drf in drfs)
+
+
+def _print_entries(
+    path: str, device: re.Pattern[str] | None, method: str | None, since: datetime | None, as_json: bool
+) -> None:
+    if not as_json:
+        print(f"{'TIME':<32} {'SEQ':>5} {'PEER':<24} {'METHOD':<6} {'RESULT':<8} DETAIL")
+    chosen: dict[int, bool] = {}  # seq -> whether its request was selected
+    for entry in read_audit(path):
+        if entry.get("dir") == "in":
+            drfs = entry.get("drfs", []) + entry.get("final_drfs", [])
+            selected = (method is None or entry.get("method") == method) and (
+                device is None or _names_device(drfs, device)
+            )
+            chosen[entry.get("seq", -1)] = selected
+        else:  # replies and events follow their request's selection
+            selected = chosen.get(entry.get("seq", -1), device is None and method is None)
+        if not selected or (since is not None and datetime.fromisoformat(entry.get("ts", "")) < since):
+            continue
+        print(json.dumps(entry) if as_json else _entry_row(entry))
+
+
+def _entry_row(e: dict[str, Any]) -> str:
+    kind = e.get("dir")
+    if kind == "in":
+        result = "allowed" if e.get("allowed") else "DENIED"
+        if "values" in e:
+            detail = ", ".join(f"{drf}={_text(value)}" for drf, value in e["values"])
+        else:
+            detail = ", ".join(e.get("drfs", []))
+        if "final_drfs" in e:
+            detail += " => " + ", ".join(e["final_drfs"])
+        if e.get("reason"):
+            detail += f"  ({e['reason']})"
+        peer, method = e.get("peer", ""), e.get("method", "")
+    else:
+        result = "reply" if kind == "out" else e.get("event", "event")
+        standard = ("ts", "seq", "dir", "event", "method")
+        detail = " ".join(f"{k}={_text(v)}" for k, v in e.items() if k not in standard)
+        peer, method = "", e.get("method", "-")
+    return f"{e.get('ts', ''):<32} {e.get('seq', ''):>5} {peer:<24} {method:<6} {result:<8} {detail}"
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _print_frames(path: str, device: re.Pattern[str] | None, method: str | None, as_json: bool) -> None:
+    if not as_json:
+        print(f"{'FRAME':>6} {'TYPE':<13} DETAIL")
+    for n, (tag, message) in enumerate(read_audit_proto(path, decode=True)):
+        frame_method, type_name = TAG_TYPES[tag]
+        if method is not None and frame_method != method:
+            continue
+        if device is not None:
+            drfs = list(getattr(message, "drf", [])) or [s.device for s in getattr(message, "setting", [])]
+            if not _names_device(drfs, device):
+                continue
+        if as_json:
+            print(json.dumps({"frame": n, "tag": tag, "type": type_name, "message": MessageToDict(message)}))
+        else:
+            print(f"{n:>6} {type_name:<13} {_frame_detail(tag, message)}")
+
+
+def _frame_detail(tag: int, m: Any) -> str:
+    if tag == TAG_READ_REQUEST:
+        return ", ".join(m.drf)
+    if tag == TAG_SETTING_REQUEST:
+        return ", ".join(f"{s.device}={_proto_value(s.value)}" for s in m.setting)
+    return " ".join(f"{k}={_text(v)}" for k, v in summarize_reply(TAG_TYPES[tag][0], m).items())
+
+
+def _proto_value(value: Any) -> object:
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    inner = getattr(value, kind)
+    if kind == "raw":
+        return inner.hex()
+    return MessageToDict(inner) if hasattr(inner, "DESCRIPTOR") else inner
+
+
+if __name__ == "__main__":
+    sys.exit(main())
