@@ -45,7 +45,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeGuard
+from typing import Protocol, TypeGuard
 
 from pacsys.drf_utils import guess_device_name
 
@@ -61,6 +61,7 @@ __all__ = [
     "ValueRangePolicy",
     "WriteGrantPolicy",
     "evaluate_policies",
+    "write_gate",
 ]
 
 
@@ -482,3 +483,24 @@ class SlewRatePolicy(Policy):
                 rate = step / elapsed if elapsed > 0 else math.inf
                 return f"Rate {rate:g}/s for {name} exceeds max_rate {limit.max_rate:g}/s"
         return None
+
+
+class WriteSettings(Protocol):
+    """What `write_gate` reads of the settings (`config.Settings` has it)."""
+
+    @property
+    def allow_writes(self) -> tuple[str, ...]: ...
+
+
+def write_gate(settings: WriteSettings, policies: list[Policy]) -> list[Policy]:
+    """The service's rule, deny writes unless granted, applied to a policy chain.
+
+    `allow_writes` patterns append an approving DeviceAccessPolicy for Sets; when no policy of
+    the chain then grants writes, a ReadOnlyPolicy goes first and every Set is denied.
+    """
+    chain = list(policies)
+    if settings.allow_writes:
+        chain.append(DeviceAccessPolicy(list(settings.allow_writes), mode="allow", action="set"))
+    if not any(p.allows_writes for p in chain):
+        chain.insert(0, ReadOnlyPolicy())
+    return chain
