@@ -419,3 +419,27 @@ def test_repeated_refusals_are_logged_at_a_bounded_rate(caplog):
     assert len([r for r in caplog.records if "decision=invalid" in r.getMessage()]) == 1
     assert gate.stats.refusals_not_logged == 4
     assert gate.stats.requests[("Read", "invalid")] == 5
+
+
+def test_policies_receive_the_parse_results():
+    seen = Seen()
+    gate = Gate([seen])
+    gate.admit(read("m_outtmp@p,1000", "G:AMANDA.SETTING@I"))
+    (ctx,) = seen.seen
+    assert ctx.parsed == {
+        "m_outtmp@p,1000": parse_cached("m_outtmp@p,1000"),
+        "G:AMANDA.SETTING@I": parse_cached("G:AMANDA.SETTING@I"),
+    }
+    assert [ctx.device_name(d) for d in ctx.drfs] == ["M:OUTTMP", "G:AMANDA"]
+    # A DRF a policy rewrote is not among them: its name comes from its text.
+    rewritten = replace(ctx, drfs=["Z_ACLTST"])
+    assert rewritten.device_name("Z_ACLTST") == "Z:ACLTST" and "Z_ACLTST" not in rewritten.parsed
+
+
+def test_a_rewritten_drf_is_checked_again_after_the_policies():
+    class Faster(Policy):
+        def check(self, ctx):
+            return PolicyDecision(True, ctx=replace(ctx, drfs=[d.replace("@p,1000", "@p,1") for d in ctx.drfs]))
+
+    gate = Gate([Faster()], limits=ServicerLimits(max_rate_hz=100))
+    refused(gate, read("M:OUTTMP@p,1000"), "INVALID_ARGUMENT", "limit", contains="DRF after policies 0")

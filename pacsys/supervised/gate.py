@@ -246,7 +246,7 @@ class Gate:
         if request.rpc == "Set":
             self._check_token(metadata, request.tls, self.token)
             self._check_count(len(drfs), self.limits.max_settings_per_request, "settings")
-            self._parse_all(drfs, "setting")
+            first = self._parse_all(drfs, "setting")
             values: list[tuple[str, object]] = []
             for i, (device, value) in enumerate(zip(drfs, request.values, strict=True)):
                 try:
@@ -261,13 +261,14 @@ class Gate:
                 values=values,
                 raw_request=request.raw,
                 identity=request.identity,
+                parsed=dict(zip(drfs, first, strict=True)),
             )
             final, original = self._decide(ctx)
             parsed = self._parse_all(final.drfs, "setting after policies")
             self._peer_limit(self.peers.begin_call, request.identity)
             return Decision(request, None, ctx, final, parsed, original, metadata)
         self._check_count(len(drfs), self.limits.max_drfs_per_request, "drfs")
-        self._parse_all(drfs)
+        first = self._parse_all(drfs)
         ctx = RequestContext(
             drfs=drfs,
             rpc_method="Read",
@@ -277,6 +278,7 @@ class Gate:
             raw_request=request.raw,
             allowed=frozenset(range(len(drfs))),
             identity=request.identity,
+            parsed=dict(zip(drfs, first, strict=True)),
         )
         final, original = self._decide(ctx)
         parsed = self._parse_all(final.drfs, "DRF after policies")
