@@ -19,10 +19,11 @@ from pacsys.supervised._policies import (
     ValueRangePolicy,
     WriteGrantPolicy,
     evaluate_policies,
+    write_gate,
 )
 from pacsys.supervised._server import SupervisedServer
-from pacsys.supervised._servicer import ServicerLimits
 from pacsys.supervised._tls import TLSFiles
+from pacsys.supervised.gate import ServicerLimits
 
 __all__ = [
     "AuditLog",
@@ -44,4 +45,5 @@ __all__ = [
     "evaluate_policies",
     "read_audit",
     "read_audit_proto",
+    "write_gate",
 ]

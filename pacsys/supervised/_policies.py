@@ -26,7 +26,8 @@ needs a write-gating policy in its chain: an allow-mode ``DeviceAccessPolicy`` f
 
 Matching and speed
 ------------------
-Policies match canonical, upper-cased device names (``pacsys.drf_utils.guess_device_name``).
+Policies match canonical, upper-cased device names (``RequestContext.device_name``: from the
+parse the gate made, else ``pacsys.drf_utils.guess_device_name``).
 Globs are case-insensitive fnmatch patterns and regexes are full matches, also case-insensitive.
 ``check()`` runs on the gateway's hot path, so patterns are compiled once and the result for
 each device name is cached in a small bounded dict. Stateful policies take a lock; a policy
@@ -43,10 +44,11 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeGuard
+from typing import Protocol, TypeGuard
 
+from pacsys.drf import DRF
 from pacsys.drf_utils import guess_device_name
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "ValueRangePolicy",
     "WriteGrantPolicy",
     "evaluate_policies",
+    "write_gate",
 ]
 
 
@@ -79,6 +82,9 @@ class RequestContext:
         identity: Who the client is: the subject of its TLS client certificate
             (``CN=ops1,O=Fermilab``) when it presented one, else its address without the port
             (``ipv4:10.0.0.5``).
+        parsed: The parse results of the request's DRFs by their text, when the caller parsed
+            them (the gateway's request gate does); `device_name` uses them. A DRF a policy
+            rewrote is not in it and its name is found from its text.
     """
 
     drfs: list[str]
@@ -89,6 +95,12 @@ class RequestContext:
     raw_request: object
     allowed: frozenset[int] = frozenset()
     identity: str = ""
+    parsed: Mapping[str, DRF] = field(default_factory=dict, compare=False, repr=False)
+
+    def device_name(self, drf: object) -> str:
+        """The canonical device name of one of this request's DRFs (see `guess_device_name`)."""
+        known = self.parsed.get(drf) if isinstance(drf, str) else None
+        return known.device if known is not None else guess_device_name(drf)
 
 
 @dataclass(frozen=True)
@@ -162,7 +174,7 @@ def evaluate_policies(policies: Sequence[Policy], ctx: RequestContext) -> Policy
     if any(p.allows_writes for p in policies):
         for i, drf in enumerate(current.drfs):
             if i not in current.allowed:
-                reason = f"Device {guess_device_name(drf)} not approved for {current.rpc_method}"
+                reason = f"Device {current.device_name(drf)} not approved for {current.rpc_method}"
                 return PolicyDecision(allowed=False, reason=reason, policy="approval")
     for policy in policies:
         policy.on_allowed(current)
@@ -249,14 +261,14 @@ class DeviceAccessPolicy(Policy):
             return _ALLOW
         if self._mode == "deny":
             for drf in ctx.drfs:
-                name = guess_device_name(drf)
+                name = ctx.device_name(drf)
                 if self._patterns.matching(name):
                     return PolicyDecision(allowed=False, reason=f"Device {name} is denied")
             return _ALLOW
         newly = {
             i
             for i, drf in enumerate(ctx.drfs)
-            if i not in ctx.allowed and self._patterns.matching(guess_device_name(drf))
+            if i not in ctx.allowed and self._patterns.matching(ctx.device_name(drf))
         }
         if not newly:
             return _ALLOW
@@ -297,7 +309,7 @@ class WriteGrantPolicy(Policy):
         newly = {
             i
             for i, drf in enumerate(ctx.drfs)
-            if i not in ctx.allowed and self._patterns.matching(guess_device_name(drf))
+            if i not in ctx.allowed and self._patterns.matching(ctx.device_name(drf))
         }
         if not newly:
             return _ALLOW
@@ -380,7 +392,7 @@ class ValueRangePolicy(Policy):
         for drf, value in ctx.values:
             if not _is_number(value):
                 continue
-            name = guess_device_name(drf)
+            name = ctx.device_name(drf)
             for i in self._patterns.matching(name):
                 lo, hi = self._bounds[i]
                 if not lo <= value <= hi:
@@ -442,7 +454,7 @@ class SlewRatePolicy(Policy):
             for drf, value in ctx.values:
                 if not _is_number(value):
                     continue
-                name = guess_device_name(drf)
+                name = ctx.device_name(drf)
                 matched = self._patterns.matching(name)
                 if not matched:
                     continue
@@ -464,7 +476,7 @@ class SlewRatePolicy(Policy):
         with self._lock:
             now = self._clock()
             for drf, value in ctx.values:
-                name = guess_device_name(drf)
+                name = ctx.device_name(drf)
                 if _is_number(value) and self._patterns.matching(name):
                     self._history[name] = (float(value), now)
 
@@ -482,3 +494,24 @@ class SlewRatePolicy(Policy):
                 rate = step / elapsed if elapsed > 0 else math.inf
                 return f"Rate {rate:g}/s for {name} exceeds max_rate {limit.max_rate:g}/s"
         return None
+
+
+class WriteSettings(Protocol):
+    """What `write_gate` reads of the settings (`config.Settings` has it)."""
+
+    @property
+    def allow_writes(self) -> tuple[str, ...]: ...
+
+
+def write_gate(settings: WriteSettings, policies: list[Policy]) -> list[Policy]:
+    """The service's rule, deny writes unless granted, applied to a policy chain.
+
+    `allow_writes` patterns append an approving DeviceAccessPolicy for Sets; when no policy of
+    the chain then grants writes, a ReadOnlyPolicy goes first and every Set is denied.
+    """
+    chain = list(policies)
+    if settings.allow_writes:
+        chain.append(DeviceAccessPolicy(list(settings.allow_writes), mode="allow", action="set"))
+    if not any(p.allows_writes for p in chain):
+        chain.insert(0, ReadOnlyPolicy())
+    return chain

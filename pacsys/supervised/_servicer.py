@@ -1,4 +1,8 @@
-"""The DAQ servicer: validate, authenticate, apply policies, audit, call the backend.
+"""The DAQ servicer: adapts gRPC calls to the request gate and the backend.
+
+Each call is decoded, handed to the gate (`pacsys.supervised.gate`: validation, limits, the
+token, the policies, the audit line), aborted with the gate's refusal, or passed on to the
+backend with the DRFs the gate parsed; replies are written here.
 
 It has one code path. The backend is always an AsyncBackend (a sync one arrives wrapped
 by `pacsys.aio.as_async`; a worker pool is one too), so nothing here knows whether the
@@ -11,12 +15,10 @@ reading is encoded once and shared by every slot and stream that receives it.
 from __future__ import annotations
 
 import asyncio
-import collections
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -24,63 +26,32 @@ import grpc
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
 from pacsys.backends import summarize_drfs
-from pacsys.drf import DRF, DRFError, parse_cached
 from pacsys.errors import grpc_status_of
-from pacsys.replies import ReplyBodies, reply_bytes, setting_reply, value_from_proto
+from pacsys.replies import ReplyBodies, reply_bytes, setting_reply
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
-from pacsys.supervised._audit import AuditLog, AuditUnavailable
-from pacsys.supervised._peers import Bucket, PeerLimit, Peers, peer_host
-from pacsys.supervised._policies import Policy, PolicyDecision, RequestContext, evaluate_policies
-from pacsys.supervised._refusal_log import RefusalLog, excerpt, excerpt_list
+from pacsys.supervised._audit import AuditLog
+from pacsys.supervised._peers import Bucket, Peers, peer_host
+from pacsys.supervised._policies import Policy
+from pacsys.supervised.gate import (
+    DRAINING_DETAILS,
+    Decision,
+    Gate,
+    GateRequest,
+    Refusal,
+    ServicerLimits,
+    ServicerStats,
+)
+
+__all__ = ["SERVICE_NAME", "DAQServicer", "OpenStream", "ServicerLimits", "ServicerStats", "identity_of"]
 
 logger = logging.getLogger("pacsys.supervised")
 
 SERVICE_NAME = "services.daq.DAQ"
 
 
-# Readings per second counted for a stream's DRF that has no period (a clock or state event,
-# or the device default): 15 Hz is ACNET's fastest regular clock event.
-EVENT_RATE_HZ = 15.0
 # A stream hands the loop back after this many readings of one batch, so that one heavy
 # stream's burst does not hold everyone else's replies (smaller batches wait between them).
 YIELD_AFTER = 32
-
-
-@dataclass
-class ServicerLimits:
-    """Limits on what one request and one client may ask; each is counted when it bites."""
-
-    max_drfs_per_request: int = 1000
-    max_settings_per_request: int = 100
-    max_drf_length: int = 512  # characters of one DRF (or one setting's device)
-    max_streams: int = 10_000  # open streams of every client, Health.Watch included
-    max_streams_per_peer: int = 1000
-    max_calls_per_peer: int = 100  # one-shot Reads and Sets in flight
-    max_rate_hz: float = 1440.0  # fastest periodic rate a DRF may ask for
-    max_stream_rate: float = 5000.0  # readings per second one stream may ask for and receive
-    max_peer_rate: float = 10_000.0  # the same, for all streams of one client together
-    stream_buffer: int = 1_000  # readings queued per client stream before its oldest are dropped
-    refusal_log_interval: float = 10.0  # seconds between log lines for one client's refusals of one kind
-
-    def __post_init__(self) -> None:
-        for name in ("max_rate_hz", "max_stream_rate", "max_peer_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-
-
-@dataclass
-class ServicerStats:
-    """Counters the metrics and status views read."""
-
-    requests: collections.Counter = field(default_factory=collections.Counter)  # (rpc, decision)
-    denials_by_policy: collections.Counter = field(default_factory=collections.Counter)
-    limits_hit: collections.Counter = field(default_factory=collections.Counter)
-    readings_delivered: int = 0
-    readings_dropped: int = 0  # of streams that have ended; live streams count in `dropped_now`
-    refusals_not_logged: int = 0  # refusal log lines left out by the rate limit
-    writes_refused_unaudited: int = 0  # Sets refused because the audit log could not record them
-    # called with (rpc, seconds) per request when metrics are on
-    latency_observer: Callable[[str, float], None] | None = None
 
 
 @dataclass
@@ -103,16 +74,6 @@ class OpenStream:
             "dropped": self.handle.dropped,
             "queued": len(self.handle),
         }
-
-
-class _Abort(Exception):
-    """A request refused at the door or by a policy: the gRPC code and its details."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, decision: str = "invalid"):
-        super().__init__(details)
-        self.code = code
-        self.details = details
-        self.decision = decision
 
 
 class _Undecodable:
@@ -153,6 +114,14 @@ def identity_of(context: grpc.aio.ServicerContext) -> str:
     return peer_host(context.peer())
 
 
+class _Abort(Exception):
+    """A stream ended by a refusal after it was admitted (a drain)."""
+
+    def __init__(self, refusal: Refusal):
+        super().__init__(refusal.details)
+        self.refusal = refusal
+
+
 class DAQServicer:
     def __init__(
         self,
@@ -167,26 +136,18 @@ class DAQServicer:
         token_over_plaintext: bool = True,
     ):
         self.backend = backend
-        self.policies: list[Policy] = list(policies or [])
-        self._token = token
-        self.audit = audit_log
-        self.limits = limits or ServicerLimits()
-        self.log_requests = log_requests
-        self.allow_unaudited_writes = allow_unaudited_writes
-        self.token_over_plaintext = token_over_plaintext
-        self.stats = ServicerStats()
-        self.peers = Peers(
-            max_streams=self.limits.max_streams,
-            max_streams_per_peer=self.limits.max_streams_per_peer,
-            max_calls_per_peer=self.limits.max_calls_per_peer,
-            max_peer_rate=self.limits.max_peer_rate,
+        self.gate = Gate(
+            policies,
+            token,
+            audit_log,
+            limits,
+            log_requests,
+            allow_unaudited_writes=allow_unaudited_writes,
+            token_over_plaintext=token_over_plaintext,
         )
-        self._refusal_log = RefusalLog(self.limits.refusal_log_interval)
-        self._min_period_us = 1e6 / self.limits.max_rate_hz
         self._streams: dict[AsyncSubscriptionHandle, OpenStream] = {}
         # A backend that receives readings already encoded shares its cache of their bodies.
         self._bodies = backend.reply_bodies if backend.reply_bodies is not None else ReplyBodies()
-        self.draining = False
 
     # -- wiring ------------------------------------------------------------------------
 
@@ -208,6 +169,40 @@ class DAQServicer:
             },
         )
 
+    # -- the gate's state, as the server, the status view and the metrics read it ----------
+
+    @property
+    def stats(self) -> ServicerStats:
+        return self.gate.stats
+
+    @property
+    def peers(self) -> Peers:
+        return self.gate.peers
+
+    @property
+    def limits(self) -> ServicerLimits:
+        return self.gate.limits
+
+    @property
+    def audit(self) -> AuditLog | None:
+        return self.gate.audit
+
+    @property
+    def policies(self) -> list[Policy]:
+        return self.gate.policies
+
+    @property
+    def log_requests(self) -> bool:
+        return self.gate.log_requests
+
+    @log_requests.setter
+    def log_requests(self, value: bool) -> None:
+        self.gate.log_requests = value
+
+    @property
+    def draining(self) -> bool:
+        return self.gate.draining
+
     @property
     def active_streams(self) -> int:
         return len(self._streams)
@@ -225,202 +220,28 @@ class DAQServicer:
     @property
     def token(self) -> str | None:
         """The bearer token that Set requires (None: none)."""
-        return self._token
+        return self.gate.token
 
     def token_refusal(self, context: grpc.aio.ServicerContext, token: str | None) -> tuple[grpc.StatusCode, str] | None:
         """The code and details that refuse a call not carrying `token` as Set requires it, or None."""
-        try:
-            self.check_token(_metadata(context), context, token)
-        except _Abort as abort:
-            return abort.code, abort.details
-        return None
+        refusal = self.gate.token_refusal(context.invocation_metadata() or (), _over_tls(context), token)
+        if refusal is None:
+            return None
+        return grpc.StatusCode[refusal.code], refusal.details
 
     def set_token(self, token: str | None) -> None:
         """Replace the bearer token that Set requires (None: no token required)."""
-        self._token = token
+        self.gate.token = token
 
     def set_policies(self, policies: list[Policy]) -> None:
         """Swap the policy chain atomically (a request uses the list it started with)."""
-        self.policies = list(policies)
+        self.gate.policies = list(policies)
 
     def end_streams(self) -> None:
         """Drain: every open stream ends (UNAVAILABLE, so clients reconnect elsewhere)."""
-        self.draining = True
+        self.gate.draining = True
         for handle in list(self._streams):
             handle.signal_stop()
-
-    def check_token(self, metadata: dict[str, str], context: grpc.aio.ServicerContext, token: str | None) -> None:
-        """Refuse unless `metadata` carries `Bearer <token>` (None: no token needed), over TLS
-        unless a token may cross plaintext."""
-        if token is None:
-            return
-        if not self.token_over_plaintext and not _over_tls(context):
-            # Checked before the token itself, so that plaintext tells nothing about a guess.
-            raise _Abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "a bearer token is refused over plaintext: connect with TLS (a token sent in clear should be rotated)",
-                "unauthenticated",
-            )
-        presented = metadata.get("authorization", "")
-        expected = f"Bearer {token}"
-        if not hmac.compare_digest(presented.encode(), expected.encode()):
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token", "unauthenticated")
-
-    # -- shared request steps ----------------------------------------------------------
-
-    def _check_count(self, n: int, limit: int, what: str) -> None:
-        if n == 0:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"empty request: no {what}")
-        if n > limit:
-            self.stats.limits_hit[f"max_{what}_per_request"] += 1
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many {what}: {n} (the limit is {limit})", "limit")
-
-    def _parse_all(self, drfs: list[str], what: str = "DRF") -> list[DRF]:
-        parsed = []
-        longest = self.limits.max_drf_length
-        for i, text in enumerate(drfs):
-            if len(text) > longest:
-                self.stats.limits_hit["max_drf_length"] += 1
-                raise _Abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{what} {i} is {len(text)} characters long (the limit is {longest}): {excerpt(text, 40)}",
-                    "limit",
-                )
-            try:
-                drf = parse_cached(text)
-            except DRFError as exc:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what} {i}: {excerpt(str(exc))}") from None
-            event = drf.event
-            if event is not None and event.kind in ("P", "Q"):
-                period = event.period if event.period is not None else 1_000_000
-                if period < self._min_period_us:
-                    self.stats.limits_hit["max_rate_hz"] += 1
-                    raise _Abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"{what} {i} ({text}): a period of {period} µs is shorter than the shortest allowed, "
-                        f"{self._min_period_us:.0f} µs ({self.limits.max_rate_hz:g} Hz)",
-                        "limit",
-                    )
-            parsed.append(drf)
-        return parsed
-
-    def _stream_rate(self, parsed: list[DRF]) -> float:
-        """Readings per second a stream asks for; _Abort when more than one stream may."""
-        rate = 0.0
-        for drf in parsed:
-            event = drf.event
-            if event is None or not event.is_oneshot:
-                if event is not None and event.kind in ("P", "Q"):
-                    rate += 1e6 / (event.period if event.period is not None else 1_000_000)
-                else:
-                    rate += EVENT_RATE_HZ
-        if rate > self.limits.max_stream_rate:
-            self.stats.limits_hit["max_stream_rate"] += 1
-            raise _Abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this stream would ask for {rate:.0f} readings/s (the limit is {self.limits.max_stream_rate:g} "
-                "per stream): ask for fewer DRFs or longer periods",
-                "limit",
-            )
-        return rate
-
-    def _peer_limit(self, take: Callable[..., None], *args: Any) -> None:
-        try:
-            take(*args)
-        except PeerLimit as exc:
-            self.stats.limits_hit[exc.limit] += 1
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "limit") from None
-
-    def _decide(self, ctx: RequestContext) -> tuple[RequestContext, list[int]]:
-        """Run the policy chain; return the final context and, per final slot, its original index."""
-        try:
-            decision: PolicyDecision = evaluate_policies(self.policies, ctx)
-        except Exception as exc:
-            logger.exception("policy raised on rpc=%s peer=%s", ctx.rpc_method, ctx.peer)
-            raise _Abort(grpc.StatusCode.INTERNAL, f"Policy error: {excerpt(str(exc))}", "error") from None
-        if not decision.allowed:
-            self._audit_request(ctx, decision)
-            self.stats.denials_by_policy[decision.policy or "policy"] += 1
-            raise _Abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason or "denied by policy", "denied")
-        final = decision.ctx or ctx
-        return final, _original_indices(ctx.drfs, final.drfs)
-
-    def _audit_request(self, ctx: RequestContext, decision: PolicyDecision, *, must_record: bool = False) -> int:
-        if self.audit is None:
-            return 0
-        return self.audit.log_request(ctx, decision, must_record=must_record)
-
-    def _refused(
-        self,
-        rpc: str,
-        peer: str,
-        who: str,
-        drfs: list[str],
-        abort: _Abort,
-        started: float,
-    ) -> None:
-        """Log (at a bounded rate) and audit a request refused before it reached the backend."""
-        self._log(rpc, peer, drfs, abort.decision, started, reason=abort.details, who=who)
-        if self.audit is not None and abort.decision != "denied":  # policy denials are audited already
-            # Not captured whole (no raw_request): only requests that passed the door are.
-            ctx = RequestContext(
-                drfs=excerpt_list(drfs),
-                rpc_method=rpc,
-                peer=peer,
-                metadata={},
-                values=[],
-                raw_request=None,
-                identity=who,
-            )
-            self.audit.log_request(ctx, PolicyDecision(False, f"{abort.code.name}: {abort.details}"))
-
-    def _log(
-        self,
-        rpc: str,
-        peer: str,
-        drfs: list[str],
-        decision: str,
-        started: float,
-        *,
-        reason: str | None = None,
-        who: str | None = None,
-    ) -> None:
-        self.stats.requests[(rpc, decision)] += 1
-        elapsed = time.perf_counter() - started
-        if self.stats.latency_observer is not None:
-            self.stats.latency_observer(rpc, elapsed)
-        refused = decision not in ("allow", "ok")
-        level = logging.INFO if (self.log_requests or refused) else logging.DEBUG
-        if not logger.isEnabledFor(level):
-            return
-        if not refused:
-            logger.log(
-                level,
-                "rpc=%s peer=%s devices=%s decision=%s ms=%.2f",
-                rpc,
-                peer,
-                summarize_drfs(drfs),
-                decision,
-                elapsed * 1e3,
-            )
-            return
-        # A client repeating a refused request gets one line per kind per interval.
-        not_logged = self._refusal_log.admit((who or peer_host(peer), rpc, decision))
-        if not_logged is None:
-            self.stats.refusals_not_logged += 1
-            return
-        args: tuple[object, ...] = (
-            rpc,
-            peer,
-            summarize_drfs(excerpt_list(drfs, 5)),
-            decision,
-            excerpt(reason or "", 300),
-            elapsed * 1e3,
-        )
-        text = "rpc=%s peer=%s devices=%s decision=%s reason=%s ms=%.2f"
-        if not_logged:
-            text, args = text + " not_logged=%d", (*args, not_logged)
-        logger.log(level, text, *args)
 
     # -- Read --------------------------------------------------------------------------
 
@@ -428,62 +249,32 @@ class DAQServicer:
         self, request: DAQ_pb2.ReadingList | _Undecodable, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         started = time.perf_counter()
-        peer = context.peer()
-        who = identity_of(context)
-        drfs: list[str] = []
-        rate = 0.0
-        try:
-            if isinstance(request, _Undecodable):
-                raise _Abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request is not a ReadingList ({request.size} bytes, {request.error})",
-                )
-            drfs = list(request.drf)
-            if self.draining:
-                raise _Abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down", "draining")
-            metadata = _metadata(context)
-            self._check_count(len(drfs), self.limits.max_drfs_per_request, "drfs")
-            self._parse_all(drfs)
-            ctx = RequestContext(
-                drfs=drfs,
-                rpc_method="Read",
-                peer=peer,
-                metadata=metadata,
-                values=[],
-                raw_request=request,
-                allowed=frozenset(range(len(drfs))),
-                identity=who,
-            )
-            final, original = self._decide(ctx)
-            parsed = self._parse_all(final.drfs, "DRF after policies")
-            oneshot = all(p.is_oneshot for p in parsed)
-            if oneshot:
-                self._peer_limit(self.peers.begin_call, who)
-            else:
-                rate = self._stream_rate(parsed)
-                self._peer_limit(self.peers.open_stream, who, rate)
-        except _Abort as abort:
-            self._refused("Read", peer, who, drfs, abort, started)
-            await context.abort(abort.code, abort.details)
+        decision = self.gate.admit(_gate_request("Read", request, context, started))
+        if decision.refusal is not None:
+            await _abort(context, decision.refusal)
             return
+        peer, who = decision.request.peer, decision.request.identity
+        drfs = list(decision.request.drfs)
+        final = decision.final
+        assert final is not None
         try:
-            seq = self._audit_request(ctx, PolicyDecision(True, ctx=final if final.drfs != drfs else None))
-            caller_authorization.set(metadata.get("authorization"))
-            if oneshot:
+            caller_authorization.set(decision.metadata.get("authorization"))
+            if decision.oneshot:
                 timeout = context.time_remaining()
                 readings = await self.backend.get_many(final.drfs, timeout=timeout)
-                self._log("Read", peer, drfs, "allow", started)
+                self.gate.log_outcome("Read", peer, drfs, "allow", started)
+                audit = self.audit
                 for pos, reading in enumerate(readings):
-                    reply = reply_bytes(original[pos], self._bodies.body(reading))
-                    if self.audit is not None and self.audit.log_responses:
-                        self.audit.log_response(seq, peer, "Read", DAQ_pb2.ReadingReply.FromString(reply))
+                    reply = reply_bytes(decision.original[pos], self._bodies.body(reading))
+                    if audit is not None and audit.log_responses:
+                        audit.log_response(decision.seq, peer, "Read", DAQ_pb2.ReadingReply.FromString(reply))
                     yield reply
                 return
-            self._log("Read", peer, drfs, "allow", started)
-            async for reply in self._stream(final.drfs, original, seq, peer, who):
+            self.gate.log_outcome("Read", peer, drfs, "allow", started)
+            async for reply in self._stream(decision, peer, who):
                 yield reply
         except _Abort as abort:
-            await context.abort(abort.code, abort.details)
+            await _abort(context, abort.refusal)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -493,27 +284,25 @@ class DAQServicer:
             self.stats.requests[("Read", "error")] += 1
             await context.abort(code, details)
         finally:
-            if oneshot:
-                self.peers.end_call(who)
-            else:
-                self.peers.close_stream(who, rate)
+            self.gate.release(decision)
 
-    async def _stream(
-        self, drfs: list[str], original: list[int], seq: int, peer: str, who: str
-    ) -> AsyncIterator[bytes]:
+    async def _stream(self, decision: Decision, peer: str, who: str) -> AsyncIterator[bytes]:
+        assert decision.final is not None
+        drfs = decision.final.drfs
         # Readings come back under the DRF as requested or in its canonical spelling
         # (a shared subscription serves every spelling of one request).
         slots: dict[str, list[int]] = {}
-        for pos, drf in enumerate(drfs):
-            slots.setdefault(drf, []).append(original[pos])
-            canonical = parse_cached(drf).canonical
-            if canonical != drf:
-                slots.setdefault(canonical, []).append(original[pos])
+        for pos, (drf, parsed) in enumerate(zip(drfs, decision.parsed, strict=True)):
+            slots.setdefault(drf, []).append(decision.original[pos])
+            if parsed.canonical != drf:
+                slots.setdefault(parsed.canonical, []).append(decision.original[pos])
         handle = await self.backend.subscribe(drfs)
         handle.resize(self.limits.stream_buffer)
         self._streams[handle] = OpenStream(peer, drfs, time.time(), handle, who)
         bodies = self._bodies
-        log_out = self.audit is not None and self.audit.log_responses
+        audit = self.audit
+        log_out = audit is not None and audit.log_responses
+        seq = decision.seq
         # Budgets: this stream's, and its client's shared by all of its streams.
         own_budget = Bucket(self.limits.max_stream_rate)
         peer_budget = self.peers.bucket(who)
@@ -530,7 +319,7 @@ class DAQServicer:
                     for index in indices:
                         reply = reply_bytes(index, body)
                         if log_out:
-                            self.audit.log_response(seq, peer, "Read", DAQ_pb2.ReadingReply.FromString(reply))  # type: ignore[union-attr]
+                            audit.log_response(seq, peer, "Read", DAQ_pb2.ReadingReply.FromString(reply))  # type: ignore[union-attr]
                         yield reply
                     if n % YIELD_AFTER == 0:
                         await asyncio.sleep(0)  # a large batch lets the others' replies through
@@ -539,7 +328,7 @@ class DAQServicer:
                     if handle.exc is not None:
                         raise handle.exc
                     if self.draining:
-                        raise _Abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down", "draining")
+                        raise _Abort(Refusal("UNAVAILABLE", DRAINING_DETAILS, "draining"))
                     return
                 # Over budget, this stream waits: its own buffer fills and drops its own oldest.
                 own_wait = own_budget.take(len(batch))
@@ -566,79 +355,24 @@ class DAQServicer:
         self, request: DAQ_pb2.SettingList | _Undecodable, context: grpc.aio.ServicerContext
     ) -> DAQ_pb2.SettingReply:
         started = time.perf_counter()
-        peer = context.peer()
-        who = identity_of(context)
-        drfs: list[str] = []
+        decision = self.gate.admit(_gate_request("Set", request, context, started))
+        if decision.refusal is not None:
+            await _abort(context, decision.refusal)
+            raise AssertionError("unreachable: abort raises")
         try:
-            if isinstance(request, _Undecodable):
-                raise _Abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request is not a SettingList ({request.size} bytes, {request.error})",
-                )
-            drfs = [s.device for s in request.setting]
-            if self.draining:
-                raise _Abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down", "draining")
-            metadata = _metadata(context)
-            self.check_token(metadata, context, self._token)
-            self._check_count(len(drfs), self.limits.max_settings_per_request, "settings")
-            self._parse_all(drfs, "setting")
-            values = []
-            for i, setting in enumerate(request.setting):
-                try:
-                    values.append((setting.device, value_from_proto(setting.value)))
-                except ValueError as exc:
-                    raise _Abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"setting {i} ({setting.device!r}): {excerpt(str(exc))}"
-                    ) from None
-            ctx = RequestContext(
-                drfs=drfs,
-                rpc_method="Set",
-                peer=peer,
-                metadata=metadata,
-                values=values,
-                raw_request=request,
-                identity=who,
-            )
-            final, original = self._decide(ctx)
-            self._parse_all(final.drfs, "setting after policies")
-            self._peer_limit(self.peers.begin_call, who)
-        except _Abort as abort:
-            self._refused("Set", peer, who, drfs, abort, started)
-            await context.abort(abort.code, abort.details)
-            raise AssertionError("unreachable: abort raises")  # noqa: B904
-        try:
-            return await self._write(ctx, final, original, metadata, context, peer, who, started)
+            return await self._write(decision, context, started)
         finally:
-            self.peers.end_call(who)
+            self.gate.release(decision)
 
     async def _write(
-        self,
-        ctx: RequestContext,
-        final: RequestContext,
-        original: list[int],
-        metadata: dict[str, str],
-        context: grpc.aio.ServicerContext,
-        peer: str,
-        who: str,
-        started: float,
+        self, decision: Decision, context: grpc.aio.ServicerContext, started: float
     ) -> DAQ_pb2.SettingReply:
-        drfs = ctx.drfs
-        try:
-            # A write that the audit log cannot record is not made (unless allowed).
-            seq = self._audit_request(
-                ctx,
-                PolicyDecision(True, ctx=final if final.drfs != drfs else None),
-                must_record=not self.allow_unaudited_writes,
-            )
-        except AuditUnavailable as exc:
-            self.stats.writes_refused_unaudited += 1
-            self._log("Set", peer, drfs, "audit_unavailable", started, reason=str(exc), who=who)
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "the audit log cannot record writes: writes are refused until it can"
-            )
-            raise AssertionError("unreachable: abort raises")  # noqa: B904
+        final = decision.final
+        assert final is not None
+        peer = decision.request.peer
+        drfs = list(decision.request.drfs)
         settings = list(zip(final.drfs, (v for _, v in final.values), strict=True))
-        caller_authorization.set(metadata.get("authorization"))
+        caller_authorization.set(decision.metadata.get("authorization"))
         try:
             results = await self.backend.write_many(settings, timeout=context.time_remaining())
         except asyncio.CancelledError:
@@ -647,20 +381,52 @@ class DAQServicer:
             code, details = _error_status(exc)
             if code is grpc.StatusCode.INTERNAL:
                 logger.exception("rpc=Set peer=%s failed", peer)
-            self._log("Set", peer, drfs, "error", started)
+            self.gate.log_outcome("Set", peer, drfs, "error", started)
             await context.abort(code, details)
             raise AssertionError("unreachable: abort raises")  # noqa: B904
         ordered = [results[0]] * len(results)
         for pos, result in enumerate(results):
-            ordered[original[pos]] = result
+            ordered[decision.original[pos]] = result
         unknown = [r.drf for r in ordered if (r.facility_code, r.error_code) == (DPM, DPM_WRITE_OUTCOME_UNKNOWN)]
-        if unknown and self.audit is not None:
-            self.audit.log_event(seq, "write_outcome_unknown", drfs=unknown)
+        audit = self.audit
+        if unknown and audit is not None:
+            audit.log_event(decision.seq, "write_outcome_unknown", drfs=unknown)
         reply = setting_reply(ordered)
-        if self.audit is not None and self.audit.log_responses:
-            self.audit.log_response(seq, peer, "Set", reply)
-        self._log("Set", peer, drfs, "allow", started)
+        if audit is not None and audit.log_responses:
+            audit.log_response(decision.seq, peer, "Set", reply)
+        self.gate.log_outcome("Set", peer, drfs, "allow", started)
         return reply
+
+
+def _gate_request(rpc: str, request: Any, context: grpc.aio.ServicerContext, started: float) -> GateRequest:
+    """The gate's view of a call: its client, metadata and transport, its DRFs or settings."""
+    peer = context.peer()
+    who = identity_of(context)
+    if isinstance(request, _Undecodable):
+        kind = "ReadingList" if rpc == "Read" else "SettingList"
+        malformed = f"request is not a {kind} ({request.size} bytes, {request.error})"
+        return GateRequest(rpc, peer, who, malformed=malformed, started=started)
+    metadata = context.invocation_metadata() or ()
+    if rpc == "Read":
+        return GateRequest(
+            rpc, peer, who, metadata, list(request.drf), tls=_over_tls(context), raw=request, started=started
+        )
+    settings = request.setting
+    return GateRequest(
+        rpc,
+        peer,
+        who,
+        metadata,
+        [s.device for s in settings],
+        [s.value for s in settings],
+        tls=_over_tls(context),
+        raw=request,
+        started=started,
+    )
+
+
+async def _abort(context: grpc.aio.ServicerContext, refusal: Refusal) -> None:
+    await context.abort(grpc.StatusCode[refusal.code], refusal.details)
 
 
 async def _pause(handle: AsyncSubscriptionHandle, seconds: float) -> None:
@@ -674,47 +440,3 @@ async def _pause(handle: AsyncSubscriptionHandle, seconds: float) -> None:
 def _over_tls(context: grpc.aio.ServicerContext) -> bool:
     auth = context.auth_context() or {}
     return auth.get("transport_security_type") == [b"ssl"]
-
-
-def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    """The text metadata of a call; a second `authorization` header is refused (which one counts?)."""
-    result: dict[str, str] = {}
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and key in result:
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "more than one authorization header", "unauthenticated")
-        if isinstance(value, str):
-            result[key] = value
-    return result
-
-
-def _original_indices(before: list[str], after: list[str]) -> list[int]:
-    """For each DRF of the final list, the index of the request slot it answers.
-
-    Policies may reorder or rewrite DRFs but not add or drop them. A DRF that still
-    appears in the request is matched to its first unused slot; a rewritten one keeps
-    its position.
-    """
-    if len(after) != len(before):
-        raise _Abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"a policy changed the number of DRFs from {len(before)} to {len(after)}; policies may not add or drop DRFs",
-        )
-    if after == before:
-        return list(range(len(before)))
-    unused: dict[str, collections.deque[int]] = {}
-    for i, drf in enumerate(before):
-        unused.setdefault(drf, collections.deque()).append(i)
-    taken: set[int] = set()
-    result = []
-    for pos, drf in enumerate(after):
-        queue = unused.get(drf)
-        if queue:
-            index = queue.popleft()
-        else:
-            index = pos
-        result.append(index)
-        taken.add(index)
-    if len(taken) != len(after):
-        # A rewritten DRF's position collided with a moved one: keep positions.
-        return list(range(len(before)))
-    return result

@@ -42,9 +42,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pacsys.supervised._servicer import ServicerLimits
 from pacsys.supervised._tls import TLSFiles
 from pacsys.supervised.config_error import ConfigError, range_text
+from pacsys.supervised.gate import ServicerLimits
 from pacsys.supervised.policy_config import EXAMPLE_POLICIES, POLICY_TYPES
 from workers.backend_spec import FactorySpecError, parse_factory
 

@@ -1,9 +1,10 @@
-"""The policy configuration: [[policies]] tables built into Policy objects, and the write gate.
+"""The policy configuration: [[policies]] tables built into Policy objects.
 
 Each table's `type` picks a builder that checks its keys and values (every error names
 ``policies[i]`` and the key) and builds the policy from `pacsys.supervised._policies`.
-`build_policies` builds a file's chain in order; `write_gate` applies the service's rule that
-writes are denied unless something grants them. The settings themselves are `config.Settings`.
+`build_policies` builds a file's chain in order. `write_gate`, the service's rule that writes are
+denied unless something grants them, lives with the policies (`_policies.write_gate`) and is
+re-exported here. The settings themselves are `config.Settings`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pacsys.supervised._policies import (
     SlewRatePolicy,
     ValueRangePolicy,
     WriteGrantPolicy,
+    write_gate,  # the rule lives with the policies; imported from here by the service and the admin commands
 )
 from pacsys.supervised.config_error import ConfigError, range_text
 
@@ -248,20 +250,6 @@ def _named(policy: Policy, name: str | None) -> Policy:
     if name is not None:
         policy.name = name
     return policy
-
-
-def write_gate(settings: PolicySettings, policies: list[Policy]) -> list[Policy]:
-    """The service's rule, deny writes unless granted, applied to a policy chain.
-
-    `allow_writes` patterns append an approving DeviceAccessPolicy for Sets; when no policy of
-    the chain then grants writes, a ReadOnlyPolicy goes first and every Set is denied.
-    """
-    chain = list(policies)
-    if settings.allow_writes:
-        chain.append(DeviceAccessPolicy(list(settings.allow_writes), mode="allow", action="set"))
-    if not any(p.allows_writes for p in chain):
-        chain.insert(0, ReadOnlyPolicy())
-    return chain
 
 
 # (help lines, table) of the example [[policies]], one of each type.
