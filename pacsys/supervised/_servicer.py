@@ -59,7 +59,9 @@ class ServicerLimits:
     max_rate_hz: float = 1440.0  # fastest periodic rate a DRF may ask for
     max_stream_rate: float = 5000.0  # readings per second one stream may ask for and receive
     max_peer_rate: float = 10_000.0  # the same, for all streams of one client together
-    stream_buffer: int = 1_000  # readings queued per client stream before its oldest are dropped
+    # Readings queued per client stream before its oldest are dropped. None keeps the size the
+    # backend made the stream's buffer with (a worker pool's own `stream_buffer` setting).
+    stream_buffer: int | None = None
     refusal_log_interval: float = 10.0  # seconds between log lines for one client's refusals of one kind
 
     def __post_init__(self) -> None:
@@ -510,7 +512,8 @@ class DAQServicer:
             if canonical != drf:
                 slots.setdefault(canonical, []).append(original[pos])
         handle = await self.backend.subscribe(drfs)
-        handle.resize(self.limits.stream_buffer)
+        if self.limits.stream_buffer is not None:
+            handle.resize(self.limits.stream_buffer)
         self._streams[handle] = OpenStream(peer, drfs, time.time(), handle, who)
         bodies = self._bodies
         log_out = self.audit is not None and self.audit.log_responses

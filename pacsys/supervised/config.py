@@ -325,6 +325,13 @@ class Settings:
         choices=("kv", "json"),
         normalize=str.lower,
     )
+    worker_log_level: str = _setting(
+        "WARNING",
+        "Log level of the worker processes: DEBUG, INFO, WARNING, ERROR or CRITICAL.",
+        section="Logging",
+        choices=LOG_LEVELS,
+        normalize=str.upper,
+    )
     log_requests: bool = _setting(False, "Log every request at INFO (costs throughput).", section="Logging")
     refusal_log_interval: float = _setting(
         10.0,
@@ -855,7 +862,8 @@ def limits(settings: Settings) -> ServicerLimits:
         max_rate_hz=settings.max_rate_hz,
         max_stream_rate=settings.max_stream_rate,
         max_peer_rate=settings.max_peer_rate,
-        stream_buffer=settings.stream_buffer,
+        # With workers the pool makes each stream's buffer this size: it alone owns the setting.
+        stream_buffer=settings.stream_buffer if settings.workers == 0 else None,
         refusal_log_interval=settings.refusal_log_interval,
     )
 
