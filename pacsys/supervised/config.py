@@ -46,6 +46,7 @@ from pacsys.supervised._servicer import ServicerLimits
 from pacsys.supervised._tls import TLSFiles
 from pacsys.supervised.config_error import ConfigError, range_text
 from pacsys.supervised.policy_config import EXAMPLE_POLICIES, POLICY_TYPES
+from pacsys.token_file import TokenFileError, read_token_file
 from workers.backend_spec import FactorySpecError, parse_factory
 
 __all__ = [
@@ -822,14 +823,9 @@ def _read_token_file(path: str | None, key: str) -> str | None:
     if path is None:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"'{key}' {path}: cannot read it: {reason}", key=key) from None
-    if not token:
-        raise ConfigError(f"'{key}' {path} is empty", key=key)
-    return token
+        return read_token_file(path)
+    except TokenFileError as exc:
+        raise ConfigError(f"'{key}' {exc}", key=key) from None
 
 
 def tls_files(settings: Settings) -> TLSFiles | None:
