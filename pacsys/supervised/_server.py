@@ -18,7 +18,6 @@ import gc
 import json
 import logging
 import os
-import signal
 import threading
 import time
 from typing import Any
@@ -35,6 +34,7 @@ from pacsys.supervised._managed import ManagedBackend
 from pacsys.supervised._peers import PeerLimit, is_loopback
 from pacsys.supervised._policies import Policy
 from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits, identity_of
+from pacsys.supervised._signals import SignalLoop
 from pacsys.supervised._tls import ServerTLS, TLSFiles
 
 logger = logging.getLogger("pacsys.supervised")
@@ -98,6 +98,7 @@ class SupervisedServer:
         self._max_message_bytes = max_message_bytes
         self._grace = shutdown_grace
         self._drain_delay = drain_delay
+        self.stopping = False  # run() is stopping on a signal: a second one exits at once
         self._leaving = False  # stop() was asked: NOT_SERVING, but still serving during drain_delay
         self._close_backend = close_backend
         self._event_loop = event_loop
@@ -216,20 +217,26 @@ class SupervisedServer:
         return self._stopped.wait(timeout)
 
     def run(self) -> None:
-        """Serve until SIGINT or SIGTERM (call from the main thread)."""
+        """Serve until SIGINT or SIGTERM (call from the main thread); a second one exits at once.
+
+        The signals are handled as the command's are (`_signals.SignalLoop`), by `handle_int`
+        and `handle_term`.
+        """
         self.start()
+        with SignalLoop(self, ("INT", "TERM")) as signals:
+            signals.run(lambda: 0 if self.wait(0) else None)
 
-        def on_signal(signum, _frame):
-            logger.info("signal %s: shutting down", signal.Signals(signum).name)
-            threading.Thread(target=self.stop, daemon=True).start()
+    def handle_int(self) -> int:
+        return self._stop_on_signal("SIGINT")
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            while not self.wait(0.5):
-                pass
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+    def handle_term(self) -> int:
+        return self._stop_on_signal("SIGTERM")
+
+    def _stop_on_signal(self, signame: str) -> int:
+        logger.info("signal %s: shutting down", signame)
+        self.stopping = True
+        self.stop()
+        return 0
 
     def __enter__(self) -> SupervisedServer:
         self.start()
