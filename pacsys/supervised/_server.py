@@ -36,6 +36,7 @@ from pacsys.supervised._policies import Policy
 from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits, identity_of
 from pacsys.supervised._signals import SignalLoop
 from pacsys.supervised._tls import ServerTLS, TLSFiles
+from pacsys.supervised.config import Settings
 
 logger = logging.getLogger("pacsys.supervised")
 
@@ -51,6 +52,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # policy answers pings more often than every 5 minutes without data with GOAWAY
 # "too_many_pings" after a few strikes; this one accepts a ping every 10 s or slower, with or
 # without calls, and never counts strikes.
+# The settings' defaults are the library's too: `Settings` owns every one of them.
+DEFAULTS = Settings()
+
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -62,22 +66,22 @@ class SupervisedServer:
     def __init__(
         self,
         backend: Backend | AsyncBackend,
-        port: int = 50051,
-        host: str = "[::]",
+        port: int = DEFAULTS.port,
+        host: str = DEFAULTS.host,
         policies: list[Policy] | None = None,
         token: str | None = None,
         audit_log: AuditLog | None = None,
         *,
         limits: ServicerLimits | None = None,
-        max_message_bytes: int = 4 * 1024 * 1024,
-        backend_threads: int = 16,
-        shutdown_grace: float = 5.0,
-        drain_delay: float = 0.0,
-        log_requests: bool = False,
+        max_message_bytes: int = DEFAULTS.max_message_bytes,
+        backend_threads: int = DEFAULTS.threads_per_worker,
+        shutdown_grace: float = DEFAULTS.shutdown_grace,
+        drain_delay: float = DEFAULTS.drain_delay,
+        log_requests: bool = DEFAULTS.log_requests,
         close_backend: bool = False,
-        event_loop: str = "auto",
-        allow_unaudited_writes: bool = False,
-        allow_token_plaintext: bool | None = None,
+        event_loop: str = DEFAULTS.event_loop,
+        allow_unaudited_writes: bool = DEFAULTS.allow_unaudited_writes,
+        allow_token_plaintext: bool | None = DEFAULTS.allow_token_plaintext,
         admin_token: str | None = None,
         tls: TLSFiles | None = None,
     ):
