@@ -43,3 +43,13 @@ def test_a_bad_pool_option_is_refused_by_name():
         WorkerPool(stream_buffer=0)
     with pytest.raises(ConfigError, match="min_workers_ready"):
         WorkerPool(workers=1, min_workers_ready=2)
+
+
+def test_in_process_streams_keep_the_settings_buffer_unless_limits_say_otherwise():
+    from pacsys.supervised import ServicerLimits, SupervisedServer
+    from pacsys.testing import demo_backend
+
+    assert SupervisedServer(demo_backend(), port=0).servicer.limits.stream_buffer == 1000
+    given = SupervisedServer(demo_backend(), port=0, limits=ServicerLimits(stream_buffer=5))
+    assert given.servicer.limits.stream_buffer == 5
+    assert SupervisedServer(WorkerPool(backend="sim", workers=1), port=0).servicer.limits.stream_buffer is None

@@ -14,6 +14,7 @@ Library default: with no policies nothing is denied, writes included. The
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
@@ -108,6 +109,10 @@ class SupervisedServer:
         self._event_loop = event_loop
         # Read now, so that a bad certificate file fails the start, not the first handshake.
         self.tls = ServerTLS(tls) if tls is not None else None
+        limits = limits or ServicerLimits()
+        if self._managed is None and limits.stream_buffer is None:
+            # In process the servicer owns each stream's buffer size; a worker pool owns its own.
+            limits = dataclasses.replace(limits, stream_buffer=DEFAULTS.stream_buffer)
         if allow_token_plaintext is None:  # a token never crosses a network in clear by default
             allow_token_plaintext = _is_loopback_host(host)
         self.servicer = DAQServicer(
