@@ -353,8 +353,12 @@ def test_resolve_token(tmp_path):
 
 
 def test_limits():
-    got = limits(Settings(max_drfs_per_request=7, max_settings_per_request=3, max_streams=9, stream_buffer=11))
+    got = limits(
+        Settings(workers=0, max_drfs_per_request=7, max_settings_per_request=3, max_streams=9, stream_buffer=11)
+    )
     assert (got.max_drfs_per_request, got.max_settings_per_request, got.max_streams, got.stream_buffer) == (7, 3, 9, 11)
+    # With workers the pool owns the stream buffers; the servicer leaves their size alone.
+    assert limits(Settings(workers=2, stream_buffer=11)).stream_buffer is None
 
 
 # -- the example file ------------------------------------------------------------------------------------

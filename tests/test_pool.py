@@ -229,7 +229,7 @@ def test_recycling_by_request_count_fails_no_call(running):
         i += 1
     assert r.pool.stats.recycles_by_reason["recycle_requests"] >= 2
     assert first not in worker_pids(r.pool)
-    assert r.pool.worker_states()[0]["restart_budget_left"] == r.pool.options.restart_intensity
+    assert r.pool.worker_states()[0]["restart_budget_left"] == r.pool.settings.restart_intensity
 
 
 def test_a_worker_sent_a_malformed_frame_is_replaced(running):
@@ -264,7 +264,7 @@ def test_scaling_moves_subscriptions_without_ending_streams(running):
     assert r.pool.worker_states()[0]["subscriptions"] == 20
     r.server.loop.call_soon_threadsafe(lambda: r.server.loop.create_task(r.pool.add_worker()))
     wait_for(lambda: r.pool.ready_count == 2, what="the retired slot to serve again")
-    assert len(r.pool.worker_states()) == 2 and r.pool.options.workers == 2  # the slot was reused
+    assert len(r.pool.worker_states()) == 2 and r.pool.workers == 2  # the slot was reused
     for c in calls:
         assert next(c).WhichOneof("value") == "readings"
         c.cancel()

@@ -20,10 +20,11 @@ from __future__ import annotations
 import importlib
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
-__all__ = ["FactorySpecError", "build", "call_factory", "is_builtin", "parse_factory"]
+__all__ = ["FactorySpecError", "LoadError", "build", "call_factory", "is_builtin", "load_callable", "parse_factory"]
 
 _FACTORY = re.compile(
     r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?:\?(?P<args>.*))?$",
@@ -98,6 +99,31 @@ def describe(spec: str) -> str:
     return f"{module}:{attr}({', '.join(f'{k}=...' for k in kwargs)})"
 
 
+class LoadError(Exception):
+    """A `module:callable` that cannot be loaded; the message says why."""
+
+
+def load_callable(module_name: str, attr: str) -> Callable[..., object]:
+    """The callable `module_name:attr` names (`attr` may be dotted); LoadError when there is none.
+
+    The one loader of `module:factory` names: backend factories here, custom policies in
+    `pacsys.supervised.policy_config`.
+    """
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises on import
+        raise LoadError(f"cannot import module {module_name!r}: {_one_line(exc)}") from exc
+    found: object = module
+    for part in attr.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            raise LoadError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(found):
+        raise LoadError(f"{module_name}:{attr} is not callable (it is a {type(found).__name__})")
+    return found
+
+
 def call_factory(spec: str) -> object:
     """Import the factory of `spec` and call it with its arguments; FactorySpecError on any failure."""
     parsed = parse_factory(spec)
@@ -105,17 +131,9 @@ def call_factory(spec: str) -> object:
         raise _fail(spec, "expected module:factory or module:factory?key=value&...")
     module_name, attr, kwargs = parsed
     try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise _fail(spec, f"cannot import module {module_name!r}: {_one_line(exc)}") from exc
-    factory: object = module
-    for part in attr.split("."):
-        try:
-            factory = getattr(factory, part)
-        except AttributeError:
-            raise _fail(spec, f"module {module_name!r} has no attribute {attr!r}") from None
-    if not callable(factory):
-        raise _fail(spec, f"{module_name}:{attr} is not callable (it is a {type(factory).__name__})")
+        factory = load_callable(module_name, attr)
+    except LoadError as exc:
+        raise _fail(spec, str(exc)) from exc.__cause__
     try:
         return factory(**kwargs)
     except Exception as exc:

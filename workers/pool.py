@@ -20,14 +20,13 @@ DPM_WRITE_OUTCOME_UNKNOWN.
 from __future__ import annotations
 
 import asyncio
-import collections
+import dataclasses
 import itertools
 import logging
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -35,9 +34,11 @@ from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorizati
 from pacsys.errors import BackendUnavailable, exception_for_kind
 from pacsys.replies import ReplyBodies
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
+from pacsys.supervised.config import Settings
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
 from workers import protocol as p
-from workers.fanout import Fanout, GapStats
+from workers.fanout import Fanout
+from workers.pool_stats import PoolStats
 from workers.process import WorkerCommand, WorkerLost, WorkerProcess, WorkerStartupError
 from workers.routing import Router
 from workers.supervision import (
@@ -53,7 +54,7 @@ from workers.supervision import (
     Wait,
 )
 
-__all__ = ["PoolOptions", "PoolStats", "WorkerLost", "WorkerPool", "WorkerStartupError"]
+__all__ = ["PoolStats", "WorkerLost", "WorkerPool", "WorkerStartupError"]
 
 logger = logging.getLogger("pacsys.workers")
 
@@ -63,92 +64,48 @@ _STOPPED_BY_FRONT = frozenset({"recycled", "scale_down", "shutdown", "recycle_fa
 _DRAIN_SECONDS = 30.0  # how long a retired worker may take to finish its calls in flight
 
 
-@dataclass
-class PoolOptions:
-    """The pool's settings; the service fills them from `pacsys.supervised.config.Settings`."""
-
-    backend: str = "sim"
-    workers: int = 2
-    threads_per_worker: int = 16
-    min_workers_ready: int = 1
-    ready_timeout: float = 30.0
-    worker_wait: float = 5.0
-    unready_limit: float = 120.0
-    ping_interval: float = 1.0
-    hang_timeout: float = 5.0
-    restart_backoff_initial: float = 0.1
-    restart_backoff_max: float = 5.0
-    restart_stable_uptime: float = 1.0
-    restart_intensity: int = 5
-    restart_period: float = 60.0
-    restart_cooldown_initial: float = 10.0
-    restart_cooldown_max: float = 300.0
-    recycle_rss_mb: int = 0
-    recycle_requests: int = 0
-    recycle_jitter: float = 0.1
-    subscription_linger: float = 2.0
-    stream_buffer: int = 1000
-    worker_log_level: str = "WARNING"
-    event_loop: str = "auto"
-    worker_python: str | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> PoolOptions:
-        names = cls.__dataclass_fields__.keys()
-        return cls(**{n: getattr(settings, n) for n in names if hasattr(settings, n)})
-
-    def supervision(self) -> SupervisionPolicy:
-        return SupervisionPolicy(
-            backoff_initial=self.restart_backoff_initial,
-            backoff_max=self.restart_backoff_max,
-            stable_uptime=self.restart_stable_uptime,
-            intensity=self.restart_intensity,
-            period=self.restart_period,
-            cooldown_initial=self.restart_cooldown_initial,
-            cooldown_max=self.restart_cooldown_max,
-        )
-
-
-@dataclass
-class PoolStats(GapStats):
-    exits_by_reason: collections.Counter = field(default_factory=collections.Counter)
-    recycles_by_reason: collections.Counter = field(default_factory=collections.Counter)
-    cooldowns: int = 0  # slots cooled down after too many early exits
-    reads_retried: int = 0
-    writes_outcome_unknown: int = 0
-    calls_waited: int = 0  # one-shot calls and subscriptions that found no worker serving
-    calls_unavailable: int = 0  # ... and still none after worker_wait: UNAVAILABLE
-    last_restart_to_ready_seconds: float | None = None
+def supervision_policy(settings: Settings) -> SupervisionPolicy:
+    """The restart rules of the state machine, from the settings of that name."""
+    return SupervisionPolicy(
+        backoff_initial=settings.restart_backoff_initial,
+        backoff_max=settings.restart_backoff_max,
+        stable_uptime=settings.restart_stable_uptime,
+        intensity=settings.restart_intensity,
+        period=settings.restart_period,
+        cooldown_initial=settings.restart_cooldown_initial,
+        cooldown_max=settings.restart_cooldown_max,
+    )
 
 
 class WorkerPool(AsyncBackend):
-    def __init__(self, settings: Any = None, **overrides: Any):
-        options = PoolOptions.from_settings(settings) if settings is not None else PoolOptions()
-        for name, value in overrides.items():
-            if not hasattr(options, name):
-                raise TypeError(f"unknown pool option {name!r}")
-            setattr(options, name, value)
-        if options.workers < 1:
+    def __init__(self, settings: Settings | None = None, **overrides: Any):
+        """A pool run with `settings` (`pacsys.supervised.config.Settings`, the one owner of
+        every default), each keyword argument replacing the setting of its name:
+        `WorkerPool(backend="sim", workers=4, stream_buffer=200)`. They are checked as the
+        service's are (an unknown name is a TypeError, a bad value a ConfigError)."""
+        settings = Settings(**overrides) if settings is None else dataclasses.replace(settings, **overrides)
+        if settings.workers < 1:
             raise ValueError("a WorkerPool needs at least one worker")
-        self.options = options
+        self.settings = settings
+        self.workers = settings.workers  # live slots: SIGTTIN and SIGTTOU change it, not the setting
         self.stats = PoolStats()
         # The workers encode each reading's reply body; the servicer uses this as its cache.
         self.reply_bodies: ReplyBodies = ReplyBodies()
         self._command = WorkerCommand(
-            options.backend,
-            options.threads_per_worker,
-            options.worker_log_level,
-            options.event_loop,
-            options.worker_python,
+            settings.backend,
+            settings.threads_per_worker,
+            settings.worker_log_level,
+            settings.event_loop,
+            settings.worker_python,
         )
-        self._policy = options.supervision()
+        self._policy = supervision_policy(settings)
         self._slots: list[Slot] = []
         self._workers: dict[tuple[int, int], WorkerProcess] = {}  # (slot, generation): every unreaped process
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._ids = itertools.count(1)
         self._router: Router[WorkerProcess] = Router(self._serving_worker)
         self._fanout = Fanout(
-            self._router.owner, self._ids, self.reply_bodies, options.stream_buffer, options.subscription_linger
+            self._router.owner, self._ids, self.reply_bodies, settings.stream_buffer, settings.subscription_linger
         )
         self._fanout.gaps = self.stats
         self._any_serving = asyncio.Event()
@@ -173,7 +130,7 @@ class WorkerPool(AsyncBackend):
     @property
     def is_ready(self) -> bool:
         """Enough workers are ready to serve (health readiness)."""
-        return self.ready_count >= self.options.min_workers_ready
+        return self.ready_count >= self.settings.min_workers_ready
 
     def unready_seconds(self) -> float:
         """How long the pool has not been ready (fewer than `min_workers_ready` serving; 0 while ready)."""
@@ -188,7 +145,7 @@ class WorkerPool(AsyncBackend):
         systemd watchdog and, with `unready_exit`, the service itself act on this. So the
         service never sits NOT_SERVING for good while its liveness says SERVING.
         """
-        return self.unready_seconds() <= self.options.unready_limit
+        return self.unready_seconds() <= self.settings.unready_limit
 
     @property
     def subscription_count(self) -> int:
@@ -249,22 +206,22 @@ class WorkerPool(AsyncBackend):
             return
         self._started = True
         self._loop = asyncio.get_running_loop()
-        self._slots = [self._new_slot(i) for i in range(self.options.workers)]
+        self._slots = [self._new_slot(i) for i in range(self.workers)]
         self._router.resize(len(self._slots))
         starts = [self._start_worker(slot, _spawned(slot.start()), first=True) for slot in self._slots]
         results = await asyncio.gather(*starts, return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         startup = [r for r in failures if isinstance(r, WorkerStartupError)]
-        if startup or self.ready_count < self.options.min_workers_ready:
+        if startup or self.ready_count < self.settings.min_workers_ready:
             await self.close()
             if startup:
                 raise startup[0]
             raise WorkerStartupError(
-                f"only {self.ready_count} of {self.options.workers} workers became ready "
-                f"within {self.options.ready_timeout} s: {failures[0] if failures else 'unknown'}"
+                f"only {self.ready_count} of {self.workers} workers became ready "
+                f"within {self.settings.ready_timeout} s: {failures[0] if failures else 'unknown'}"
             )
         self._ticker = self._loop.create_task(self._tick())
-        logger.info("event=pool_ready workers=%d backend=%s", self.ready_count, self.options.backend)
+        logger.info("event=pool_ready workers=%d backend=%s", self.ready_count, self.settings.backend)
 
     def _new_slot(self, index: int) -> Slot:
         return Slot(index, self._policy, others_serving=self._others_serving)
@@ -357,7 +314,7 @@ class WorkerPool(AsyncBackend):
             self._any_serving.set()
         else:
             self._any_serving.clear()
-        if serving >= self.options.min_workers_ready:
+        if serving >= self.settings.min_workers_ready:
             self._unready_since = None
         else:
             self._unready_since = self._unready_since or time.monotonic()
@@ -385,13 +342,13 @@ class WorkerPool(AsyncBackend):
             return
         self._workers[(slot.index, generation)] = worker
         try:
-            ready = await asyncio.wait_for(asyncio.shield(worker.ready), self.options.ready_timeout)
+            ready = await asyncio.wait_for(asyncio.shield(worker.ready), self.settings.ready_timeout)
         except TimeoutError:
             worker.kill("ready_timeout")  # its exit, reaped, reaches the slot
             self._apply(slot, slot.replacement_failed(generation))
             if first:
                 raise WorkerStartupError(
-                    f"worker {slot.index} was not ready within {self.options.ready_timeout} s"
+                    f"worker {slot.index} was not ready within {self.settings.ready_timeout} s"
                 ) from None
             return
         except WorkerStartupError as exc:
@@ -407,9 +364,9 @@ class WorkerPool(AsyncBackend):
             return
         worker.ready_at = worker.last_pong = time.monotonic()
         self._capabilities = BackendCapability(ready.capabilities)
-        if self.options.recycle_requests:
+        if self.settings.recycle_requests:
             worker.recycle_after = int(
-                self.options.recycle_requests * (1 + random.uniform(0, self.options.recycle_jitter))
+                self.settings.recycle_requests * (1 + random.uniform(0, self.settings.recycle_jitter))
             )
         actions = slot.ready(generation)
         if slot.last_restart_to_ready is not None:
@@ -485,8 +442,8 @@ class WorkerPool(AsyncBackend):
                     pid,
                     how.reason,
                     how.detail,
-                    self.options.restart_intensity + 1,
-                    self.options.restart_period,
+                    self.settings.restart_intensity + 1,
+                    self.settings.restart_period,
                     delay,
                 )
             else:
@@ -502,8 +459,8 @@ class WorkerPool(AsyncBackend):
 
     async def _tick(self) -> None:
         """Heartbeats, hang detection and recycling by memory, once per ping interval."""
-        interval = self.options.ping_interval
-        rss_limit = self.options.recycle_rss_mb * 1024 * 1024
+        interval = self.settings.ping_interval
+        rss_limit = self.settings.recycle_rss_mb * 1024 * 1024
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
@@ -511,7 +468,7 @@ class WorkerPool(AsyncBackend):
                 w = self._serving_worker(slot.index)
                 if w is None:
                     continue
-                if now - w.last_pong > self.options.hang_timeout:
+                if now - w.last_pong > self.settings.hang_timeout:
                     self._apply(slot, slot.pong_missed(w.generation))
                     continue
                 w.ping_seq += 1
@@ -566,7 +523,7 @@ class WorkerPool(AsyncBackend):
             )
         elif isinstance(msg, p.StartupFailed):
             if not worker.ready.done():
-                worker.ready.set_exception(WorkerStartupError(f"backend {self.options.backend!r}: {msg.message}"))
+                worker.ready.set_exception(WorkerStartupError(f"backend {self.settings.backend!r}: {msg.message}"))
 
     # -- one-shot calls --------------------------------------------------------------------
 
@@ -579,7 +536,7 @@ class WorkerPool(AsyncBackend):
         if not unserved:
             return groups, timeout
         self.stats.calls_waited += 1
-        wait = self.options.worker_wait if timeout is None else min(self.options.worker_wait, timeout)
+        wait = self.settings.worker_wait if timeout is None else min(self.settings.worker_wait, timeout)
         started = time.monotonic()
         try:
             async with asyncio.timeout(wait):
@@ -597,11 +554,11 @@ class WorkerPool(AsyncBackend):
         """Wait until any worker serves (at most `worker_wait`): a new stream, like a one-shot call."""
         self.stats.calls_waited += 1
         try:
-            async with asyncio.timeout(self.options.worker_wait):
+            async with asyncio.timeout(self.settings.worker_wait):
                 await self._any_serving.wait()
         except TimeoutError:
             self.stats.calls_unavailable += 1
-            raise BackendUnavailable(f"no backend worker became ready within {self.options.worker_wait:g} s") from None
+            raise BackendUnavailable(f"no backend worker became ready within {self.settings.worker_wait:g} s") from None
 
     async def _call(self, worker: WorkerProcess, make: Any, timeout: float | None) -> Any:
         """Send the request `make(id)` to the worker and wait for its reply.
@@ -731,7 +688,7 @@ class WorkerPool(AsyncBackend):
         await self._start_worker(slot, generation)
 
     def _count_workers(self) -> None:
-        self.options.workers = sum(1 for s in self._slots if s.state is not SlotState.RETIRED)
+        self.workers = sum(1 for s in self._slots if s.state is not SlotState.RETIRED)
 
     async def remove_worker(self) -> None:
         """Retire the last slot: its devices and subscriptions move first, then it stops."""
@@ -766,3 +723,10 @@ async def _all(coros: Iterable[Any]) -> None:
         await pending[0]
     else:
         await asyncio.gather(*pending)
+
+
+if TYPE_CHECKING:
+    from pacsys.supervised._managed import ManagedBackend
+
+    def _the_pool_is_managed(pool: WorkerPool) -> ManagedBackend:
+        return pool  # mypy proves that the worker pool implements the protocol

@@ -141,12 +141,12 @@ def _build_grpc(spec: str) -> AsyncBackend:
     target, token_file, pass_token, timeout = parts[:4]
     token = None
     if token_file is not None:
+        from pacsys.token_file import TokenFileError, read_token_file
+
         try:
-            token = Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise _fail(spec, f"cannot read token_file: {_one_line(exc)}") from exc
-        if not token:
-            raise _fail(spec, f"token_file {token_file!r} is empty")
+            token = read_token_file(token_file)
+        except TokenFileError as exc:
+            raise _fail(spec, f"token_file {exc}") from None
     from pacsys.backends.grpc_client import ClientTLS, DAQClientBackend
 
     tls = ClientTLS(parts.ca, parts.cert, parts.key) if parts.tls else None

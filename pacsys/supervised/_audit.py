@@ -46,6 +46,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Literal, overload
 
+from workers.reply_body import varint
+
 from ._policies import PolicyDecision, RequestContext
 from ._refusal_log import excerpt
 
@@ -118,15 +120,6 @@ def _bounded(value: object) -> object:
     if isinstance(data, str):
         return excerpt(data, 1000)
     return data
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(0x80 | (n & 0x7F))
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def summarize_reply(method: str, reply: Any) -> dict[str, object]:
@@ -365,7 +358,7 @@ class AuditLog:
                 if tag is None:
                     raise ValueError(f"no frame tag for method {entry.get('method')!r}")
                 payload = message.SerializeToString()
-                self._proto.write(bytes((tag,)) + _varint(len(payload)) + payload)
+                self._proto.write(bytes((tag,)) + varint(len(payload)) + payload)
             except Exception:
                 self._failed(self._proto, "cannot write frame of seq %s", seq)
         self._unflushed += 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from workers.pool import PoolStats, WorkerPool
+    from workers.pool_stats import PoolStats
 
 
 @runtime_checkable
@@ -58,9 +58,3 @@ class ManagedBackend(CountsSubscriptions, Protocol):
 
     async def remove_worker(self) -> None:
         """One worker slot less (the service's SIGTTOU)."""
-
-
-if TYPE_CHECKING:
-
-    def _the_pool_is_managed(pool: WorkerPool) -> ManagedBackend:
-        return pool  # mypy proves that the worker pool implements the protocol

@@ -14,11 +14,11 @@ Library default: with no policies nothing is denied, writes included. The
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
 import os
-import signal
 import threading
 import time
 from typing import Any
@@ -35,7 +35,9 @@ from pacsys.supervised._managed import ManagedBackend
 from pacsys.supervised._peers import PeerLimit, is_loopback
 from pacsys.supervised._policies import Policy
 from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits, identity_of
+from pacsys.supervised._signals import SignalLoop
 from pacsys.supervised._tls import ServerTLS, TLSFiles
+from pacsys.supervised.config import Settings
 
 logger = logging.getLogger("pacsys.supervised")
 
@@ -51,6 +53,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # policy answers pings more often than every 5 minutes without data with GOAWAY
 # "too_many_pings" after a few strikes; this one accepts a ping every 10 s or slower, with or
 # without calls, and never counts strikes.
+# The settings' defaults are the library's too: `Settings` owns every one of them.
+DEFAULTS = Settings()
+
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -62,22 +67,22 @@ class SupervisedServer:
     def __init__(
         self,
         backend: Backend | AsyncBackend,
-        port: int = 50051,
-        host: str = "[::]",
+        port: int = DEFAULTS.port,
+        host: str = DEFAULTS.host,
         policies: list[Policy] | None = None,
         token: str | None = None,
         audit_log: AuditLog | None = None,
         *,
         limits: ServicerLimits | None = None,
-        max_message_bytes: int = 4 * 1024 * 1024,
-        backend_threads: int = 16,
-        shutdown_grace: float = 5.0,
-        drain_delay: float = 0.0,
-        log_requests: bool = False,
+        max_message_bytes: int = DEFAULTS.max_message_bytes,
+        backend_threads: int = DEFAULTS.threads_per_worker,
+        shutdown_grace: float = DEFAULTS.shutdown_grace,
+        drain_delay: float = DEFAULTS.drain_delay,
+        log_requests: bool = DEFAULTS.log_requests,
         close_backend: bool = False,
-        event_loop: str = "auto",
-        allow_unaudited_writes: bool = False,
-        allow_token_plaintext: bool | None = None,
+        event_loop: str = DEFAULTS.event_loop,
+        allow_unaudited_writes: bool = DEFAULTS.allow_unaudited_writes,
+        allow_token_plaintext: bool | None = DEFAULTS.allow_token_plaintext,
         admin_token: str | None = None,
         tls: TLSFiles | None = None,
     ):
@@ -98,11 +103,16 @@ class SupervisedServer:
         self._max_message_bytes = max_message_bytes
         self._grace = shutdown_grace
         self._drain_delay = drain_delay
+        self.stopping = False  # run() is stopping on a signal: a second one exits at once
         self._leaving = False  # stop() was asked: NOT_SERVING, but still serving during drain_delay
         self._close_backend = close_backend
         self._event_loop = event_loop
         # Read now, so that a bad certificate file fails the start, not the first handshake.
         self.tls = ServerTLS(tls) if tls is not None else None
+        limits = limits or ServicerLimits()
+        if self._managed is None and limits.stream_buffer is None:
+            # In process the servicer owns each stream's buffer size; a worker pool owns its own.
+            limits = dataclasses.replace(limits, stream_buffer=DEFAULTS.stream_buffer)
         if allow_token_plaintext is None:  # a token never crosses a network in clear by default
             allow_token_plaintext = _is_loopback_host(host)
         self.servicer = DAQServicer(
@@ -216,20 +226,26 @@ class SupervisedServer:
         return self._stopped.wait(timeout)
 
     def run(self) -> None:
-        """Serve until SIGINT or SIGTERM (call from the main thread)."""
+        """Serve until SIGINT or SIGTERM (call from the main thread); a second one exits at once.
+
+        The signals are handled as the command's are (`_signals.SignalLoop`), by `handle_int`
+        and `handle_term`.
+        """
         self.start()
+        with SignalLoop(self, ("INT", "TERM")) as signals:
+            signals.run(lambda: 0 if self.wait(0) else None)
 
-        def on_signal(signum, _frame):
-            logger.info("signal %s: shutting down", signal.Signals(signum).name)
-            threading.Thread(target=self.stop, daemon=True).start()
+    def handle_int(self) -> int:
+        return self._stop_on_signal("SIGINT")
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            while not self.wait(0.5):
-                pass
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+    def handle_term(self) -> int:
+        return self._stop_on_signal("SIGTERM")
+
+    def _stop_on_signal(self, signame: str) -> int:
+        logger.info("signal %s: shutting down", signame)
+        self.stopping = True
+        self.stop()
+        return 0
 
     def __enter__(self) -> SupervisedServer:
         self.start()

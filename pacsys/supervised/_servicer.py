@@ -297,7 +297,8 @@ class DAQServicer:
             if parsed.canonical != drf:
                 slots.setdefault(parsed.canonical, []).append(decision.original[pos])
         handle = await self.backend.subscribe(drfs)
-        handle.resize(self.limits.stream_buffer)
+        if self.limits.stream_buffer is not None:
+            handle.resize(self.limits.stream_buffer)
         self._streams[handle] = OpenStream(peer, drfs, time.time(), handle, who)
         bodies = self._bodies
         audit = self.audit

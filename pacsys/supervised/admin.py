@@ -187,14 +187,14 @@ def status(argv: list[str]) -> int:
     import grpc
 
     from pacsys.supervised._server import ADMIN_SERVICE
+    from pacsys.token_file import TokenFileError, read_token_file
 
     try:
         metadata = None
         if ns.token_file:
-            with open(ns.token_file, encoding="utf-8") as f:
-                metadata = [("authorization", f"Bearer {f.read().strip()}")]
+            metadata = [("authorization", f"Bearer {read_token_file(ns.token_file)}")]
         channel = _open_channel(ns)
-    except OSError as exc:
+    except (OSError, TokenFileError) as exc:
         return report_error(exc)
     with channel:
         try:

@@ -46,6 +46,7 @@ from pacsys.supervised._tls import TLSFiles
 from pacsys.supervised.config_error import ConfigError, range_text
 from pacsys.supervised.gate import ServicerLimits
 from pacsys.supervised.policy_config import EXAMPLE_POLICIES, POLICY_TYPES
+from pacsys.token_file import TokenFileError, read_token_file
 from workers.backend_spec import FactorySpecError, parse_factory
 
 __all__ = [
@@ -324,6 +325,13 @@ class Settings:
         section="Logging",
         choices=("kv", "json"),
         normalize=str.lower,
+    )
+    worker_log_level: str = _setting(
+        "WARNING",
+        "Log level of the worker processes: DEBUG, INFO, WARNING, ERROR or CRITICAL.",
+        section="Logging",
+        choices=LOG_LEVELS,
+        normalize=str.upper,
     )
     log_requests: bool = _setting(False, "Log every request at INFO (costs throughput).", section="Logging")
     refusal_log_interval: float = _setting(
@@ -815,14 +823,9 @@ def _read_token_file(path: str | None, key: str) -> str | None:
     if path is None:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"'{key}' {path}: cannot read it: {reason}", key=key) from None
-    if not token:
-        raise ConfigError(f"'{key}' {path} is empty", key=key)
-    return token
+        return read_token_file(path)
+    except TokenFileError as exc:
+        raise ConfigError(f"'{key}' {exc}", key=key) from None
 
 
 def tls_files(settings: Settings) -> TLSFiles | None:
@@ -855,7 +858,8 @@ def limits(settings: Settings) -> ServicerLimits:
         max_rate_hz=settings.max_rate_hz,
         max_stream_rate=settings.max_stream_rate,
         max_peer_rate=settings.max_peer_rate,
-        stream_buffer=settings.stream_buffer,
+        # With workers the pool makes each stream's buffer this size: it alone owns the setting.
+        stream_buffer=settings.stream_buffer if settings.workers == 0 else None,
         refusal_log_interval=settings.refusal_log_interval,
     )
 

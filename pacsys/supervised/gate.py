@@ -71,7 +71,9 @@ class ServicerLimits:
     max_rate_hz: float = 1440.0  # fastest periodic rate a DRF may ask for
     max_stream_rate: float = 5000.0  # readings per second one stream may ask for and receive
     max_peer_rate: float = 10_000.0  # the same, for all streams of one client together
-    stream_buffer: int = 1_000  # readings queued per client stream before its oldest are dropped
+    # Readings queued per client stream before its oldest are dropped. None keeps the size the
+    # backend made the stream's buffer with (a worker pool's own `stream_buffer` setting).
+    stream_buffer: int | None = None
     refusal_log_interval: float = 10.0  # seconds between log lines for one client's refusals of one kind
 
     def __post_init__(self) -> None:

@@ -32,7 +32,7 @@ SERVING_STATES = frozenset(state.value for state in SERVING)
 
 if TYPE_CHECKING:
     from pacsys.supervised._server import SupervisedServer
-    from workers.pool import PoolStats
+    from workers.pool_stats import PoolStats
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

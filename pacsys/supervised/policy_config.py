@@ -10,7 +10,6 @@ re-exported here. The settings themselves are `config.Settings`.
 from __future__ import annotations
 
 import difflib
-import importlib
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -28,6 +27,7 @@ from pacsys.supervised._policies import (
     write_gate,  # the rule lives with the policies; imported from here by the service and the admin commands
 )
 from pacsys.supervised.config_error import ConfigError, range_text
+from workers.backend_spec import LoadError, load_callable
 
 
 class PolicySettings(Protocol):
@@ -172,17 +172,6 @@ def _slew_rate(t: _PolicyTable) -> Policy:
     return SlewRatePolicy(slews)
 
 
-def _import_factory(spec: str) -> Callable[..., Any]:
-    module_name, _, attr = spec.partition(":")
-    module = importlib.import_module(module_name)
-    obj: Any = module
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{spec} is not callable")
-    return obj
-
-
 def _custom_spec(t: _PolicyTable) -> tuple[str, Mapping[str, Any]]:
     """The factory spec and args of a custom policy, checked without importing anything."""
     spec = t.get("factory")
@@ -198,16 +187,17 @@ def _custom_spec(t: _PolicyTable) -> tuple[str, Mapping[str, Any]]:
 def _custom(t: _PolicyTable) -> Policy:
     spec, args = _custom_spec(t)
     try:
-        factory = _import_factory(spec)
-    except Exception as exc:  # ImportError, AttributeError, whatever the module raises on import
-        raise t.error("factory", f"cannot load {spec}: {type(exc).__name__}: {exc}") from None
+        module_name, _, attr = spec.partition(":")
+        factory = load_callable(module_name, attr)
+    except LoadError as exc:
+        raise t.error("factory", f"cannot load {spec}: {exc}") from None
     try:
         policy = factory(**args)
     except Exception as exc:
         raise t.error("args", f"rejected: {spec}(**args) raised {type(exc).__name__}: {exc}") from None
     if not callable(getattr(policy, "check", None)):
         raise t.error("factory", f"{spec} returned {type(policy).__name__}, not a Policy")
-    return policy
+    return policy  # type: ignore[return-value]  # site code: checked for its `check` method above
 
 
 _BUILDERS: dict[str, tuple[Callable[[_PolicyTable], Policy], tuple[str, ...]]] = {

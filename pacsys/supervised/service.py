@@ -20,13 +20,11 @@ import dataclasses
 import inspect
 import logging
 import os
-import queue
-import signal
 import threading
-from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pacsys.supervised import _systemd as systemd
+from pacsys.supervised._signals import SignalLoop
 from pacsys.supervised.config import (
     FIELDS,
     ConfigError,
@@ -48,9 +46,17 @@ from pacsys.supervised.reporting import (
     report_error,
 )
 
+if TYPE_CHECKING:
+    from pacsys.aio import AsyncBackend
+    from pacsys.backends import Backend
+    from pacsys.supervised._audit import AuditLog
+    from pacsys.supervised._managed import ManagedBackend
+    from pacsys.supervised._server import SupervisedServer
+    from pacsys.supervised.metrics import MetricsServer
+
 logger = logging.getLogger("pacsys.supervised")
 
-# The signals the service handles, each by its handle_<name> method.
+# The signals the service handles, each by its handle_<name> method (`_signals.SignalLoop`).
 SIGNALS = ("INT", "TERM", "HUP", "USR1", "TTIN", "TTOU")
 
 # Settings a SIGHUP applies at once; a change to any other one waits for a restart.
@@ -74,16 +80,15 @@ class Service:
         self.settings = settings
         self.overrides = overrides
         self.env = env or {}  # read once: a reload re-reads the file, not the environment
-        self.backend: Any = None
-        self.audit: Any = None
-        self.server: Any = None
-        self.metrics: Any = None
-        self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.backend: Backend | AsyncBackend | None = None
+        self.audit: AuditLog | None = None
+        self.server: SupervisedServer | None = None
+        self.metrics: MetricsServer | None = None
         self.stopping = False
 
     # -- building --------------------------------------------------------------------------
 
-    def _build_backend(self) -> Any:
+    def _build_backend(self) -> Backend | AsyncBackend:
         s = self.settings
         if s.workers == 0:
             from pacsys.backends.spec import build_backend
@@ -112,11 +117,12 @@ class Service:
                 self.audit = AuditLog(s.audit_path, s.audit_proto_path, s.audit_log_responses, s.audit_flush_interval)
         except (OSError, ValueError) as exc:
             return report_error(f"cannot open the audit log: {exc}", EXIT_START_FAILED)
-        previous = self._install_signal_handlers()
+        signals = SignalLoop(self, SIGNALS)
+        signals.install()  # before the backend starts: a signal meanwhile waits in the queue
         try:
             try:
                 self.backend = self._build_backend()
-                self.server = SupervisedServer(
+                self.server = server = SupervisedServer(
                     self.backend,
                     port=s.port,
                     host=s.host,
@@ -141,29 +147,29 @@ class Service:
                     from pacsys.supervised.metrics import MetricsServer
 
                     self.metrics = MetricsServer(
-                        self.server,
+                        server,
                         s.metrics_port,
                         host=_metrics_host(s.host),
                         max_connections=s.metrics_max_connections,
                         timeout=s.metrics_timeout,
                     )
                     self.metrics.start()
-                self.server.start(timeout=s.ready_timeout + 30.0)
+                server.start(timeout=s.ready_timeout + 30.0)
             except Exception as exc:  # BackendSpecError, WorkerStartupError, OSError (ports in use), ...
                 logger.debug("startup failed", exc_info=True)
                 self._cleanup_after_failed_start()
                 return report_error(exc, EXIT_START_FAILED)
             tune_gc_for_serving()
-            banner = f"{PROG}: serving DAQ on {s.host}:{self.server.port} ({self._describe()})"
+            banner = f"{PROG}: serving DAQ on {s.host}:{server.port} ({self._describe()})"
             if json_logging():
                 logger.info(banner)  # no arguments: our own text, not escaped
             else:
                 print(banner, flush=True)
-            systemd.notify(f"READY=1\nSTATUS=serving on port {self.server.port}\nMAINPID={os.getpid()}")
+            systemd.notify(f"READY=1\nSTATUS=serving on port {server.port}\nMAINPID={os.getpid()}")
             watchdog_stop = threading.Event()
-            systemd.start_watchdog(self.server.alive, watchdog_stop)
+            systemd.start_watchdog(server.alive, watchdog_stop)
             try:
-                return self._wait()
+                return signals.run(self._idle)
             finally:
                 watchdog_stop.set()
         finally:
@@ -171,18 +177,18 @@ class Service:
                 self.metrics.stop()
             if self.audit is not None:
                 self.audit.close()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            signals.restore()
 
     def _describe(self) -> str:
         s = self.settings
         if s.workers == 0:
             text = f"backend {s.backend}, in process"
         else:
-            ready = getattr(self.backend, "ready_count", None)
-            if ready is None:
+            managed = self._managed()
+            if managed is None:
                 text = f"backend {s.backend}, {s.workers} workers"
             else:
+                ready = managed.ready_count
                 text = f"backend {s.backend}, {ready} worker{'' if ready == 1 else 's'} ready"
         if self.metrics is not None:
             text += f", metrics on port {self.metrics.port}"
@@ -202,51 +208,24 @@ class Service:
 
     # -- signals ---------------------------------------------------------------------------
 
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            logger.warning("not in the main thread: signals are not handled")
-            return {}
-        previous: dict[int, Any] = {}
-        for name in SIGNALS:
-            signum = getattr(signal, f"SIG{name}", None)
-            if signum is not None:
-                previous[signum] = signal.signal(signum, self._on_signal)
-        return previous
-
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        # Runs in the main thread between bytecodes: only queue it (SimpleQueue.put is reentrant).
-        if signum in (signal.SIGINT, signal.SIGTERM) and self.stopping:
-            # A second termination signal while draining: give up on a graceful stop.
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-        self.signals.put(signum)
-
-    def _wait(self) -> int:
-        """The main thread's loop: handle queued signals until the server stops."""
-        while True:
-            try:
-                signum = self.signals.get(timeout=0.5)
-            except queue.Empty:
-                if self.server.wait(0):
-                    return report_error("the server stopped unexpectedly (see the log)", EXIT_START_FAILED)
-                if self.settings.unready_exit and not self.server.backend_alive():
-                    # Erlang's escalation: this process cannot recover by itself; let the
-                    # service manager restart all of it.
-                    logger.error(
-                        "event=unready_exit unready_limit=%g exit_status=%d",
-                        self.settings.unready_limit,
-                        EXIT_UNREADY,
-                    )
-                    self.stopping = True
-                    systemd.notify("STOPPING=1")
-                    self.server.stop()
-                    return EXIT_UNREADY
-                continue
-            # As uvicorn's supervisor does: SIGHUP is handled by handle_hup, and so on.
-            handler = getattr(self, f"handle_{signal.Signals(signum).name[3:].lower()}")
-            status = handler()
-            if status is not None:
-                return status
+    def _idle(self) -> int | None:
+        """Between signals: an exit status when the service must end by itself, else None."""
+        server = self._running()
+        if server.wait(0):
+            return report_error("the server stopped unexpectedly (see the log)", EXIT_START_FAILED)
+        if self.settings.unready_exit and not server.backend_alive():
+            # Erlang's escalation: this process cannot recover by itself; let the
+            # service manager restart all of it.
+            logger.error(
+                "event=unready_exit unready_limit=%g exit_status=%d",
+                self.settings.unready_limit,
+                EXIT_UNREADY,
+            )
+            self.stopping = True
+            systemd.notify("STOPPING=1")
+            server.stop()
+            return EXIT_UNREADY
+        return None
 
     # -- SIGINT, SIGTERM -------------------------------------------------------------------
 
@@ -261,7 +240,7 @@ class Service:
         self.stopping = True
         logger.info("%s: shutting down (grace %g s)", signame, self.settings.shutdown_grace)
         systemd.notify("STOPPING=1")
-        self.server.stop()
+        self._running().stop()
         return 0
 
     # -- SIGHUP ----------------------------------------------------------------------------
@@ -271,6 +250,7 @@ class Service:
 
     def reload(self) -> bool:
         """Re-read the config file; swap the policy chain when all of it is valid."""
+        server = self._running()
         old = self.settings
         path = old.config
         if path is None:
@@ -281,22 +261,22 @@ class Service:
             token = resolve_token(new)
             admin_token = resolve_admin_token(new)
             chain = write_gate(new, build_policies(new))
-            if self.server.tls is not None:
-                self.server.tls.reload()  # a renewed certificate (same paths) serves the next handshakes
+            if server.tls is not None:
+                server.tls.reload()  # a renewed certificate (same paths) serves the next handshakes
         except Exception as exc:  # a reload never ends the process, whatever the file holds
             text = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
             logger.error("config reload failed, keeping the old policies: %s", text)
             return False
-        self.server.set_policies(chain)
-        self.server.servicer.set_token(token)  # a rotated token file takes effect here too
-        self.server.admin_token = admin_token
+        server.set_policies(chain)
+        server.servicer.set_token(token)  # a rotated token file takes effect here too
+        server.admin_token = admin_token
         if (new.log_level, new.log_format, new.log_value_chars) != (
             old.log_level,
             old.log_format,
             old.log_value_chars,
         ):
             configure_service_logging(new)
-        self.server.servicer.log_requests = new.log_requests
+        server.servicer.log_requests = new.log_requests
         self.settings = dataclasses.replace(old, **{k: getattr(new, k) for k in RELOADABLE})
         pending = [k for k in FIELDS if k not in RELOADABLE and getattr(new, k) != getattr(old, k)]
         if pending:
@@ -327,25 +307,34 @@ class Service:
 
     def scale(self, up: bool, signame: str = "") -> None:
         what = "add_worker" if up else "remove_worker"
-        method = getattr(self.backend, what, None)
-        loop = self.server.loop
-        if method is None or loop is None:
+        managed = self._managed()
+        loop = self._running().loop
+        if managed is None or loop is None:
             logger.warning("%s: cannot %s: the backend is not a worker pool", signame, what)
             return
         logger.info("%s: %s", signame, what)
-        if inspect.iscoroutinefunction(method):
-            future = asyncio.run_coroutine_threadsafe(method(), loop)
-            future.add_done_callback(lambda f: self._scaled(what, f))
-        else:
-            loop.call_soon_threadsafe(method)
+        future = asyncio.run_coroutine_threadsafe(managed.add_worker() if up else managed.remove_worker(), loop)
+        future.add_done_callback(lambda f: self._scaled(what, managed, f))
 
-    def _scaled(self, what: str, future: concurrent.futures.Future[Any]) -> None:
+    def _scaled(self, what: str, managed: ManagedBackend, future: concurrent.futures.Future[None]) -> None:
         if future.cancelled():
             logger.warning("%s cancelled", what)
         elif future.exception() is not None:
             logger.error("%s failed: %s", what, future.exception())
         else:
-            logger.info("%s done: %s workers ready", what, getattr(self.backend, "ready_count", "?"))
+            logger.info("%s done: %s workers ready", what, managed.ready_count)
+
+    # -- the parts, once built -------------------------------------------------------------
+
+    def _running(self) -> SupervisedServer:
+        """The server; signals are handled only once it runs."""
+        if self.server is None:
+            raise RuntimeError("the service is not running")
+        return self.server
+
+    def _managed(self) -> ManagedBackend | None:
+        """The backend as a worker pool (its workers, scaling), or None."""
+        return self.server.managed if self.server is not None else None
 
 
 def _metrics_host(host: str) -> str:
