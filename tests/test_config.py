@@ -366,7 +366,7 @@ def test_limits():
 
 def test_example_file_is_render_example():
     assert EXAMPLE.read_text() == render_example(), (
-        "ops/supervisor.example.toml is stale: python -m pacsys.supervised.config > ops/supervisor.example.toml"
+        "ops/supervisor.example.toml is stale: python -m pacsys.supervised.example_config > ops/supervisor.example.toml"
     )
 
 
