@@ -1,7 +1,7 @@
 """WorkerPool: backend worker processes behind the AsyncBackend interface.
 
 The servicer calls the pool like any AsyncBackend; everything about processes stays
-invisible to it. The pool is a composition of four ideas, each in its own module:
+invisible to it. The pool is a composition of five ideas, each in its own module:
 
 - `workers.process`: one worker process (spawn, socket, exit watch, kill);
 - `workers.supervision`: the life of a slot as a state machine (restart, backoff,
@@ -9,12 +9,11 @@ invisible to it. The pool is a composition of four ideas, each in its own module
 - `workers.routing`: which worker serves a device (rendezvous hashing);
 - `workers.fanout`: one backend subscription per distinct DRF, shared by client streams.
 
-What stays here: carrying out the state machine's actions on real processes, and
-one-shot calls (reads and writes) with their retry and wait rules. A one-shot call that
-finds no worker serving waits for one (`worker_wait`, and never past the client's own
-deadline) before it answers UNAVAILABLE. One-shot reads in flight on a worker that dies
-are retried once on each device's next worker; writes are never replayed, they answer
-DPM_WRITE_OUTCOME_UNKNOWN.
+- `workers.calls`: one-shot reads and writes, with their wait and retry rules.
+
+What stays here: carrying out the state machine's actions on real processes (spawning,
+reaping, killing, timers, pings, recycling), the messages from the workers, scaling, and
+the state that health, metrics and the status view read.
 """
 
 from __future__ import annotations
@@ -25,18 +24,17 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
-from pacsys.errors import BackendUnavailable, exception_for_kind
+from pacsys.errors import exception_for_kind
 from pacsys.replies import ReplyBodies
-from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.supervised.config import Settings
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
 from workers import protocol as p
+from workers.calls import OneShotCalls
 from workers.fanout import Fanout
 from workers.pool_stats import PoolStats
 from workers.process import WorkerCommand, WorkerLost, WorkerProcess, WorkerStartupError
@@ -109,6 +107,10 @@ class WorkerPool(AsyncBackend):
         )
         self._fanout.gaps = self.stats
         self._any_serving = asyncio.Event()
+        self._calls = OneShotCalls(
+            self._router, self._any_serving, self._ids, self.stats, self.reply_bodies, settings.worker_wait
+        )
+        self._calls.over_request_limit = self._over_request_limit
         self._unready_since: float | None = None
         self._capabilities = BackendCapability(0)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -525,150 +527,24 @@ class WorkerPool(AsyncBackend):
             if not worker.ready.done():
                 worker.ready.set_exception(WorkerStartupError(f"backend {self.settings.backend!r}: {msg.message}"))
 
-    # -- one-shot calls --------------------------------------------------------------------
-
-    async def _route(
-        self, drfs: list[str], positions: Iterable[int], timeout: float | None
-    ) -> tuple[dict[WorkerProcess, list[int]], float | None]:
-        """Group positions by serving worker, waiting for one if none serves; and the time left."""
-        positions = list(positions)
-        groups, unserved = self._router.group(drfs, positions)
-        if not unserved:
-            return groups, timeout
-        self.stats.calls_waited += 1
-        wait = self.settings.worker_wait if timeout is None else min(self.settings.worker_wait, timeout)
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(wait):
-                while unserved:  # a worker that serves again may be lost again before this call runs
-                    await self._any_serving.wait()
-                    groups, unserved = self._router.group(drfs, positions)
-                    if unserved:
-                        await asyncio.sleep(0.01)
-        except TimeoutError:
-            self.stats.calls_unavailable += 1
-            raise BackendUnavailable(f"no backend worker became ready within {wait:g} s") from None
-        return groups, None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-
-    async def _wait_for_a_worker(self) -> None:
-        """Wait until any worker serves (at most `worker_wait`): a new stream, like a one-shot call."""
-        self.stats.calls_waited += 1
-        try:
-            async with asyncio.timeout(self.settings.worker_wait):
-                await self._any_serving.wait()
-        except TimeoutError:
-            self.stats.calls_unavailable += 1
-            raise BackendUnavailable(f"no backend worker became ready within {self.settings.worker_wait:g} s") from None
-
-    async def _call(self, worker: WorkerProcess, make: Any, timeout: float | None) -> Any:
-        """Send the request `make(id)` to the worker and wait for its reply.
-
-        WorkerLost when the worker is gone or dies first; TimeoutError after `timeout`.
-        """
-        if worker.gone:
-            raise WorkerLost(f"worker {worker.slot} is not running")
-        request_id = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
-        worker.pending[request_id] = future
-        worker.requests += 1
-        worker.channel.send(make(request_id))
-        if worker.recycle_after and worker.requests >= worker.recycle_after:
-            slot = self._slots[worker.slot]
-            self._apply(slot, slot.over_limit(worker.generation, "recycle_requests"))
-        try:
-            async with asyncio.timeout(timeout):
-                return await future
-        finally:
-            worker.pending.pop(request_id, None)  # answered, timed out or cancelled: forget it
+    # -- one-shot calls (workers/calls.py) ---------------------------------------------------
 
     async def get_many(self, drfs: list[str], timeout: float | None = None) -> list[Reading]:
-        results: list[Reading | None] = [None] * len(drfs)
-        auth = caller_authorization.get()
-        await self._read(drfs, range(len(drfs)), results, timeout, auth, retry=True)
-        return results  # type: ignore[return-value]
-
-    async def _read(
-        self,
-        drfs: list[str],
-        positions: Iterable[int],
-        results: list[Reading | None],
-        timeout: float | None,
-        auth: str | None,
-        retry: bool,
-    ) -> None:
-        groups, timeout = await self._route(drfs, positions, timeout)
-        await _all(self._read_group(w, drfs, pos, results, timeout, auth, retry) for w, pos in groups.items())
-
-    async def _read_group(
-        self,
-        worker: WorkerProcess,
-        drfs: list[str],
-        positions: list[int],
-        results: list[Reading | None],
-        timeout: float | None,
-        auth: str | None,
-        retry: bool,
-    ) -> None:
-        subset = [drfs[i] for i in positions]
-        started = time.monotonic()
-        try:
-            reply = await self._call(
-                worker, lambda rid: p.Read(id=rid, drfs=subset, timeout=timeout, authorization=auth), timeout
-            )
-        except WorkerLost:
-            if not retry:
-                raise BackendUnavailable("the backend worker died twice while reading") from None
-            # Reads are idempotent: once more, on each device's next worker.
-            self.stats.reads_retried += 1
-            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-            await self._read(drfs, positions, results, left, auth, retry=False)
-            return
-        for pos, wire in zip(positions, reply.readings, strict=True):
-            reading = p.reading_from_wire(drfs[pos], wire)
-            if wire.body is not None:
-                self.reply_bodies.remember(reading, wire.body)
-            results[pos] = reading
+        return await self._calls.get_many(drfs, timeout)
 
     async def write_many(self, settings: list[tuple[str, Value]], timeout: float | None = None) -> list[WriteResult]:
-        drfs = [d for d, _ in settings]
-        # A write waits for a worker only before it is sent: once sent, it is never sent again.
-        groups, timeout = await self._route(drfs, range(len(drfs)), timeout)
-        results: list[WriteResult | None] = [None] * len(settings)
-        auth = caller_authorization.get()
+        return await self._calls.write_many(settings, timeout)
 
-        async def write_group(worker: WorkerProcess, positions: list[int]) -> None:
-            subset = [drfs[i] for i in positions]
-            values = [settings[i][1] for i in positions]
-            try:
-                reply = await self._call(
-                    worker,
-                    lambda rid: p.Write(id=rid, drfs=subset, values=values, timeout=timeout, authorization=auth),
-                    timeout,
-                )
-            except WorkerLost:
-                # Never replayed: the setting may or may not have reached the device.
-                self.stats.writes_outcome_unknown += len(positions)
-                for pos in positions:
-                    results[pos] = WriteResult(
-                        drf=drfs[pos],
-                        facility_code=DPM,
-                        error_code=DPM_WRITE_OUTCOME_UNKNOWN,
-                        message="backend worker lost while writing; outcome unknown, not retried",
-                    )
-                return
-            for pos, r in zip(positions, reply.results, strict=True):
-                results[pos] = WriteResult(
-                    drf=drfs[pos], facility_code=r.facility, error_code=r.error, message=r.message
-                )
-
-        await _all(write_group(w, pos) for w, pos in groups.items())
-        return results  # type: ignore[return-value]
+    def _over_request_limit(self, worker: WorkerProcess) -> None:
+        """The worker has served `recycle_requests` calls: replace it gracefully."""
+        slot = self._slots[worker.slot]
+        self._apply(slot, slot.over_limit(worker.generation, "recycle_requests"))
 
     # -- subscriptions ---------------------------------------------------------------------
 
     async def subscribe(self, drfs: list[str], callback: Any = None, on_error: Any = None) -> AsyncSubscriptionHandle:
         if self.ready_count == 0:
-            await self._wait_for_a_worker()  # the stream then moves with its devices
+            await self._calls.wait_for_a_worker()  # the stream then moves with its devices
         return self._fanout.subscribe(drfs, caller_authorization.get())
 
     # -- run-time scaling ------------------------------------------------------------------
@@ -714,15 +590,6 @@ def _spawned(actions: list[Action]) -> int:
     (spawn,) = actions
     assert isinstance(spawn, Spawn)
     return spawn.generation
-
-
-async def _all(coros: Iterable[Any]) -> None:
-    """Await the coroutines concurrently; a lone one is awaited directly (no task: the common case)."""
-    pending = list(coros)
-    if len(pending) == 1:
-        await pending[0]
-    else:
-        await asyncio.gather(*pending)
 
 
 if TYPE_CHECKING:

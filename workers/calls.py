@@ -1,0 +1,193 @@
+"""One-shot calls on the workers: reads and writes, with their wait and retry rules.
+
+A call is split by device over the workers that serve them (`workers.routing`), sent in
+parallel and reassembled in request order. A call that finds no worker serving waits for
+one, for at most `worker_wait` seconds and never past the client's own deadline, then
+answers UNAVAILABLE. A read in flight on a worker that dies is retried once on each
+device's next worker (reads are idempotent); a write is never sent twice: one in flight on
+a worker that dies answers DPM_WRITE_OUTCOME_UNKNOWN, and a write waits for a worker only
+before it is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pacsys.aio import caller_authorization
+from pacsys.errors import BackendUnavailable
+from pacsys.replies import ReplyBodies
+from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
+from pacsys.types import Reading, Value, WriteResult
+from workers import protocol as p
+from workers.pool_stats import PoolStats
+from workers.process import WorkerLost, WorkerProcess
+from workers.routing import Router
+
+
+class OneShotCalls:
+    def __init__(
+        self,
+        router: Router[WorkerProcess],
+        any_serving: asyncio.Event,
+        ids: itertools.count,
+        stats: PoolStats,
+        reply_bodies: ReplyBodies,
+        worker_wait: float,
+    ):
+        self._router = router
+        self._any_serving = any_serving  # set by the pool while any worker serves
+        self._ids = ids
+        self._stats = stats
+        self._reply_bodies = reply_bodies
+        self._worker_wait = worker_wait
+        # Called when a worker has served its `recycle_after` requests (the pool recycles it).
+        self.over_request_limit: Callable[[WorkerProcess], None] = lambda worker: None
+
+    async def _route(
+        self, drfs: list[str], positions: Iterable[int], timeout: float | None
+    ) -> tuple[dict[WorkerProcess, list[int]], float | None]:
+        """Group positions by serving worker, waiting for one if none serves; and the time left."""
+        positions = list(positions)
+        groups, unserved = self._router.group(drfs, positions)
+        if not unserved:
+            return groups, timeout
+        self._stats.calls_waited += 1
+        wait = self._worker_wait if timeout is None else min(self._worker_wait, timeout)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(wait):
+                while unserved:  # a worker that serves again may be lost again before this call runs
+                    await self._any_serving.wait()
+                    groups, unserved = self._router.group(drfs, positions)
+                    if unserved:
+                        await asyncio.sleep(0.01)
+        except TimeoutError:
+            self._stats.calls_unavailable += 1
+            raise BackendUnavailable(f"no backend worker became ready within {wait:g} s") from None
+        return groups, None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+
+    async def wait_for_a_worker(self) -> None:
+        """Wait until any worker serves (at most `worker_wait`): a new stream, like a one-shot call."""
+        self._stats.calls_waited += 1
+        try:
+            async with asyncio.timeout(self._worker_wait):
+                await self._any_serving.wait()
+        except TimeoutError:
+            self._stats.calls_unavailable += 1
+            raise BackendUnavailable(f"no backend worker became ready within {self._worker_wait:g} s") from None
+
+    async def _call(self, worker: WorkerProcess, make: Any, timeout: float | None) -> Any:
+        """Send the request `make(id)` to the worker and wait for its reply.
+
+        WorkerLost when the worker is gone or dies first; TimeoutError after `timeout`.
+        """
+        if worker.gone:
+            raise WorkerLost(f"worker {worker.slot} is not running")
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        worker.pending[request_id] = future
+        worker.requests += 1
+        worker.channel.send(make(request_id))
+        if worker.recycle_after and worker.requests >= worker.recycle_after:
+            self.over_request_limit(worker)
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            worker.pending.pop(request_id, None)  # answered, timed out or cancelled: forget it
+
+    async def get_many(self, drfs: list[str], timeout: float | None = None) -> list[Reading]:
+        results: list[Reading | None] = [None] * len(drfs)
+        auth = caller_authorization.get()
+        await self._read(drfs, range(len(drfs)), results, timeout, auth, retry=True)
+        return results  # type: ignore[return-value]
+
+    async def _read(
+        self,
+        drfs: list[str],
+        positions: Iterable[int],
+        results: list[Reading | None],
+        timeout: float | None,
+        auth: str | None,
+        retry: bool,
+    ) -> None:
+        groups, timeout = await self._route(drfs, positions, timeout)
+        await _all(self._read_group(w, drfs, pos, results, timeout, auth, retry) for w, pos in groups.items())
+
+    async def _read_group(
+        self,
+        worker: WorkerProcess,
+        drfs: list[str],
+        positions: list[int],
+        results: list[Reading | None],
+        timeout: float | None,
+        auth: str | None,
+        retry: bool,
+    ) -> None:
+        subset = [drfs[i] for i in positions]
+        started = time.monotonic()
+        try:
+            reply = await self._call(
+                worker, lambda rid: p.Read(id=rid, drfs=subset, timeout=timeout, authorization=auth), timeout
+            )
+        except WorkerLost:
+            if not retry:
+                raise BackendUnavailable("the backend worker died twice while reading") from None
+            # Reads are idempotent: once more, on each device's next worker.
+            self._stats.reads_retried += 1
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+            await self._read(drfs, positions, results, left, auth, retry=False)
+            return
+        for pos, wire in zip(positions, reply.readings, strict=True):
+            reading = p.reading_from_wire(drfs[pos], wire)
+            if wire.body is not None:
+                self._reply_bodies.remember(reading, wire.body)
+            results[pos] = reading
+
+    async def write_many(self, settings: list[tuple[str, Value]], timeout: float | None = None) -> list[WriteResult]:
+        drfs = [d for d, _ in settings]
+        # A write waits for a worker only before it is sent: once sent, it is never sent again.
+        groups, timeout = await self._route(drfs, range(len(drfs)), timeout)
+        results: list[WriteResult | None] = [None] * len(settings)
+        auth = caller_authorization.get()
+
+        async def write_group(worker: WorkerProcess, positions: list[int]) -> None:
+            subset = [drfs[i] for i in positions]
+            values = [settings[i][1] for i in positions]
+            try:
+                reply = await self._call(
+                    worker,
+                    lambda rid: p.Write(id=rid, drfs=subset, values=values, timeout=timeout, authorization=auth),
+                    timeout,
+                )
+            except WorkerLost:
+                # Never replayed: the setting may or may not have reached the device.
+                self._stats.writes_outcome_unknown += len(positions)
+                for pos in positions:
+                    results[pos] = WriteResult(
+                        drf=drfs[pos],
+                        facility_code=DPM,
+                        error_code=DPM_WRITE_OUTCOME_UNKNOWN,
+                        message="backend worker lost while writing; outcome unknown, not retried",
+                    )
+                return
+            for pos, r in zip(positions, reply.results, strict=True):
+                results[pos] = WriteResult(
+                    drf=drfs[pos], facility_code=r.facility, error_code=r.error, message=r.message
+                )
+
+        await _all(write_group(w, pos) for w, pos in groups.items())
+        return results  # type: ignore[return-value]
+
+
+async def _all(coros: Iterable[Any]) -> None:
+    """Await the coroutines concurrently; a lone one is awaited directly (no task: the common case)."""
+    pending = list(coros)
+    if len(pending) == 1:
+        await pending[0]
+    else:
+        await asyncio.gather(*pending)
