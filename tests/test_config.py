@@ -21,12 +21,12 @@ from pacsys.supervised.config import (
     FIELDS,
     ConfigError,
     Settings,
-    limits,
     load_config,
     render_example,
     resolve_token,
     settings_from,
 )
+from pacsys.supervised.gate import ServicerLimits
 from pacsys.supervised.policy_config import POLICY_TYPES, build_policies, write_gate
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "ops" / "supervisor.example.toml"
@@ -353,12 +353,14 @@ def test_resolve_token(tmp_path):
 
 
 def test_limits():
-    got = limits(
+    got = ServicerLimits.from_settings(
         Settings(workers=0, max_drfs_per_request=7, max_settings_per_request=3, max_streams=9, stream_buffer=11)
     )
     assert (got.max_drfs_per_request, got.max_settings_per_request, got.max_streams, got.stream_buffer) == (7, 3, 9, 11)
     # With workers the pool owns the stream buffers; the servicer leaves their size alone.
-    assert limits(Settings(workers=2, stream_buffer=11)).stream_buffer is None
+    assert ServicerLimits.from_settings(Settings(workers=2, stream_buffer=11)).stream_buffer is None
+    # A library user's ServicerLimits() has the settings' defaults: one owner.
+    assert ServicerLimits().max_streams == Settings().max_streams and ServicerLimits().max_rate_hz == 1440.0
 
 
 # -- the example file ------------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ from typing import Any
 
 from pacsys.supervised._tls import TLSFiles
 from pacsys.supervised.config_error import ConfigError, range_text
-from pacsys.supervised.gate import ServicerLimits
 from pacsys.supervised.policy_config import EXAMPLE_POLICIES, POLICY_TYPES
 from pacsys.token_file import TokenFileError, read_token_file
 from workers.backend_spec import FactorySpecError, parse_factory
@@ -57,7 +56,6 @@ __all__ = [
     "env_name",
     "env_settings",
     "setting_sources",
-    "limits",
     "load_config",
     "read_config_file",
     "render_example",
@@ -844,24 +842,6 @@ def tls_files(settings: Settings) -> TLSFiles | None:
         if b"-----BEGIN" not in pem:
             raise ConfigError(f"'{key}' {path}: not a PEM file", key=key)
     return files
-
-
-def limits(settings: Settings) -> ServicerLimits:
-    """The servicer's per-request limits."""
-    return ServicerLimits(
-        max_drfs_per_request=settings.max_drfs_per_request,
-        max_settings_per_request=settings.max_settings_per_request,
-        max_drf_length=settings.max_drf_length,
-        max_streams=settings.max_streams,
-        max_streams_per_peer=settings.max_streams_per_peer,
-        max_calls_per_peer=settings.max_calls_per_peer,
-        max_rate_hz=settings.max_rate_hz,
-        max_stream_rate=settings.max_stream_rate,
-        max_peer_rate=settings.max_peer_rate,
-        # With workers the pool makes each stream's buffer this size: it alone owns the setting.
-        stream_buffer=settings.stream_buffer if settings.workers == 0 else None,
-        refusal_log_interval=settings.refusal_log_interval,
-    )
 
 
 # -- the example file --------------------------------------------------------------------------

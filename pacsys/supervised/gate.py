@@ -23,6 +23,7 @@ with the refusal's status, or calls the backend and then `release`s the admissio
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hmac
 import logging
 import time
@@ -37,6 +38,7 @@ from pacsys.supervised._audit import AuditLog, AuditUnavailable
 from pacsys.supervised._peers import PeerLimit, Peers, peer_host
 from pacsys.supervised._policies import Policy, PolicyDecision, RequestContext, evaluate_policies
 from pacsys.supervised._refusal_log import RefusalLog, excerpt, excerpt_list
+from pacsys.supervised.config import Settings
 
 __all__ = [
     "EVENT_RATE_HZ",
@@ -58,23 +60,39 @@ DRAINING_DETAILS = "server is shutting down"
 UNAUDITED_DETAILS = "the audit log cannot record writes: writes are refused until it can"
 
 
+_DEFAULTS = Settings()  # the one owner of every default
+
+
 @dataclass
 class ServicerLimits:
-    """Limits on what one request and one client may ask; each is counted when it bites."""
+    """Limits on what one request and one client may ask; each is counted when it bites.
 
-    max_drfs_per_request: int = 1000
-    max_settings_per_request: int = 100
-    max_drf_length: int = 512  # characters of one DRF (or one setting's device)
-    max_streams: int = 10_000  # open streams of every client, Health.Watch included
-    max_streams_per_peer: int = 1000
-    max_calls_per_peer: int = 100  # one-shot Reads and Sets in flight
-    max_rate_hz: float = 1440.0  # fastest periodic rate a DRF may ask for
-    max_stream_rate: float = 5000.0  # readings per second one stream may ask for and receive
-    max_peer_rate: float = 10_000.0  # the same, for all streams of one client together
-    # Readings queued per client stream before its oldest are dropped. None keeps the size the
-    # backend made the stream's buffer with (a worker pool's own `stream_buffer` setting).
+    The defaults are the settings' of the same names (`config.Settings`); `from_settings`
+    takes a service's. `stream_buffer` None keeps the size the backend made a stream's buffer
+    with (a worker pool's own `stream_buffer` setting).
+    """
+
+    max_drfs_per_request: int = _DEFAULTS.max_drfs_per_request
+    max_settings_per_request: int = _DEFAULTS.max_settings_per_request
+    max_drf_length: int = _DEFAULTS.max_drf_length
+    max_streams: int = _DEFAULTS.max_streams
+    max_streams_per_peer: int = _DEFAULTS.max_streams_per_peer
+    max_calls_per_peer: int = _DEFAULTS.max_calls_per_peer
+    max_rate_hz: float = _DEFAULTS.max_rate_hz
+    max_stream_rate: float = _DEFAULTS.max_stream_rate
+    max_peer_rate: float = _DEFAULTS.max_peer_rate
     stream_buffer: int | None = None
-    refusal_log_interval: float = 10.0  # seconds between log lines for one client's refusals of one kind
+    refusal_log_interval: float = _DEFAULTS.refusal_log_interval
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServicerLimits:
+        """The limits of a service run with `settings`."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "stream_buffer"]
+        return cls(
+            **{name: getattr(settings, name) for name in names},
+            # With workers the pool makes each stream's buffer this size: it alone owns the setting.
+            stream_buffer=settings.stream_buffer if settings.workers == 0 else None,
+        )
 
     def __post_init__(self) -> None:
         for name in ("max_rate_hz", "max_stream_rate", "max_peer_rate"):

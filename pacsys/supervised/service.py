@@ -29,13 +29,13 @@ from pacsys.supervised.config import (
     FIELDS,
     ConfigError,
     Settings,
-    limits,
     read_config_file,
     resolve_admin_token,
     resolve_token,
     settings_from,
     tls_files,
 )
+from pacsys.supervised.gate import ServicerLimits
 from pacsys.supervised.policy_config import build_policies, write_gate
 from pacsys.supervised.reporting import (
     EXIT_START_FAILED,
@@ -129,7 +129,7 @@ class Service:
                     policies=chain,
                     token=token,
                     audit_log=self.audit,
-                    limits=limits(s),
+                    limits=ServicerLimits.from_settings(s),
                     max_message_bytes=s.max_message_bytes,
                     backend_threads=s.threads_per_worker,
                     shutdown_grace=s.shutdown_grace,
