@@ -400,8 +400,7 @@ class WorkerPool(AsyncBackend):
         if worker.process.poll() is None:
             worker.process.kill()
         if not worker.ready.done():
-            worker.ready.set_exception(WorkerLost(f"worker {worker.slot} exited before it was ready"))
-            worker.ready.exception()  # retrieved here, so an unawaited future logs nothing
+            _fail_start(worker, WorkerLost(f"worker {worker.slot} exited before it was ready"))
         for future in worker.pending.values():
             if not future.done():
                 future.set_exception(WorkerLost(f"worker {worker.slot} (pid {worker.pid}) died"))
@@ -517,15 +516,16 @@ class WorkerPool(AsyncBackend):
                 msg.protocol,
                 p.PROTOCOL_VERSION,
             )
-            worker.ready.set_exception(
+            _fail_start(
+                worker,
                 WorkerStartupError(
                     f"worker {worker.slot} (pid {worker.pid}) speaks worker protocol {msg.protocol}, "
                     f"this front {p.PROTOCOL_VERSION}: refused (restart the service to run the new code)"
-                )
+                ),
             )
         elif isinstance(msg, p.StartupFailed):
             if not worker.ready.done():
-                worker.ready.set_exception(WorkerStartupError(f"backend {self.settings.backend!r}: {msg.message}"))
+                _fail_start(worker, WorkerStartupError(f"backend {self.settings.backend!r}: {msg.message}"))
 
     # -- one-shot calls (workers/calls.py) ---------------------------------------------------
 
@@ -583,6 +583,14 @@ class WorkerPool(AsyncBackend):
             worker.ended_by = "scale_down"
         self._serving_changed()  # its subscriptions move to the other workers first
         await asyncio.gather(*(self._drain_and_stop(w) for w in leaving))
+
+
+def _fail_start(worker: WorkerProcess, exc: Exception) -> None:
+    """The worker's start failed with `exc`, for `_start_worker` to see if it still waits."""
+    worker.ready.set_exception(exc)
+    # Marked retrieved: when nobody waits any more (the pool closed under it), asyncio
+    # would log "Future exception was never retrieved" at ERROR when it is collected.
+    worker.ready.exception()
 
 
 def _spawned(actions: list[Action]) -> int:
