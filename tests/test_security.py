@@ -438,7 +438,7 @@ def test_idle_metrics_connections_cost_no_thread_and_time_out(serve):
         started = time.monotonic()
         status, text = _http_get(metrics.port, "/metrics")
         assert status == 200 and "pacsys_limits_hit_total" in text
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 5  # generous on a loaded machine; a thread per connection took seconds
     finally:
         for sock in idle:
             sock.close()
