@@ -358,8 +358,14 @@ def test_help_synopsis_shows_every_subcommands_options(capsys):
         "--wait",
         "status [-h] [--addr HOST:PORT]",
         "--json",
+        "--token-file FILE",
+        "explain [-h] [--config FILE] [--identity ID] --method",
     ):
         assert fragment in usage, usage
+    # every admin command has its line
+    from pacsys.supervised import admin
+
+    assert all(f"pacsys-supervisor {name} " in usage for name in admin.COMMANDS), usage
 
 
 @pytest.mark.parametrize("where", ["missing", "read-only"])

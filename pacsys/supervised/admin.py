@@ -177,7 +177,9 @@ def _status_parser() -> argparse.ArgumentParser:
 
 def subparsers() -> list[argparse.ArgumentParser]:
     """The admin commands' parsers (for the serve command's usage text)."""
-    return [_check_config_parser(), _probe_parser(), _status_parser()]
+    from pacsys.supervised.explain import explain_parser
+
+    return [_check_config_parser(), _probe_parser(), _status_parser(), explain_parser()]
 
 
 def status(argv: list[str]) -> int:

@@ -32,12 +32,13 @@ from pacsys.supervised.config import (
 from pacsys.supervised.gate import EVENT_RATE_HZ
 from pacsys.supervised.policy_config import build_policies
 
-__all__ = ["main"]
+__all__ = ["explain_parser", "main"]
 
 PROG = "pacsys-supervisor explain"
 
 
-def main(argv: Sequence[str]) -> int:
+def explain_parser() -> argparse.ArgumentParser:
+    """The command's options (also shown in `pacsys-supervisor --help`)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Print which check or policy decides a request and why, without a server. "
@@ -52,7 +53,11 @@ def main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--method", choices=("Read", "Set"), required=True)
     parser.add_argument("requests", nargs="+", metavar="DRF[=VALUE]", help="DRFs to read, or DEVICE=VALUE to set")
-    ns = parser.parse_args(list(argv))
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    ns = explain_parser().parse_args(list(argv))
     try:
         settings = load_config(ns.config) if ns.config else Settings()
         resolve_token(settings)
