@@ -37,6 +37,7 @@ class OneShotCalls:
         stats: PoolStats,
         reply_bodies: ReplyBodies,
         worker_wait: float,
+        over_request_limit: Callable[[WorkerProcess], None],
     ):
         self._router = router
         self._any_serving = any_serving  # set by the pool while any worker serves
@@ -45,7 +46,7 @@ class OneShotCalls:
         self._reply_bodies = reply_bodies
         self._worker_wait = worker_wait
         # Called when a worker has served its `recycle_after` requests (the pool recycles it).
-        self.over_request_limit: Callable[[WorkerProcess], None] = lambda worker: None
+        self._over_request_limit = over_request_limit
 
     async def _route(
         self, drfs: list[str], positions: Iterable[int], timeout: float | None
@@ -93,7 +94,7 @@ class OneShotCalls:
         worker.requests += 1
         worker.channel.send(make(request_id))
         if worker.recycle_after and worker.requests >= worker.recycle_after:
-            self.over_request_limit(worker)
+            self._over_request_limit(worker)
         try:
             async with asyncio.timeout(timeout):
                 return await future

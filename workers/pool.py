@@ -108,9 +108,14 @@ class WorkerPool(AsyncBackend):
         self._fanout.gaps = self.stats
         self._any_serving = asyncio.Event()
         self._calls = OneShotCalls(
-            self._router, self._any_serving, self._ids, self.stats, self.reply_bodies, settings.worker_wait
+            self._router,
+            self._any_serving,
+            self._ids,
+            self.stats,
+            self.reply_bodies,
+            settings.worker_wait,
+            self._over_request_limit,
         )
-        self._calls.over_request_limit = self._over_request_limit
         self._unready_since: float | None = None
         self._capabilities = BackendCapability(0)
         self._loop: asyncio.AbstractEventLoop | None = None
