@@ -41,9 +41,12 @@ def test_readme_opens_with_two_commands_that_ci_runs_from_there():
     assert re.fullmatch(r"pip install -e \. && pacsys-supervisor\s+# .*", serve), serve  # defaults: sim, port 50051
     assert re.fullmatch(r"pip install -e '\.\[test\]' && pytest\s+# .*", test), test
     ci = (REPO / ".ci/run").read_text()
-    assert "README.md" in ci and "pacsys-supervisor" not in ci.split("README.md")[0]
-    # Only README's lines install the project and run the tests (the linters are installed alone).
-    assert "pip install -e" not in ci and "pytest" not in ci
+    # CI holds both commands as written, checks them against the README first, and ends with
+    # the test command (so a fresh clone runs what CI ran).
+    command = [re.sub(r"\s+#.*$", "", line) for line in (serve, test)]
+    assert f'serve_command="{command[0]}"' in ci and f'test_command="{command[1]}"' in ci
+    assert ci.index("README.md") < ci.index("apt-get")  # the check comes before any work
+    assert ci.rstrip().splitlines()[-1] == command[1]
 
 
 def test_try_it_waits_for_the_server_before_the_client():
