@@ -56,13 +56,14 @@ class Fanout:
         reply_bodies: ReplyBodies,
         stream_buffer: int,
         linger: float,
+        gaps: GapStats,
     ):
         self._owner = owner
         self._ids = ids
         self._reply_bodies = reply_bodies
         self.stream_buffer = stream_buffer
         self.linger = linger
-        self.gaps = GapStats()
+        self.gaps = gaps  # counted into the pool's stats
         self._shared: dict[str, Shared] = {}
         self._by_sid: dict[int, Shared] = {}
         self._clients: dict[AsyncSubscriptionHandle, list[Shared]] = {}

@@ -103,9 +103,13 @@ class WorkerPool(AsyncBackend):
         self._ids = itertools.count(1)
         self._router: Router[WorkerProcess] = Router(self._serving_worker)
         self._fanout = Fanout(
-            self._router.owner, self._ids, self.reply_bodies, settings.stream_buffer, settings.subscription_linger
+            self._router.owner,
+            self._ids,
+            self.reply_bodies,
+            settings.stream_buffer,
+            settings.subscription_linger,
+            self.stats,
         )
-        self._fanout.gaps = self.stats
         self._any_serving = asyncio.Event()
         self._calls = OneShotCalls(
             self._router,
