@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 
+from pacsys.supervised._machine_protection import SlewLimit, SlewRatePolicy, ValueRangePolicy
 from pacsys.supervised._policies import (
     DeviceAccessPolicy,
     Policy,
@@ -11,9 +12,6 @@ from pacsys.supervised._policies import (
     RateLimitPolicy,
     ReadOnlyPolicy,
     RequestContext,
-    SlewLimit,
-    SlewRatePolicy,
-    ValueRangePolicy,
     evaluate_policies,
 )
 

@@ -6,6 +6,7 @@ AsyncBackend. As a library it denies nothing unless given policies; the
 """
 
 from pacsys.supervised._audit import AuditLog, read_audit, read_audit_proto
+from pacsys.supervised._machine_protection import SlewLimit, SlewRatePolicy, ValueRangePolicy
 from pacsys.supervised._managed import CountsSubscriptions, ManagedBackend
 from pacsys.supervised._policies import (
     DeviceAccessPolicy,
@@ -14,9 +15,6 @@ from pacsys.supervised._policies import (
     RateLimitPolicy,
     ReadOnlyPolicy,
     RequestContext,
-    SlewLimit,
-    SlewRatePolicy,
-    ValueRangePolicy,
     WriteGrantPolicy,
     evaluate_policies,
     write_gate,

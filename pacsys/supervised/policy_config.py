@@ -15,14 +15,12 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from pacsys.supervised._machine_protection import SlewLimit, SlewRatePolicy, ValueRangePolicy
 from pacsys.supervised._policies import (
     DeviceAccessPolicy,
     Policy,
     RateLimitPolicy,
     ReadOnlyPolicy,
-    SlewLimit,
-    SlewRatePolicy,
-    ValueRangePolicy,
     WriteGrantPolicy,
     write_gate,  # the rule lives with the policies; imported from here by the service and the admin commands
 )
