@@ -32,6 +32,17 @@ Globs are case-insensitive fnmatch patterns and regexes are full matches, also c
 ``check()`` runs on the gateway's hot path, so patterns are compiled once and the result for
 each device name is cached in a small bounded dict. Stateful policies take a lock; a policy
 object can be shared by all server threads.
+
+Current values and write outcomes
+---------------------------------
+Two hooks let a policy judge a Set against the device rather than against the request alone
+(the machine-protection policies, ``ValueRangePolicy`` and ``SlewRatePolicy``, live in
+``_machine_protection``). ``needs_current(ctx)`` names the settings whose current values it
+needs; the gateway reads them through the backend before the chain runs and hands them in as
+``ctx.current`` (a setting it could not read is there with its error; one it did not read is
+missing: judge that as unknown, and deny). ``on_written(ctx, outcomes)`` is called once the
+backend has answered, with which settings it accepted, so that history moves only with what
+reached the device.
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ from pacsys.drf import DRF
 from pacsys.drf_utils import guess_device_name
 
 __all__ = [
+    "CurrentValue",
     "DeviceAccessPolicy",
     "Policy",
     "PolicyDecision",
@@ -60,6 +72,19 @@ __all__ = [
     "evaluate_policies",
     "write_gate",
 ]
+
+
+@dataclass(frozen=True)
+class CurrentValue:
+    """A setting's value as the backend read it just before the policy chain ran.
+
+    Attributes:
+        value: The value read (a float for a scalar setting); None when the read failed.
+        error: Why it could not be read (the status or the exception), else None.
+    """
+
+    value: object = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +105,9 @@ class RequestContext:
         parsed: The parse results of the request's DRFs by their text, when the caller parsed
             them (the gateway's request gate does); `device_name` uses them. A DRF a policy
             rewrote is not in it and its name is found from its text.
+        current: The current values of the settings the chain's policies asked for
+            (`Policy.needs_current`), read through the backend just before the chain ran, by
+            setting (``Z:ACLTST.SETTING``). Empty for a Read, and when nothing was read.
     """
 
     drfs: list[str]
@@ -91,6 +119,7 @@ class RequestContext:
     allowed: frozenset[int] = frozenset()
     identity: str = ""
     parsed: Mapping[str, DRF] = field(default_factory=dict, compare=False, repr=False)
+    current: Mapping[str, CurrentValue] = field(default_factory=dict)
 
     def device_name(self, drf: object) -> str:
         """The canonical device name of one of this request's DRFs (see `guess_device_name`)."""
@@ -146,8 +175,25 @@ class Policy(ABC):
     def on_allowed(self, ctx: RequestContext) -> None:  # noqa: B027 - optional hook, empty by default
         """Called with the final context once the whole chain has allowed the request.
 
-        A policy that keeps history (slew limits) records here, so that a request that a
-        later policy denies leaves no trace.
+        A policy that keeps history of what was allowed records here, so that a request that
+        a later policy denies leaves no trace. History of what reached a device belongs in
+        `on_written`: an allowed setting may still be refused by the backend.
+        """
+
+    def needs_current(self, ctx: RequestContext) -> Sequence[str]:
+        """The settings (``Z:ACLTST.SETTING``) whose current values `check` needs for `ctx`.
+
+        The gateway reads them through the backend before the chain runs, holds them for the
+        request (writes to one of them wait for each other), and passes them in `ctx.current`.
+        """
+        return ()
+
+    def on_written(self, ctx: RequestContext, outcomes: Sequence[bool | None]) -> None:  # noqa: B027 - optional hook, empty by default
+        """Called once the backend has answered a Set the chain allowed, with `ctx` as allowed.
+
+        `outcomes[i]` is for the setting ``ctx.values[i]``: True accepted, False refused by the
+        backend or not sent, None unknown (the backend failed, or its worker died, while it
+        was being written: it may have reached the device).
         """
 
 
