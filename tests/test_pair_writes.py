@@ -1,11 +1,12 @@
 """Writes with two instances: the recipe of ops/README.md ("Writes with several instances").
 
-Slew history is per instance. ops/haproxy.cfg sends every Set to instance a (backend
-writers) and to b only while a is down, and each slew-limited device also has a
-value_range. Shown here through haproxy: every write is checked against one history (all
-Sets are in a's audit log, none in b's, and no jump gets through); after a is killed,
-writes go to b, where the range still bounds the first write and the slew limit holds
-from then on.
+ops/haproxy.cfg sends every Set to instance a (backend writers) and to b only while a is
+down, and each slew-limited device also has a value_range. Here both instances stand in
+front of one device (a simulator served by a third gateway, reached through `grpc://`), as
+two gateways stand in front of one accelerator. Shown through haproxy: every write goes to
+a (all Sets are in a's audit log, none in b's) and no jump gets through; after a is killed,
+writes go to b, which judges each step from the device's value as a did (a slew limit's
+steps hold from b's first write on), and the range holds too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import pytest
 
 from benchmarks.pair import Pair
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
+from pacsys.backends.sim import SimBackend
+from pacsys.supervised import SupervisedServer
 
 pytestmark = [
     pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
@@ -29,6 +32,7 @@ pytestmark = [
 TOKEN = "pair-writes-token"
 DEVICE = "Z:ACLTST"
 CONFIG = f"""
+backend = "grpc://127.0.0.1:{{upstream}}"
 allow_writes = ["{DEVICE}"]
 token_file = "{{token}}"
 
@@ -43,12 +47,19 @@ limits = {{ "{DEVICE}" = {{ max_step = 1.0 }} }}
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def device():
+    """The one device both instances write: a simulator behind a gateway of its own."""
+    with SupervisedServer(SimBackend(), port=0, host="127.0.0.1") as upstream:
+        yield upstream
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, device):
     workdir = tmp_path_factory.mktemp("pair-writes")
     token = workdir / "token"
     token.write_text(TOKEN + "\n")
     config = workdir / "supervisor.toml"
-    config.write_text(CONFIG.replace("{token}", str(token)))
+    config.write_text(CONFIG.replace("{token}", str(token)).replace("{upstream}", str(device.port)))
     p = Pair(workdir, "--config", str(config), "--audit-path", str(workdir / "audit-{name}.jsonl"))
     try:
         p.start()
@@ -92,14 +103,14 @@ def test_writes_go_through_one_instance_and_stay_bounded_after_a_fail_over(pair)
     pair.a.signal(signal.SIGKILL)
     pair.a.wait(10)
     pair.wait_down("a")
-    # b has no history of the device: its first write is not compared, but the range holds.
-    assert write(pair, 50.0) == denied
-    assert write(pair, 9.0) == allowed
-    assert write(pair, 3.0) == denied  # from b's first write on, the slew limit holds again
-    assert write(pair, 9.5) == allowed
+    # b has written nothing yet, but it judges each step from the device's value (4.0).
+    assert write(pair, 50.0) == denied  # the range
+    assert write(pair, 9.0) == denied  # a step of 5
+    assert write(pair, 4.5) == allowed
+    assert write(pair, 9.5) == denied
     assert [(e["allowed"], e["values"][0][1]) for e in audited_sets(pair, "b")] == [
         (False, 50.0),
-        (True, 9.0),
-        (False, 3.0),
-        (True, 9.5),
+        (False, 9.0),
+        (True, 4.5),
+        (False, 9.5),
     ]

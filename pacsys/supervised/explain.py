@@ -11,7 +11,9 @@ config file or the arguments are wrong.
 
 Per-client state is not known here: rate limits, slew-rate history, open streams and calls
 in flight start empty, and the bearer token is not checked (the line says when one would
-be required).
+be required). No device is read either: a policy that judges a setting from the device's
+current value (a slew limit's steps and rates) is shown judging everything else, and the
+line names what the server would judge from the device.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 
 from pacsys.drf import DRFError, parse_cached
 from pacsys.drf_utils import get_device_name
-from pacsys.supervised._policies import Policy, RequestContext, write_gate
+from pacsys.supervised._policies import Policy, PolicyDecision, RequestContext, write_gate
 from pacsys.supervised.config import (
     ConfigError,
     Settings,
@@ -110,13 +112,17 @@ def explain(
     )
     for n, policy in enumerate(chain, 1):
         try:
-            decision = policy.check(ctx)
+            wanted = policy.needs_current(ctx)
+            decision = _check_here(policy, ctx, wanted)
         except Exception as exc:
             return [*lines, f"{n}. {policy.name}: raised {type(exc).__name__}: {exc} -> INTERNAL"], False
         if not decision.allowed:
             return [*lines, f"{n}. {policy.name}: DENIED: {decision.reason} -> PERMISSION_DENIED"], False
         after = decision.ctx or ctx
-        lines.append(f"{n}. {policy.name}: {_what_changed(ctx, after)}")
+        line = f"{n}. {policy.name}: {_what_changed(ctx, after)}"
+        if wanted:
+            line += f"; not judged here: what it judges from the current value of {', '.join(wanted)} (not read)"
+        lines.append(line)
         ctx = after
     if any(p.allows_writes for p in chain):
         for i, drf in enumerate(ctx.drfs):
@@ -131,6 +137,14 @@ def explain(
     else:
         lines.append("approval: no policy gates writes (nothing to approve)")
     return [*lines, "ALLOWED"], True
+
+
+def _check_here(policy: Policy, ctx: RequestContext, wanted: Sequence[str]) -> PolicyDecision:
+    """The policy's decision as far as it can be made without reading a device."""
+    if not wanted:
+        return policy.check(ctx)
+    without_current = getattr(policy, "check_without_current", None)  # the machine-protection policies'
+    return without_current(ctx) if without_current is not None else PolicyDecision(allowed=True)
 
 
 def _what_changed(before: RequestContext, after: RequestContext) -> str:
