@@ -281,11 +281,11 @@ def buffered_timeouts():
     drained = _values(h.readings(timeout=0))
     start = time.monotonic()
     nothing = list(h.readings(timeout=0))
-    fast = time.monotonic() - start < 0.5
+    fast = time.monotonic() - start < 2  # it does not wait: generous for a loaded machine
     start = time.monotonic()
     waited = list(h.readings(timeout=0.1))
     elapsed = time.monotonic() - start
-    return [drained, nothing, fast, waited, 0.05 <= elapsed < 2.0]
+    return [drained, nothing, fast, waited, 0.05 <= elapsed < 5]
 
 
 @probe
