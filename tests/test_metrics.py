@@ -143,3 +143,28 @@ def test_ipv6_any_address_listens_on_both_families():
     finally:
         metrics.stop()
         server.stop()
+
+
+def test_stopping_with_connections_open_logs_no_error(caplog):
+    """Connections still open when the metrics server stops end quietly (no asyncio ERROR traceback)."""
+    import logging
+    import socket
+
+    server = SupervisedServer(FakeBackend(), port=0, host="127.0.0.1")
+    server.start()
+    metrics = MetricsServer(server, port=0, host="127.0.0.1", timeout=30)
+    metrics.start()
+    idle = [socket.create_connection(("127.0.0.1", metrics.port), timeout=5) for _ in range(3)]
+    try:
+        assert _get(metrics.port, "/readyz") == (200, "ready\n")  # the idle ones were accepted before it
+        with caplog.at_level(logging.WARNING):
+            metrics.stop()
+        assert not metrics._thread.is_alive()
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+        for sock in idle:
+            sock.settimeout(5)
+            assert sock.recv(1) == b""  # closed by the server
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()

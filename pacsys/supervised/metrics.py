@@ -255,9 +255,12 @@ class MetricsServer:
             loop.run_forever()
         finally:
             listening.close()
-            for task in asyncio.all_tasks(loop):
+            # Connections still open end here: each handler takes its cancellation as the end of
+            # its connection and returns, and the loop is closed only once they all have.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
                 task.cancel()
-            loop.run_until_complete(asyncio.sleep(0))
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -281,6 +284,10 @@ class MetricsServer:
             self._supervised.servicer.stats.limits_hit["metrics_timeout"] += 1
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # too large a request, or gone: the connection is closed
+        except asyncio.CancelledError:
+            # The server stops (`_run`). Returned from, not raised: Python 3.11's stream server
+            # logs a cancelled handler's CancelledError as an ERROR with its traceback.
+            pass
         finally:
             self._open -= 1
             writer.close()
