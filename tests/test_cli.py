@@ -227,11 +227,29 @@ def test_bad_backend_spec_exit_status(spec, fragment, code):
     assert "Traceback" not in result.stderr and "serving" not in result.stdout
 
 
-def test_port_in_use_exits_3(supervisor):
-    sup = supervisor(*FAKE, "--host", "127.0.0.1")
-    result = run_cli("--workers", "0", "--backend", "fake", "--host", "127.0.0.1", "--port", str(sup.port))
-    assert result.returncode == 3, result
-    assert "pacsys-supervisor: error: " in result.stderr and "Traceback" not in result.stderr
+def test_port_in_use_exits_3_saying_so_in_its_own_words():
+    import json
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        serve = ("--workers", "0", "--backend", "fake", "--host", "127.0.0.1")
+        for where, args in (
+            ("", ("--port", str(port))),
+            (" (metrics_port)", ("--port", "0", "--metrics-port", str(port))),
+        ):
+            result = run_cli(*serve, *args)
+            assert result.returncode == 3, result
+            # One line, ours: not gRPC's own "add_port.cc ... Failed to bind ... GRPC_VERBOSITY" lines.
+            assert result.stderr.splitlines() == [
+                f"pacsys-supervisor: error: cannot listen on 127.0.0.1:{port}{where}: port {port} is in use: "
+                f"another process listens there (`ss -ltnp 'sport = :{port}'` shows which); stop it or choose "
+                "another port"
+            ], result.stderr
+        result = run_cli(*serve, "--port", str(port), "--log-format", "json")
+        assert result.returncode == 3
+        lines = [json.loads(line) for line in result.stderr.splitlines()]  # every line JSON
+        assert [line["level"] for line in lines] == ["ERROR"] and f"port {port} is in use" in lines[0]["msg"], lines
 
 
 def test_bad_options_exit_2(tmp_path):

@@ -5,7 +5,7 @@
                                                grpc.health.v1 Check: exit 0 SERVING,
                                                1 not serving, 2 unreachable
     pacsys-supervisor status [--addr HOST:PORT] [--json] [--timeout S] [--token-file FILE]
-                                 (probe and status: --ca FILE [--cert FILE --key FILE] for TLS)
+                                 (probe and status: --ca FILE [--cert FILE --key FILE] [--server-name NAME] for TLS)
     pacsys-supervisor explain [--config FILE] [--identity ID] --method Read|Set DRF[=VALUE]...
                                                which policy decides a request, and why
 
@@ -74,7 +74,8 @@ def check_config(argv: list[str]) -> int:
         settings = settings_from(file_values, overrides, env=env, source=ns.file)
         resolve_token(settings)
         resolve_admin_token(settings)
-        tls_files(settings)
+        tls = tls_files(settings)
+        certificate = tls.check() if tls is not None else None  # for its serial and validity below
         check_files(settings)
         chain = write_gate(settings, build_policies(settings))  # custom policy factories run last
     except Exception as exc:  # a message, never a traceback
@@ -85,6 +86,12 @@ def check_config(argv: list[str]) -> int:
         f"{ns.file}: OK (backend {settings.backend}, {workers}, {len(settings.policies)} policies, {writes})",
         flush=True,
     )
+    if tls is not None and certificate is not None:
+        print(
+            f"{tls.cert}: serial {certificate.serial}, valid from {certificate.not_before:%Y-%m-%d %H:%M} to "
+            f"{certificate.not_after:%Y-%m-%d %H:%M} UTC, key {tls.key} matches it",
+            flush=True,
+        )
     if not ns.quiet:
         sources = setting_sources(file_values, overrides, env)
         rows = [(name, _shown(name, getattr(settings, name)), sources[name]) for name in FIELDS]
@@ -156,7 +163,7 @@ def _check_health(ns: argparse.Namespace, timeout: float) -> tuple[int, str]:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                return 2, f"{label}: unreachable ({code.name}: {details})"
+                return 2, f"{label}: unreachable ({code.name}: {details}){_hint(ns, details)}"
             if code == grpc.StatusCode.NOT_FOUND:
                 return 1, f"{label}: NOT_SERVING (unknown service)"
             name = code.name if code is not None else "error"
@@ -202,7 +209,7 @@ def status(argv: list[str]) -> int:
         try:
             raw = channel.unary_unary(f"/{ADMIN_SERVICE}/Status")(b"", timeout=ns.timeout, metadata=metadata)
         except grpc.RpcError as exc:
-            print(f"{ns.addr}: unreachable ({exc.code().name}: {exc.details()})", flush=True)
+            print(f"{ns.addr}: unreachable ({exc.code().name}: {exc.details()}){_hint(ns, exc.details())}", flush=True)
             return 2
     view = json.loads(raw)
     print(json.dumps(view, indent=2) if ns.json else render_status(view), flush=True)
@@ -213,13 +220,44 @@ def _tls_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca", metavar="FILE", help="CA certificate of a service that serves TLS")
     parser.add_argument("--cert", metavar="FILE", help="client certificate, for a service that does mutual TLS")
     parser.add_argument("--key", metavar="FILE", help="the client certificate's key")
+    parser.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="the name the service's certificate must hold (default: the host of --addr); for an address "
+        "its certificate does not name, such as a tunnel's or 127.0.0.1",
+    )
+
+
+def _tls(ns: argparse.Namespace) -> bool:
+    return bool(ns.ca or ns.cert or ns.key or ns.server_name)
+
+
+# Why a probe found nothing, in the words of the options that fix it: (TLS asked, what gRPC said, hint).
+_HINTS = (
+    (False, "Socket closed", "the service may serve TLS: pass --ca FILE (and --cert, --key for mutual TLS)"),
+    (True, "WRONG_VERSION_NUMBER", "the service may serve plaintext: leave out --ca, --cert, --key and --server-name"),
+    (
+        True,
+        "Hostname Verification Check failed",
+        "the certificate names neither this host nor --server-name: pass --server-name NAME, a name it holds",
+    ),
+    (True, "CERTIFICATE_VERIFY_FAILED", "the service's certificate is not signed by the CA of --ca"),
+    (True, "Socket closed", "the service may ask for a client certificate (mutual TLS): pass --cert and --key"),
+)
+
+
+def _hint(ns: argparse.Namespace, details: str | None) -> str:
+    for tls, said, hint in _HINTS:
+        if tls == _tls(ns) and said in (details or ""):
+            return f"; hint: {hint}"
+    return ""
 
 
 def _open_channel(ns: argparse.Namespace) -> Any:
-    """A channel to ns.addr: TLS when --ca, --cert or --key is given (OSError for a file)."""
+    """A channel to ns.addr: TLS when --ca, --cert, --key or --server-name is given (OSError for a file)."""
     import grpc
 
-    if not (ns.ca or ns.cert or ns.key):
+    if not _tls(ns):
         return grpc.insecure_channel(ns.addr)
 
     def read(path: str | None) -> bytes | None:
@@ -228,7 +266,9 @@ def _open_channel(ns: argparse.Namespace) -> Any:
         with open(path, "rb") as f:
             return f.read()
 
-    return grpc.secure_channel(ns.addr, grpc.ssl_channel_credentials(read(ns.ca), read(ns.key), read(ns.cert)))
+    credentials = grpc.ssl_channel_credentials(read(ns.ca), read(ns.key), read(ns.cert))
+    options = [("grpc.ssl_target_name_override", ns.server_name)] if ns.server_name else []
+    return grpc.secure_channel(ns.addr, credentials, options=options)
 
 
 def render_status(view: dict[str, Any]) -> str:

@@ -23,6 +23,7 @@ from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pacsys.supervised._listen import reason as bind_reason
 from pacsys.supervised._managed import CountsSubscriptions
 from workers.logformat import counts as log_counts
 from workers.supervision import SERVING, SlotState
@@ -223,12 +224,15 @@ class MetricsServer:
         self._timeout = timeout
         self._open = 0
         host = host.strip("[]")
-        if ":" in host:  # IPv6; "::" takes IPv4 clients as well where the system allows it
-            self._sock = socket.create_server(
-                (host, port), family=socket.AF_INET6, backlog=128, dualstack_ipv6=socket.has_dualstack_ipv6()
-            )
-        else:
-            self._sock = socket.create_server((host, port), family=socket.AF_INET, backlog=128)
+        try:
+            if ":" in host:  # IPv6; "::" takes IPv4 clients as well where the system allows it
+                self._sock = socket.create_server(
+                    (host, port), family=socket.AF_INET6, backlog=128, dualstack_ipv6=socket.has_dualstack_ipv6()
+                )
+            else:
+                self._sock = socket.create_server((host, port), family=socket.AF_INET, backlog=128)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port} (metrics_port): {bind_reason(exc, port)}") from None
         self.port = self._sock.getsockname()[1]
         self._loop = asyncio.new_event_loop()
         # /healthz asks the front's loop and may wait up to 2 s for it: one thread does that.

@@ -265,7 +265,9 @@ class Service:
                 server.tls.reload()  # a renewed certificate (same paths) serves the next handshakes
         except Exception as exc:  # a reload never ends the process, whatever the file holds
             text = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
-            logger.error("config reload failed, keeping the old policies: %s", text)
+            logger.error(
+                "config reload failed, keeping the running configuration (policies, tokens, TLS files): %s", text
+            )
             return False
         server.set_policies(chain)
         server.servicer.set_token(token)  # a rotated token file takes effect here too
