@@ -1,9 +1,9 @@
 """The admin commands of `pacsys-supervisor`: check-config, probe, status and explain.
 
     pacsys-supervisor check-config FILE        validate a config file completely; exit 0 or 2
-    pacsys-supervisor probe [--addr HOST:PORT] [--service NAME] [--timeout S] [--wait]
+    pacsys-supervisor probe [--addr HOST:PORT] [--service NAME] [--timeout S] [--wait] [--pid PID]
                                                grpc.health.v1 Check: exit 0 SERVING,
-                                               1 not serving, 2 unreachable
+                                               1 not serving (or not process PID), 2 unreachable
     pacsys-supervisor status [--addr HOST:PORT] [--json] [--timeout S] [--token-file FILE]
                                  (probe and status: --ca FILE [--cert FILE --key FILE] [--server-name NAME] for TLS)
     pacsys-supervisor explain [--config FILE] [--identity ID] --method Read|Set DRF[=VALUE]...
@@ -129,6 +129,13 @@ def _probe_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ask again until SERVING or --timeout has passed (for scripts that start it)",
     )
+    parser.add_argument(
+        "--pid",
+        type=number_type(int),
+        metavar="PID",
+        help="the service must be this process (a script's own server, $!): another one answering on the port "
+        "is not SERVING (exit 1), and --wait ends as soon as PID has ended",
+    )
     _tls_options(parser)
     return parser
 
@@ -138,12 +145,47 @@ def probe(argv: list[str]) -> int:
     deadline = time.monotonic() + ns.timeout
     while True:
         code, text = _check_health(ns, max(0.1, deadline - time.monotonic()))
+        if code == 0 and ns.pid is not None:
+            answering = _answering(ns, max(0.1, deadline - time.monotonic()))
+            if answering != f"process {ns.pid}":
+                code, text = 1, f"{ns.addr}: not process {ns.pid}: {answering} answers there (the port is taken)"
         remaining = deadline - time.monotonic()
         if code == 0 or not ns.wait or remaining <= 0:
+            break
+        if ns.pid is not None and not _running(ns.pid):
+            text += f"; process {ns.pid} has ended (its own error above says why)"
             break
         time.sleep(min(0.2, remaining))  # a retry interval: nothing to wait on in a process not started
     print(text, flush=True)
     return code
+
+
+def _answering(ns: argparse.Namespace, timeout: float) -> str:
+    """Which process serves ns.addr, as its status view says ("process 1234"), or what else answers."""
+    import json
+
+    import grpc
+
+    from pacsys.supervised._server import ADMIN_SERVICE
+
+    with _open_channel(ns) as channel:
+        try:
+            view = json.loads(channel.unary_unary(f"/{ADMIN_SERVICE}/Status")(b"", timeout=timeout))
+            answering = f"process {view['pid']}"
+        except grpc.RpcError as exc:
+            answering = f"a server without a pacsys-supervisor status view ({exc.code().name})"
+        except (ValueError, KeyError, TypeError):
+            answering = "a server whose status view is not pacsys-supervisor's"
+    return answering
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _check_health(ns: argparse.Namespace, timeout: float) -> tuple[int, str]:
