@@ -125,7 +125,9 @@ def test_template_unit_keeps_instances_apart():
     assert differ == {"ExecStart", "LogsDirectory", "ReadWritePaths"}
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (apt-get install systemd)"
+)
 @pytest.mark.parametrize("name", UNITS)
 def test_systemd_analyze_verifies_the_units(tmp_path, name):
     # The installed command does not exist here: verify the unit with one that does.
@@ -136,7 +138,7 @@ def test_systemd_analyze_verifies_the_units(tmp_path, name):
     assert result.returncode == 0 and result.stderr == "", result
 
 
-@pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate is not installed")
+@pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate is not installed (apt-get install logrotate)")
 def test_logrotate_config_rotates_a_running_service(supervisor, daq, tmp_path):
     """ops/logrotate.conf with its paths, owner and signal pointed at a test server."""
     logs = tmp_path / "log"
