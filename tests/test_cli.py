@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import urllib.request
@@ -492,6 +493,18 @@ def test_sigusr1_reopens_the_audit_files(supervisor, daq, tmp_path):
     new = [json.loads(line)["drfs"] for line in audit.read_text().splitlines()]
     assert (old, new) == ([["M:OUTTMP@I"]], [["G:AMANDA@I"]])
     assert audit.stat().st_mode & 0o777 == 0o640  # not the process's umask (0600)
+
+
+def test_sigusr1_with_the_audit_directory_gone_says_it_could_not_reopen(supervisor, daq, tmp_path):
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    sup = supervisor(*FAKE, "--audit-path", str(folder / "audit.jsonl"))
+    read_scalar(daq(sup.port), "M:OUTTMP@I")
+    shutil.rmtree(folder)
+    mark = sup.mark()
+    sup.proc.send_signal(signal.SIGUSR1)
+    sup.wait_line("stderr", r"level=ERROR .*SIGUSR1: the audit files could not be reopened", start=mark)
+    assert not any("audit files reopened" in line for line in sup.lines["stderr"][mark:])
 
 
 def test_console_scripts_name_callables():

@@ -317,6 +317,7 @@ class SupervisedServer:
         audit = self.servicer.audit
         if audit is not None:
             # Reads go on while the audit log cannot record; writes do not (see "audit" health).
+            audit.flush()  # notices a deleted file (or directory) without waiting for a request
             recording = audit.healthy
             if recording != self._audit_healthy:
                 if not recording:

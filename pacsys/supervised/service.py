@@ -296,8 +296,10 @@ class Service:
         if self.audit is None:
             logger.info("SIGUSR1: no audit log to reopen")
             return
-        self.audit.reopen()
-        logger.info("SIGUSR1: audit files reopened")
+        if self.audit.reopen():
+            logger.info("SIGUSR1: audit files reopened")
+        else:
+            logger.error("SIGUSR1: the audit files could not be reopened (see above); the next entry tries again")
 
     # -- SIGTTIN / SIGTTOU -----------------------------------------------------------------
 
