@@ -378,7 +378,10 @@ def test_help_synopsis_shows_every_subcommands_options(capsys):
         "status [-h] [--addr HOST:PORT]",
         "--json",
         "--token-file FILE",
-        "explain [-h] [--config FILE] [--identity ID] --method",
+        "explain [-h] [--config FILE] [--identity ID]",
+        "[--method {Read,Set}]",
+        "--pid PID",
+        "--server-name NAME",
     ):
         assert fragment in usage, usage
     # every admin command has its line
