@@ -123,7 +123,7 @@ def test_sighup_with_a_good_file_swaps_the_policies(supervisor, daq, tmp_path):
     config.write_text('allow_writes = ["G:*"]\nmax_streams = 5\n')
     mark = sup.mark()
     sup.proc.send_signal(signal.SIGHUP)
-    sup.wait_line("stderr", r"level=INFO .*config reloaded: 1 policies", start=mark)
+    sup.wait_line("stderr", r"level=INFO .*config reloaded: 1 policy ", start=mark)
     restart = sup.wait_line("stderr", r"level=WARNING .*take effect at the next restart", start=mark)
     assert "max_streams" in restart.string
     assert set_scalar(stub, "G:AMANDA", 1.0) == grpc.StatusCode.OK
@@ -275,6 +275,29 @@ def test_every_flag_setting_has_an_option():
     assert "--no-log-requests" in options
     ns = parser.parse_args(["--allow-writes", "M:*", "G:*", "--allow-writes", "Z:*", "--no-log-requests"])
     assert ns.allow_writes == ["M:*", "G:*", "Z:*"] and ns.log_requests is False and ns.port is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "meant"),
+    [
+        (["--wokers", "4"], "--workers"),
+        (["--metrics-prot=9109"], "--metrics-port"),
+        (["probe", "--adress", "x"], "--addr"),
+        (["explain", "--idenity", "x", "M:OUTTMP"], "--identity"),
+        (["status", "--jsn"], "--json"),
+    ],
+)
+def test_a_mistyped_option_says_which_was_meant(capsys, argv, meant):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.rstrip().endswith(f"(did you mean {meant}?)")
+
+
+def test_pacsys_audit_says_which_option_was_meant(capsys):
+    from pacsys.supervised.audit_command import main as audit_main
+
+    with pytest.raises(SystemExit):
+        audit_main(["x.jsonl", "--sinse", "2020-01-01"])
+    assert capsys.readouterr().err.rstrip().endswith("(did you mean --since?)")
 
 
 def test_token_options_are_exclusive(capsys):

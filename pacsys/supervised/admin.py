@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pacsys.supervised._arguments import ArgumentParser
 from pacsys.supervised.config import (
     FIELDS,
     check_files,
@@ -33,7 +34,7 @@ from pacsys.supervised.config import (
     toml_value,
 )
 from pacsys.supervised.policy_config import build_policies, write_gate
-from pacsys.supervised.reporting import EXIT_USAGE, PROG, report_error
+from pacsys.supervised.reporting import EXIT_USAGE, PROG, counted, report_error
 
 
 def number_type(kind: type) -> Any:
@@ -54,7 +55,7 @@ def number_type(kind: type) -> Any:
 
 
 def _check_config_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=f"{PROG} check-config",
         description="Validate a config file completely, with the PACSYS_SUPERVISOR_* environment applied: every "
         "setting, every policy, the backend spec's syntax (without building it), the token file and the audit "
@@ -80,10 +81,11 @@ def check_config(argv: list[str]) -> int:
         chain = write_gate(settings, build_policies(settings))  # custom policy factories run last
     except Exception as exc:  # a message, never a traceback
         return report_error(exc)
-    workers = "in process" if settings.workers == 0 else f"{settings.workers} workers"
+    workers = "in process" if settings.workers == 0 else counted(settings.workers, "worker")
     writes = "writes denied" if not any(p.allows_writes for p in chain) else "writes granted by policy"
+    policies = counted(len(settings.policies), "policy", "policies")
     print(
-        f"{ns.file}: OK (backend {settings.backend}, {workers}, {len(settings.policies)} policies, {writes})",
+        f"{ns.file}: OK (backend {settings.backend}, {workers}, {policies}, {writes})",
         flush=True,
     )
     if tls is not None and certificate is not None:
@@ -113,7 +115,7 @@ def _shown(name: str, value: Any) -> str:
 
 
 def _probe_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=f"{PROG} probe",
         description="grpc.health.v1 Check. Exit 0 when SERVING, 1 when not serving, 2 when unreachable.",
     )
@@ -215,7 +217,7 @@ def _check_health(ns: argparse.Namespace, timeout: float) -> tuple[int, str]:
 
 
 def _status_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"{PROG} status", description="Workers, pids, RSS, restarts, streams.")
+    parser = ArgumentParser(prog=f"{PROG} status", description="Workers, pids, RSS, restarts, streams.")
     parser.add_argument("--addr", default="localhost:50051", metavar="HOST:PORT", help="default: %(default)s")
     parser.add_argument("--json", action="store_true", help="print the raw JSON view")
     parser.add_argument("--timeout", type=number_type(float), default=5.0, metavar="S", help="seconds to wait")

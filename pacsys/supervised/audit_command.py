@@ -21,6 +21,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from pacsys.drf_utils import guess_device_name
+from pacsys.supervised._arguments import ArgumentParser
 from pacsys.supervised._audit import (
     TAG_READ_REQUEST,
     TAG_SETTING_REQUEST,
@@ -36,7 +37,7 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``pacsys-audit`` command; returns the exit status."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pacsys-audit", description="Print who read or set what, and when, from a pacsys audit log."
     )
     parser.add_argument("file", metavar="FILE", help="JSON-lines audit log, or the binary capture with --proto")

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from pacsys._proto.controls.common.v1 import device_pb2
+from pacsys.supervised._arguments import ArgumentParser
 from pacsys.supervised._policies import Policy, PolicyDecision, RequestContext, write_gate
 from pacsys.supervised.config import (
     ConfigError,
@@ -44,7 +45,7 @@ PROG = "pacsys-supervisor explain"
 
 def explain_parser() -> argparse.ArgumentParser:
     """The command's options (also shown in `pacsys-supervisor --help`)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description="Print which check or policy decides a request and why, without a server, in the server's "
         "words. Exit 0 allowed, 1 refused, 2 bad config or arguments.",

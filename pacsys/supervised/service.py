@@ -283,7 +283,8 @@ class Service:
         pending = [k for k in FIELDS if k not in RELOADABLE and getattr(new, k) != getattr(old, k)]
         if pending:
             logger.warning("config reload: changes to %s take effect at the next restart", ", ".join(pending))
-        logger.info("config reloaded: %d policies (%s)", len(chain), ", ".join(p.name for p in chain) or "none")
+        n, names = len(chain), ", ".join(p.name for p in chain) or "none"
+        logger.info("config reloaded: %d %s (%s)", n, "policy" if n == 1 else "policies", names)
         return True
 
     # -- SIGUSR1 ---------------------------------------------------------------------------
@@ -326,7 +327,8 @@ class Service:
         elif future.exception() is not None:
             logger.error("%s failed: %s", what, future.exception())
         else:
-            logger.info("%s done: %s workers ready", what, managed.ready_count)
+            ready = managed.ready_count
+            logger.info("%s done: %d %s ready", what, ready, "worker" if ready == 1 else "workers")
 
     # -- the parts, once built -------------------------------------------------------------
 
