@@ -51,6 +51,49 @@ def stack():
     server.stop()
 
 
+def test_labelled_counters_start_at_zero_for_every_known_value(stack):
+    """So that increase() sees the first exit of each reason, the first refusal of each kind."""
+    from pacsys.supervised.metrics import DECISIONS, LIMITS
+    from workers.supervision import EXIT_REASONS, RECYCLE_REASONS
+
+    server, pool, metrics, stub = stack
+    status, text = _get(metrics.port, "/metrics")
+    assert status == 200
+    for rpc in ("Read", "Set"):
+        for decision in DECISIONS:
+            assert _value(text, "pacsys_requests_total", rpc=rpc, decision=decision) == 0
+    assert _value(text, "pacsys_policy_denials_total", policy="ReadOnlyPolicy") == 0
+    for limit in LIMITS:
+        assert _value(text, "pacsys_limits_hit_total", limit=limit) == 0
+    for reason in EXIT_REASONS:
+        assert _value(text, "pacsys_worker_exits_total", reason=reason) == 0
+    for reason in RECYCLE_REASONS:
+        assert _value(text, "pacsys_worker_recycles_total", reason=reason) == 0
+    # And each counts from there.
+    with pytest.raises(grpc.RpcError):
+        list(stub.Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@p,0"]), timeout=5))
+    text = _get(metrics.port, "/metrics")[1]
+    assert _value(text, "pacsys_limits_hit_total", limit="max_rate_hz") == 1
+    assert _value(text, "pacsys_requests_total", rpc="Read", decision="limit") == 1
+
+
+def test_every_limit_counted_in_the_code_is_a_known_one_and_a_setting():
+    """The known limits (exported at 0) cover every name the code counts a limit under."""
+    import re
+    from pathlib import Path
+
+    from pacsys.supervised.config import FIELDS
+    from pacsys.supervised.metrics import LIMITS
+
+    root = Path(__file__).resolve().parent.parent
+    source = "\n".join(p.read_text() for p in (root / "pacsys").rglob("*.py"))
+    counted = set(re.findall(r'limits_hit\["(\w+)"\]', source)) | set(re.findall(r'PeerLimit\(\s*"(\w+)"', source))
+    counted |= {f"max_{what}_per_request" for what in ("drfs", "settings")}  # limits_hit[f"max_{what}_per_request"]
+    counted |= {"max_stream_rate", "max_peer_rate"}  # chosen by a conditional expression
+    assert counted == set(LIMITS)
+    assert set(LIMITS) <= set(FIELDS)
+
+
 def test_metrics_count_known_traffic(stack):
     server, pool, metrics, stub = stack
     for _ in range(3):
