@@ -6,7 +6,7 @@
                                                1 not serving (or not process PID), 2 unreachable
     pacsys-supervisor status [--addr HOST:PORT] [--json] [--timeout S] [--token-file FILE]
                                  (probe and status: --ca FILE [--cert FILE --key FILE] [--server-name NAME] for TLS)
-    pacsys-supervisor explain [--config FILE] [--identity ID] --method Read|Set DRF[=VALUE]...
+    pacsys-supervisor explain [--config FILE] [--identity ID] [--method Read|Set] DRF[=VALUE]...
                                                which policy decides a request, and why
 
 They run without a service in this process: check-config reads the file, probe and status ask
