@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,8 @@ def _run_block(block: str) -> subprocess.CompletedProcess:
         text=True,
         cwd=REPO,
         start_new_session=True,
-        env=process_env(),
+        # `pacsys-supervisor` and `python` of this environment, as after the README's install.
+        env=process_env({"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}),
     )
     try:
         out, _ = proc.communicate(timeout=120)
