@@ -137,8 +137,11 @@ def _as_file(data: bytes) -> Iterator[str]:
 
     In memory where the system allows it (Linux), else in a private temporary directory.
     """
-    if hasattr(os, "memfd_create"):
+    try:
         fd = os.memfd_create("pacsys-tls-check", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):  # not Linux, or a seccomp filter that refuses it
+        fd = None
+    if fd is not None:
         try:
             os.write(fd, data)
             yield f"/proc/self/fd/{fd}"
