@@ -3,6 +3,7 @@
     python -m benchmarks.bench_abuse                 # every attack, ~5 s each (about 3 minutes)
     python -m benchmarks.bench_abuse --list
     python -m benchmarks.bench_abuse --only rapid-reset,ping-flood --seconds 10
+    python -m benchmarks.bench_abuse --haproxy       # the same through haproxy (ops/haproxy.cfg)
 
 For each attack a `pacsys-supervisor` process is started afresh on 127.0.0.1 (sim backend,
 `--workers 2`, a metrics port, an audit file and a token file in a temporary directory, writes
@@ -23,6 +24,11 @@ second, the bytes and lines the front wrote to stderr (and how many mention acce
 what the attacker counted. It measures; it never passes or fails. Figures taken on a shared
 machine are provisional: the load average is printed with them.
 
+With `--haproxy`, haproxy (`ops/haproxy.cfg`, or `--haproxy-cfg`, its addresses moved to
+loopback ports) stands in front of the front: the victim, the new client and the attacks
+connect through it, as clients of the shipped pair deployment do (the metrics port is still
+probed directly). The front then sees every client as haproxy's one address.
+
 Loopback only; every attack is bounded in count and time.
 """
 
@@ -36,6 +42,7 @@ import os
 import re
 import resource
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,7 +63,7 @@ READ_PATH = "/services.daq.DAQ/Read"
 WATCH_PATH = "/grpc.health.v1.Health/Watch"
 VICTIM_DRF, VICTIM_STREAM = "M:OUTTMP@I", "M:OUTTMP@p,100"
 VICTIM_INTERVAL, VICTIM_DEADLINE = 0.05, 2.0
-WARMUP, TAIL = 2.0, 2.0
+WARMUP, TAIL = 1.5, 1.5
 HOLD_MIN = 4.0  # seconds an attack that took long to set up is held once in place
 NEWCOMER_DELAY = 0.5  # seconds after the attack is in place that a new client connects
 FRONT_NOFILE = 20_000  # the front's descriptor limit (the machine's default), unless an attack says otherwise
@@ -193,9 +200,8 @@ async def attack_audit_fill(t: Target) -> dict:
     return {"requests": done, "answered": answered, "request_bytes": len(request), "goaway": conn.goaway}
 
 
-async def attack_rapid_reset(t: Target) -> dict:
-    """On one connection: HEADERS of a Read, then RST_STREAM(CANCEL) at once, 100 streams per
-    write, as fast as the server reads; a new connection when it closes one."""
+async def _rapid_reset(t: Target, src: str) -> dict:
+    """Rapid reset on one connection from `src` (a new one when the server closes it)."""
     from benchmarks.h2_raw import CANCEL, END_HEADERS, HEADERS, RST_STREAM, connect, frame, request_headers
 
     block = request_headers(READ_PATH, t.authority)
@@ -205,9 +211,9 @@ async def attack_rapid_reset(t: Target) -> dict:
     resets: collections.Counter[int] = collections.Counter()
     goaways = []
     while time.monotonic() < end:
-        conn = await connect(HOST, t.port, source(0))
+        conn = await connect(HOST, t.port, src)
         connections += 1
-        conn.parse = True
+        await asyncio.wait_for(conn.settings_acked.wait(), 10)  # the server's stream limit is then in force
         while time.monotonic() < end and conn.is_open and conn.next_stream_id < 2**31 - 400:
             first = conn.next_stream_id
             conn.next_stream_id += 200
@@ -223,7 +229,31 @@ async def attack_rapid_reset(t: Target) -> dict:
         if conn.goaway:
             goaways.append(conn.goaway)
         conn.close()
-    return {"streams": streams, "connections": connections, "server_resets": dict(resets), "goaways": goaways[:5]}
+    return {"streams": streams, "connections": connections, "server_resets": resets, "goaways": goaways}
+
+
+def _merged(results: list[dict]) -> dict:
+    resets: collections.Counter[int] = collections.Counter()
+    for r in results:
+        resets.update(r["server_resets"])
+    return {
+        "streams": sum(r["streams"] for r in results),
+        "connections": sum(r["connections"] for r in results),
+        "server_resets": dict(resets),  # by code: 7 REFUSED_STREAM, 11 ENHANCE_YOUR_CALM
+        "goaways": [g for r in results for g in r["goaways"]][:5],
+    }
+
+
+async def attack_rapid_reset(t: Target) -> dict:
+    """On one connection: HEADERS of a Read, then RST_STREAM(CANCEL) at once, 100 streams per
+    write, as fast as the server reads; a new connection when it closes one."""
+    return _merged([await _rapid_reset(t, source(0))])
+
+
+async def attack_rapid_reset_10(t: Target) -> dict:
+    """Rapid reset from 10 connections at once, one from each of 127.0.0.2..11 (what a
+    per-connection stream limit alone does not stop)."""
+    return _merged(await asyncio.gather(*(_rapid_reset(t, source(k)) for k in range(10))))
 
 
 async def attack_continuation(t: Target) -> dict:
@@ -334,10 +364,18 @@ async def attack_ping_slow(t: Target) -> dict:
 
 
 async def _open_streams(
-    t: Target, src: str, count: int, path: str, request: bytes, *, window: bool = True, batch: int = 0
+    t: Target,
+    src: str,
+    count: int,
+    path: str,
+    request: bytes | Callable[[int], bytes],
+    *,
+    window: bool = True,
+    batch: int = 0,
 ) -> list[tuple[object, int]]:
-    """`count` calls from `src`, on as many connections as the server's
-    SETTINGS_MAX_CONCURRENT_STREAMS asks for; returns (connection, stream id) pairs. `batch`:
+    """`count` calls from `src` (the k-th sends `request`, or `request(k)`), on as many
+    connections as the server's SETTINGS_MAX_CONCURRENT_STREAMS asks for; returns
+    (connection, stream id) pairs. `batch`:
     open that many, wait (up to 5 s) until they are answered or ended, then the next ones: a
     patient client, which gRPC's own backlog protection (calls that arrive faster than the
     application takes them are cancelled once 1,000 wait) does not stop."""
@@ -350,7 +388,8 @@ async def _open_streams(
         on_this = min(count - len(calls), conn.server_max_streams)
         while on_this > 0:
             opened = [
-                (conn, await conn.call(path, request, t.authority)) for _ in range(min(on_this, batch or on_this))
+                (conn, await conn.call(path, request(len(calls) + k) if callable(request) else request, t.authority))
+                for k in range(min(on_this, batch or on_this))
             ]
             on_this -= len(opened)
             calls += opened
@@ -399,11 +438,12 @@ async def attack_watch_flood(t: Target) -> dict:
 
 
 async def attack_stalled_streams(t: Target) -> dict:
-    """1,000 Read streams of G:AMANDA@p,100 (10 Hz each: the client's whole default budget)
-    from one client that never reads: no WINDOW_UPDATE, so the server can send 64 KiB and no
-    more."""
+    """1,000 Read streams, Z:SIM000@p,100 to Z:SIM999@p,100 (10 Hz each: the client's whole
+    default budget, every reading its own), from one client that never reads: no
+    WINDOW_UPDATE, so the server can send 64 KiB and no more."""
     end = time.monotonic() + t.seconds
-    calls = await _open_streams(t, source(0), 1000, READ_PATH, _read_request(["G:AMANDA@p,100"]), window=False)
+    requests = [_read_request([f"Z:SIM{k:03d}@p,100"]) for k in range(1000)]
+    calls = await _open_streams(t, source(0), 1000, READ_PATH, requests.__getitem__, window=False)
     answered, refused = await _settle(calls, min(end, time.monotonic() + 3))
     await hold_until(end)
     ended = sum(c.ended(s) for c, s in calls)
@@ -523,6 +563,7 @@ ATTACKS: dict[str, Attack] = {
     "metrics-hold": Attack(attack_metrics_hold),
     "audit-fill": Attack(attack_audit_fill),
     "rapid-reset": Attack(attack_rapid_reset),
+    "rapid-reset-10": Attack(attack_rapid_reset_10),
     "continuation": Attack(attack_continuation),
     "ping-flood": Attack(attack_ping_flood),
     "ping-slow": Attack(attack_ping_slow),
@@ -637,6 +678,52 @@ class Front:
                 p.kill()
             except psutil.Error:
                 pass
+
+
+class Balancer:
+    """haproxy with ops/haproxy.cfg (its addresses moved to loopback ports) in front of one
+    front: both of its servers are that front. Clients and attacks then go through it, as
+    they do in the shipped pair deployment; the metrics port is still reached directly."""
+
+    def __init__(self, workdir: Path, front: Front, template: Path):
+        from benchmarks.pair import free_port, render_haproxy_cfg
+
+        self.port = free_port()
+        servers = {name: (front.port, front.metrics_port) for name in ("a", "b")}
+        cfg = workdir / "haproxy.cfg"
+        cfg.write_text(render_haproxy_cfg(template.read_text(), self.port, free_port(), servers))
+        self.log = workdir / "haproxy.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [shutil.which("haproxy") or "haproxy", "-db", "-f", str(cfg)], stdout=log, stderr=log
+            )
+        self.ps = psutil.Process(self.proc.pid)
+
+    async def wait_serving(self, timeout: float = 20.0) -> None:
+        """Until a read through haproxy is answered (its health checks saw the front up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            outcome = await _new_client(f"{HOST}:{self.port}")
+            if outcome["read"].startswith("OK"):
+                return
+            await asyncio.sleep(0.5)
+        raise SystemExit(f"haproxy did not serve within {timeout:g} s; see {self.log}")
+
+    def sample(self) -> dict:
+        try:
+            cpu = self.ps.cpu_times()
+            return {"t": time.monotonic(), "rss": self.ps.memory_info().rss / 2**20, "cpu": cpu.user + cpu.system}
+        except psutil.Error:
+            return {"t": time.monotonic(), "rss": float("nan"), "cpu": float("nan")}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
 # == the victim and the probes (this process) =========================================
@@ -779,8 +866,14 @@ async def measure(name: str, args: argparse.Namespace) -> dict:
     readyz: list[tuple[float, bool]] = []
     scrapes: list[tuple[float, bool]] = []
     samples: list[dict] = []
+    balancer: Balancer | None = None
     try:
-        victim = Victim(f"{HOST}:{front.port}")
+        entry = front.port  # where the victim, the new client and the attack connect
+        if args.haproxy:
+            balancer = Balancer(workdir, front, args.haproxy_cfg)
+            entry = balancer.port
+            await balancer.wait_serving()
+        victim = Victim(f"{HOST}:{entry}")
         background = [
             asyncio.create_task(victim.run(stop)),
             asyncio.create_task(_probe(front.metrics_port, "/readyz", 0.1, 1.0, readyz, stop)),
@@ -788,6 +881,7 @@ async def measure(name: str, args: argparse.Namespace) -> dict:
         ]
         await asyncio.sleep(WARMUP)
         before = front.sample()
+        balancer_before = balancer.sample() if balancer else None
         audit0, stderr0 = front.audit_size(), front.stderr_size()
         t0 = time.monotonic()
         child = await asyncio.create_subprocess_exec(
@@ -797,7 +891,7 @@ async def measure(name: str, args: argparse.Namespace) -> dict:
             "--attacker",
             name,
             "--port",
-            str(front.port),
+            str(entry),
             "--metrics-port",
             str(front.metrics_port),
             "--seconds",
@@ -832,6 +926,7 @@ async def measure(name: str, args: argparse.Namespace) -> dict:
         await listening
         t1 = time.monotonic()
         during_end = front.sample()
+        balancer_end = balancer.sample() if balancer else None
         audit1, stderr1 = front.audit_size(), front.stderr_size()
         new_client = await newcomer if newcomer is not None else {"read": "not tried", "stream": "not tried"}
         await asyncio.sleep(TAIL)
@@ -841,6 +936,8 @@ async def measure(name: str, args: argparse.Namespace) -> dict:
         for task in background:
             task.cancel()
     finally:
+        if balancer is not None:
+            balancer.stop()
         front.stop()
     stderr_lines = front.stderr_path.read_bytes().splitlines()
     try:
@@ -873,6 +970,12 @@ async def measure(name: str, args: argparse.Namespace) -> dict:
         "stderr_lines": len(stderr_lines),
         "accept_lines": sum(1 for line in stderr_lines if b"accept" in line.lower()),
         "figures": figures,
+        "haproxy": None
+        if balancer_before is None
+        else {
+            "cpu": (balancer_end["cpu"] - balancer_before["cpu"]) / span,
+            "rss": (balancer_before["rss"], balancer_end["rss"]),
+        },
     }
 
 
@@ -900,6 +1003,9 @@ def report(r: dict) -> None:
         f"   probes: /readyz {r['readyz']}, /metrics {r['scrapes']}; audit {r['audit_bps'] / 1e3:.1f} KB/s; "
         f"stderr +{r['stderr_bytes']} B ({r['stderr_lines']} lines in all, {r['accept_lines']} about accept)"
     )
+    if r["haproxy"]:
+        h = r["haproxy"]
+        print(f"   haproxy: CPU {100 * h['cpu']:.0f}%, RSS {h['rss'][0]:.0f} -> {h['rss'][1]:.0f} MiB")
     print(f"   attacker: {json.dumps(r['figures'], default=str)}", flush=True)
 
 
@@ -948,6 +1054,17 @@ def main() -> None:
     parser.add_argument("--only", type=_names, default=None, help="comma-separated attacks to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the attacks and exit")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="put haproxy (ops/haproxy.cfg) in front: the victim and the attacks connect through it",
+    )
+    parser.add_argument(
+        "--haproxy-cfg",
+        type=Path,
+        default=REPO / "ops" / "haproxy.cfg",
+        help="the haproxy configuration --haproxy uses (laid out as ops/haproxy.cfg, whose addresses are replaced)",
+    )
     parser.add_argument("--attacker", choices=list(ATTACKS), help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--metrics-port", type=int, help=argparse.SUPPRESS)
