@@ -814,13 +814,22 @@ async def _http_get(port: int, path: str, timeout: float) -> bool:
 
 
 async def _probe(port: int, path: str, interval: float, timeout: float, results: list, stop: asyncio.Event) -> None:
-    """GET `path` every `interval` s (each probe waits at most `timeout`): (time, ok) pairs."""
+    """GET `path` on a fixed schedule, every `interval` s, as a load balancer's health check
+    does (a probe that hangs does not delay the next; each waits at most `timeout`): (time,
+    ok) pairs."""
+
+    async def one(started: float) -> None:
+        results.append((started, await _http_get(port, path, timeout)))
+
+    pending: set[asyncio.Task] = set()
     tick = time.monotonic()
     while not stop.is_set():
-        started = time.monotonic()
-        results.append((started, await _http_get(port, path, timeout)))
-        tick = max(tick + interval, time.monotonic())
+        task = asyncio.create_task(one(tick))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        tick += interval
         await asyncio.sleep(max(0.0, tick - time.monotonic()))
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _new_client(address: str) -> dict:
