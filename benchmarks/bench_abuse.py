@@ -868,7 +868,7 @@ async def measure(name: str, args: argparse.Namespace) -> dict:
             front = Front(workdir, args.workers, attack.front_nofile)
             break
         except FrontDidNotStart as exc:
-            print(f"   ({exc}; trying again)", flush=True)
+            print(f"   ({exc}; trying again)", flush=True)  # its directory is kept for a look
     else:
         raise SystemExit(f"the front did not start three times for {name}")
     stop = asyncio.Event()
@@ -948,7 +948,11 @@ async def measure(name: str, args: argparse.Namespace) -> dict:
         if balancer is not None:
             balancer.stop()
         front.stop()
-    stderr_lines = front.stderr_path.read_bytes().splitlines()
+        stderr_lines = front.stderr_path.read_bytes().splitlines()
+        if args.keep:
+            print(f"   (the front's files: {workdir})", flush=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)  # an attack's audit or haproxy log can take 100 MB
     try:
         figures = json.loads(lines[-1])
     except (ValueError, IndexError):
@@ -1067,6 +1071,9 @@ def main() -> None:
         "--haproxy",
         action="store_true",
         help="put haproxy (ops/haproxy.cfg) in front: the victim and the attacks connect through it",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep each attack's directory (front log, audit, haproxy log)"
     )
     parser.add_argument(
         "--haproxy-cfg",
