@@ -480,29 +480,26 @@ async def _hold_connections(t: Target, sources: list[str], count: int, open_dead
     return {"conns": conns, "opened": len(conns), "connect_failures": failures, "open_seconds": round(opened_in, 1)}
 
 
-async def attack_idle_connections(t: Target) -> dict:
-    """10,000 idle HTTP/2 connections from 127.0.0.2..6, held."""
+async def _idle_connections(t: Target, sources: list[str], count: int, open_seconds: float) -> dict:
     end = time.monotonic() + t.seconds
-    held = await _hold_connections(t, [source(k) for k in range(5)], 10_000, time.monotonic() + 30)
+    held = await _hold_connections(t, sources, count, time.monotonic() + open_seconds)
     await hold_until(end)
     conns = held.pop("conns")
     held["still_open_at_end"] = sum(c.is_open for c in conns)
     for c in conns:
         c.close()
     return held
+
+
+async def attack_idle_connections(t: Target) -> dict:
+    """10,000 idle HTTP/2 connections from 127.0.0.2..6, held."""
+    return await _idle_connections(t, [source(k) for k in range(5)], 10_000, open_seconds=30)
 
 
 async def attack_conn_exhaust(t: Target) -> dict:
     """Idle HTTP/2 connections from 127.0.0.2 and 127.0.0.3 until the front runs out of
     descriptors (it runs with `ulimit -n` 4096 here), held."""
-    end = time.monotonic() + t.seconds
-    held = await _hold_connections(t, [source(0), source(1)], 4_600, time.monotonic() + 20)
-    await hold_until(end)
-    conns = held.pop("conns")
-    held["still_open_at_end"] = sum(c.is_open for c in conns)
-    for c in conns:
-        c.close()
-    return held
+    return await _idle_connections(t, [source(0), source(1)], 4_600, open_seconds=20)
 
 
 async def attack_slew_walk(t: Target) -> dict:
@@ -754,17 +751,6 @@ class Victim:
                     code = exc.code().name
                 self.calls.append((scheduled, time.monotonic() - scheduled, code))
 
-            async def reads() -> None:
-                pending: set[asyncio.Task] = set()
-                tick = time.monotonic()
-                while not stop.is_set():
-                    task = asyncio.create_task(one(tick))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-                    tick += VICTIM_INTERVAL
-                    await asyncio.sleep(max(0.0, tick - time.monotonic()))
-                await asyncio.gather(*pending, return_exceptions=True)
-
             async def stream() -> None:
                 stream_request = DAQ_pb2.ReadingList(drf=[VICTIM_STREAM])
                 while not stop.is_set():
@@ -776,7 +762,7 @@ class Victim:
                     await asyncio.sleep(0.1)
 
             streaming = asyncio.create_task(stream())
-            await reads()
+            await on_schedule(VICTIM_INTERVAL, one, stop)
             streaming.cancel()
             await asyncio.gather(streaming, return_exceptions=True)
 
@@ -821,10 +807,16 @@ async def _probe(port: int, path: str, interval: float, timeout: float, results:
     async def one(started: float) -> None:
         results.append((started, await _http_get(port, path, timeout)))
 
+    await on_schedule(interval, one, stop)
+
+
+async def on_schedule(interval: float, call: Callable[[float], Awaitable[None]], stop: asyncio.Event) -> None:
+    """`call(scheduled time)` started every `interval` s until `stop`, whether or not the
+    earlier ones finished (a slow answer must not thin out the samples); then waits for them."""
     pending: set[asyncio.Task] = set()
     tick = time.monotonic()
     while not stop.is_set():
-        task = asyncio.create_task(one(tick))
+        task = asyncio.create_task(call(tick))
         pending.add(task)
         task.add_done_callback(pending.discard)
         tick += interval

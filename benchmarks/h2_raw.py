@@ -39,6 +39,8 @@ from benchmarks.h2_reader import (
     frame,
     grpc_message,
     hpack_literals,
+    messages_completed,
+    split_frames,
 )
 
 CONTINUATION = 9
@@ -213,19 +215,10 @@ class RawConnection(asyncio.Protocol):
             asyncio.get_running_loop().call_later(self.read_interval, self._resume_reading)
         if not self.parse:
             return
-        view = self._rest + data if self._rest else data
-        pos, size = 0, len(view)
-        while size - pos >= 9:
-            length = int.from_bytes(view[pos : pos + 3], "big")
-            if size - pos < 9 + length:
-                break
-            kind, flags = view[pos + 3], view[pos + 4]
-            stream_id = int.from_bytes(view[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-            payload = view[pos + 9 : pos + 9 + length]
-            pos += 9 + length
+        frames, self._rest = split_frames(self._rest + data if self._rest else data)
+        for kind, flags, stream_id, payload in frames:
             self.frames_in[kind] += 1
             self._on_frame(kind, flags, stream_id, payload)
-        self._rest = view[pos:]
 
     def _resume_reading(self) -> None:
         if self.is_open:
@@ -284,21 +277,7 @@ class RawConnection(asyncio.Protocol):
             return
         if flags & PADDED:
             payload = payload[1 : len(payload) - payload[0]]
-        pos, size = 0, len(payload)
-        while pos < size:
-            if stream.remaining:
-                take = min(stream.remaining, size - pos)
-                stream.remaining -= take
-                pos += take
-                stream.messages += not stream.remaining
-                continue
-            need = 5 - len(stream.head)
-            stream.head += payload[pos : pos + need]
-            pos += need
-            if len(stream.head) == 5:
-                stream.remaining = int.from_bytes(stream.head[1:5], "big")
-                stream.head = b""
-                stream.messages += not stream.remaining
+        stream.messages += messages_completed(stream, payload)
         if flags & END_STREAM:
             self._end(stream_id)
 
