@@ -503,8 +503,8 @@ async def attack_conn_exhaust(t: Target) -> dict:
 
 
 async def attack_slew_walk(t: Target) -> dict:
-    """Z:ACLTST set to 10 (the first write is free), then one Set walking it to -10 in steps
-    of 3 through array settings the backend rejects: [Z:ACLTST[7]=7, 4, 1, -2, -5, -8,
+    """Z:ACLTST brought to 10 in steps of 3 (one Set each), then one Set walking it to -10 in
+    steps of 3 through array settings the backend rejects: [Z:ACLTST[7]=7, 4, 1, -2, -5, -8,
     Z:ACLTST=-10] under slew_rate max_step = 3."""
     import grpc
 
@@ -529,14 +529,14 @@ async def attack_slew_walk(t: Target) -> dict:
             return " ".join(str(s.status_code) for s in reply.status)
 
         in_place()
-        first = await set_([("Z:ACLTST", 10.0)])
+        climb = [await set_([("Z:ACLTST", v)]) for v in (3.0, 6.0, 9.0, 10.0)]  # each step within the limit
         before = await value()
         walk = [("Z:ACLTST[7]", v) for v in (7.0, 4.0, 1.0, -2.0, -5.0, -8.0)] + [("Z:ACLTST", -10.0)]
         answer = await set_(walk)
         after = await value()
         direct = await set_([("Z:ACLTST", 10.0)])
     return {
-        "first_set": first,
+        "climb_to_10": " ".join(climb),
         "before": before,
         "walk_statuses": answer,
         "after": after,
