@@ -1,8 +1,8 @@
 """Client-side fail-over: the pacsys 0.3.0 client given every instance's address, no proxy between.
 
-The topology ops/README.md recommends for streaming clients ("Several hosts"): one name
-with every instance's address (a DNS name with several records, a Kubernetes headless
-Service). Here the release's own client (`pacsys.grpc`, run under the release's interpreter)
+The topology ops/README.md recommends for streaming clients ("Several hosts: clients given
+every address"): one name with every instance's address (a DNS name with several records,
+a Kubernetes headless Service). Here the release's own client (`pacsys.grpc`, run under the release's interpreter)
 is given two loopback addresses through gRPC's own resolver, `ipv4:127.0.0.1:P1,127.0.0.1`
 and port P2, so no name is resolved. Without a service config the client's channel uses
 pick_first: its stream goes to the first address that accepts. When the instance holding

@@ -105,7 +105,7 @@ def test_a_release_clients_stream_moves_to_the_other_instance_on_a_drain(pair):
 
 
 def test_haproxy_ends_a_killed_instances_stream_without_a_status_and_the_release_client_gives_up(pair):
-    """Why streaming clients should not have a layer-7 proxy in their path (ops/README.md, "Several hosts").
+    """Why streaming clients are not given haproxy (ops/README.md, "Several hosts: behind haproxy").
 
     haproxy 2.6 ends a stream whose server died with an empty DATA frame with END_STREAM and
     no grpc-status; gRPC reports UNKNOWN, which the 0.3.0 client treats as final (it
