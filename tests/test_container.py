@@ -138,6 +138,7 @@ def _build_venv(src: Path) -> None:
     (VENV / ".stamp").write_text(stamp)
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_the_images_command_serves_in_an_environment_built_the_dockerfiles_way(tmp_path):
     build, final = stages()
     src = tmp_path / "src"

@@ -34,6 +34,7 @@ K8S = sorted((OPS / "k8s").glob("*.yaml"))
 CONTAINER_CONFIG = OPS / "supervisor.container.toml"
 HAPROXY_CFG = OPS / "haproxy.cfg"
 WORKERS_STOP = 10  # seconds, with margin, for the workers to finish and exit after the drain
+NEEDS_OPENSSL = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
 
 def manifests() -> dict[str, dict]:
@@ -63,6 +64,7 @@ def test_manifests_validate_against_the_kubernetes_schemas():
         kubernetes_validate.validate(broken, version, strict=True)
 
 
+@NEEDS_OPENSSL
 def test_the_configmap_holds_the_container_config_and_check_config_accepts_it(tmp_path):
     data = manifests()["ConfigMap"]["data"]
     assert data["supervisor.toml"] == CONTAINER_CONFIG.read_text()
@@ -164,6 +166,7 @@ def test_compose_runs_the_servers_haproxy_names_with_the_files_in_ops():
     assert haproxy["./tls/ca.crt"] == ca_file
 
 
+@NEEDS_OPENSSL
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (apt-get install haproxy)")
 def test_haproxy_accepts_its_config_with_addresses_substituted(tmp_path):
     """`haproxy -c` on the shipped file would resolve pacsys-a and pacsys-b through the system's
