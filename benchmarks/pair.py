@@ -98,18 +98,18 @@ class Certificates:
     """A deployment's CA and the instances' certificate, made with the openssl command.
 
     The certificate names what ops/haproxy.cfg checks (`verifyhost`), as ops/README.md tells
-    operators to make it; `extra_names` adds subject alternative names (`IP:127.0.0.1`).
+    operators to make it, unless another `name` is given.
     """
 
-    def __init__(self, directory: Path, extra_names: tuple[str, ...] = ()):
+    def __init__(self, directory: Path, name: str | None = None):
         self.ca, self.ca_key = directory / "ca.crt", directory / "ca.key"
         self.cert, self.key = directory / "server.crt", directory / "server.key"
-        names = ",".join((f"DNS:{verified_name()}", *extra_names))
+        name = name or verified_name()
         ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"]
         self._openssl("req", "-x509", *ec, "-keyout", self.ca_key, "-out", self.ca, "-subj", "/CN=pacsys test CA")
         self._openssl(
-            "req", "-x509", *ec, "-keyout", self.key, "-out", self.cert, "-subj", f"/CN={verified_name()}",
-            "-addext", f"subjectAltName={names}", "-addext", "basicConstraints=critical,CA:FALSE",
+            "req", "-x509", *ec, "-keyout", self.key, "-out", self.cert, "-subj", f"/CN={name}",
+            "-addext", f"subjectAltName=DNS:{name}", "-addext", "basicConstraints=critical,CA:FALSE",
             "-CA", self.ca, "-CAkey", self.ca_key,
         )  # fmt: skip
 
@@ -263,14 +263,15 @@ class Pair:
     deployment's CA and the instances' certificate.
     """
 
-    def __init__(self, workdir: Path, *extra: str, haproxy: str | None = None):
-        """`extra`: more pacsys-supervisor options for both instances; "{name}" in one is the instance's name."""
+    def __init__(self, workdir: Path, *extra: str, haproxy: str | None = None, certificate_name: str | None = None):
+        """`extra`: more pacsys-supervisor options for both instances; "{name}" in one is the instance's name.
+        `certificate_name`: the name in the instances' certificate, if not the one haproxy checks."""
         self.workdir = workdir
         self.haproxy = haproxy or shutil.which("haproxy") or "haproxy"
         self.token = TOKEN
         token_file = workdir / "token"
         token_file.write_text(TOKEN + "\n")
-        self.certificates = Certificates(workdir)
+        self.certificates = Certificates(workdir, certificate_name)
         self.instances = {
             name: Instance(
                 name,

@@ -5,7 +5,8 @@ the token file, `allow_writes`, a value range and a slew limit on Z:ACLTST), beh
 running ops/haproxy.cfg; only ports, the backend and the files a deployment provides differ
 (benchmarks/pair.py). A Set with the token through the balancer is accepted: haproxy carries
 it to the instance over TLS, so the instance, which refuses a token over plaintext on a
-non-loopback address, takes it.
+non-loopback address, takes it. The hop is verified: instances whose certificate does not
+name pacsys-supervisor get no call.
 
 ops/haproxy.cfg sends every Set to instance a (backend writers) and to b only while a is
 down, and each slew-limited device also has a value_range. Here both instances stand in
@@ -88,6 +89,18 @@ def test_the_shipped_instances_listen_everywhere_serve_tls_and_take_a_token_writ
     assert not any(option in pair.a.options for option in ("--host", "--allow-token-plaintext"))
     assert write(pair, 0.0) == grpc.StatusCode.OK
     assert [(e["allowed"], e["values"]) for e in audited_sets(pair, "a")][-1] == (True, [[DEVICE, 0.0]])
+
+
+def test_haproxy_sends_nothing_to_an_instance_whose_certificate_does_not_name_pacsys_supervisor(tmp_path):
+    """The hop is verified, not only encrypted: a certificate of the deployment's CA for another
+    name is refused (calls fail with UNAVAILABLE), though the checks, on the metrics port, pass."""
+    impostor = Pair(tmp_path, certificate_name="pacsys-impostor")
+    try:
+        impostor.start()  # returns once haproxy sees both instances UP
+        assert write(impostor, 0.0) == grpc.StatusCode.UNAVAILABLE
+        assert audited_sets(impostor, "a") == audited_sets(impostor, "b") == []
+    finally:
+        impostor.close()
 
 
 def test_writes_go_through_one_instance_and_stay_bounded_after_a_fail_over(pair):
