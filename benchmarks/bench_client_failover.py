@@ -90,9 +90,9 @@ def start_all(instances: list[Instance]) -> None:
 
 def one_instance(python: Path, workdir: Path, restart_after: float) -> dict[str, tuple[float | None, list[str]]]:
     instance = Instance("one", workdir, *plain_options(drain_delay=0))  # no balancer: no drain_delay
-    instance.start()
     results = {}
     try:
+        instance.start()
         with ReleaseSubscriber(python, "127.0.0.1", instance.port, DRF) as sub:
 
             def kill_and_restart() -> None:
@@ -141,10 +141,10 @@ def direct(python: Path, workdir: Path) -> dict[str, tuple[float | None, list[st
 
 def through_haproxy(python: Path, workdir: Path) -> dict[str, tuple[float | None, list[str]]]:
     pair = Pair(workdir)
-    pair.start()
     instances = list(pair.instances.values())
     results = {}
     try:
+        pair.start()
         for name, signum in (("haproxy: drain", signal.SIGTERM), ("haproxy: kill", signal.SIGKILL)):
             start_all(instances)
             pair.wait_up("a", "b")
