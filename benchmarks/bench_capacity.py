@@ -42,6 +42,10 @@ Servers, each a subprocess started and ended here, one after another:
              temporary git worktree of REV (removed afterwards), `--baseline DIR` uses a checkout;
              run with the tree on PYTHONPATH (present only with --baseline)
 
+`--profile DIR` also records each server's profile during each counted window with py-spy
+(DIR/SERVER-LOAD.txt; summarize with `python -m benchmarks.profile_summary`); the sampling
+slows the server, so the figures of such a run are not the ones to compare.
+
 Printed per load and server: calls or replies per second, the ratio to the null server of the
 same round, the CPU microseconds per call and per reply of the front process and, separately,
 of its child processes (the workers), and of the client; the load average before each server.
@@ -65,7 +69,8 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -257,7 +262,6 @@ class Baseline:
                 ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(self._temporary / "tree")],
                 capture_output=True,
             )
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
             shutil.rmtree(self._temporary, ignore_errors=True)
             self._temporary = None
 
@@ -400,9 +404,10 @@ def one_shot(server: Server, load: str, directory: Path, args: argparse.Namespac
     warm = h2load(server.port, data, args, seconds=args.warmup)
     calls = max(10 * args.h2_connections * args.h2_streams, round(warm["done"] / args.warmup * args.duration))
     front = psutil.Process(server.pid)
-    cpu0, client0 = cpu_seconds(front), children_cpu()
-    run = h2load(server.port, data, args, calls=calls)
-    cpu1, client1 = cpu_seconds(front), children_cpu()
+    with profiled(server, load, args):
+        cpu0, client0 = cpu_seconds(front), children_cpu()
+        run = h2load(server.port, data, args, calls=calls)
+        cpu1, client1 = cpu_seconds(front), children_cpu()
     ok = answered_share(run, expected)
     good = run["done"] * min(ok, 1.0)
     per_call = 1e6 / good if good else float("nan")
@@ -445,7 +450,7 @@ def read_streams(port: int, requests: list[bytes], t_start: float, t_end: float)
     }
 
 
-def streams(server: Server, count: int, generator: LoadGenerator, args: argparse.Namespace) -> dict:
+def streams(server: Server, load: str, count: int, generator: LoadGenerator, args: argparse.Namespace) -> dict:
     from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 
     period_ms = 1000 // STREAM_HZ
@@ -461,9 +466,10 @@ def streams(server: Server, count: int, generator: LoadGenerator, args: argparse
     )
     reader.start()
     time.sleep(max(0.0, t_start - time.time()))
-    cpu0 = cpu_seconds(front)
-    time.sleep(max(0.0, t_end - time.time()))
-    cpu1 = cpu_seconds(front)
+    with profiled(server, load, args):
+        cpu0 = cpu_seconds(front)
+        time.sleep(max(0.0, t_end - time.time()))
+        cpu1 = cpu_seconds(front)
     reader.join()
     if not result:
         raise RuntimeError("the stream reader process returned nothing")
@@ -494,6 +500,38 @@ def streams(server: Server, count: int, generator: LoadGenerator, args: argparse
     }
 
 
+# -- profiles ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def profiled(server: Server, load: str, args: argparse.Namespace) -> Iterator[None]:
+    """With `--profile DIR`: py-spy samples the server process while the block runs (the counted window).
+
+    Writes DIR/SERVER-LOAD.txt in py-spy's raw (collapsed stacks) format, native frames and
+    threads included, idle threads not; `python -m benchmarks.profile_summary` reads it. The
+    sampling pauses the server 100 times a second: the figures of a profiled run are lower.
+    """
+    if not args.profile:
+        yield
+        return
+    path = Path(args.profile) / f"{server.spec.name}-{load}.txt"
+    argv = ["py-spy", "record", "--pid", str(server.pid), "--rate", "100", "--native", "--threads", "--function"]
+    spy = subprocess.Popen(
+        [*argv, "--format", "raw", "--output", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file when interrupted
+        try:
+            _, err = spy.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            _, err = spy.communicate()
+        if not path.exists():
+            print(f"  no profile of {server.spec.name} {load}: {err.decode(errors='replace').strip()[-300:]}")
+
+
 # -- the run ---------------------------------------------------------------------------------
 
 
@@ -512,11 +550,11 @@ def run_server(spec: ServerSpec, loads: list[str], directory: Path, generator: L
                         continue
                     results[load] = one_shot(server, load, directory, args)
                 elif load == "streams":
-                    results[load] = streams(server, args.streams, generator, args)
+                    results[load] = streams(server, load, args.streams, generator, args)
                 elif load == "overload" and spec.name != "release":
                     delivered = results.get("streams", {}).get("rate")
                     count = args.overload_streams or _overload_streams(delivered, args.streams)
-                    results[load] = streams(server, count, generator, args)
+                    results[load] = streams(server, load, count, generator, args)
             except RuntimeError as exc:
                 results[load] = {"error": str(exc)}
             _progress(spec.name, load, results.get(load))
@@ -625,6 +663,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--overload-streams", type=int, default=0, help="streams of 'overload' (default: 2 x delivered / 50 Hz)"
     )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="record each server's profile during each counted window with py-spy (pip install py-spy) into DIR",
+    )
     parser.add_argument("--h2-connections", type=int, default=4, help="h2load connections (default 4)")
     parser.add_argument("--h2-streams", type=int, default=16, help="h2load calls in flight per connection (default 16)")
     args = parser.parse_args(argv)
@@ -635,6 +678,10 @@ def main(argv: list[str] | None = None) -> None:
     loads = [n.strip() for n in args.loads.split(",") if n.strip()]
     for bad in [n for n in names if n not in SERVERS] + [n for n in loads if n not in LOADS]:
         parser.error(f"unknown server or load {bad!r}")
+    if args.profile:
+        if shutil.which("py-spy") is None:
+            parser.error("--profile needs py-spy (pip install py-spy)")
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
     args.no_h2load = None
     if any(load in ONE_SHOT for load in loads):
         args.no_h2load = ensure_h2load()
