@@ -25,8 +25,9 @@ streams  `--streams` streams (1,000) of `Z:SIM{i mod 100}@p,20` (50 Hz) read by 
          (127.0.0.2, 127.0.0.3, ...: each one client as far as per-client limits go).
          Offered 50,000 readings/s: about what the null server delivers on 2 quiet cores, more
          than it delivers while other work shares them.
-overload The same streams with about twice what the server delivered in `streams` offered
-         (2 x delivered / 50 Hz streams, in hundreds), to see who starves: per stream the
+overload Twice as many streams (`--overload-streams`, 2,000: 100,000 readings/s offered, about
+         twice what the null server delivers on 2 quiet cores), the same for every server so
+         that they compare, to see who starves: per stream the
          longest time inside the window without a reading, and how many streams went more than
          1 s without one while others were served, and how many never got a first reading.
          Not run for the release (its streams starve under `streams` already; keeps the run short).
@@ -50,7 +51,10 @@ Printed per load and server: calls or replies per second, the ratio to the null 
 same round, the CPU microseconds per call and per reply of the front process and, separately,
 of its child processes (the workers), and of the client; the load average before each server.
 The machine's other work moves every figure: compare ratios within one round, and use
-`--repeat` to see how much they move between rounds.
+`--repeat` to see how much they move between rounds (every other round runs the servers in
+the reverse order). The CPU per call moves much less than the rates when other work takes
+the cores (it counts only the time the server ran), so it is the figure to compare between
+runs.
 """
 
 from __future__ import annotations
@@ -552,20 +556,12 @@ def run_server(spec: ServerSpec, loads: list[str], directory: Path, generator: L
                 elif load == "streams":
                     results[load] = streams(server, load, args.streams, generator, args)
                 elif load == "overload" and spec.name != "release":
-                    delivered = results.get("streams", {}).get("rate")
-                    count = args.overload_streams or _overload_streams(delivered, args.streams)
+                    count = args.overload_streams or 2 * args.streams
                     results[load] = streams(server, load, count, generator, args)
             except RuntimeError as exc:
                 results[load] = {"error": str(exc)}
             _progress(spec.name, load, results.get(load))
     return results
-
-
-def _overload_streams(delivered: float | None, default: int) -> int:
-    """Streams offering twice what the server delivered, in hundreds (100 to 4,000)."""
-    if not delivered:
-        return 2 * default
-    return min(4000, max(100, round(2 * delivered / STREAM_HZ / 100) * 100))
 
 
 def _progress(server: str, load: str, r: dict | None) -> None:
@@ -661,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settle", type=float, default=1.0, help="seconds between a server's start and its first load")
     parser.add_argument("--streams", type=int, default=1000, help="streams of the 'streams' load (default 1000)")
     parser.add_argument(
-        "--overload-streams", type=int, default=0, help="streams of 'overload' (default: 2 x delivered / 50 Hz)"
+        "--overload-streams", type=int, default=0, help="streams of 'overload' (default: twice --streams)"
     )
     parser.add_argument(
         "--profile",
@@ -707,7 +703,9 @@ def main(argv: list[str] | None = None) -> None:
             results: dict[str, dict] = {}
             rounds.append(results)
             loads_at: dict[str, str] = {}
-            for spec in specs:
+            # Every other round runs the servers in the reverse order: the machine's other work
+            # drifts, and a server always measured last would always meet its drift.
+            for spec in specs if round_no % 2 else specs[::-1]:
                 loads_at[spec.name] = loadavg()
                 try:
                     results[spec.name] = run_server(spec, loads, directory, generator, args)

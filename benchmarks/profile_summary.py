@@ -117,6 +117,8 @@ def is_wait(frames: list[Frame]) -> bool:
         return False
     if frames[-1].name in WAITS:
         return True
+    if frames[-1].name == "read" and len(frames) > 1 and frames[-2].python:
+        return True  # a blocking read by Python code in a thread (a server's stdin, for one)
     return any(f.name in WAIT_CALLERS for f in frames[-5:])
 
 
