@@ -2,17 +2,20 @@
 
     python -m benchmarks.profile_summary PROFILE.txt [--top N] [--ours pacsys/,workers/]
 
-`bench_capacity --profile DIR` records them. Each sample is one thread's stack at one moment
-while it was running (idle threads are not sampled), so shares are shares of the CPU the
-process used. Printed:
+`bench_capacity --profile DIR` records them (several files of one load may be concatenated:
+the raw format adds up). py-spy samples a thread that is not idle, which includes one that
+waits in a system call or sits preempted in one, so shares are shares of the process's
+samples, close to but not the same as its CPU time. Printed:
 
-- how many samples were waits (a poller's epoll_wait, a lock or condition wait: py-spy samples
-  a thread in a blocking system call as running); they are left out of every share below;
+- how many samples were waits (a poller's epoll_wait, a lock or condition wait, a Python
+  thread's blocking read); they are left out of every share below;
 - per thread: its share of the samples;
 - by the code running at the sample (the deepest frame): our Python (a frame of ours is the
-  deepest Python frame; the frames that start the event loop do not count as ours), library or runtime code our code called (the nearest frame of ours is
-  further up: asyncio, dataclasses' generated `__init__`, protobuf, ...), and the rest, which our
-  code did not call: the event loop, gRPC's Cython layer and C core, its threads;
+  deepest Python frame; the frames that start the event loop do not count as ours), told
+  apart when the sample is in a system call it made (a write to a worker's pipe, say);
+  library or runtime code our code called (the nearest frame of ours is further up: asyncio,
+  dataclasses' generated `__init__`, protobuf, ...); and the rest, which our code did not
+  call: the event loop, gRPC's Cython layer and C core, its threads;
 - the native library the deepest frame is in (grpc's extension holds the C core and the Cython
   layer, libpython is the interpreter, libc its system calls and copies), and the system calls
   by their caller. On a machine busier than its cores, a thread preempted inside a system call
@@ -189,7 +192,7 @@ def summarize(path: str, top: int, ours: tuple[str, ...], us_per_call: float | N
         deepest_python = next((f for f in reversed(served) if f.python), None)
         nearest_ours = next((f for f in reversed(served) if is_ours(f)), None)
         if deepest_python is not None and is_ours(deepest_python):
-            kinds["our Python (self)"] += n
+            kinds["our Python (self): system calls it made" if call else "our Python (self)"] += n
             self_time[deepest_python.label()] += n
         elif nearest_ours is not None:
             kinds["called by our code (library, runtime, system calls)"] += n
