@@ -82,8 +82,8 @@ import psutil
 
 from benchmarks.bench_load import LoadGenerator, cpu_seconds, run_on_loop
 from benchmarks.h2_reader import count_streams
+from benchmarks.serve import ROOT, ServerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 RELEASE_SERVER = ROOT / "benchmarks" / "release_server.py"
 READ_PATH = "/services.daq.DAQ/Read"
 SERVERS = ["null", "release", "ours", "ours0", "base"]
@@ -96,7 +96,6 @@ STARVED_S = 1.0
 # calls at random once more than 1,000 wait to be taken by the server (its
 # grpc.server.max_pending_requests), and a saturated asyncio server takes them slowly.
 OPEN_STAGGER_S = 0.05
-BANNER = re.compile(r"serving DAQ on \S+:(\d+)")
 
 
 # -- servers ---------------------------------------------------------------------------------
@@ -109,88 +108,6 @@ class ServerSpec:
     cwd: Path = ROOT
     env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
     note: str = ""
-
-
-class Server:
-    """A server subprocess: `with Server(spec) as s:` s.port, s.pid; always ended on exit."""
-
-    def __init__(self, spec: ServerSpec, log_dir: Path):
-        self.spec = spec
-        self.log_path = log_dir / f"{spec.name}.log"
-        self.process: subprocess.Popen | None = None
-        self.port = 0
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def __enter__(self) -> Server:
-        env = {**os.environ, **self.spec.env}
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                self.spec.argv, cwd=self.spec.cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log
-            )
-        try:
-            self.port = self._read_port(60.0)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _read_port(self, timeout: float) -> int:
-        """The port from the first line that names one: a bare number, or the command's banner."""
-        assert self.process is not None and self.process.stdout is not None
-        found: list[int] = []
-        stdout = self.process.stdout
-
-        def read() -> None:
-            for raw in iter(stdout.readline, b""):
-                line = raw.decode(errors="replace").strip()
-                match = BANNER.search(line)
-                if line.isdigit() or match:
-                    found.append(int(match.group(1)) if match else int(line))
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not found:
-            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            raise RuntimeError(
-                f"server {self.spec.name} did not start (exit {self.process.poll()}): {' / '.join(tail)}"
-            )
-        return found[0]
-
-    def stop(self) -> None:
-        process = self.process
-        if process is None:
-            return
-        self.process = None
-        try:
-            process.stdin.close()  # type: ignore[union-attr]  # the null and release servers end here
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)  # pacsys-supervisor drains and ends here
-            process.wait(30)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        finally:
-            if process.poll() is None:
-                for child in _children(process.pid):
-                    child.kill()
-                process.kill()
-                process.wait()
-            process.stdout.close()  # type: ignore[union-attr]
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-
-def _children(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
 
 
 def supervisor_argv(workers: int) -> list[str]:
@@ -396,7 +313,7 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def one_shot(server: Server, load: str, directory: Path, args: argparse.Namespace) -> dict:
+def one_shot(server: ServerProcess, load: str, directory: Path, args: argparse.Namespace) -> dict:
     """Warm-up for `--warmup` s, then a counted run of as many calls as the warm-up did in `--duration` s.
 
     The counted run is a number of calls, not a time, so that no call is in flight when it ends: the
@@ -454,7 +371,7 @@ def read_streams(port: int, requests: list[bytes], t_start: float, t_end: float)
     }
 
 
-def streams(server: Server, load: str, count: int, generator: LoadGenerator, args: argparse.Namespace) -> dict:
+def streams(server: ServerProcess, load: str, count: int, generator: LoadGenerator, args: argparse.Namespace) -> dict:
     from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 
     period_ms = 1000 // STREAM_HZ
@@ -508,7 +425,7 @@ def streams(server: Server, load: str, count: int, generator: LoadGenerator, arg
 
 
 @contextmanager
-def profiled(server: Server, load: str, args: argparse.Namespace) -> Iterator[None]:
+def profiled(server: ServerProcess, load: str, args: argparse.Namespace) -> Iterator[None]:
     """With `--profile DIR`: py-spy samples the server process while the block runs (the counted window).
 
     Writes DIR/SERVER-LOAD.txt in py-spy's raw (collapsed stacks) format, native frames and
@@ -518,7 +435,7 @@ def profiled(server: Server, load: str, args: argparse.Namespace) -> Iterator[No
     if not args.profile:
         yield
         return
-    path = Path(args.profile) / f"{server.spec.name}-{load}.txt"
+    path = Path(args.profile) / f"{server.name}-{load}.txt"
     argv = ["py-spy", "record", "--pid", str(server.pid), "--rate", "100", "--native", "--threads", "--function"]
     spy = subprocess.Popen(
         [*argv, "--format", "raw", "--output", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -533,7 +450,7 @@ def profiled(server: Server, load: str, args: argparse.Namespace) -> Iterator[No
             spy.kill()
             _, err = spy.communicate()
         if not path.exists():
-            print(f"  no profile of {server.spec.name} {load}: {err.decode(errors='replace').strip()[-300:]}")
+            print(f"  no profile of {server.name} {load}: {err.decode(errors='replace').strip()[-300:]}")
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -545,7 +462,8 @@ def loadavg() -> str:
 
 def run_server(spec: ServerSpec, loads: list[str], directory: Path, generator: LoadGenerator, args) -> dict:
     results: dict[str, dict] = {}
-    with Server(spec, directory) as server:
+    server = ServerProcess(spec.argv, cwd=spec.cwd, env=spec.env, log=directory / f"{spec.name}.log", name=spec.name)
+    with server:
         time.sleep(args.settle)  # workers ready, startup work done
         for load in loads:
             try:

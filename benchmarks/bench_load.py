@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
             for backend in backends:
                 if mode == "to_thread" and backend in async_backends:
                     continue  # an async backend is awaited directly: to_thread == inproc
-                with ServerProcess(*_server_args(mode, backend)) as server:
+                with ServerProcess.serving(*_server_args(mode, backend)) as server:
                     for load in (x for x in loads if x.backend == backend):
                         r = measure(generator, server, load, args.warmup, args.duration)
                         results[(load.name, mode)] = r
