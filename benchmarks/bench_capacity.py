@@ -151,12 +151,14 @@ class Baseline:
         else:
             self._temporary = Path(tempfile.mkdtemp(prefix="bench-baseline-"))
             tree = self._temporary / "tree"
-            subprocess.run(
+            added = subprocess.run(
                 ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), self.what],
-                check=True,
                 capture_output=True,
                 text=True,
             )
+            if added.returncode != 0:
+                self.__exit__()
+                raise RuntimeError(f"--baseline {self.what}: git worktree add failed: {added.stderr.strip()[-300:]}")
             self.tree = tree
         found = subprocess.run(
             [sys.executable, "-c", "import pacsys, workers; print(pacsys.__file__)"],
@@ -179,10 +181,11 @@ class Baseline:
 
     def __exit__(self, *exc_info) -> None:
         if self._temporary is not None:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(self._temporary / "tree")],
-                capture_output=True,
-            )
+            if (self._temporary / "tree").exists():
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(self._temporary / "tree")],
+                    capture_output=True,
+                )
             shutil.rmtree(self._temporary, ignore_errors=True)
             self._temporary = None
 
@@ -607,7 +610,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_h2load:
         print(f"one-shot loads skipped: {args.no_h2load}")
     with ExitStack() as stack:
-        baseline = stack.enter_context(Baseline(args.baseline)) if args.baseline and "base" in names else None
+        try:
+            baseline = stack.enter_context(Baseline(args.baseline)) if args.baseline and "base" in names else None
+        except RuntimeError as exc:
+            sys.exit(str(exc))
         specs, skipped = server_specs(names, baseline)
         for why in skipped:
             print(f"skipped {why}")
