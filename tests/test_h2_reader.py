@@ -110,7 +110,7 @@ def test_the_longest_gap_inside_the_window_counts_its_start_and_end():
             for n, at in enumerate((5.0, 12.0, 13.0, 25.0), 1):
                 clock[0] = at  # each message arrives while the clock reads `at`
                 release.put_nowait(None)
-                await _until(lambda n=n: stream.received == n)
+                await until(lambda n=n: stream.received == n)
             assert stream.count == 2  # 12 and 13: 5 and 25 are outside the window
             assert counter.longest_gap(talking) == 7.0
             assert counter.longest_gap(silent) == 10.0
