@@ -347,6 +347,12 @@ class Settings:
         section="Logging",
         min=0,
     )
+    grpc_log_interval: float = _setting(
+        10.0,
+        "Seconds between gRPC core's log lines from one line of its code, and between other native stderr lines (the others are counted).",
+        section="Logging",
+        min=0,
+    )
     log_value_chars: int = _setting(
         256,
         "Longest value (a DRF, a peer, an error text) written into a log line, in characters; longer ones are cut.",

@@ -30,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pacsys.supervised._managed import CountsSubscriptions
+from pacsys.supervised.stderr_relay import counts as stderr_counts
 from workers.logformat import counts as log_counts
 from workers.supervision import SERVING, SlotState
 
@@ -87,6 +88,11 @@ class _Collector:
         )
         yield CounterMetricFamily(
             "pacsys_log_values_cut", "Log values cut at log_value_chars characters", value=log_counts.values_cut
+        )
+        yield CounterMetricFamily(
+            "pacsys_stderr_lines_not_logged",
+            "Lines of gRPC core (and other native stderr lines) left out by grpc_log_interval",
+            value=stderr_counts.not_logged,
         )
         backend = self._server.backend
         yield GaugeMetricFamily(
