@@ -6,17 +6,16 @@ AsyncBackend. As a library it denies nothing unless given policies; the
 """
 
 from pacsys.supervised._audit import AuditLog, read_audit, read_audit_proto
+from pacsys.supervised._machine_protection import SlewLimit, SlewRatePolicy, ValueRangePolicy
 from pacsys.supervised._managed import CountsSubscriptions, ManagedBackend
 from pacsys.supervised._policies import (
+    CurrentValue,
     DeviceAccessPolicy,
     Policy,
     PolicyDecision,
     RateLimitPolicy,
     ReadOnlyPolicy,
     RequestContext,
-    SlewLimit,
-    SlewRatePolicy,
-    ValueRangePolicy,
     WriteGrantPolicy,
     evaluate_policies,
     write_gate,
@@ -28,6 +27,7 @@ from pacsys.supervised.gate import ServicerLimits
 __all__ = [
     "AuditLog",
     "CountsSubscriptions",
+    "CurrentValue",
     "DeviceAccessPolicy",
     "ManagedBackend",
     "Policy",

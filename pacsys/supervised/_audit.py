@@ -17,8 +17,8 @@ Two append-only files:
   (0 Read request, 1 Read reply, 2 Set request, 3 Set reply), the payload length as a protobuf
   varint, then the serialized message. Replies are captured only with ``log_responses``.
 
-Recording never raises: a failure (disk full, directory gone, a value that will not serialize)
-is logged on ``pacsys.supervised.audit`` and the call returns normally; ``healthy`` tells whether
+Recording never raises: a failure (disk full, directory gone, a file deleted while open, a
+value that will not serialize) is logged on ``pacsys.supervised.audit`` and the call returns normally; ``healthy`` tells whether
 the last entry reached the JSON log. The one exception is an entry that must be recorded
 (``log_request(..., must_record=True)``, a write's): it is flushed at once, and
 ``AuditUnavailable`` says it did not reach the file, so that the write is not made. Entries
@@ -37,6 +37,7 @@ the ``pacsys-audit`` command (`pacsys.supervised.audit_command`) prints them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -90,6 +91,11 @@ MAX_LISTED = 1000  # DRFs and values listed per entry: a request's whole list, u
 
 class AuditUnavailable(Exception):
     """An entry that had to be recorded (a write's) did not reach the audit file."""
+
+
+def _encode_varint(write: Any, value: int) -> None:
+    """``write(varint)``: the frame length's encoding, under the pacsys release's name for it."""
+    write(varint(value))
 
 
 def _jsonable(value: object) -> object:
@@ -179,6 +185,14 @@ class _File:
             raise
         self._flushed += self._pending
         self._pending = 0
+        if os.fstat(self._file.fileno()).st_nlink == 0:
+            # Deleted while open (the file or its directory removed): what it holds is lost to
+            # every reader. Let the handle go (nothing to cut back: no name reaches it) and say
+            # so; the next write opens the file by its name again, if it can.
+            f, self._file = self._file, None
+            with contextlib.suppress(Exception):
+                f.close()
+            raise FileNotFoundError(errno.ENOENT, "deleted while open (its directory removed?)", self.path)
 
     @property
     def is_open(self) -> bool:
@@ -234,6 +248,11 @@ class AuditLog:
     def log_responses(self) -> bool:
         """Whether replies are recorded; lets a caller skip building replies just for the log."""
         return self._log_responses
+
+    @property
+    def _writes_since_flush(self) -> int:
+        # Entries written since the last flush, under the pacsys release's name (its tests read it).
+        return self._unflushed
 
     @property
     def healthy(self) -> bool:
@@ -311,7 +330,11 @@ class AuditLog:
             self._record(entry, None)
 
     def flush(self) -> None:
-        """Push buffered entries to the OS."""
+        """Push buffered entries to the OS, and notice a file deleted while open (then not `healthy`).
+
+        The server calls it a few times a second, so that a deleted audit directory refuses
+        writes and shows in the ``audit`` health even when no request comes.
+        """
         with self._lock:
             self._flush()
 
@@ -326,8 +349,12 @@ class AuditLog:
                         self._failed(f, "cannot close")
             self._unflushed = 0
 
-    def reopen(self) -> None:
-        """Close the files and open them again by name (a rotated file is left to its mover)."""
+    def reopen(self) -> bool:
+        """Close the files and open them again by name (a rotated file is left to its mover).
+
+        False when one could not be opened (logged; the next entry tries again).
+        """
+        reopened = True
         with self._lock:
             for f in (self._json, self._proto):
                 if f is None:
@@ -336,8 +363,10 @@ class AuditLog:
                     f.close()
                     f.open()
                 except Exception:
+                    reopened = False
                     self._failed(f, "cannot reopen")
             self._unflushed = 0
+        return reopened
 
     def __enter__(self) -> AuditLog:
         return self

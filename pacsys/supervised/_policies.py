@@ -32,13 +32,22 @@ Globs are case-insensitive fnmatch patterns and regexes are full matches, also c
 ``check()`` runs on the gateway's hot path, so patterns are compiled once and the result for
 each device name is cached in a small bounded dict. Stateful policies take a lock; a policy
 object can be shared by all server threads.
+
+Current values and write outcomes
+---------------------------------
+Two hooks let a policy judge a Set against the device rather than against the request alone
+(the machine-protection policies, ``ValueRangePolicy`` and ``SlewRatePolicy``, live in
+``_machine_protection``). ``needs_current(ctx)`` names the settings whose current values it
+needs; the gateway reads them through the backend before the chain runs and hands them in as
+``ctx.current`` (a setting it could not read is there with its error; one it did not read is
+missing: judge that as unknown, and deny). ``on_written(ctx, outcomes)`` is called once the
+backend has answered, with which settings it accepted, so that history moves only with what
+reached the device.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
-import numbers
 import re
 import threading
 import time
@@ -46,26 +55,37 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol, TypeGuard
+from typing import Protocol
 
 from pacsys.drf import DRF
 from pacsys.drf_utils import guess_device_name
 from pacsys.supervised._identity import IdentityPattern
 
 __all__ = [
+    "CurrentValue",
     "DeviceAccessPolicy",
     "Policy",
     "PolicyDecision",
     "RateLimitPolicy",
     "ReadOnlyPolicy",
     "RequestContext",
-    "SlewLimit",
-    "SlewRatePolicy",
-    "ValueRangePolicy",
     "WriteGrantPolicy",
     "evaluate_policies",
     "write_gate",
 ]
+
+
+@dataclass(frozen=True)
+class CurrentValue:
+    """A setting's value as the backend read it just before the policy chain ran.
+
+    Attributes:
+        value: The value read (a float for a scalar setting); None when the read failed.
+        error: Why it could not be read (the status or the exception), else None.
+    """
+
+    value: object = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +106,9 @@ class RequestContext:
         parsed: The parse results of the request's DRFs by their text, when the caller parsed
             them (the gateway's request gate does); `device_name` uses them. A DRF a policy
             rewrote is not in it and its name is found from its text.
+        current: The current values of the settings the chain's policies asked for
+            (`Policy.needs_current`), read through the backend just before the chain ran, by
+            setting (``Z:ACLTST.SETTING``). Empty for a Read, and when nothing was read.
     """
 
     drfs: list[str]
@@ -97,6 +120,7 @@ class RequestContext:
     allowed: frozenset[int] = frozenset()
     identity: str = ""
     parsed: Mapping[str, DRF] = field(default_factory=dict, compare=False, repr=False)
+    current: Mapping[str, CurrentValue] = field(default_factory=dict)
 
     def device_name(self, drf: object) -> str:
         """The canonical device name of one of this request's DRFs (see `guess_device_name`)."""
@@ -152,8 +176,25 @@ class Policy(ABC):
     def on_allowed(self, ctx: RequestContext) -> None:  # noqa: B027 - optional hook, empty by default
         """Called with the final context once the whole chain has allowed the request.
 
-        A policy that keeps history (slew limits) records here, so that a request that a
-        later policy denies leaves no trace.
+        A policy that keeps history of what was allowed records here, so that a request that
+        a later policy denies leaves no trace. History of what reached a device belongs in
+        `on_written`: an allowed setting may still be refused by the backend.
+        """
+
+    def needs_current(self, ctx: RequestContext) -> Sequence[str]:
+        """The settings (``Z:ACLTST.SETTING``) whose current values `check` needs for `ctx`.
+
+        The gateway reads them through the backend before the chain runs, holds them for the
+        request (writes to one of them wait for each other), and passes them in `ctx.current`.
+        """
+        return ()
+
+    def on_written(self, ctx: RequestContext, outcomes: Sequence[bool | None]) -> None:  # noqa: B027 - optional hook, empty by default
+        """Called once the backend has answered a Set the chain allowed, with `ctx` as allowed.
+
+        `outcomes[i]` is for the setting ``ctx.values[i]``: True accepted, False refused by the
+        backend or not sent, None unknown (the backend failed, or its worker died, while it
+        was being written: it may have reached the device).
         """
 
 
@@ -209,12 +250,6 @@ class _Patterns:
                 self._cache.clear()
             self._cache[name] = hit
         return hit
-
-
-def _is_number(value: object) -> TypeGuard[float]:
-    # bool is an int subclass, but True is not a setting of 1.0 anyone means to range-check.
-    # numbers.Real also admits numpy scalars and Fraction, which compare like floats.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class ReadOnlyPolicy(Policy):
@@ -369,134 +404,6 @@ class RateLimitPolicy(Policy):
                 )
             hits.append(now)
         return _ALLOW
-
-
-class ValueRangePolicy(Policy):
-    """Deny a Set whose numeric value lies outside ``[lo, hi]`` (inclusive) for its device.
-
-    Args:
-        limits: Glob pattern -> ``(lo, hi)``. A device matching several patterns must satisfy
-            all of them. Non-numeric values (text, arrays, bool) and unmatched devices pass;
-            NaN is denied for a range-limited device.
-    """
-
-    def __init__(self, limits: dict[str, tuple[float, float]]):
-        if not limits:
-            raise ValueError("limits must not be empty")
-        for pattern, (lo, hi) in limits.items():
-            if not lo <= hi:
-                raise ValueError(f"limits[{pattern!r}]: lo {lo} is above hi {hi}")
-        self._patterns = _Patterns(list(limits))
-        self._bounds = list(limits.values())
-
-    def check(self, ctx: RequestContext) -> PolicyDecision:
-        if ctx.rpc_method != "Set":
-            return _ALLOW
-        for drf, value in ctx.values:
-            if not _is_number(value):
-                continue
-            name = ctx.device_name(drf)
-            for i in self._patterns.matching(name):
-                lo, hi = self._bounds[i]
-                if not lo <= value <= hi:
-                    return PolicyDecision(allowed=False, reason=f"Value {value} for {name} outside [{lo}, {hi}]")
-        return _ALLOW
-
-
-@dataclass(frozen=True)
-class SlewLimit:
-    """How fast one device may be moved by :class:`SlewRatePolicy`; at least one field is required.
-
-    Attributes:
-        max_step: Largest absolute change from the previous written value.
-        max_rate: Largest change per second since the previous write.
-    """
-
-    max_step: float | None = None
-    max_rate: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_step is None and self.max_rate is None:
-            raise ValueError("SlewLimit needs max_step, max_rate or both")
-        for attr in ("max_step", "max_rate"):
-            limit = getattr(self, attr)
-            if limit is not None and not limit >= 0:
-                raise ValueError(f"{attr} must be >= 0, got {limit}")
-
-
-class SlewRatePolicy(Policy):
-    """Deny Sets that move a device too far or too fast from the value last written through here.
-
-    The first write to a device is free (nothing to compare with). All numeric values of a
-    request are checked first, against the history and against earlier slots of the same request;
-    the history is updated only when the whole chain allows the request (``on_allowed``), so a
-    request denied here or by any other policy leaves it alone. A write that
-    the backend later fails still counts as the last value. Non-finite values are denied for
-    slew-limited devices because they would poison every later comparison.
-
-    Args:
-        limits: Glob pattern -> :class:`SlewLimit`; a device matching several must satisfy all.
-        clock: Monotonic time source in seconds (tests inject a fake one).
-    """
-
-    def __init__(self, limits: dict[str, SlewLimit], *, clock: Callable[[], float] = time.monotonic):
-        if not limits:
-            raise ValueError("limits must not be empty")
-        self._patterns = _Patterns(list(limits))
-        self._limits = list(limits.values())
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._history: dict[str, tuple[float, float]] = {}  # device -> (value, time written)
-
-    def check(self, ctx: RequestContext) -> PolicyDecision:
-        if ctx.rpc_method != "Set":
-            return _ALLOW
-        with self._lock:
-            now = self._clock()
-            staged: dict[str, tuple[float, float]] = {}
-            for drf, value in ctx.values:
-                if not _is_number(value):
-                    continue
-                name = ctx.device_name(drf)
-                matched = self._patterns.matching(name)
-                if not matched:
-                    continue
-                new = float(value)
-                if not math.isfinite(new):
-                    return PolicyDecision(allowed=False, reason=f"Value {new} for {name} is not finite")
-                prev = staged.get(name) or self._history.get(name)
-                if prev is not None:
-                    denial = self._violation(name, new, prev, now, matched)
-                    if denial is not None:
-                        return PolicyDecision(allowed=False, reason=denial)
-                staged[name] = (new, now)
-        return _ALLOW
-
-    def on_allowed(self, ctx: RequestContext) -> None:
-        """Record the values the whole chain let through as each device's last write."""
-        if ctx.rpc_method != "Set":
-            return
-        with self._lock:
-            now = self._clock()
-            for drf, value in ctx.values:
-                name = ctx.device_name(drf)
-                if _is_number(value) and self._patterns.matching(name):
-                    self._history[name] = (float(value), now)
-
-    def _violation(
-        self, name: str, new: float, prev: tuple[float, float], now: float, matched: tuple[int, ...]
-    ) -> str | None:
-        prev_value, prev_time = prev
-        step = abs(new - prev_value)
-        elapsed = now - prev_time
-        for i in matched:
-            limit = self._limits[i]
-            if limit.max_step is not None and step > limit.max_step:
-                return f"Step {step:g} for {name} exceeds max_step {limit.max_step:g}"
-            if limit.max_rate is not None and step > limit.max_rate * elapsed:
-                rate = step / elapsed if elapsed > 0 else math.inf
-                return f"Rate {rate:g}/s for {name} exceeds max_rate {limit.max_rate:g}/s"
-        return None
 
 
 class WriteSettings(Protocol):

@@ -4,6 +4,9 @@ Each call is decoded, handed to the gate (`pacsys.supervised.gate`: validation, 
 token, the policies, the audit line), aborted with the gate's refusal, or passed on to the
 backend with the DRFs the gate parsed; replies are written here.
 
+A Set of settings that machine protection judges from the device's current value is held,
+read, decided and written as `_protected_writes` describes.
+
 It has one code path. The backend is always an AsyncBackend (a sync one arrives wrapped
 by `pacsys.aio.as_async`; a worker pool is one too), so nothing here knows whether the
 work runs in this process, in threads or in worker processes.
@@ -33,11 +36,13 @@ from pacsys.supervised._audit import AuditLog
 from pacsys.supervised._identity import identity_of
 from pacsys.supervised._peers import Bucket, Peers
 from pacsys.supervised._policies import Policy
+from pacsys.supervised._protected_writes import HeldSettings, SettingWrite, read_current
 from pacsys.supervised.gate import (
     DRAINING_DETAILS,
     Decision,
     Gate,
     GateRequest,
+    Opened,
     Refusal,
     ServicerLimits,
     ServicerStats,
@@ -137,6 +142,7 @@ class DAQServicer:
             token_over_plaintext=token_over_plaintext,
         )
         self._streams: dict[AsyncSubscriptionHandle, OpenStream] = {}
+        self._held = HeldSettings()  # the settings Sets in flight judge from their current values
         # A backend that receives readings already encoded shares its cache of their bodies.
         self._bodies = backend.reply_bodies if backend.reply_bodies is not None else ReplyBodies()
 
@@ -347,14 +353,25 @@ class DAQServicer:
         self, request: DAQ_pb2.SettingList | _Undecodable, context: grpc.aio.ServicerContext
     ) -> DAQ_pb2.SettingReply:
         started = time.perf_counter()
-        decision = self.gate.admit(_gate_request("Set", request, context, started))
-        if decision.refusal is not None:
-            await _abort(context, decision.refusal)
+        opened = self.gate.door(_gate_request("Set", request, context, started))
+        if isinstance(opened, Refusal):
+            await _abort(context, opened)
             raise AssertionError("unreachable: abort raises")
-        try:
-            return await self._write(decision, context, started)
-        finally:
-            self.gate.release(decision)
+        async with self._held.hold(opened.wanted):
+            decision = await self._decide(opened, context)
+            if decision.refusal is not None:
+                await _abort(context, decision.refusal)
+                raise AssertionError("unreachable: abort raises")
+            try:
+                return await self._write(decision, context, started)
+            finally:
+                self.gate.release(decision)
+
+    async def _decide(self, opened: Opened, context: grpc.aio.ServicerContext) -> Decision:
+        """The gate's decision on a Set, given the current values of the settings it wanted."""
+        caller_authorization.set(opened.metadata.get("authorization"))
+        current = await read_current(self.backend, opened.wanted, context.time_remaining())
+        return self.gate.decide(opened, current)
 
     async def _write(
         self, decision: Decision, context: grpc.aio.ServicerContext, started: float
@@ -363,10 +380,10 @@ class DAQServicer:
         assert final is not None
         peer = decision.request.peer
         drfs = list(decision.request.drfs)
-        settings = list(zip(final.drfs, (v for _, v in final.values), strict=True))
         caller_authorization.set(decision.metadata.get("authorization"))
+        write = SettingWrite(decision)
         try:
-            results = await self.backend.write_many(settings, timeout=context.time_remaining())
+            results = await write.run(self.backend, context.time_remaining())
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -376,6 +393,8 @@ class DAQServicer:
             self.gate.log_outcome("Set", peer, drfs, "error", started)
             await context.abort(code, details)
             raise AssertionError("unreachable: abort raises")  # noqa: B904
+        finally:
+            self.gate.written(decision, write.outcomes)
         ordered = [results[0]] * len(results)
         for pos, result in enumerate(results):
             ordered[decision.original[pos]] = result
@@ -383,6 +402,9 @@ class DAQServicer:
         audit = self.audit
         if unknown and audit is not None:
             audit.log_event(decision.seq, "write_outcome_unknown", drfs=unknown)
+        not_sent = [r.drf for r in ordered if r.skipped]
+        if not_sent and audit is not None:
+            audit.log_event(decision.seq, "settings_not_sent", drfs=not_sent)
         reply = setting_reply(ordered)
         if audit is not None and audit.log_responses:
             audit.log_response(decision.seq, peer, "Set", reply)

@@ -11,9 +11,14 @@ seq. The steps, in order (`docs/design.md`, "The request path"):
 1. Set only: the bearer token (constant-time; not over plaintext unless allowed)
 2. the count of DRFs or settings, each DRF's length, its parse, the shortest period;
    a Set's values
+   (`door` ends here: an `Opened` request names the settings whose current values the
+   chain needs, which the caller reads through the backend and hands to `decide`)
 3. the policy chain (a denial is audited here)
 4. the client's limits (`_peers.Peers`): calls in flight, streams, readings per second
 5. the audit line of the admitted request (a Set's must be recorded: else refused)
+
+`admit` does it all in one step, with no current values. After a Set's write, `written`
+tells the chain what the backend accepted (`Policy.on_written`).
 
 Every refusal is counted, logged at a bounded rate per client and kind, and audited as a
 bounded excerpt. The gate knows nothing of gRPC: the servicer adapts a call to it, aborts
@@ -27,7 +32,7 @@ import dataclasses
 import hmac
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +41,7 @@ from pacsys.drf import DRF, DRFError, parse_cached
 from pacsys.replies import value_from_proto
 from pacsys.supervised._audit import AuditLog, AuditUnavailable
 from pacsys.supervised._peers import PeerLimit, Peers, peer_host
-from pacsys.supervised._policies import Policy, PolicyDecision, RequestContext, evaluate_policies
+from pacsys.supervised._policies import CurrentValue, Policy, PolicyDecision, RequestContext, evaluate_policies
 from pacsys.supervised._refusal_log import RefusalLog, excerpt, excerpt_list
 from pacsys.supervised.config import Settings
 
@@ -45,6 +50,7 @@ __all__ = [
     "Decision",
     "Gate",
     "GateRequest",
+    "Opened",
     "Refusal",
     "ServicerLimits",
     "ServicerStats",
@@ -159,14 +165,30 @@ class _Refused(Exception):
         self.refusal = Refusal(code, details, decision)
 
 
+@dataclass(frozen=True)
+class Opened:
+    """A request the door let in (steps 0-2), for `Gate.decide`.
+
+    `ctx` is its context before the policies, `policies` the chain it is decided by (the one
+    in force when it arrived), `wanted` the settings (``Z:ACLTST.SETTING``) whose current
+    values that chain needs (`Policy.needs_current`): the caller reads them first.
+    """
+
+    request: GateRequest
+    ctx: RequestContext
+    metadata: dict[str, str]
+    policies: list[Policy]
+    wanted: list[str]
+
+
 @dataclass
 class Decision:
     """What the gate decided. Refused: `refusal` says why, and nothing else is set.
 
     Admitted: `final` is the context after the policies (the DRFs and values to call the
     backend with), `parsed` their parse results in the same order, `original[i]` the request
-    slot that final DRF `i` answers, `seq` the audit seq (0 without an audit log). The
-    client's call or stream slot is held until `Gate.release`.
+    slot that final DRF `i` answers, `seq` the audit seq (0 without an audit log), `policies`
+    the chain that decided it. The client's call or stream slot is held until `Gate.release`.
     """
 
     request: GateRequest
@@ -179,6 +201,7 @@ class Decision:
     seq: int = 0
     oneshot: bool = True
     rate: float = 0.0  # readings per second a stream asked for
+    policies: list[Policy] = field(default_factory=list)
 
     @property
     def allowed(self) -> bool:
@@ -220,11 +243,29 @@ class Gate:
 
     # -- the decision ------------------------------------------------------------------
 
-    def admit(self, request: GateRequest) -> Decision:
-        """Decide on `request`. A refusal is already counted, logged and audited; an admitted
-        request holds its client's call or stream slot until `release`."""
+    def admit(self, request: GateRequest, current: Mapping[str, CurrentValue] | None = None) -> Decision:
+        """Decide on `request` in one step: `door`, then `decide` with `current`."""
+        opened = self.door(request)
+        if isinstance(opened, Refusal):
+            return Decision(request, opened)
+        return self.decide(opened, current or {})
+
+    def door(self, request: GateRequest) -> Opened | Refusal:
+        """Steps 0-2: the request opened for the policy chain, or refused (counted, logged
+        and audited already)."""
         try:
-            decision = self._admit(request)
+            return self._door(request)
+        except _Refused as refused:
+            self._refused(request, refused.refusal)
+            return refused.refusal
+
+    def decide(self, opened: Opened, current: Mapping[str, CurrentValue]) -> Decision:
+        """Steps 3-5 for a request the door opened, given the current values it wanted.
+        A refusal is already counted, logged and audited; an admitted request holds its
+        client's call or stream slot until `release`."""
+        request = opened.request
+        try:
+            decision = self._decide(opened, current)
         except _Refused as refused:
             self._refused(request, refused.refusal)
             return Decision(request, refused.refusal)
@@ -248,6 +289,17 @@ class Gate:
             raise
         return decision
 
+    def written(self, decision: Decision, outcomes: Sequence[bool | None]) -> None:
+        """Tell the chain that decided a Set what the backend did with each setting
+        (`Policy.on_written`; `outcomes` in the order of `decision.final.values`)."""
+        final = decision.final
+        assert final is not None
+        for policy in decision.policies:
+            try:
+                policy.on_written(final, outcomes)
+            except Exception:
+                logger.exception("event=policy_on_written_failed policy=%s", policy.name)
+
     def release(self, decision: Decision) -> None:
         """Give back the client's call or stream slot that an admitted request held."""
         who = decision.request.identity
@@ -256,13 +308,14 @@ class Gate:
         else:
             self.peers.close_stream(who, decision.rate)
 
-    def _admit(self, request: GateRequest) -> Decision:
+    def _door(self, request: GateRequest) -> Opened:
         if request.malformed is not None:
             raise _Refused("INVALID_ARGUMENT", request.malformed)
         if self.draining:
             raise _Refused("UNAVAILABLE", DRAINING_DETAILS, "draining")
         metadata = metadata_of(request.metadata)
         drfs = list(request.drfs)
+        policies = self.policies  # a request uses the chain it arrived under
         if request.rpc == "Set":
             self._check_token(metadata, request.tls, self.token)
             self._check_count(len(drfs), self.limits.max_settings_per_request, "settings")
@@ -283,10 +336,7 @@ class Gate:
                 identity=request.identity,
                 parsed=dict(zip(drfs, first, strict=True)),
             )
-            final, original = self._decide(ctx)
-            parsed = self._parse_all(final.drfs, "setting after policies")
-            self._peer_limit(self.peers.begin_call, request.identity)
-            return Decision(request, None, ctx, final, parsed, original, metadata)
+            return Opened(request, ctx, metadata, policies, self._wanted(policies, ctx))
         self._check_count(len(drfs), self.limits.max_drfs_per_request, "drfs")
         first = self._parse_all(drfs)
         ctx = RequestContext(
@@ -300,7 +350,27 @@ class Gate:
             identity=request.identity,
             parsed=dict(zip(drfs, first, strict=True)),
         )
-        final, original = self._decide(ctx)
+        return Opened(request, ctx, metadata, policies, [])
+
+    def _wanted(self, policies: list[Policy], ctx: RequestContext) -> list[str]:
+        """The settings whose current values `policies` need to judge `ctx`, each once."""
+        wanted: dict[str, None] = {}
+        for policy in policies:
+            try:
+                wanted.update(dict.fromkeys(policy.needs_current(ctx)))
+            except Exception as exc:
+                logger.exception("policy raised on rpc=%s peer=%s", ctx.rpc_method, ctx.peer)
+                raise _Refused("INTERNAL", f"Policy error: {excerpt(str(exc))}", "error") from None
+        return list(wanted)
+
+    def _decide(self, opened: Opened, current: Mapping[str, CurrentValue]) -> Decision:
+        request, metadata, policies = opened.request, opened.metadata, opened.policies
+        ctx = dataclasses.replace(opened.ctx, current=current) if current else opened.ctx
+        final, original = self._run_chain(policies, ctx)
+        if request.rpc == "Set":
+            parsed = self._parse_all(final.drfs, "setting after policies")
+            self._peer_limit(self.peers.begin_call, request.identity)
+            return Decision(request, None, ctx, final, parsed, original, metadata, policies=policies)
         parsed = self._parse_all(final.drfs, "DRF after policies")
         oneshot = all(p.is_oneshot for p in parsed)
         rate = 0.0
@@ -309,7 +379,9 @@ class Gate:
         else:
             rate = self._stream_rate(parsed)
             self._peer_limit(self.peers.open_stream, request.identity, rate)
-        return Decision(request, None, ctx, final, parsed, original, metadata, oneshot=oneshot, rate=rate)
+        return Decision(
+            request, None, ctx, final, parsed, original, metadata, oneshot=oneshot, rate=rate, policies=policies
+        )
 
     def _audit_admitted(self, decision: Decision) -> None:
         ctx, final = decision.ctx, decision.final
@@ -345,9 +417,17 @@ class Gate:
                 "a bearer token is refused over plaintext: connect with TLS (a token sent in clear should be rotated)",
                 "unauthenticated",
             )
-        presented = metadata.get("authorization", "")
-        expected = f"Bearer {token}"
-        if not hmac.compare_digest(presented.encode(), expected.encode()):
+        presented = metadata.get("authorization")
+        if presented is None:
+            raise _Refused("UNAUTHENTICATED", "missing or invalid bearer token", "unauthenticated")
+        scheme, _, credential = presented.partition(" ")
+        if scheme.lower() != "bearer":  # the scheme is case-insensitive (RFC 9110, section 11.1)
+            raise _Refused(
+                "UNAUTHENTICATED",
+                "the authorization header is not a bearer token: send 'Bearer <token>'",
+                "unauthenticated",
+            )
+        if not hmac.compare_digest(credential.encode(), token.encode()):
             raise _Refused("UNAUTHENTICATED", "missing or invalid bearer token", "unauthenticated")
 
     # -- validation and limits ---------------------------------------------------------
@@ -417,9 +497,8 @@ class Gate:
 
     # -- policies ----------------------------------------------------------------------
 
-    def _decide(self, ctx: RequestContext) -> tuple[RequestContext, list[int]]:
+    def _run_chain(self, policies: list[Policy], ctx: RequestContext) -> tuple[RequestContext, list[int]]:
         """Run the policy chain; return the final context and, per final slot, its original index."""
-        policies = self.policies  # a request uses the chain it started with
         try:
             decision: PolicyDecision = evaluate_policies(policies, ctx)
         except Exception as exc:

@@ -21,7 +21,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,13 +29,36 @@ from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pacsys.supervised._listen import reason as bind_reason
 from pacsys.supervised._managed import CountsSubscriptions
 from pacsys.supervised.stderr_relay import counts as stderr_counts
 from workers.logformat import counts as log_counts
-from workers.supervision import SERVING, SlotState
+from workers.supervision import EXIT_REASONS, RECYCLE_REASONS, SERVING, SlotState
 
 SLOT_STATES = tuple(state.value for state in SlotState if state is not SlotState.RETIRED)
 SERVING_STATES = frozenset(state.value for state in SERVING)
+
+# The label values a labelled counter can take, each exported at 0 before it first counts, so
+# that `increase()` and `rate()` see a counter's first event too (a series that appears at 1
+# has no increase). Values not listed here are exported as they come.
+RPCS = ("Read", "Set")
+# The `decision` of pacsys_requests_total: a gate.Refusal's, or the servicer's allow and error.
+DECISIONS = ("allow", "invalid", "limit", "unauthenticated", "denied", "draining", "error", "audit_unavailable")
+# The `limit` of pacsys_limits_hit_total: the setting that bit.
+LIMITS = (
+    "max_drfs_per_request",
+    "max_settings_per_request",
+    "max_drf_length",
+    "max_rate_hz",
+    "max_stream_rate",
+    "max_peer_rate",
+    "max_streams",
+    "max_streams_per_peer",
+    "max_calls_per_peer",
+    "metrics_max_connections",
+    "metrics_max_connections_per_address",
+    "metrics_timeout",
+)
 
 if TYPE_CHECKING:
     from pacsys.supervised._server import SupervisedServer
@@ -54,17 +77,13 @@ class _Collector:
         servicer = self._server.servicer
         stats = servicer.stats
         requests = CounterMetricFamily("pacsys_requests", "Requests by RPC and decision", labels=["rpc", "decision"])
-        for (rpc, decision), n in list(stats.requests.items()):
-            requests.add_metric([rpc, decision], n)
-        yield requests
+        yield _counted(requests, stats.requests, [(rpc, decision) for rpc in RPCS for decision in DECISIONS])
         denials = CounterMetricFamily("pacsys_policy_denials", "Requests denied, by policy", labels=["policy"])
-        for policy, n in list(stats.denials_by_policy.items()):
-            denials.add_metric([policy], n)
-        yield denials
+        chain = list(servicer.policies)  # the running chain's names; "approval" when one grants writes
+        names = [p.name for p in chain] + (["approval"] if any(p.allows_writes for p in chain) else [])
+        yield _counted(denials, stats.denials_by_policy, [(name,) for name in names])
         limits = CounterMetricFamily("pacsys_limits_hit", "Requests refused by a limit", labels=["limit"])
-        for limit, n in list(stats.limits_hit.items()):
-            limits.add_metric([limit], n)
-        yield limits
+        yield _counted(limits, stats.limits_hit, [(limit,) for limit in LIMITS])
         yield GaugeMetricFamily("pacsys_active_streams", "Open client streams", value=servicer.active_streams)
         yield CounterMetricFamily(
             "pacsys_refusals_not_logged",
@@ -160,14 +179,22 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterat
     yield restarts
     yield cooldowns
     yield cpu
-    for name, help_text, counts in (
-        ("pacsys_worker_exits", "Worker exits by reason (signal, exit, hang, ...)", pool_stats.exits_by_reason),
-        ("pacsys_worker_recycles", "Workers replaced gracefully, by reason", pool_stats.recycles_by_reason),
+    for name, help_text, counts, reasons in (
+        (
+            "pacsys_worker_exits",
+            "Worker exits by reason (signal, exit, hang, ...)",
+            pool_stats.exits_by_reason,
+            EXIT_REASONS,
+        ),
+        (
+            "pacsys_worker_recycles",
+            "Workers replaced gracefully, by reason",
+            pool_stats.recycles_by_reason,
+            RECYCLE_REASONS,
+        ),
     ):
         family = CounterMetricFamily(name, help_text, labels=["reason"])
-        for reason, n in list(counts.items()):
-            family.add_metric([reason], n)
-        yield family
+        yield _counted(family, counts, [(reason,) for reason in sorted(reasons)])
     for name, help_text in (
         ("cooldowns", "Slots cooled down after too many early exits"),
         ("calls_waited", "One-shot calls and subscriptions that found no worker serving and waited"),
@@ -177,6 +204,16 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterat
         ("stream_gaps", "Subscriptions interrupted by a worker's death"),
     ):
         yield CounterMetricFamily(f"pacsys_{name}", help_text, value=getattr(pool_stats, name))
+
+
+def _counted(family: CounterMetricFamily, counts: Mapping[Any, int], known: list[tuple[str, ...]]) -> Metric:
+    """`family` with a series per known label value (0 until it counts), then any other value counted."""
+    counts = dict(counts)  # a copy: the counters change under a scrape
+    for labels in known:
+        family.add_metric(list(labels), counts.pop(labels if len(labels) > 1 else labels[0], 0))
+    for key, n in counts.items():
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], n)
+    return family
 
 
 def _build_info() -> Iterator[Metric]:
@@ -198,6 +235,20 @@ class _BuildInfo:
 # Silent connections wait in the kernel's queue at no cost to us (TCP_DEFER_ACCEPT): let it
 # hold many. The kernel caps it at net.core.somaxconn (4096 by default since Linux 5.4).
 LISTEN_BACKLOG = 4096
+
+
+class _AcceptFailures:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "pacsys_metrics_accept_failures",
+            "Connections the metrics port failed to accept (out of descriptors or memory)",
+            value=self.count,
+        )
+
+
 MAX_REQUEST_BYTES = 16384  # a request line and its headers; a larger request is closed unanswered
 ACCEPT_BATCH = 16  # connections accepted per wake-up of the listening socket, then the others' turn
 ACCEPT_RETRY_DELAY = 0.1  # seconds without accepting after accept() failed (out of descriptors)
@@ -244,6 +295,8 @@ class MetricsServer:
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(server))  # type: ignore[arg-type]
         self.registry.register(_BuildInfo())  # type: ignore[arg-type]
+        self._accept_failed_total = _AcceptFailures()
+        self.registry.register(self._accept_failed_total)  # type: ignore[arg-type]
         # prometheus_client's own process and GC collectors (they read process-wide figures).
         self.registry.register(PROCESS_COLLECTOR)
         self.registry.register(GC_COLLECTOR)
@@ -268,12 +321,18 @@ class MetricsServer:
         self._accept_failures = 0  # since the last line about them
         self._accept_failure_logged = -math.inf
         host = host.strip("[]")
-        if ":" in host:  # IPv6; "::" takes IPv4 clients as well where the system allows it
-            self._sock = socket.create_server(
-                (host, port), family=socket.AF_INET6, backlog=LISTEN_BACKLOG, dualstack_ipv6=socket.has_dualstack_ipv6()
-            )
-        else:
-            self._sock = socket.create_server((host, port), family=socket.AF_INET, backlog=LISTEN_BACKLOG)
+        try:
+            if ":" in host:  # IPv6; "::" takes IPv4 clients as well where the system allows it
+                self._sock = socket.create_server(
+                    (host, port),
+                    family=socket.AF_INET6,
+                    backlog=LISTEN_BACKLOG,
+                    dualstack_ipv6=socket.has_dualstack_ipv6(),
+                )
+            else:
+                self._sock = socket.create_server((host, port), family=socket.AF_INET, backlog=LISTEN_BACKLOG)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port} (metrics_port): {bind_reason(exc, port)}") from None
         if hasattr(socket, "TCP_DEFER_ACCEPT"):  # Linux
             # A connection is handed over once its request has arrived: a silent one waits in the
             # kernel (no descriptor, no slot) for up to `timeout` seconds first.
@@ -305,11 +364,12 @@ class MetricsServer:
             loop.run_forever()
         finally:
             loop.remove_reader(self._sock)
-            for task in asyncio.all_tasks(loop):
+            # Connections still open end here: each task is cancelled, its socket closed as it
+            # ends, and the loop is closed only once they all have.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
                 task.cancel()
-            loop.run_until_complete(asyncio.sleep(0))
-            for connection in list(self._connections):
-                self._close(connection)
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     # -- connections --------------------------------------------------------------------------
@@ -345,13 +405,15 @@ class MetricsServer:
         """Evicts a connection where a newcomer from `address` would exceed a cap."""
         same_address = self._by_address.get(address)
         if same_address is not None and len(same_address) >= self._max_per_address:
-            self._evict(same_address, "metrics_max_connections_per_address")
+            self._evict(same_address)
+            self._limits_hit["metrics_max_connections_per_address"] += 1
         if len(self._connections) >= self._max_connections:
-            self._evict(self._connections, "metrics_max_connections")
+            self._evict(self._connections)
+            self._limits_hit["metrics_max_connections"] += 1
 
-    def _evict(self, scope: dict[_Connection, None], limit: str) -> None:
+    def _evict(self, scope: dict[_Connection, None]) -> None:
+        """Resets the connection of `scope` silent longest (else the oldest being answered)."""
         victim = next((c for c in scope if not c.answering), None) or next(iter(scope))
-        self._limits_hit[limit] += 1
         self._forget(victim)
         # A reset, not a close: nothing is left to send, and no TIME_WAIT is kept for it.
         victim.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -375,7 +437,7 @@ class MetricsServer:
 
     def _accept_failed(self, exc: OSError) -> None:
         """Counts a failed accept, pauses accepting a moment, and says so at a bounded rate."""
-        self._limits_hit["metrics_accept_failed"] += 1
+        self._accept_failed_total.count += 1
         self._accept_failures += 1
         now = time.monotonic()
         if now - self._accept_failure_logged >= ACCEPT_FAILURE_LOG_INTERVAL:

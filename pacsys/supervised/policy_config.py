@@ -16,14 +16,12 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from pacsys.supervised._identity import IdentityPatternError
+from pacsys.supervised._machine_protection import SlewLimit, SlewRatePolicy, ValueRangePolicy
 from pacsys.supervised._policies import (
     DeviceAccessPolicy,
     Policy,
     RateLimitPolicy,
     ReadOnlyPolicy,
-    SlewLimit,
-    SlewRatePolicy,
-    ValueRangePolicy,
     WriteGrantPolicy,
     write_gate,  # the rule lives with the policies; imported from here by the service and the admin commands
 )
@@ -270,13 +268,16 @@ EXAMPLE_POLICIES: list[tuple[list[str], dict[str, Any]]] = [
         {"type": "rate_limit", "max_requests": 100, "window_seconds": 60.0},
     ),
     (
-        ["value_range: deny a Set whose numeric value is outside [lo, hi] for a matching device."],
+        [
+            "value_range: deny a Set that would put a matching device's setting outside [lo, hi], and one",
+            "it cannot judge (an array, text, raw bytes, an element range...).",
+        ],
         {"type": "value_range", "limits": {"M:OUTTMP": [40.0, 105.0], "Z:ACLTS*": [-10.0, 10.0]}},
     ),
     (
         [
-            "slew_rate: deny a Set that moves a device more than max_step, or faster than max_rate per second,",
-            "from the value last written through this process.",
+            "slew_rate: deny a Set that moves a matching device's setting more than max_step from the value it",
+            "has (read just before), or faster than max_rate per second since the last accepted write.",
         ],
         {"type": "slew_rate", "limits": {"M:OUTTMP": {"max_step": 5.0, "max_rate": 1.0}}},
     ),
