@@ -1,6 +1,7 @@
-"""Imports run downhill: no module of pacsys or workers imports, at module level, a module
-that imports it back, not even for type checking only (a circle there is one a reader has to
-untangle all the same). An import inside a function is a deliberate lazy one and not counted."""
+"""Imports run downhill: no module of pacsys or workers imports a module that imports it back,
+not even for type checking only or inside a function (a circle there is one a reader has to
+untangle all the same). The one exception is the release-compatible lazy re-export of the
+callback types: `pacsys.types.__getattr__` imports `pacsys.backends._subscription`."""
 
 import ast
 from pathlib import Path
@@ -19,18 +20,20 @@ def _modules() -> dict[str, Path]:
     return found
 
 
+# (module, function) whose imports are not counted: the pacsys release exports the callback
+# types from pacsys.types, which the subscription module itself imports.
+LAZY_REEXPORTS = {("pacsys.types", "__getattr__")}
+
+
 def _imported(tree: ast.Module, name: str, is_package: bool) -> set[str]:
-    """Module names a module imports at module level (also under `if TYPE_CHECKING:`)."""
+    """Module names a module imports anywhere: at module level, under `if TYPE_CHECKING:`, in functions."""
     names: set[str] = set()
 
-    def visit(body: list[ast.stmt]) -> None:
-        for node in body:
-            if isinstance(node, ast.If):
-                visit(node.body)
-                visit(node.orelse)
-            elif isinstance(node, ast.Try):
-                visit(node.body)
-            elif isinstance(node, ast.Import):
+    def visit(nodes: list[ast.AST]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and (name, node.name) in LAZY_REEXPORTS:
+                continue
+            if isinstance(node, ast.Import):
                 names.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
                 module = node.module or ""
@@ -40,8 +43,9 @@ def _imported(tree: ast.Module, name: str, is_package: bool) -> set[str]:
                     module = ".".join([*base, module] if module else base)
                 names.add(module)
                 names.update(f"{module}.{alias.name}" for alias in node.names)
+            visit(list(ast.iter_child_nodes(node)))
 
-    visit(tree.body)
+    visit(list(tree.body))
     return names
 
 

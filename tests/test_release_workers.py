@@ -133,5 +133,5 @@ def test_release_grpc_backend_in_release_workers(running, release_py, upstream_s
 def test_a_spec_of_our_own_backends_fails_clearly_under_the_release(release_py):
     from helpers import Running
 
-    with pytest.raises(Exception, match="not importable here.*module:factory"):
+    with pytest.raises(Exception, match="worker_python .* could not build.*module:factory"):
         Running(backend="sim", workers=1, worker_python=release_py)

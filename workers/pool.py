@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
+from pacsys.backends.spec import describe_spec, factory_spec, is_builtin
 from pacsys.errors import exception_for_kind
 from pacsys.replies import ReplyBodies
 from pacsys.supervised.config import Settings
@@ -89,8 +90,9 @@ class WorkerPool(AsyncBackend):
         self.stats = PoolStats()
         # The workers encode each reading's reply body; the servicer uses this as its cache.
         self.reply_bodies: ReplyBodies = ReplyBodies()
+        # Workers read only module:factory specs: a built-in form is rewritten here.
         self._command = WorkerCommand(
-            settings.backend,
+            factory_spec(settings.backend),
             settings.threads_per_worker,
             settings.worker_log_level,
             settings.event_loop,
@@ -232,7 +234,7 @@ class WorkerPool(AsyncBackend):
                 f"within {self.settings.ready_timeout} s: {failures[0] if failures else 'unknown'}"
             )
         self._ticker = self._loop.create_task(self._tick())
-        logger.info("event=pool_ready workers=%d backend=%s", self.ready_count, self.settings.backend)
+        logger.info("event=pool_ready workers=%d backend=%s", self.ready_count, describe_spec(self.settings.backend))
 
     def _new_slot(self, index: int) -> Slot:
         return Slot(index, self._policy, others_serving=self._others_serving)
@@ -534,7 +536,19 @@ class WorkerPool(AsyncBackend):
             )
         elif isinstance(msg, p.StartupFailed):
             if not worker.ready.done():
-                _fail_start(worker, WorkerStartupError(f"backend {self.settings.backend!r}: {msg.message}"))
+                _fail_start(worker, WorkerStartupError(self._startup_failure(msg.message)))
+
+    def _startup_failure(self, message: str) -> str:
+        """Why a worker could not build its backend, as the front explains it."""
+        spec, python = self.settings.backend, self.settings.worker_python
+        if python is not None and is_builtin(spec):
+            # Another interpreter, whose `pacsys` is not ours (the release's, say).
+            return (
+                f"backend {spec!r} is one of this project's own backends (built by {self._command.backend.partition('?')[0]}), "
+                f"which the workers' interpreter worker_python {python} could not build: {message}; "
+                "under another interpreter use the module:factory form"
+            )
+        return f"backend {spec!r}: {message}"
 
     # -- one-shot calls (workers/calls.py) ---------------------------------------------------
 

@@ -42,16 +42,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pacsys.backends.spec import FORMS, check_backend_spec
 from pacsys.supervised._tls import TLSFiles
 from pacsys.supervised.config_error import ConfigError, range_text
 from pacsys.supervised.policy_config import EXAMPLE_POLICIES, POLICY_TYPES
 from pacsys.token_file import TokenFileError, read_token_file
-from workers.backend_spec import FactorySpecError, parse_factory
 
 __all__ = [
     "ConfigError",
     "Settings",
-    "check_backend_spec",
     "check_files",
     "env_name",
     "env_settings",
@@ -68,34 +67,6 @@ __all__ = [
 
 
 # -- checks used in the field metadata ---------------------------------------------------------
-
-_SPEC_FORMS = "sim, sim:PATH, fake, grpc://HOST:PORT or module:factory[?key=value&...]"
-
-
-def check_backend_spec(spec: str) -> str | None:
-    """What is wrong with the syntax of a backend spec (nothing is imported or built), or None.
-
-    The text reads after the key: ``'backend' must be sim, sim:PATH, ...``.
-    """
-    if spec in ("sim", "fake"):
-        return None
-    if spec.startswith("sim:"):
-        return None if spec[4:] else "must name a devices file after 'sim:', got 'sim:'"
-    if spec.startswith("grpc://"):
-        # The builder's own parser: host, port and ?query keys, without connecting.
-        from pacsys.backends.spec import BackendSpecError, _grpc_parts
-
-        try:
-            _grpc_parts(spec)
-        except BackendSpecError as exc:
-            return f"is invalid: {exc}"
-        return None
-    try:
-        if parse_factory(spec) is not None:
-            return None
-    except FactorySpecError as exc:
-        return f"is invalid: {exc}"
-    return f"must be {_SPEC_FORMS}, got {spec!r}"
 
 
 def _check_host(host: str) -> str | None:
@@ -201,8 +172,7 @@ class Settings:
     # backend and workers
     backend: str = _setting(
         "sim",
-        "Backend: sim, sim:PATH, fake, grpc://HOST:PORT or module:factory[?key=value&...] "
-        "(keyword arguments for the factory; a value is read as JSON when it is JSON, else as text).",
+        f"Backend: {FORMS} (keyword arguments for the factory; a value is read as JSON when it is JSON, else as text).",
         section="Backend and workers",
         check=check_backend_spec,
         metavar="SPEC",
