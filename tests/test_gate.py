@@ -9,10 +9,10 @@ import pytest
 from pacsys._proto.controls.common.v1 import device_pb2
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 from pacsys.drf import parse_cached
+from pacsys.settings import Settings
 from pacsys.supervised import AuditLog, Policy, PolicyDecision, ReadOnlyPolicy, ServicerLimits, read_audit
 from pacsys.supervised import write_gate as public_write_gate
 from pacsys.supervised._policies import DeviceAccessPolicy, write_gate
-from pacsys.supervised.config import Settings
 from pacsys.supervised.gate import EVENT_RATE_HZ, Gate, GateRequest
 from pacsys.supervised.policy_config import write_gate as config_write_gate
 

@@ -6,7 +6,7 @@ import pytest
 from helpers import wait_for, worker_pids
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
-from pacsys.supervised.config import ConfigError
+from pacsys.settings import ConfigError
 from workers.pool import WorkerPool
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 
+from pacsys.settings import Settings
 from workers.supervision import (
     Exit,
     Kill,
@@ -10,18 +11,17 @@ from workers.supervision import (
     SlotState,
     Spawn,
     SpawnReplacement,
-    SupervisionPolicy,
     Wait,
 )
 
-POLICY = SupervisionPolicy(
-    backoff_initial=0.1,
-    backoff_max=5.0,
-    stable_uptime=1.0,
-    intensity=3,
-    period=60.0,
-    cooldown_initial=10.0,
-    cooldown_max=40.0,
+POLICY = Settings(
+    restart_backoff_initial=0.1,
+    restart_backoff_max=5.0,
+    restart_stable_uptime=1.0,
+    restart_intensity=3,
+    restart_period=60.0,
+    restart_cooldown_initial=10.0,
+    restart_cooldown_max=40.0,
 )
 CRASH = Exit("signal", "SIGKILL")
 
@@ -83,7 +83,9 @@ def test_a_worker_that_served_comes_back_after_the_initial_backoff_whatever_came
 
 
 def test_early_exits_double_the_backoff_up_to_its_cap():
-    slot, clock = make(policy=SupervisionPolicy(intensity=100, backoff_initial=0.1, backoff_max=0.5))
+    slot, clock = make(
+        policy=POLICY.replace(restart_intensity=100, restart_backoff_initial=0.1, restart_backoff_max=0.5)
+    )
     (spawn,) = slot.start()
     gen, delays = spawn.generation, []
     for _ in range(5):
@@ -102,7 +104,7 @@ def test_too_many_early_exits_cool_the_slot_down_and_repeated_exhaustion_doubles
         (wait,) = slot.exited(gen, Exit("startup_failed"))
         if slot.state is SlotState.COOLING:
             cooldowns.append(wait.delay)
-            assert slot.restart_budget_left() == POLICY.intensity  # the history starts over
+            assert slot.restart_budget_left() == POLICY.restart_intensity  # the history starts over
         clock.advance(wait.delay)
         gen = restart(slot, [wait])
     assert cooldowns == [10.0, 20.0, 40.0, 40.0]
@@ -141,7 +143,7 @@ def test_the_last_slot_standing_never_cools_it_keeps_restarting_at_the_capped_ba
         actions = slot.exited(gen, Exit("exit", "1"))
         assert slot.state is SlotState.RESTARTING
         gen = restart(slot, actions)
-    assert actions[0].delay == POLICY.backoff_max and slot.cooldowns == 0
+    assert actions[0].delay == POLICY.restart_backoff_max and slot.cooldowns == 0
 
 
 def test_a_worker_that_stays_up_after_a_cooldown_returns_the_slot_to_normal():
@@ -157,8 +159,8 @@ def test_a_worker_that_stays_up_after_a_cooldown_returns_the_slot_to_normal():
     slot.ready(gen)
     clock.advance(2.0)  # past stable_uptime
     (wait,) = slot.exited(gen, CRASH)
-    assert slot.state is SlotState.RESTARTING and wait.delay == POLICY.backoff_initial
-    assert slot.cooldown == POLICY.cooldown_initial and slot.backoff == POLICY.backoff_initial
+    assert slot.state is SlotState.RESTARTING and wait.delay == POLICY.restart_backoff_initial
+    assert slot.cooldown == POLICY.restart_cooldown_initial and slot.backoff == POLICY.restart_backoff_initial
 
 
 def test_an_exit_reported_twice_counts_once():
@@ -212,7 +214,7 @@ def test_recycling_is_make_before_break_and_costs_no_restart_budget():
     assert slot.ready(replace.generation) == [Retire(old)]
     assert slot.state is SlotState.READY and slot.generation == replace.generation
     assert slot.exited(old, Exit("exit", "0")) == []  # the retired worker stops later
-    assert slot.restart_budget_left() == POLICY.intensity
+    assert slot.restart_budget_left() == POLICY.restart_intensity
 
 
 def test_a_replacement_that_fails_leaves_the_old_worker_serving():

@@ -19,7 +19,6 @@ the state that health, metrics and the status view read.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import random
@@ -29,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
-from pacsys.backends.spec import describe_spec, factory_spec, is_builtin
+from pacsys.backends.spec import describe_spec, is_builtin
 from pacsys.errors import exception_for_kind
 from pacsys.replies import ReplyBodies
-from pacsys.supervised.config import Settings
+from pacsys.settings import Settings
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
 from workers import protocol as p
 from workers.calls import OneShotCalls
@@ -49,7 +48,6 @@ from workers.supervision import (
     SlotState,
     Spawn,
     SpawnReplacement,
-    SupervisionPolicy,
     Wait,
 )
 
@@ -63,26 +61,13 @@ _STOPPED_BY_FRONT = frozenset({"recycled", "scale_down", "shutdown", "recycle_fa
 _DRAIN_SECONDS = 30.0  # how long a retired worker may take to finish its calls in flight
 
 
-def supervision_policy(settings: Settings) -> SupervisionPolicy:
-    """The restart rules of the state machine, from the settings of that name."""
-    return SupervisionPolicy(
-        backoff_initial=settings.restart_backoff_initial,
-        backoff_max=settings.restart_backoff_max,
-        stable_uptime=settings.restart_stable_uptime,
-        intensity=settings.restart_intensity,
-        period=settings.restart_period,
-        cooldown_initial=settings.restart_cooldown_initial,
-        cooldown_max=settings.restart_cooldown_max,
-    )
-
-
 class WorkerPool(AsyncBackend):
     def __init__(self, settings: Settings | None = None, **overrides: Any):
-        """A pool run with `settings` (`pacsys.supervised.config.Settings`, the one owner of
+        """A pool run with `settings` (`pacsys.settings.Settings`, the one owner of
         every default), each keyword argument replacing the setting of its name:
         `WorkerPool(backend="sim", workers=4, stream_buffer=200)`. They are checked as the
         service's are (an unknown name is a TypeError, a bad value a ConfigError)."""
-        settings = Settings(**overrides) if settings is None else dataclasses.replace(settings, **overrides)
+        settings = Settings(**overrides) if settings is None else settings.replace(**overrides)
         if settings.workers < 1:
             raise ValueError("a WorkerPool needs at least one worker")
         self.settings = settings
@@ -91,14 +76,7 @@ class WorkerPool(AsyncBackend):
         # The workers encode each reading's reply body; the servicer uses this as its cache.
         self.reply_bodies: ReplyBodies = ReplyBodies()
         # Workers read only module:factory specs: a built-in form is rewritten here.
-        self._command = WorkerCommand(
-            factory_spec(settings.backend),
-            settings.threads_per_worker,
-            settings.worker_log_level,
-            settings.event_loop,
-            settings.worker_python,
-        )
-        self._policy = supervision_policy(settings)
+        self._command = WorkerCommand.from_settings(settings)
         self._slots: list[Slot] = []
         self._workers: dict[tuple[int, int], WorkerProcess] = {}  # (slot, generation): every unreaped process
         self._timers: dict[int, asyncio.TimerHandle] = {}
@@ -237,7 +215,7 @@ class WorkerPool(AsyncBackend):
         logger.info("event=pool_ready workers=%d backend=%s", self.ready_count, describe_spec(self.settings.backend))
 
     def _new_slot(self, index: int) -> Slot:
-        return Slot(index, self._policy, others_serving=self._others_serving)
+        return Slot(index, self.settings, others_serving=self._others_serving)
 
     def _others_serving(self, slot: Slot) -> bool:
         return any(self._serving_worker(s.index) is not None for s in self._slots if s is not slot)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from pacsys.backends.spec import factory_spec
+from pacsys.settings import Settings
 from workers import protocol as p
 from workers.channel import FrameChannel
 from workers.supervision import Exit
@@ -41,18 +43,29 @@ class WorkerStartupError(RuntimeError):
 
 @dataclass(frozen=True)
 class WorkerCommand:
-    """How to start a worker: the backend spec and the worker's own options."""
+    """How to start a worker: its backend's factory spec and the settings of these names."""
 
-    backend: str
-    threads: int
-    log_level: str
+    backend: str  # a module:factory spec: a built-in spec is rewritten by the front
+    threads_per_worker: int
+    worker_log_level: str
     event_loop: str
-    python: str | None = None  # another environment's interpreter (worker_python), or this one
+    worker_python: str | None  # another environment's interpreter, or None for this one
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerCommand:
+        # Workers read only module:factory specs: a built-in form is rewritten here.
+        return cls(
+            factory_spec(settings.backend),
+            settings.threads_per_worker,
+            settings.worker_log_level,
+            settings.event_loop,
+            settings.worker_python,
+        )
 
     def argv(self, fd: int, slot: int) -> list[str]:
         # Under another interpreter the worker sets its own import path (see worker.command),
         # so that environment's own `pacsys` is not shadowed by ours.
-        start = worker_command(self.python) if self.python else [sys.executable, "-m", "workers.worker"]
+        start = worker_command(self.worker_python) if self.worker_python else [sys.executable, "-m", "workers.worker"]
         return [
             *start,
             "--fd",
@@ -60,11 +73,11 @@ class WorkerCommand:
             "--backend",
             self.backend,
             "--threads",
-            str(self.threads),
+            str(self.threads_per_worker),
             "--slot",
             str(slot),
             "--log-level",
-            self.log_level,
+            self.worker_log_level,
             "--loop",
             self.event_loop,
         ]

@@ -20,17 +20,17 @@ States::
 
 The rules (docs/design.md, "Supervision"):
 
-- A worker that served `stable_uptime` seconds or more before it ended had a crash, not
-  a crash loop: the slot starts again after `backoff_initial`, whatever happened to it
+- A worker that served `restart_stable_uptime` seconds or more before it ended had a crash, not
+  a crash loop: the slot starts again after `restart_backoff_initial`, whatever happened to it
   before, and the exit does not count towards the restart intensity.
-- A worker that ended before it was ready, or sooner than `stable_uptime` after it, is a
-  crash-loop suspect: the backoff doubles (up to `backoff_max`) and the exit counts.
-- More than `intensity` counted exits within `period` seconds cools the slot down: it
-  waits `cooldown_initial` seconds, doubling on each repeated exhaustion up to
-  `cooldown_max` (Kubernetes' CrashLoopBackOff), then tries again. A worker that then
-  serves `stable_uptime` returns the slot to normal (backoff and cool-down start over).
+- A worker that ended before it was ready, or sooner than `restart_stable_uptime` after it, is a
+  crash-loop suspect: the backoff doubles (up to `restart_backoff_max`) and the exit counts.
+- More than `restart_intensity` counted exits within `restart_period` seconds cools the slot down: it
+  waits `restart_cooldown_initial` seconds, doubling on each repeated exhaustion up to
+  `restart_cooldown_max` (Kubernetes' CrashLoopBackOff), then tries again. A worker that then
+  serves `restart_stable_uptime` returns the slot to normal (backoff and cool-down start over).
 - A slot cools down only while another slot serves: the last slot standing keeps
-  restarting at `backoff_max`, so a pool never stops trying to run a worker.
+  restarting at `restart_backoff_max`, so a pool never stops trying to run a worker.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 
 class SlotState(enum.Enum):
@@ -54,17 +55,23 @@ class SlotState(enum.Enum):
 SERVING = frozenset({SlotState.READY, SlotState.RECYCLING})
 
 
-@dataclass(frozen=True)
-class SupervisionPolicy:
-    """The numbers the rules above are written in (settings of the same names, less `restart_`)."""
+class SupervisionPolicy(Protocol):
+    """The numbers the rules above are written in: the settings of these names (a `Settings` is one)."""
 
-    backoff_initial: float = 0.1
-    backoff_max: float = 5.0
-    stable_uptime: float = 1.0
-    intensity: int = 5
-    period: float = 60.0
-    cooldown_initial: float = 10.0
-    cooldown_max: float = 300.0
+    @property
+    def restart_backoff_initial(self) -> float: ...
+    @property
+    def restart_backoff_max(self) -> float: ...
+    @property
+    def restart_stable_uptime(self) -> float: ...
+    @property
+    def restart_intensity(self) -> int: ...
+    @property
+    def restart_period(self) -> float: ...
+    @property
+    def restart_cooldown_initial(self) -> float: ...
+    @property
+    def restart_cooldown_max(self) -> float: ...
 
 
 # -- actions: what the pool must do after an event ---------------------------------------------
@@ -154,8 +161,8 @@ class Slot:
         self._generations = 0  # generations only grow, so an old worker's number is never reused
         self.generation = 0  # the worker that serves or is starting
         self.replacement: int | None = None  # the worker starting beside it while recycling
-        self.backoff = policy.backoff_initial
-        self.cooldown = policy.cooldown_initial
+        self.backoff = policy.restart_backoff_initial
+        self.cooldown = policy.restart_cooldown_initial
         self.early_exits: collections.deque[float] = collections.deque()  # times, within `period`
         self.ready_at: float | None = None
         self.down_since: float | None = None  # when the slot last stopped serving
@@ -174,7 +181,7 @@ class Slot:
 
     def restart_budget_left(self) -> int:
         self._forget_old_exits(self.clock())
-        return max(0, self.policy.intensity - len(self.early_exits))
+        return max(0, self.policy.restart_intensity - len(self.early_exits))
 
     # -- events ----------------------------------------------------------------------------
 
@@ -217,24 +224,24 @@ class Slot:
         self.replacement = None
         served = now - self.ready_at if self.state in SERVING and self.ready_at is not None else None
         self.ready_at = None
-        if served is not None and served >= self.policy.stable_uptime:
+        if served is not None and served >= self.policy.restart_stable_uptime:
             # It had been serving: a crash, not a crash loop. Back at once, history forgiven.
-            self.backoff = self.policy.backoff_initial
-            self.cooldown = self.policy.cooldown_initial
+            self.backoff = self.policy.restart_backoff_initial
+            self.cooldown = self.policy.restart_cooldown_initial
             self.early_exits.clear()
-            action = self._wait(SlotState.RESTARTING, self.policy.backoff_initial, now)
+            action = self._wait(SlotState.RESTARTING, self.policy.restart_backoff_initial, now)
         else:
             self.early_exits.append(now)
             self._forget_old_exits(now)
-            if len(self.early_exits) > self.policy.intensity and self._others_serving(self):
+            if len(self.early_exits) > self.policy.restart_intensity and self._others_serving(self):
                 self.cooldowns += 1
                 self.early_exits.clear()
                 delay = self.cooldown
-                self.cooldown = min(self.cooldown * 2, self.policy.cooldown_max)
+                self.cooldown = min(self.cooldown * 2, self.policy.restart_cooldown_max)
                 action = self._wait(SlotState.COOLING, delay, now)
             else:
                 delay = self.backoff
-                self.backoff = min(self.backoff * 2, self.policy.backoff_max)
+                self.backoff = min(self.backoff * 2, self.policy.restart_backoff_max)
                 action = self._wait(SlotState.RESTARTING, delay, now)
         if replacement is not None:
             # The serving worker died while its replacement was starting: that replacement
@@ -282,8 +289,8 @@ class Slot:
 
     def revive(self) -> list[Action]:
         """A retired slot is used again (scaling up): it starts with a clean history."""
-        self.backoff = self.policy.backoff_initial
-        self.cooldown = self.policy.cooldown_initial
+        self.backoff = self.policy.restart_backoff_initial
+        self.cooldown = self.policy.restart_cooldown_initial
         self.early_exits.clear()
         self.down_since = None
         self.last_exit = None
@@ -302,5 +309,5 @@ class Slot:
         return Wait(delay, self.timer_token)
 
     def _forget_old_exits(self, now: float) -> None:
-        while self.early_exits and now - self.early_exits[0] > self.policy.period:
+        while self.early_exits and now - self.early_exits[0] > self.policy.restart_period:
             self.early_exits.popleft()

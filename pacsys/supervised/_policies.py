@@ -497,7 +497,7 @@ class SlewRatePolicy(Policy):
 
 
 class WriteSettings(Protocol):
-    """What `write_gate` reads of the settings (`config.Settings` has it)."""
+    """What `write_gate` reads of the settings (`pacsys.settings.Settings` has it)."""
 
     @property
     def allow_writes(self) -> tuple[str, ...]: ...

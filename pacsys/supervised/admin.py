@@ -20,20 +20,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pacsys.supervised.config import (
-    FIELDS,
-    check_files,
-    env_settings,
-    read_config_file,
-    resolve_admin_token,
-    resolve_token,
-    setting_sources,
-    settings_from,
-    tls_files,
-    toml_value,
-)
+from pacsys.settings import FIELDS, env_settings, read_config_file, setting_sources, settings_from
+from pacsys.supervised.example_config import toml_value
 from pacsys.supervised.policy_config import build_policies, write_gate
 from pacsys.supervised.reporting import EXIT_USAGE, PROG, report_error
+from pacsys.supervised.startup_checks import check_files, resolve_admin_token, resolve_token, tls_files
 
 
 def number_type(kind: type) -> Any:

@@ -22,15 +22,11 @@ from collections.abc import Sequence
 
 from pacsys.drf import DRFError, parse_cached
 from pacsys.drf_utils import get_device_name
+from pacsys.settings import ConfigError, Settings, load_config
 from pacsys.supervised._policies import Policy, RequestContext, write_gate
-from pacsys.supervised.config import (
-    ConfigError,
-    Settings,
-    load_config,
-    resolve_token,
-)
 from pacsys.supervised.gate import EVENT_RATE_HZ
 from pacsys.supervised.policy_config import build_policies
+from pacsys.supervised.startup_checks import resolve_token
 
 __all__ = ["explain_parser", "main"]
 

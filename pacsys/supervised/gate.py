@@ -34,11 +34,11 @@ from typing import Any
 from pacsys.backends import summarize_drfs
 from pacsys.drf import DRF, DRFError, parse_cached
 from pacsys.replies import value_from_proto
+from pacsys.settings import Settings
 from pacsys.supervised._audit import AuditLog, AuditUnavailable
 from pacsys.supervised._peers import PeerLimit, Peers, peer_host
 from pacsys.supervised._policies import Policy, PolicyDecision, RequestContext, evaluate_policies
 from pacsys.supervised._refusal_log import RefusalLog, excerpt, excerpt_list
-from pacsys.supervised.config import Settings
 
 __all__ = [
     "EVENT_RATE_HZ",
@@ -67,7 +67,7 @@ _DEFAULTS = Settings()  # the one owner of every default
 class ServicerLimits:
     """Limits on what one request and one client may ask; each is counted when it bites.
 
-    The defaults are the settings' of the same names (`config.Settings`); `from_settings`
+    The defaults are the settings' of the same names (`pacsys.settings.Settings`); `from_settings`
     takes a service's. `stream_buffer` None keeps the size the backend made a stream's buffer
     with (a worker pool's own `stream_buffer` setting).
     """
