@@ -18,8 +18,8 @@ import time
 import grpc
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
+from pacsys.pool import WorkerPool
 from pacsys.supervised import SupervisedServer
-from workers.pool import WorkerPool
 
 
 def main() -> None:

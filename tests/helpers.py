@@ -7,8 +7,8 @@ import grpc
 import psutil
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
+from pacsys.pool import WorkerPool
 from pacsys.supervised import SupervisedServer
-from workers.pool import WorkerPool
 
 FAST = dict(
     ping_interval=0.2,

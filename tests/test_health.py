@@ -12,9 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import FAST, wait_for
 
+from pacsys.pool import WorkerPool
 from pacsys.supervised import SupervisedServer, cli
 from pacsys.testing import FakeBackend
-from workers.pool import WorkerPool
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -6,8 +6,8 @@ import pytest
 from helpers import wait_for, worker_pids
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
+from pacsys.pool import WorkerPool
 from pacsys.settings import ConfigError
-from workers.pool import WorkerPool
 
 
 def test_the_pools_stream_buffer_bounds_each_stream_behind_a_server(running):

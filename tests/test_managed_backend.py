@@ -8,10 +8,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import wait_for
 
+from pacsys.pool import PoolStats, WorkerPool
 from pacsys.supervised import CountsSubscriptions, ManagedBackend, SupervisedServer
 from pacsys.supervised._server import ADMIN_SERVICE
 from pacsys.testing import AsyncFakeBackend
-from workers.pool import PoolStats, WorkerPool
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

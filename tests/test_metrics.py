@@ -13,10 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import FAST, wait_for
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
+from pacsys.pool import WorkerPool
 from pacsys.supervised import ReadOnlyPolicy, SupervisedServer
 from pacsys.supervised.metrics import SLOT_STATES, MetricsServer
 from pacsys.testing import FakeBackend
-from workers.pool import WorkerPool
 
 
 def _get(port, path):

@@ -14,9 +14,9 @@ import pytest
 from helpers import FAST, OneShotLoad, wait_for, worker_pids
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
+from pacsys.pool import WorkerPool, WorkerStartupError
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.supervised import SupervisedServer
-from workers.pool import WorkerPool, WorkerStartupError
 
 
 def test_batch_across_workers_answers_in_request_order(running):

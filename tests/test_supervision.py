@@ -1,9 +1,8 @@
-"""The slot state machine (workers/supervision.py) with a hand-driven clock: no processes, no loop."""
+"""The slot state machine (pacsys/pool/supervision.py) with a hand-driven clock: no processes, no loop."""
 
 import pytest
 
-from pacsys.settings import Settings
-from workers.supervision import (
+from pacsys.pool.supervision import (
     Exit,
     Kill,
     Retire,
@@ -13,6 +12,7 @@ from workers.supervision import (
     SpawnReplacement,
     Wait,
 )
+from pacsys.settings import Settings
 
 POLICY = Settings(
     restart_backoff_initial=0.1,

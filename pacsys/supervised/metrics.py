@@ -23,16 +23,16 @@ from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pacsys.pool.supervision import SERVING, SlotState
 from pacsys.supervised._managed import CountsSubscriptions
 from workers.logformat import counts as log_counts
-from workers.supervision import SERVING, SlotState
 
 SLOT_STATES = tuple(state.value for state in SlotState if state is not SlotState.RETIRED)
 SERVING_STATES = frozenset(state.value for state in SERVING)
 
 if TYPE_CHECKING:
+    from pacsys.pool.stats import PoolStats
     from pacsys.supervised._server import SupervisedServer
-    from workers.pool_stats import PoolStats
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

@@ -9,7 +9,7 @@ supervisor does (SIGHUP to `handle_hup`):
     SIGUSR1           reopen the audit files (after logrotate moved them)
     SIGTTIN, SIGTTOU  add or remove a worker (when the backend is a worker pool)
 
-This module is the only place in `pacsys` that imports `workers.pool`, lazily, when workers > 0.
+This module is the only place in `pacsys` that imports `pacsys.pool` (the worker pool), lazily, when workers > 0.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class Service:
 
             return build_backend(s.backend)
         try:
-            from workers.pool import WorkerPool
+            from pacsys.pool import WorkerPool
         except ImportError as exc:
             raise RuntimeError(f"the worker pool is not available ({exc}); use --workers 0") from exc
         return WorkerPool(s)

@@ -5,7 +5,7 @@ A worker is a fresh interpreter, `python -m workers.worker --fd N`, started with
 end of a socketpair. Its death is seen at once, twice over: the socket closes
 (`on_disconnect`: fail over what was pending) and the process's pidfd becomes readable on
 the loop (`on_exit`: it is reaped, with how it ended). Nothing here decides what happens
-next; that is the slot's state machine (workers/supervision.py) and the pool's.
+next; that is the slot's state machine (pacsys/pool/supervision.py) and the pool's.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import psutil
 
 from pacsys.backends.spec import factory_spec
+from pacsys.pool.supervision import Exit
 from pacsys.settings import Settings
 from workers import protocol as p
 from workers.channel import FrameChannel
-from workers.supervision import Exit
 from workers.worker import command as worker_command
 
 logger = logging.getLogger("pacsys.workers")

@@ -1,6 +1,6 @@
 """One-shot calls on the workers: reads and writes, with their wait and retry rules.
 
-A call is split by device over the workers that serve them (`workers.routing`), sent in
+A call is split by device over the workers that serve them (`pacsys.pool.routing`), sent in
 parallel and reassembled in request order. A call that finds no worker serving waits for
 one, for at most `worker_wait` seconds and never past the client's own deadline, then
 answers UNAVAILABLE. A read in flight on a worker that dies is retried once on each
@@ -19,13 +19,14 @@ from typing import Any
 
 from pacsys.aio import caller_authorization
 from pacsys.errors import BackendUnavailable
+from pacsys.pool.process import WorkerLost, WorkerProcess
+from pacsys.pool.routing import Router
+from pacsys.pool.stats import PoolStats
+from pacsys.pool.wire import reading_from_wire
 from pacsys.replies import ReplyBodies
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.types import Reading, Value, WriteResult
 from workers import protocol as p
-from workers.pool_stats import PoolStats
-from workers.process import WorkerLost, WorkerProcess
-from workers.routing import Router
 
 
 class OneShotCalls:
@@ -144,7 +145,7 @@ class OneShotCalls:
             await self._read(drfs, positions, results, left, auth, retry=False)
             return
         for pos, wire in zip(positions, reply.readings, strict=True):
-            reading = p.reading_from_wire(drfs[pos], wire)
+            reading = reading_from_wire(drfs[pos], wire)
             if wire.body is not None:
                 self._reply_bodies.remember(reading, wire.body)
             results[pos] = reading

@@ -8,9 +8,16 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
-from workers.fanout import GapStats
+__all__ = ["GapStats", "PoolStats"]
 
-__all__ = ["PoolStats"]
+
+@dataclass
+class GapStats:
+    """Stream gaps: the fan-out counts them (a subscription moved after its worker stopped serving)."""
+
+    stream_gaps: int = 0  # subscriptions interrupted because their worker stopped serving
+    last_gap_seconds: float | None = None
+    max_gap_seconds: float = 0.0
 
 
 @dataclass

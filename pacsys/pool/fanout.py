@@ -14,22 +14,16 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pacsys.aio import AsyncSubscriptionHandle
 from pacsys.drf import DRFError, parse_cached
+from pacsys.pool.process import WorkerProcess
+from pacsys.pool.stats import GapStats
+from pacsys.pool.wire import reading_from_wire
 from pacsys.replies import ReplyBodies
 from pacsys.status import DPM, DPM_INTERNAL
 from pacsys.types import Reading
 from workers import protocol as p
-from workers.process import WorkerProcess
-
-
-@dataclass
-class GapStats:
-    stream_gaps: int = 0  # subscriptions interrupted because their worker stopped serving
-    last_gap_seconds: float | None = None
-    max_gap_seconds: float = 0.0
 
 
 class Shared:
@@ -193,7 +187,7 @@ class Fanout:
             shared = self._by_sid.get(sid)
             if shared is None or shared.worker is not worker:
                 continue  # late data of a subscription that moved or closed
-            reading = p.reading_from_wire(shared.key, wire)
+            reading = reading_from_wire(shared.key, wire)
             if wire.body is not None:
                 self._reply_bodies.remember(reading, wire.body)
             shared.last = reading

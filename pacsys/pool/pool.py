@@ -3,13 +3,12 @@
 The servicer calls the pool like any AsyncBackend; everything about processes stays
 invisible to it. The pool is a composition of five ideas, each in its own module:
 
-- `workers.process`: one worker process (spawn, socket, exit watch, kill);
-- `workers.supervision`: the life of a slot as a state machine (restart, backoff,
+- `pacsys.pool.process`: one worker process (spawn, socket, exit watch, kill);
+- `pacsys.pool.supervision`: the life of a slot as a state machine (restart, backoff,
   cool-down, recycling), which decides what happens after each event;
-- `workers.routing`: which worker serves a device (rendezvous hashing);
-- `workers.fanout`: one backend subscription per distinct DRF, shared by client streams.
-
-- `workers.calls`: one-shot reads and writes, with their wait and retry rules.
+- `pacsys.pool.routing`: which worker serves a device (rendezvous hashing);
+- `pacsys.pool.fanout`: one backend subscription per distinct DRF, shared by client streams;
+- `pacsys.pool.calls`: one-shot reads and writes, with their wait and retry rules.
 
 What stays here: carrying out the state machine's actions on real processes (spawning,
 reaping, killing, timers, pings, recycling), the messages from the workers, scaling, and
@@ -23,23 +22,19 @@ import itertools
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
 from pacsys.backends.spec import describe_spec, is_builtin
 from pacsys.errors import exception_for_kind
-from pacsys.replies import ReplyBodies
-from pacsys.settings import Settings
-from pacsys.types import BackendCapability, Reading, Value, WriteResult
-from workers import protocol as p
-from workers.calls import OneShotCalls
-from workers.fanout import Fanout
-from workers.pool_stats import PoolStats
-from workers.process import WorkerCommand, WorkerLost, WorkerProcess, WorkerStartupError
-from workers.routing import Router
-from workers.supervision import (
+from pacsys.pool.calls import OneShotCalls
+from pacsys.pool.fanout import Fanout
+from pacsys.pool.process import WorkerCommand, WorkerLost, WorkerProcess, WorkerStartupError
+from pacsys.pool.routing import Router
+from pacsys.pool.stats import PoolStats
+from pacsys.pool.supervision import (
     Action,
     Exit,
     Kill,
@@ -50,6 +45,10 @@ from workers.supervision import (
     SpawnReplacement,
     Wait,
 )
+from pacsys.replies import ReplyBodies
+from pacsys.settings import Settings
+from pacsys.types import BackendCapability, Reading, Value, WriteResult
+from workers import protocol as p
 
 __all__ = ["PoolStats", "WorkerLost", "WorkerPool", "WorkerStartupError"]
 
@@ -528,7 +527,7 @@ class WorkerPool(AsyncBackend):
             )
         return f"backend {spec!r}: {message}"
 
-    # -- one-shot calls (workers/calls.py) ---------------------------------------------------
+    # -- one-shot calls (calls.py) --------------------------------------------------------------
 
     async def get_many(self, drfs: list[str], timeout: float | None = None) -> list[Reading]:
         return await self._calls.get_many(drfs, timeout)
@@ -599,10 +598,3 @@ def _spawned(actions: list[Action]) -> int:
     (spawn,) = actions
     assert isinstance(spawn, Spawn)
     return spawn.generation
-
-
-if TYPE_CHECKING:
-    from pacsys.supervised._managed import ManagedBackend
-
-    def _the_pool_is_managed(pool: WorkerPool) -> ManagedBackend:
-        return pool  # mypy proves that the worker pool implements the protocol
