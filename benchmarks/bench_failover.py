@@ -18,7 +18,7 @@ import time
 import grpc
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
-from pacsys.pool import WorkerPool
+from pacsys.pool.pool import WorkerPool
 from pacsys.supervised import SupervisedServer
 
 
@@ -64,13 +64,13 @@ def main() -> None:
     try:
         for _ in range(args.kills):
             rows = pool.worker_states()
-            victim = max(rows, key=lambda r: r["subscriptions"])
+            victim = max(rows, key=lambda r: r.subscriptions)
             before_gaps = pool.stats.stream_gaps
-            os.kill(victim["pid"], signal.SIGKILL)
+            os.kill(victim.pid, signal.SIGKILL)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 rows = pool.worker_states()
-                if pool.ready_count == 2 and victim["pid"] not in [r["pid"] for r in rows]:
+                if pool.ready_count == 2 and victim.pid not in [r.pid for r in rows]:
                     break
                 time.sleep(0.01)
             time.sleep(1.5)  # let the moved subscriptions deliver and move back

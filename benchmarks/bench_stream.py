@@ -212,7 +212,7 @@ def _seconds(value: float | None) -> str:
 
 
 def fanout(generator: LoadGenerator, args: argparse.Namespace) -> None:
-    from pacsys.pool import WorkerPool
+    from pacsys.pool.pool import WorkerPool
     from pacsys.supervised import SupervisedServer
 
     pool = WorkerPool(backend="sim", workers=2)

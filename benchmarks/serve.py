@@ -79,7 +79,7 @@ def make_server(mode: str, spec: str, workers: int):
 
     backend: Backend | AsyncBackend
     if mode == "pool":
-        from pacsys.pool import WorkerPool
+        from pacsys.pool.pool import WorkerPool
 
         backend = WorkerPool(backend=spec, workers=workers)
     else:

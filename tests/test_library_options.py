@@ -6,7 +6,7 @@ import pytest
 from helpers import wait_for, worker_pids
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
-from pacsys.pool import WorkerPool
+from pacsys.pool.pool import WorkerPool
 from pacsys.settings import ConfigError
 
 

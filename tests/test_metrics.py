@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import FAST, wait_for
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
-from pacsys.pool import WorkerPool
+from pacsys.pool.pool import WorkerPool
 from pacsys.supervised import ReadOnlyPolicy, SupervisedServer
 from pacsys.supervised.metrics import SLOT_STATES, MetricsServer
 from pacsys.testing import FakeBackend
@@ -70,7 +70,7 @@ def test_metrics_count_known_traffic(stack):
     assert _value(text, "pacsys_active_streams") == 1
     assert _value(text, "pacsys_backend_subscriptions") == 1
     assert _value(text, "pacsys_worker_up", slot="0") == 1
-    assert _value(text, "pacsys_worker_pid", slot="1") == pool.worker_states()[1]["pid"]
+    assert _value(text, "pacsys_worker_pid", slot="1") == pool.worker_states()[1].pid
     assert _value(text, "pacsys_worker_rss_bytes", slot="0") > 0
     call.cancel()
 
@@ -89,7 +89,7 @@ def test_http_probes_follow_readiness_and_liveness(tmp_path, monkeypatch):
         assert _get(metrics.port, "/readyz")[0] == 200
         flag.touch()
         for row in pool.worker_states():
-            os.kill(row["pid"], signal.SIGKILL)
+            os.kill(row.pid, signal.SIGKILL)
         wait_for(lambda: _get(metrics.port, "/readyz")[0] == 503, what="readyz to fail")
         wait_for(lambda: _get(metrics.port, "/healthz")[0] == 503, what="healthz to fail after unready_limit")
         wait_for(lambda: _liveness(server.port) == "NOT_SERVING", what="the gRPC liveness probe to say the same")

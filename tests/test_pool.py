@@ -14,7 +14,7 @@ import pytest
 from helpers import FAST, OneShotLoad, wait_for, worker_pids
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
-from pacsys.pool import WorkerPool, WorkerStartupError
+from pacsys.pool.pool import WorkerPool, WorkerStartupError
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.supervised import SupervisedServer
 
@@ -27,7 +27,7 @@ def test_batch_across_workers_answers_in_request_order(running):
     by_index = {x.index: x for x in replies}
     assert by_index[30].WhichOneof("value") == "status" and by_index[30].status.status_code == -26
     assert all(by_index[i].WhichOneof("value") == "readings" for i in range(30))
-    busy = [w for w in r.pool.worker_states() if w["requests"] > 0]
+    busy = [w for w in r.pool.worker_states() if w.requests > 0]
     assert len(busy) == 3, "30 devices should spread over all three workers"
 
 
@@ -127,15 +127,15 @@ def test_a_slot_that_cannot_start_cools_down_and_comes_back_when_it_can(running,
         restart_cooldown_initial=1.0,
     )
     flag.touch()
-    os.kill(r.pool.worker_states()[1]["pid"], signal.SIGKILL)
-    wait_for(lambda: r.pool.worker_states()[1]["state"] == "cooling", what="slot 1 cooling down")
+    os.kill(r.pool.worker_states()[1].pid, signal.SIGKILL)
+    wait_for(lambda: r.pool.worker_states()[1].state.value == "cooling", what="slot 1 cooling down")
     assert r.pool.stats.cooldowns >= 1 and r.pool.ready_count == 1
     assert r.read(["Z:PID@I"])[0].WhichOneof("value") == "readings"  # the other slot serves everything
     wait_for(lambda: r.pool.stats.cooldowns >= 2, what="a second, longer cool-down")
-    assert r.pool.worker_states()[1]["next_start_in"] is not None
+    assert r.pool.worker_states()[1].next_start_in is not None
     flag.unlink()  # the cause is fixed: the slot serves again after its cool-down, by itself
     wait_for(lambda: r.pool.ready_count == 2, what="slot 1 back")
-    assert r.pool.worker_states()[1]["state"] == "ready"
+    assert r.pool.worker_states()[1].state.value == "ready"
 
 
 def test_a_call_waits_for_a_worker_when_none_serves(running):
@@ -159,9 +159,9 @@ def test_a_call_answers_unavailable_after_waiting_worker_wait_and_never_hangs(ru
     monkeypatch.setenv("FAULT_FLAG", str(flag))
     r = running(backend="fault_backends:broken_when_flagged", workers=2, worker_wait=0.5)
     flag.touch()
-    os.kill(r.pool.worker_states()[1]["pid"], signal.SIGKILL)
+    os.kill(r.pool.worker_states()[1].pid, signal.SIGKILL)
     wait_for(lambda: r.pool.ready_count == 1, what="slot 1 down")
-    os.kill(r.pool.worker_states()[0]["pid"], signal.SIGKILL)
+    os.kill(r.pool.worker_states()[0].pid, signal.SIGKILL)
     wait_for(lambda: r.pool.ready_count == 0, what="no worker serving")
     started = time.monotonic()
     try:
@@ -194,7 +194,7 @@ def test_a_write_in_flight_on_a_killed_worker_reports_outcome_unknown(running):
     r = running(backend="fault_backends:scripted", workers=2)
     victim = r.owner_pid("Z:SLOW")
     future = r.stub.Set.future(_setting("Z:SLOW", 1.0), timeout=20)
-    wait_for(lambda: any(w["in_flight"] for w in r.pool.worker_states()), what="the write to be in flight")
+    wait_for(lambda: any(w.in_flight for w in r.pool.worker_states()), what="the write to be in flight")
     os.kill(victim, signal.SIGKILL)
     reply = future.result()
     assert [(s.facility_code, s.status_code) for s in reply.status] == [(DPM, DPM_WRITE_OUTCOME_UNKNOWN)]
@@ -229,13 +229,13 @@ def test_recycling_by_request_count_fails_no_call(running):
         i += 1
     assert r.pool.stats.recycles_by_reason["recycle_requests"] >= 2
     assert first not in worker_pids(r.pool)
-    assert r.pool.worker_states()[0]["restart_budget_left"] == r.pool.settings.restart_intensity
+    assert r.pool.worker_states()[0].restart_budget_left == r.pool.settings.restart_intensity
 
 
 def test_a_worker_sent_a_malformed_frame_is_replaced(running):
     r = running(workers=2)
     victim = r.pool._serving_worker(0)
-    r.server.loop.call_soon_threadsafe(victim.channel._transport.write, b"\x00\x00\x00\x03abc")
+    r.server.loop.call_soon_threadsafe(victim._channel._transport.write, b"\x00\x00\x00\x03abc")
     wait_for(lambda: r.pool.ready_count == 2 and victim.pid not in worker_pids(r.pool), what="replacement")
     assert r.read(["M:OUTTMP@I"])[0].WhichOneof("value") == "readings"
 
@@ -254,14 +254,14 @@ def test_scaling_moves_subscriptions_without_ending_streams(running):
         next(c)
     r.server.loop.call_soon_threadsafe(lambda: r.server.loop.create_task(r.pool.add_worker()))
     wait_for(lambda: r.pool.ready_count == 2, what="a second worker")
-    wait_for(lambda: all(w["subscriptions"] for w in r.pool.worker_states()), what="subscriptions to spread")
+    wait_for(lambda: all(w.subscriptions for w in r.pool.worker_states()), what="subscriptions to spread")
     for c in calls:  # every stream still delivers
         assert next(c).WhichOneof("value") == "readings"
     r.server.loop.call_soon_threadsafe(lambda: r.server.loop.create_task(r.pool.remove_worker()))
-    wait_for(lambda: r.pool.worker_states()[1]["pid"] is None, what="the second worker to stop")
+    wait_for(lambda: r.pool.worker_states()[1].pid is None, what="the second worker to stop")
     for c in calls:
         assert next(c).WhichOneof("value") == "readings"
-    assert r.pool.worker_states()[0]["subscriptions"] == 20
+    assert r.pool.worker_states()[0].subscriptions == 20
     r.server.loop.call_soon_threadsafe(lambda: r.server.loop.create_task(r.pool.add_worker()))
     wait_for(lambda: r.pool.ready_count == 2, what="the retired slot to serve again")
     assert len(r.pool.worker_states()) == 2 and r.pool.workers == 2  # the slot was reused
@@ -290,7 +290,7 @@ def test_liveness_fails_when_the_pool_stays_short_of_min_workers_ready(running, 
     r = running(backend="fault_backends:broken_when_flagged", workers=2, min_workers_ready=2, unready_limit=1.0)
     assert r.pool.is_alive
     flag.touch()
-    os.kill(r.pool.worker_states()[1]["pid"], signal.SIGKILL)
+    os.kill(r.pool.worker_states()[1].pid, signal.SIGKILL)
     wait_for(lambda: not r.pool.is_alive, what="liveness to fail")
     assert r.pool.ready_count == 1  # one worker serves, but never enough to be ready: not alive
     flag.unlink()

@@ -71,7 +71,7 @@ def _release_backends_loaded(caplog, release_py):
 def _kill_owner(r, device):
     pid = r.owner_pid(device)
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: pid not in [w["pid"] for w in r.pool.worker_states()], what="the killed worker replaced")
+    wait_for(lambda: pid not in [w.pid for w in r.pool.worker_states()], what="the killed worker replaced")
     return pid
 
 

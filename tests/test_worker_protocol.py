@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import FAST, wait_for, worker_pids
 
-from pacsys.pool import WorkerPool, WorkerStartupError
+from pacsys.pool.pool import WorkerPool, WorkerStartupError
 from pacsys.supervised import SupervisedServer
 from workers import protocol as p
 

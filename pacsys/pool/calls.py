@@ -85,22 +85,14 @@ class OneShotCalls:
     async def _call(self, worker: WorkerProcess, make: Any, timeout: float | None) -> Any:
         """Send the request `make(id)` to the worker and wait for its reply.
 
-        WorkerLost when the worker is gone or dies first; TimeoutError after `timeout`.
+        WorkerLost when the worker is gone or dies first; TimeoutError after `timeout` (the
+        worker then forgets the request).
         """
-        if worker.gone:
-            raise WorkerLost(f"worker {worker.slot} is not running")
-        request_id = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
-        worker.pending[request_id] = future
-        worker.requests += 1
-        worker.channel.send(make(request_id))
-        if worker.recycle_after and worker.requests >= worker.recycle_after:
+        reply = worker.request(make(next(self._ids)))
+        if worker.recycle_due:
             self._over_request_limit(worker)
-        try:
-            async with asyncio.timeout(timeout):
-                return await future
-        finally:
-            worker.pending.pop(request_id, None)  # answered, timed out or cancelled: forget it
+        async with asyncio.timeout(timeout):
+            return await reply
 
     async def get_many(self, drfs: list[str], timeout: float | None = None) -> list[Reading]:
         results: list[Reading | None] = [None] * len(drfs)

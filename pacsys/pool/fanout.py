@@ -143,14 +143,14 @@ class Fanout:
             return
         shared.sid = next(self._ids)
         self._by_sid[shared.sid] = shared
-        worker.channel.send(p.Subscribe(sid=shared.sid, drf=shared.key, authorization=shared.authorization))
+        worker.send(p.Subscribe(sid=shared.sid, drf=shared.key, authorization=shared.authorization))
 
     def _unplace(self, shared: Shared) -> None:
         worker, sid = shared.worker, shared.sid
         self._by_sid.pop(sid, None)
         shared.worker = None
-        if worker is not None and not worker.gone:
-            worker.channel.send(p.Unsubscribe(sid=sid))
+        if worker is not None:
+            worker.send(p.Unsubscribe(sid=sid))  # (a worker whose socket closed is sent nothing)
 
     def rebalance(self) -> None:
         """Put every subscription on the worker that now serves its device.

@@ -97,7 +97,7 @@ class Kill:
     """Kill the worker of this generation (its exit comes later as an event)."""
 
     generation: int
-    reason: str
+    reason: EndReason
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class SpawnReplacement:
     """Start a replacement of this generation beside the serving worker (make-before-break)."""
 
     generation: int
-    reason: str
+    reason: EndReason
 
 
 @dataclass(frozen=True)
@@ -118,29 +118,54 @@ class Retire:
 Action = Spawn | Wait | Kill | SpawnReplacement | Retire
 
 
-@dataclass(frozen=True)
-class Exit:
-    """How a worker ended: a reason from the one vocabulary (`EXIT_REASONS`) and a detail."""
+class EndReason(enum.StrEnum):
+    """Why a worker ended, or is replaced: the one vocabulary of logs, metrics and the status view.
 
-    reason: str
-    detail: str = ""
+    Its values are the words those show (a StrEnum: it is its value wherever a string is).
+    The detail (which signal, which exit code) goes beside it, never into a metric's label.
+    """
+
+    # Exits of a slot's worker: counted (pacsys_worker_exits_total), and they restart the slot.
+    SIGNAL = "signal"  # killed by a signal the front did not send (the OOM killer, an operator)
+    EXIT = "exit"  # the process exited by itself (the detail holds the code)
+    HANG = "hang"  # its loop stopped answering pings: the front killed it
+    PROTOCOL_ERROR = "protocol_error"  # it sent a frame that does not decode: the front killed it
+    STARTUP_FAILED = "startup_failed"  # its backend could not be built
+    SPAWN_FAILED = "spawn_failed"  # the process could not be started at all
+    READY_TIMEOUT = "ready_timeout"  # it did not become ready in time: the front killed it
+    # Why a serving worker is replaced gracefully: recycles (pacsys_worker_recycles_total).
+    RECYCLE_RSS = "recycle_rss"
+    RECYCLE_REQUESTS = "recycle_requests"
+    # The front stopped a worker that no longer served: not an exit of its slot.
+    RECYCLED = "recycled"  # replaced by its recycle: drained, then stopped
+    SCALE_DOWN = "scale_down"  # its slot was retired
+    SHUTDOWN = "shutdown"  # the pool closed
+    RECYCLE_FAILED = "recycle_failed"  # a replacement that did not become ready in time
+    RECYCLE_CANCELLED = "recycle_cancelled"  # a replacement whose serving worker died meanwhile
+
+    @property
+    def stopped_by_front(self) -> bool:
+        """The front ended a worker that no longer served: its slot is not told of the exit."""
+        return self in _STOPPED_BY_FRONT
 
 
-# The one vocabulary of exit reasons, used in logs, metrics and the status view. The detail
-# (which signal, which exit code) goes beside it in logs and status, never into a label.
-EXIT_REASONS = frozenset(
+_STOPPED_BY_FRONT = frozenset(
     {
-        "signal",  # killed by a signal the front did not send (SIGKILL by the OOM killer, an operator)
-        "exit",  # the process exited by itself (the detail holds the code)
-        "hang",  # its loop stopped answering pings: the front killed it
-        "protocol_error",  # it sent a frame that does not decode: the front killed it
-        "startup_failed",  # its backend could not be built
-        "spawn_failed",  # the process could not be started at all
-        "ready_timeout",  # it did not become ready in time: the front killed it
+        EndReason.RECYCLED,
+        EndReason.SCALE_DOWN,
+        EndReason.SHUTDOWN,
+        EndReason.RECYCLE_FAILED,
+        EndReason.RECYCLE_CANCELLED,
     }
 )
-# Why a serving worker is replaced gracefully; these are recycles, not exits.
-RECYCLE_REASONS = frozenset({"recycle_rss", "recycle_requests"})
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a worker ended: its reason and a detail (the signal's name, the exit code)."""
+
+    reason: EndReason
+    detail: str = ""
 
 
 class Slot:
@@ -246,7 +271,7 @@ class Slot:
         if replacement is not None:
             # The serving worker died while its replacement was starting: that replacement
             # was made for a worker that is gone; the slot starts over on its own rules.
-            return [Kill(replacement, "recycle_cancelled"), action]
+            return [Kill(replacement, EndReason.RECYCLE_CANCELLED), action]
         return [action]
 
     def timer_fired(self, token: int) -> list[Action]:
@@ -261,9 +286,9 @@ class Slot:
         """The serving worker's loop did not answer within the hang timeout."""
         if generation != self.generation or not self.serving:
             return []
-        return [Kill(generation, "hang")]
+        return [Kill(generation, EndReason.HANG)]
 
-    def over_limit(self, generation: int, reason: str) -> list[Action]:
+    def over_limit(self, generation: int, reason: EndReason) -> list[Action]:
         """The serving worker passed a recycle limit (memory, requests): replace it gracefully."""
         if generation != self.generation or self.state is not SlotState.READY:
             return []
@@ -278,7 +303,7 @@ class Slot:
         self.replacement = None
         if self.state is SlotState.RECYCLING:
             self.state = SlotState.READY
-        return [Kill(generation, "recycle_failed")]
+        return [Kill(generation, EndReason.RECYCLE_FAILED)]
 
     def retire(self) -> None:
         """The slot is scaled down or the pool closes: nothing more is started in it."""

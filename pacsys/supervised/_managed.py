@@ -11,10 +11,10 @@ AsyncBackend itself.)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from pacsys.pool.stats import PoolStats
+    from pacsys.pool.stats import PoolStats, WorkerRow
 
 
 @runtime_checkable
@@ -50,7 +50,7 @@ class ManagedBackend(CountsSubscriptions, Protocol):
     def unready_seconds(self) -> float:
         """How long it has not been ready (0 while it is)."""
 
-    def worker_states(self) -> list[dict[str, Any]]:
+    def worker_states(self) -> list[WorkerRow]:
         """One row per worker slot, for the status view and the metrics."""
 
     async def add_worker(self) -> None:
@@ -61,7 +61,7 @@ class ManagedBackend(CountsSubscriptions, Protocol):
 
 
 if TYPE_CHECKING:
-    from pacsys.pool import WorkerPool
+    from pacsys.pool.pool import WorkerPool
 
     def _the_pool_is_managed(pool: WorkerPool) -> ManagedBackend:
         return pool  # mypy proves that the worker pool implements the protocol

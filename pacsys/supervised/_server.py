@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
-import json
 import logging
 import os
 import threading
@@ -24,6 +23,7 @@ import time
 from typing import Any
 
 import grpc
+import msgspec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pacsys.aio import AsyncBackend, SyncBackendAdapter, as_async
@@ -355,7 +355,7 @@ class SupervisedServer:
                 refusal = self.servicer.token_refusal(context, token)
                 if refusal is not None:
                     await context.abort(*refusal)
-            return json.dumps(self.status()).encode()
+            return msgspec.json.encode(self.status())
 
         return grpc.method_handlers_generic_handler(
             ADMIN_SERVICE,
@@ -367,7 +367,8 @@ class SupervisedServer:
         )
 
     def status(self) -> dict[str, Any]:
-        """What the service is doing now: totals, and one row per worker when there is a pool."""
+        """What the service is doing now: totals, and one row per worker when there is a pool
+        (`WorkerRow`s, which the Admin/Status view sends as JSON objects)."""
         stats = self.servicer.stats
         result: dict[str, Any] = {
             "address": f"{self._host}:{self.port}",

@@ -17,7 +17,7 @@ import platform
 import socket
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -28,10 +28,9 @@ from pacsys.supervised._managed import CountsSubscriptions
 from workers.logformat import counts as log_counts
 
 SLOT_STATES = tuple(state.value for state in SlotState if state is not SlotState.RETIRED)
-SERVING_STATES = frozenset(state.value for state in SERVING)
 
 if TYPE_CHECKING:
-    from pacsys.pool.stats import PoolStats
+    from pacsys.pool.stats import PoolStats, WorkerRow
     from pacsys.supervised._server import SupervisedServer
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -101,7 +100,7 @@ class _Collector:
             yield from _worker_metrics(managed.worker_states(), managed.stats)
 
 
-def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterator[Metric]:
+def _worker_metrics(rows: list[WorkerRow], pool_stats: PoolStats) -> Iterator[Metric]:
     gauges = {
         "up": GaugeMetricFamily("pacsys_worker_up", "1 when the slot's worker serves", labels=["slot"]),
         "pid": GaugeMetricFamily("pacsys_worker_pid", "Process id of the worker", labels=["slot"]),
@@ -123,24 +122,24 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterat
     cooldowns = CounterMetricFamily("pacsys_worker_cooldowns", "Cool-downs of the slot", labels=["slot"])
     cpu = CounterMetricFamily("pacsys_worker_cpu_seconds", "CPU time of the current worker process", labels=["slot"])
     for row in rows:
-        if row["state"] == SlotState.RETIRED.value:
+        if row.state is SlotState.RETIRED:
             continue  # a retired slot leaves no series behind
-        slot = [str(row["slot"])]
-        gauges["up"].add_metric(slot, 1 if row["state"] in SERVING_STATES else 0)
+        slot = [str(row.slot)]
+        gauges["up"].add_metric(slot, 1 if row.state in SERVING else 0)
         for name in SLOT_STATES:
-            state.add_metric([slot[0], name], 1 if row["state"] == name else 0)
-        if row["pid"] is not None:
-            gauges["pid"].add_metric(slot, row["pid"])
-        if "rss_bytes" in row:
-            gauges["rss"].add_metric(slot, row["rss_bytes"])
-        if "cpu_seconds" in row:
-            cpu.add_metric(slot, row["cpu_seconds"])
-        if row["heartbeat_age"] is not None:
-            gauges["heartbeat"].add_metric(slot, row["heartbeat_age"])
-        gauges["in_flight"].add_metric(slot, row["in_flight"])
-        gauges["budget"].add_metric(slot, row["restart_budget_left"])
-        restarts.add_metric(slot, row["restarts"])
-        cooldowns.add_metric(slot, row["cooldowns"])
+            state.add_metric([slot[0], name], 1 if row.state.value == name else 0)
+        if row.pid is not None:
+            gauges["pid"].add_metric(slot, row.pid)
+        if row.rss_bytes is not None:
+            gauges["rss"].add_metric(slot, row.rss_bytes)
+        if row.cpu_seconds is not None:
+            cpu.add_metric(slot, row.cpu_seconds)
+        if row.heartbeat_age is not None:
+            gauges["heartbeat"].add_metric(slot, row.heartbeat_age)
+        gauges["in_flight"].add_metric(slot, row.in_flight)
+        gauges["budget"].add_metric(slot, row.restart_budget_left)
+        restarts.add_metric(slot, row.restarts)
+        cooldowns.add_metric(slot, row.cooldowns)
     yield from gauges.values()
     yield state
     yield restarts

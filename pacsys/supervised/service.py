@@ -86,7 +86,7 @@ class Service:
 
             return build_backend(s.backend)
         try:
-            from pacsys.pool import WorkerPool
+            from pacsys.pool.pool import WorkerPool
         except ImportError as exc:
             raise RuntimeError(f"the worker pool is not available ({exc}); use --workers 0") from exc
         return WorkerPool(s)
