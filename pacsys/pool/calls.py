@@ -39,6 +39,7 @@ class OneShotCalls:
         reply_bodies: ReplyBodies,
         worker_wait: float,
         over_request_limit: Callable[[WorkerProcess], None],
+        clock: Callable[[], float] = time.monotonic,
     ):
         self._router = router
         self._any_serving = any_serving  # set by the pool while any worker serves
@@ -48,6 +49,7 @@ class OneShotCalls:
         self._worker_wait = worker_wait
         # Called when a worker has served its `recycle_after` requests (the pool recycles it).
         self._over_request_limit = over_request_limit
+        self._clock = clock  # for the time a call has left after waiting or a retry
 
     async def _route(
         self, drfs: list[str], positions: Iterable[int], timeout: float | None
@@ -59,7 +61,7 @@ class OneShotCalls:
             return groups, timeout
         self._stats.calls_waited += 1
         wait = self._worker_wait if timeout is None else min(self._worker_wait, timeout)
-        started = time.monotonic()
+        started = self._clock()
         try:
             async with asyncio.timeout(wait):
                 while unserved:  # a worker that serves again may be lost again before this call runs
@@ -70,7 +72,7 @@ class OneShotCalls:
         except TimeoutError:
             self._stats.calls_unavailable += 1
             raise BackendUnavailable(f"no backend worker became ready within {wait:g} s") from None
-        return groups, None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        return groups, None if timeout is None else max(0.0, timeout - (self._clock() - started))
 
     async def wait_for_a_worker(self) -> None:
         """Wait until any worker serves (at most `worker_wait`): a new stream, like a one-shot call."""
@@ -123,7 +125,7 @@ class OneShotCalls:
         retry: bool,
     ) -> None:
         subset = [drfs[i] for i in positions]
-        started = time.monotonic()
+        started = self._clock()
         try:
             reply = await self._call(
                 worker, lambda rid: p.Read(id=rid, drfs=subset, timeout=timeout, authorization=auth), timeout
@@ -133,7 +135,7 @@ class OneShotCalls:
                 raise BackendUnavailable("the backend worker died twice while reading") from None
             # Reads are idempotent: once more, on each device's next worker.
             self._stats.reads_retried += 1
-            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+            left = None if timeout is None else max(0.0, timeout - (self._clock() - started))
             await self._read(drfs, positions, results, left, auth, retry=False)
             return
         for pos, wire in zip(positions, reply.readings, strict=True):

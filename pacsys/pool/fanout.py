@@ -51,6 +51,7 @@ class Fanout:
         stream_buffer: int,
         linger: float,
         gaps: GapStats,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self._owner = owner
         self._ids = ids
@@ -58,6 +59,7 @@ class Fanout:
         self.stream_buffer = stream_buffer
         self.linger = linger
         self.gaps = gaps  # counted into the pool's stats
+        self._clock = clock  # for the length of a stream gap
         self._shared: dict[str, Shared] = {}
         self._by_sid: dict[int, Shared] = {}
         self._clients: dict[AsyncSubscriptionHandle, list[Shared]] = {}
@@ -158,7 +160,7 @@ class Fanout:
         After a death its subscriptions move to the device's next worker (a gap, counted);
         when the slot is back, or a recycled worker's replacement is ready, they move again.
         """
-        now = time.monotonic()
+        now = self._clock()
         for shared in list(self._shared.values()):
             target = self._owner(shared.device)
             current = shared.worker
@@ -192,7 +194,7 @@ class Fanout:
                 self._reply_bodies.remember(reading, wire.body)
             shared.last = reading
             if shared.gap_started is not None:
-                now = now or time.monotonic()
+                now = now or self._clock()
                 gap = now - shared.gap_started
                 shared.gap_started = None
                 self.gaps.last_gap_seconds = gap

@@ -169,21 +169,18 @@ class WorkerProcess:
             raise
         finally:
             worker_end.close()
-        holder: list[WorkerProcess] = []
+        # Made before the connection: the worker's first frames may be read as soon as it is made
+        # (a backend that fails at once sends StartupFailed before this coroutine resumes).
+        worker = cls(slot, generation, process, _Unconnected(), on_message, on_disconnect, on_exit)
         try:
-            _, channel = await loop.create_unix_connection(
-                lambda: FrameChannel(
-                    p.ToFront, lambda m: holder[0].on_frame(m), lambda exc: holder[0].disconnected(exc)
-                ),
-                sock=front_end,
+            _, worker._channel = await loop.create_unix_connection(
+                lambda: FrameChannel(p.ToFront, worker.on_frame, worker.disconnected), sock=front_end
             )
         except BaseException:  # cancelled or failed: the process must not be left behind
             process.kill()
             process.wait()
             front_end.close()
             raise
-        worker = cls(slot, generation, process, channel, on_message, on_disconnect, on_exit)
-        holder.append(worker)
         try:
             worker.psutil = psutil.Process(process.pid)
         except psutil.Error:
@@ -386,6 +383,16 @@ class Channel(Protocol):
     def send(self, message: msgspec.Struct) -> None: ...
 
     def abort(self) -> None: ...
+
+
+class _Unconnected:
+    """The channel of a WorkerProcess until its socket is connected (nothing is sent before)."""
+
+    def send(self, message: msgspec.Struct) -> None:
+        raise RuntimeError("the worker is not connected yet")
+
+    def abort(self) -> None:
+        pass
 
 
 def _signal_name(number: int) -> str:
