@@ -92,7 +92,6 @@ class Pool:
             self.any_serving,
             self.ids,
             self.stats,
-            ReplyBodies(),
             worker_wait,
             self.recycled.append,
             clock=self.clock,
@@ -565,3 +564,46 @@ def test_every_client_stream_ends_when_the_pool_closes():
         assert all(h.stopped for h in handles) and pool.fanout.client_count == 0
 
     run(body)
+
+
+# -- the servicer's one-shot read: the workers' bodies passed through ----------------------------------
+
+
+def test_a_one_shot_read_passes_the_bodies_the_workers_encoded_through_without_building_a_reading(monkeypatch):
+    import pacsys.pool.routing
+    import pacsys.pool.wire
+
+    def no(*args, **kwargs):
+        raise AssertionError("not on this path")
+
+    monkeypatch.setattr(pacsys.pool.wire, "Reading", no)  # no Reading built
+    monkeypatch.setattr(pacsys.pool.routing, "parse_cached", no)  # the caller's devices, not the parse cache
+
+    async def body():
+        pool = Pool(slots=2)
+        a, b = pool.device_of(0), pool.device_of(1)
+        drfs = [f"{a}@I", f"{b}.SETTING@I"]
+        call = asyncio.ensure_future(pool.calls.read_bodies(drfs, 5, devices=[a, b]))
+        await settle()
+        sent = [wire(1.0), wire(2.0)]
+        for worker, reading in zip(pool.workers.values(), sent, strict=True):
+            (read,) = frames(worker).of(p.Read)
+            worker.on_frame(p.ReadDone(id=read.id, readings=[reading]))
+        assert await call == [sent[0].body, sent[1].body]
+
+    run(body)
+
+
+def test_a_reading_that_came_without_its_body_is_encoded_in_the_front():
+    from pacsys.pool.wire import body_of
+    from workers.reply_body import reading_body
+
+    bare = p.WireReading(value_type="scalar", value=2.5, timestamp_ns=1_700_000_000_000_000_000)
+    expected = reading_body(Reading("Z:X@I", value_type=ValueType.SCALAR, value=2.5, timestamp=bare_ts(bare)))
+    assert body_of("Z:X@I", bare) == expected
+
+
+def bare_ts(w: p.WireReading) -> datetime:
+    from workers import epoch
+
+    return epoch.from_ns(w.timestamp_ns)

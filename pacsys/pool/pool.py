@@ -22,6 +22,7 @@ import itertools
 import logging
 import random
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import psutil
@@ -93,7 +94,6 @@ class WorkerPool(AsyncBackend):
             self._any_serving,
             self._ids,
             self.stats,
-            self.reply_bodies,
             settings.worker_wait,
             self._over_request_limit,
         )
@@ -464,6 +464,12 @@ class WorkerPool(AsyncBackend):
 
     async def get_many(self, drfs: list[str], timeout: float | None = None) -> list[Reading]:
         return await self._calls.get_many(drfs, timeout)
+
+    async def read_bodies(
+        self, drfs: list[str], timeout: float | None = None, devices: Sequence[str] | None = None
+    ) -> list[bytes]:
+        """The servicer's one-shot read: the bodies the workers encoded, passed through."""
+        return await self._calls.read_bodies(drfs, timeout, devices)
 
     async def write_many(self, settings: list[tuple[str, Value]], timeout: float | None = None) -> list[WriteResult]:
         return await self._calls.write_many(settings, timeout)

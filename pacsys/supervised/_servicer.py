@@ -261,11 +261,12 @@ class DAQServicer:
             caller_authorization.set(decision.metadata.get("authorization"))
             if decision.oneshot:
                 timeout = context.time_remaining()
-                readings = await self.backend.get_many(final.drfs, timeout=timeout)
+                devices = [parsed.device for parsed in decision.parsed]  # the gate's parse, not another
+                bodies = await self.backend.read_bodies(final.drfs, timeout=timeout, devices=devices)
                 self.gate.log_outcome("Read", peer, drfs, "allow", started)
                 audit = self.audit
-                for pos, reading in enumerate(readings):
-                    reply = reply_bytes(decision.original[pos], self._bodies.body(reading))
+                for pos, body in enumerate(bodies):
+                    reply = reply_bytes(decision.original[pos], body)
                     if audit is not None and audit.log_responses:
                         audit.log_response(decision.seq, peer, "Read", DAQ_pb2.ReadingReply.FromString(reply))
                     yield reply

@@ -27,7 +27,7 @@ import dataclasses
 import hmac
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -284,7 +284,7 @@ class Gate:
                 parsed=dict(zip(drfs, first, strict=True)),
             )
             final, original = self._decide(ctx)
-            parsed = self._parse_all(final.drfs, "setting after policies")
+            parsed = self._parse_all(final.drfs, "setting after policies", ctx.parsed)
             self._peer_limit(self.peers.begin_call, request.identity)
             return Decision(request, None, ctx, final, parsed, original, metadata)
         self._check_count(len(drfs), self.limits.max_drfs_per_request, "drfs")
@@ -301,7 +301,7 @@ class Gate:
             parsed=dict(zip(drfs, first, strict=True)),
         )
         final, original = self._decide(ctx)
-        parsed = self._parse_all(final.drfs, "DRF after policies")
+        parsed = self._parse_all(final.drfs, "DRF after policies", ctx.parsed)
         oneshot = all(p.is_oneshot for p in parsed)
         rate = 0.0
         if oneshot:
@@ -359,10 +359,16 @@ class Gate:
             self.stats.limits_hit[f"max_{what}_per_request"] += 1
             raise _Refused("RESOURCE_EXHAUSTED", f"too many {what}: {n} (the limit is {limit})", "limit")
 
-    def _parse_all(self, drfs: list[str], what: str = "DRF") -> list[DRF]:
+    def _parse_all(self, drfs: list[str], what: str = "DRF", checked: Mapping[str, DRF] | None = None) -> list[DRF]:
+        """Each DRF parsed and checked (length, period); those in `checked` (the request's own,
+        which the policies left as they were) are not looked up again."""
         parsed = []
         longest = self.limits.max_drf_length
         for i, text in enumerate(drfs):
+            known = checked.get(text) if checked is not None else None
+            if known is not None:
+                parsed.append(known)
+                continue
             if len(text) > longest:
                 self.stats.limits_hit["max_drf_length"] += 1
                 raise _Refused(
