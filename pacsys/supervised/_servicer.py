@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -98,10 +98,14 @@ def _decoder(message_class: Any) -> Callable[[bytes], Any]:
     return decode
 
 
-def _error_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status for an exception raised by the backend (the table in pacsys.errors)."""
+async def _backend_failed(context: grpc.aio.ServicerContext, rpc: str, peer: str, exc: Exception) -> NoReturn:
+    """End the call with the gRPC status of the backend's exception (the table in pacsys.errors);
+    one of no row (INTERNAL) is a bug somewhere, logged with its traceback."""
     code, details = grpc_status_of(exc)
-    return grpc.StatusCode[code], details
+    if code == "INTERNAL":
+        logger.error("rpc=%s peer=%s failed", rpc, peer, exc_info=exc)
+    await context.abort(grpc.StatusCode[code], details)
+    raise AssertionError("unreachable: abort raises")
 
 
 def identity_of(context: grpc.aio.ServicerContext) -> str:
@@ -279,11 +283,8 @@ class DAQServicer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            code, details = _error_status(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                logger.exception("rpc=Read peer=%s failed", peer)
             self.stats.requests[("Read", "error")] += 1
-            await context.abort(code, details)
+            await _backend_failed(context, "Read", peer, exc)
         finally:
             self.gate.release(decision)
 
@@ -380,12 +381,8 @@ class DAQServicer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            code, details = _error_status(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                logger.exception("rpc=Set peer=%s failed", peer)
             self.gate.log_outcome("Set", peer, drfs, "error", started)
-            await context.abort(code, details)
-            raise AssertionError("unreachable: abort raises")  # noqa: B904
+            await _backend_failed(context, "Set", peer, exc)
         ordered = [results[0]] * len(results)
         for pos, result in enumerate(results):
             ordered[decision.original[pos]] = result
