@@ -12,7 +12,7 @@ from pacsys.aio import AsyncBackend
 from pacsys.backends import Backend
 from pacsys.backends.grpc_client import DAQClientBackend
 from pacsys.backends.sim import SimBackend
-from pacsys.backends.spec import BackendSpecError, build_backend, describe_spec, factory_spec
+from pacsys.backends.spec import BackendSpecError, build_backend, factory_spec
 from pacsys.testing import FakeBackend
 from workers.backend_spec import FactorySpecError, call_factory, parse_factory
 
@@ -273,29 +273,6 @@ def test_unknown_forms(spec):
     assert "unknown form" in message and "grpc://HOST:PORT" in message
 
 
-# -- describe_spec ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("spec", "expected"),
-    [
-        ("sim", "simulated devices (built-in table)"),
-        ("sim:/etc/devices.toml", "simulated devices from /etc/devices.toml"),
-        ("fake", "in-memory fake backend (M:OUTTMP, G:AMANDA)"),
-        ("grpc://daq:50051", "DAQ gRPC server at daq:50051 (timeout 5 s)"),
-        (
-            "grpc://daq:50051?token_file=/run/tok&pass_token=1&timeout=2",
-            "DAQ gRPC server at daq:50051 (timeout 2 s, token from /run/tok, caller token passed on)",
-        ),
-        ("grpc://daq", "invalid grpc spec 'grpc://daq'"),
-        ("mypkg.mod:make", "backend from factory mypkg.mod:make()"),
-        ("nonsense", "unknown backend spec 'nonsense'"),
-    ],
-)
-def test_describe_spec(spec, expected):
-    assert describe_spec(spec) == expected
-
-
 # -- factory arguments -----------------------------------------------------------------------
 
 
@@ -341,10 +318,6 @@ def test_factory_arguments_a_factory_refuses_are_named(module_dir):
     assert "unexpected keyword argument 'port'" in message
 
 
-def test_describe_hides_argument_values():
-    assert describe_spec("m.mod:make?token=s3cret&port=1") == "backend from factory m.mod:make(token=..., port=...)"
-
-
 # -- one owner of the forms: built-in specs rewritten into factory specs for the workers ---------
 
 
@@ -379,3 +352,9 @@ def test_the_worker_runtime_knows_no_builtin_form():
 def test_a_bad_grpc_spec_fails_in_the_front_before_any_worker_sees_it():
     with pytest.raises(BackendSpecError, match="expected grpc://HOST:PORT"):
         factory_spec("grpc://host")
+
+
+def test_the_worker_describes_a_factory_without_its_argument_values():
+    from workers.backend_spec import describe
+
+    assert describe("m.mod:make?token=s3cret&port=1") == "m.mod:make(token=..., port=...)"

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from workers.backend_spec import FactorySpecError, call_factory, one_line, parse_factory
-from workers.backend_spec import describe as describe_factory
 
 if TYPE_CHECKING:
     from pacsys.aio import AsyncBackend
@@ -42,7 +41,6 @@ __all__ = [
     "BackendSpecError",
     "build_backend",
     "check_backend_spec",
-    "describe_spec",
     "factory_spec",
     "grpc_backend",
     "is_builtin",
@@ -231,33 +229,3 @@ def _grpc_parts(spec: str) -> _GrpcParts:
         raise BackendSpecError.about(spec, "tls=0 contradicts ca=, cert= or key=")
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return _GrpcParts(target, query.get("token_file") or None, flag in _TRUE, timeout, tls, ca, cert, key)
-
-
-def describe_spec(spec: str) -> str:
-    """A short human description of `spec` for log lines (never raises, never shows a token)."""
-    spec = spec.strip()
-    if spec == "sim":
-        return "simulated devices (built-in table)"
-    if spec.startswith("sim:"):
-        return f"simulated devices from {spec[4:]}"
-    if spec == "fake":
-        return "in-memory fake backend (M:OUTTMP, G:AMANDA)"
-    if spec.startswith("grpc://"):
-        try:
-            parts = _grpc_parts(spec)
-        except BackendSpecError:
-            return f"invalid grpc spec {spec!r}"
-        extras = [f"timeout {parts.timeout:g} s"]
-        if parts.tls:
-            extras.append(f"TLS, CA {parts.ca or 'of the system'}" + (", client certificate" if parts.cert else ""))
-        if parts.token_file:
-            extras.append(f"token from {parts.token_file}")
-        if parts.pass_token:
-            extras.append("caller token passed on")
-        return f"DAQ gRPC server at {parts.target} ({', '.join(extras)})"
-    try:
-        if parse_factory(spec) is not None:
-            return f"backend from factory {describe_factory(spec)}"
-    except FactorySpecError:
-        return f"invalid factory spec {spec.partition('?')[0]!r}"
-    return f"unknown backend spec {spec!r}"

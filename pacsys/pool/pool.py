@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
-from pacsys.backends.spec import describe_spec, is_builtin
+from pacsys.backends.spec import is_builtin
 from pacsys.pool.calls import OneShotCalls
 from pacsys.pool.fanout import Fanout
 from pacsys.pool.process import WorkerCommand, WorkerLost, WorkerProcess, WorkerStartupError
@@ -205,7 +205,7 @@ class WorkerPool(AsyncBackend):
                 f"within {self.settings.ready_timeout} s: {failures[0] if failures else 'unknown'}"
             )
         self._ticker = self._loop.create_task(self._tick())
-        logger.info("event=pool_ready workers=%d backend=%s", self.ready_count, describe_spec(self.settings.backend))
+        logger.info("event=pool_ready workers=%d backend=%s", self.ready_count, self.settings.backend)
 
     def _new_slot(self, index: int) -> Slot:
         return Slot(index, self.settings, others_serving=self._others_serving)

@@ -146,18 +146,13 @@ class EndReason(enum.StrEnum):
     @property
     def stopped_by_front(self) -> bool:
         """The front ended a worker that no longer served: its slot is not told of the exit."""
-        return self in _STOPPED_BY_FRONT
-
-
-_STOPPED_BY_FRONT = frozenset(
-    {
-        EndReason.RECYCLED,
-        EndReason.SCALE_DOWN,
-        EndReason.SHUTDOWN,
-        EndReason.RECYCLE_FAILED,
-        EndReason.RECYCLE_CANCELLED,
-    }
-)
+        return self in (
+            EndReason.RECYCLED,
+            EndReason.SCALE_DOWN,
+            EndReason.SHUTDOWN,
+            EndReason.RECYCLE_FAILED,
+            EndReason.RECYCLE_CANCELLED,
+        )
 
 
 @dataclass(frozen=True)
