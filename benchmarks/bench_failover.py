@@ -66,6 +66,7 @@ def main() -> None:
             rows = pool.worker_states()
             victim = max(rows, key=lambda r: r.subscriptions)
             before_gaps = pool.stats.stream_gaps
+            assert victim.pid is not None
             os.kill(victim.pid, signal.SIGKILL)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
@@ -77,7 +78,7 @@ def main() -> None:
             to_ready.append(pool.stats.last_restart_to_ready_seconds or float("nan"))
             gaps.append(pool.stats.max_gap_seconds)
             print(
-                f"kill pid {victim['pid']} ({victim['subscriptions']} subscriptions): restart-to-ready "
+                f"kill pid {victim.pid} ({victim.subscriptions} subscriptions): restart-to-ready "
                 f"{to_ready[-1] * 1e3:.0f} ms, gaps {pool.stats.stream_gaps - before_gaps}, "
                 f"longest gap so far {gaps[-1] * 1e3:.0f} ms"
             )
