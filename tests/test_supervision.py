@@ -256,6 +256,9 @@ def test_one_vocabulary_of_endings_whose_words_are_the_logs_and_metrics_labels()
     assert f"{EndReason.HANG}" == "hang" and EndReason("startup_failed") is EndReason.STARTUP_FAILED
     counts = {EndReason.SIGNAL: 2}
     assert counts["signal"] == 2
+    exits = [r.value for r in EndReason if r.is_exit]
+    assert exits == ["signal", "exit", "hang", "protocol_error", "startup_failed", "spawn_failed", "ready_timeout"]
+    assert [r.value for r in EndReason if r.is_recycle] == ["recycle_rss", "recycle_requests"]
     stopped = {r for r in EndReason if r.stopped_by_front}
     assert stopped == {
         EndReason.RECYCLED,

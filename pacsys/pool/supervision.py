@@ -144,6 +144,16 @@ class EndReason(enum.StrEnum):
     RECYCLE_CANCELLED = "recycle_cancelled"  # a replacement whose serving worker died meanwhile
 
     @property
+    def is_exit(self) -> bool:
+        """An exit of a slot's worker (a label value of pacsys_worker_exits_total)."""
+        return not self.is_recycle and not self.stopped_by_front
+
+    @property
+    def is_recycle(self) -> bool:
+        """A graceful replacement (a label value of pacsys_worker_recycles_total)."""
+        return self in (EndReason.RECYCLE_RSS, EndReason.RECYCLE_REQUESTS)
+
+    @property
     def stopped_by_front(self) -> bool:
         """The front ended a worker that no longer served: its slot is not told of the exit."""
         return self in (
