@@ -212,8 +212,8 @@ def _seconds(value: float | None) -> str:
 
 
 def fanout(generator: LoadGenerator, args: argparse.Namespace) -> None:
+    from pacsys.pool.pool import WorkerPool
     from pacsys.supervised import SupervisedServer
-    from workers.pool import WorkerPool
 
     pool = WorkerPool(backend="sim", workers=2)
     server = SupervisedServer(

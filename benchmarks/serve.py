@@ -85,7 +85,7 @@ def make_server(mode: str, spec: str, workers: int):
 
     backend: Backend | AsyncBackend
     if mode == "pool":
-        from workers.pool import WorkerPool
+        from pacsys.pool.pool import WorkerPool
 
         backend = WorkerPool(backend=spec, workers=workers)
     else:

@@ -252,6 +252,16 @@ class _Patterns:
         return hit
 
 
+def _approve_matching(ctx: RequestContext, patterns: _Patterns) -> PolicyDecision:
+    """Approve the slots of `ctx` that name a device matching `patterns` (the one way a policy
+    grants writes: DeviceAccessPolicy in allow mode, WriteGrantPolicy); the others are left as
+    they were."""
+    newly = {i for i, drf in enumerate(ctx.drfs) if i not in ctx.allowed and patterns.matching(ctx.device_name(drf))}
+    if not newly:
+        return _ALLOW
+    return PolicyDecision(allowed=True, ctx=replace(ctx, allowed=ctx.allowed | newly))
+
+
 class ReadOnlyPolicy(Policy):
     """Denies every Set."""
 
@@ -301,14 +311,7 @@ class DeviceAccessPolicy(Policy):
                 if self._patterns.matching(name):
                     return PolicyDecision(allowed=False, reason=f"Device {name} is denied")
             return _ALLOW
-        newly = {
-            i
-            for i, drf in enumerate(ctx.drfs)
-            if i not in ctx.allowed and self._patterns.matching(ctx.device_name(drf))
-        }
-        if not newly:
-            return _ALLOW
-        return PolicyDecision(allowed=True, ctx=replace(ctx, allowed=ctx.allowed | newly))
+        return _approve_matching(ctx, self._patterns)
 
 
 class WriteGrantPolicy(Policy):
@@ -344,14 +347,7 @@ class WriteGrantPolicy(Policy):
     def check(self, ctx: RequestContext) -> PolicyDecision:
         if ctx.rpc_method != "Set" or not self.matches(ctx.identity):
             return _ALLOW
-        newly = {
-            i
-            for i, drf in enumerate(ctx.drfs)
-            if i not in ctx.allowed and self._patterns.matching(ctx.device_name(drf))
-        }
-        if not newly:
-            return _ALLOW
-        return PolicyDecision(allowed=True, ctx=replace(ctx, allowed=ctx.allowed | newly))
+        return _approve_matching(ctx, self._patterns)
 
 
 def _client_key(peer: str) -> str:
@@ -407,7 +403,7 @@ class RateLimitPolicy(Policy):
 
 
 class WriteSettings(Protocol):
-    """What `write_gate` reads of the settings (`config.Settings` has it)."""
+    """What `write_gate` reads of the settings (`pacsys.settings.Settings` has it)."""
 
     @property
     def allow_writes(self) -> tuple[str, ...]: ...

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -104,10 +104,14 @@ def _decoder(message_class: Any) -> Callable[[bytes], Any]:
     return decode
 
 
-def _error_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status for an exception raised by the backend (the table in pacsys.errors)."""
+async def _backend_failed(context: grpc.aio.ServicerContext, rpc: str, peer: str, exc: Exception) -> NoReturn:
+    """End the call with the gRPC status of the backend's exception (the table in pacsys.errors);
+    one of no row (INTERNAL) is a bug somewhere, logged with its traceback."""
     code, details = grpc_status_of(exc)
-    return grpc.StatusCode[code], details
+    if code == "INTERNAL":
+        logger.error("rpc=%s peer=%s failed", rpc, peer, exc_info=exc)
+    await context.abort(grpc.StatusCode[code], details)
+    raise AssertionError("unreachable: abort raises")
 
 
 class _Abort(Exception):
@@ -258,11 +262,12 @@ class DAQServicer:
             caller_authorization.set(decision.metadata.get("authorization"))
             if decision.oneshot:
                 timeout = context.time_remaining()
-                readings = await self.backend.get_many(final.drfs, timeout=timeout)
+                devices = [parsed.device for parsed in decision.parsed]  # the gate's parse, not another
+                bodies = await self.backend.read_bodies(final.drfs, timeout=timeout, devices=devices)
                 self.gate.log_outcome("Read", peer, drfs, "allow", started)
                 audit = self.audit
-                for pos, reading in enumerate(readings):
-                    reply = reply_bytes(decision.original[pos], self._bodies.body(reading))
+                for pos, body in enumerate(bodies):
+                    reply = reply_bytes(decision.original[pos], body)
                     if audit is not None and audit.log_responses:
                         audit.log_response(decision.seq, peer, "Read", DAQ_pb2.ReadingReply.FromString(reply))
                     yield reply
@@ -275,11 +280,8 @@ class DAQServicer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            code, details = _error_status(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                logger.exception("rpc=Read peer=%s failed", peer)
             self.stats.requests[("Read", "error")] += 1
-            await context.abort(code, details)
+            await _backend_failed(context, "Read", peer, exc)
         finally:
             self.gate.release(decision)
 
@@ -387,12 +389,8 @@ class DAQServicer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            code, details = _error_status(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                logger.exception("rpc=Set peer=%s failed", peer)
             self.gate.log_outcome("Set", peer, drfs, "error", started)
-            await context.abort(code, details)
-            raise AssertionError("unreachable: abort raises")  # noqa: B904
+            await _backend_failed(context, "Set", peer, exc)
         finally:
             self.gate.written(decision, write.outcomes)
         ordered = [results[0]] * len(results)

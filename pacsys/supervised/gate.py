@@ -39,11 +39,11 @@ from typing import Any
 from pacsys.backends import summarize_drfs
 from pacsys.drf import DRF, DRFError, parse_cached
 from pacsys.replies import value_from_proto
+from pacsys.settings import Settings
 from pacsys.supervised._audit import AuditLog, AuditUnavailable
 from pacsys.supervised._peers import PeerLimit, Peers, peer_host
 from pacsys.supervised._policies import CurrentValue, Policy, PolicyDecision, RequestContext, evaluate_policies
 from pacsys.supervised._refusal_log import RefusalLog, excerpt, excerpt_list
-from pacsys.supervised.config import Settings
 
 __all__ = [
     "EVENT_RATE_HZ",
@@ -73,7 +73,7 @@ _DEFAULTS = Settings()  # the one owner of every default
 class ServicerLimits:
     """Limits on what one request and one client may ask; each is counted when it bites.
 
-    The defaults are the settings' of the same names (`config.Settings`); `from_settings`
+    The defaults are the settings' of the same names (`pacsys.settings.Settings`); `from_settings`
     takes a service's. `stream_buffer` None keeps the size the backend made a stream's buffer
     with (a worker pool's own `stream_buffer` setting).
     """
@@ -368,10 +368,10 @@ class Gate:
         ctx = dataclasses.replace(opened.ctx, current=current) if current else opened.ctx
         final, original = self._run_chain(policies, ctx)
         if request.rpc == "Set":
-            parsed = self._parse_all(final.drfs, "setting after policies")
+            parsed = self._parse_all(final.drfs, "setting after policies", ctx.parsed)
             self._peer_limit(self.peers.begin_call, request.identity)
             return Decision(request, None, ctx, final, parsed, original, metadata, policies=policies)
-        parsed = self._parse_all(final.drfs, "DRF after policies")
+        parsed = self._parse_all(final.drfs, "DRF after policies", ctx.parsed)
         oneshot = all(p.is_oneshot for p in parsed)
         rate = 0.0
         if oneshot:
@@ -439,10 +439,16 @@ class Gate:
             self.stats.limits_hit[f"max_{what}_per_request"] += 1
             raise _Refused("RESOURCE_EXHAUSTED", f"too many {what}: {n} (the limit is {limit})", "limit")
 
-    def _parse_all(self, drfs: list[str], what: str = "DRF") -> list[DRF]:
+    def _parse_all(self, drfs: list[str], what: str = "DRF", checked: Mapping[str, DRF] | None = None) -> list[DRF]:
+        """Each DRF parsed and checked (length, period); those in `checked` (the request's own,
+        which the policies left as they were) are not looked up again."""
         parsed = []
         longest = self.limits.max_drf_length
         for i, text in enumerate(drfs):
+            known = checked.get(text) if checked is not None else None
+            if known is not None:
+                parsed.append(known)
+                continue
             if len(text) > longest:
                 self.stats.limits_hit["max_drf_length"] += 1
                 raise _Refused(

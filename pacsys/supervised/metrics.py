@@ -29,14 +29,13 @@ from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pacsys.pool.supervision import SERVING, EndReason, SlotState
 from pacsys.supervised._listen import reason as bind_reason
 from pacsys.supervised._managed import CountsSubscriptions
 from pacsys.supervised.stderr_relay import counts as stderr_counts
 from workers.logformat import counts as log_counts
-from workers.supervision import EXIT_REASONS, RECYCLE_REASONS, SERVING, SlotState
 
 SLOT_STATES = tuple(state.value for state in SlotState if state is not SlotState.RETIRED)
-SERVING_STATES = frozenset(state.value for state in SERVING)
 
 # The label values a labelled counter can take, each exported at 0 before it first counts, so
 # that `increase()` and `rate()` see a counter's first event too (a series that appears at 1
@@ -61,8 +60,8 @@ LIMITS = (
 )
 
 if TYPE_CHECKING:
+    from pacsys.pool.stats import PoolStats, WorkerRow
     from pacsys.supervised._server import SupervisedServer
-    from workers.pool_stats import PoolStats
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +133,7 @@ class _Collector:
             yield from _worker_metrics(managed.worker_states(), managed.stats)
 
 
-def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterator[Metric]:
+def _worker_metrics(rows: list[WorkerRow], pool_stats: PoolStats) -> Iterator[Metric]:
     gauges = {
         "up": GaugeMetricFamily("pacsys_worker_up", "1 when the slot's worker serves", labels=["slot"]),
         "pid": GaugeMetricFamily("pacsys_worker_pid", "Process id of the worker", labels=["slot"]),
@@ -156,24 +155,24 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterat
     cooldowns = CounterMetricFamily("pacsys_worker_cooldowns", "Cool-downs of the slot", labels=["slot"])
     cpu = CounterMetricFamily("pacsys_worker_cpu_seconds", "CPU time of the current worker process", labels=["slot"])
     for row in rows:
-        if row["state"] == SlotState.RETIRED.value:
+        if row.state is SlotState.RETIRED:
             continue  # a retired slot leaves no series behind
-        slot = [str(row["slot"])]
-        gauges["up"].add_metric(slot, 1 if row["state"] in SERVING_STATES else 0)
+        slot = [str(row.slot)]
+        gauges["up"].add_metric(slot, 1 if row.state in SERVING else 0)
         for name in SLOT_STATES:
-            state.add_metric([slot[0], name], 1 if row["state"] == name else 0)
-        if row["pid"] is not None:
-            gauges["pid"].add_metric(slot, row["pid"])
-        if "rss_bytes" in row:
-            gauges["rss"].add_metric(slot, row["rss_bytes"])
-        if "cpu_seconds" in row:
-            cpu.add_metric(slot, row["cpu_seconds"])
-        if row["heartbeat_age"] is not None:
-            gauges["heartbeat"].add_metric(slot, row["heartbeat_age"])
-        gauges["in_flight"].add_metric(slot, row["in_flight"])
-        gauges["budget"].add_metric(slot, row["restart_budget_left"])
-        restarts.add_metric(slot, row["restarts"])
-        cooldowns.add_metric(slot, row["cooldowns"])
+            state.add_metric([slot[0], name], 1 if row.state.value == name else 0)
+        if row.pid is not None:
+            gauges["pid"].add_metric(slot, row.pid)
+        if row.rss_bytes is not None:
+            gauges["rss"].add_metric(slot, row.rss_bytes)
+        if row.cpu_seconds is not None:
+            cpu.add_metric(slot, row.cpu_seconds)
+        if row.heartbeat_age is not None:
+            gauges["heartbeat"].add_metric(slot, row.heartbeat_age)
+        gauges["in_flight"].add_metric(slot, row.in_flight)
+        gauges["budget"].add_metric(slot, row.restart_budget_left)
+        restarts.add_metric(slot, row.restarts)
+        cooldowns.add_metric(slot, row.cooldowns)
     yield from gauges.values()
     yield state
     yield restarts
@@ -184,17 +183,17 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterat
             "pacsys_worker_exits",
             "Worker exits by reason (signal, exit, hang, ...)",
             pool_stats.exits_by_reason,
-            EXIT_REASONS,
+            [reason for reason in EndReason if reason.is_exit],
         ),
         (
             "pacsys_worker_recycles",
             "Workers replaced gracefully, by reason",
             pool_stats.recycles_by_reason,
-            RECYCLE_REASONS,
+            [reason for reason in EndReason if reason.is_recycle],
         ),
     ):
         family = CounterMetricFamily(name, help_text, labels=["reason"])
-        yield _counted(family, counts, [(reason,) for reason in sorted(reasons)])
+        yield _counted(family, counts, [(str(reason),) for reason in sorted(reasons)])
     for name, help_text in (
         ("cooldowns", "Slots cooled down after too many early exits"),
         ("calls_waited", "One-shot calls and subscriptions that found no worker serving and waited"),

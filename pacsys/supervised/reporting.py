@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 
-from pacsys.supervised.config import Settings, env_name
+from pacsys.settings import Settings, env_name
 from pacsys.supervised.stderr_relay import relay_native_stderr
 from workers.logformat import configure_logging, journal_prefix
 
