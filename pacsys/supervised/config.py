@@ -481,6 +481,66 @@ class Settings:
         "Make writes even while the audit log cannot record them (else they are refused with UNAVAILABLE).",
         section="Audit",
     )
+    audit_drf_chars: int = _setting(
+        4096,
+        "Characters of a Read's DRF list written into its audit entry; the DRFs after them are recorded as "
+        "their count and SHA-256 (drfs_left_out). A Set's entry is always whole.",
+        section="Audit",
+        min=0,
+    )
+    audit_client_bytes_per_second: float = _setting(
+        32768.0,
+        "Audit bytes a second one client (identity or host) may add with Reads, refused requests and "
+        "denials of Sets that needed no token; past it, and past audit_client_burst_bytes, its entries are "
+        "summarised (counted, digested, one summary line per audit_summary_interval). 0: no limit. "
+        "Sets that pass the token are always recorded in full.",
+        section="Audit",
+        min=0,
+    )
+    audit_client_burst_bytes: int = _setting(
+        262144,
+        "Audit bytes one client may add at once above audit_client_bytes_per_second (an entry larger than "
+        "this, with its binary capture frame, is always summarised).",
+        section="Audit",
+        min=1024,
+    )
+    audit_summary_interval: float = _setting(
+        1.0,
+        "Seconds a client's summarised requests are gathered before their summary line is written.",
+        section="Audit",
+        gt=0,
+        max=3600,
+    )
+    audit_max_bytes: int = _setting(
+        0,
+        "Size at which the service rotates its audit files itself (audit.jsonl -> audit.jsonl.1 -> ..., the "
+        "binary capture with it); 0: never, rotation is left to logrotate (SIGUSR1).",
+        section="Audit",
+        min=0,
+        example=268435456,
+    )
+    audit_keep: int = _setting(
+        10,
+        "Rotated files audit_max_bytes keeps (audit.jsonl.1 newest ... audit.jsonl.N); older ones are deleted.",
+        section="Audit",
+        min=1,
+        max=1000,
+    )
+    audit_min_free_bytes: int = _setting(
+        1 << 30,
+        "Free space on the audit files' filesystem below which a WARNING is logged (once a minute) and "
+        "pacsys_audit_low_space is 1 (0: no warning).",
+        section="Audit",
+        min=0,
+    )
+    audit_reserve_bytes: int = _setting(
+        256 << 20,
+        "Free space kept for Sets: below it, Reads and refused requests are only summarised "
+        "(pacsys_audit_low_space 2); Sets are recorded in full until the disk is full (at most "
+        "audit_min_free_bytes).",
+        section="Audit",
+        min=0,
+    )
 
     # policies
     policies: tuple[dict[str, Any], ...] = _setting(
@@ -518,6 +578,14 @@ class Settings:
             raise _key_error("metrics_port", f"({self.metrics_port}) must differ from 'port'")
         if self.audit_proto_path is not None and self.audit_path is None:
             raise _key_error("audit_proto_path", "needs 'audit_path' as well")
+        if self.audit_reserve_bytes > self.audit_min_free_bytes:
+            raise _key_error(
+                "audit_reserve_bytes",
+                f"({self.audit_reserve_bytes}) must not exceed 'audit_min_free_bytes' ({self.audit_min_free_bytes}): "
+                "the warning comes first",
+            )
+        if 0 < self.audit_max_bytes < 4096:
+            raise _key_error("audit_max_bytes", f"must be 0 (off) or at least 4096, got {self.audit_max_bytes}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise _key_error("tls_key" if self.tls_key is None else "tls_cert", "needs 'tls_cert' and 'tls_key' both")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -788,6 +856,9 @@ def check_files(settings: Settings) -> None:
         if path is None:
             continue
         problem = _append_problem(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        if problem is None and settings.audit_max_bytes and not os.access(directory, os.W_OK | os.X_OK):
+            problem = f"its directory {directory} is not writable by this user (audit_max_bytes renames files there)"
         if problem is not None:
             raise ConfigError(f"'{key}' {path}: {problem}", key=key, body=problem)
 
