@@ -9,16 +9,20 @@ pass against these:
   DBM 16/-13 "No such property for DEVICE".
 - A reading set for an event (`set_reading("M:OUTTMP@p,500", ...)`) answers reads with
   that event exactly, and also becomes the device's plain value. A read with another event
-  gets the plain float value shifted by a fixed offset per event, and its timestamp by as
-  many milliseconds, so a test can tell which event a reading answers (`event_offset`).
-  `@N` cannot be read.
+  gets the plain value, when it is a float or a numpy array of floats, shifted by a fixed
+  offset per event, and its timestamp by as many milliseconds, so a test can tell which
+  event a reading answers (`event_offset`). `@N` cannot be read. A write replaces the
+  value for every event: a read with the write's event, or with an event a reading was
+  set for, gets it exactly.
 - Ranges: `B:HS23T[0:2]` reads elements 0 to 2, `[3]` the element alone; a ranged write
   changes just those elements of the stored array.
 - `set_write_result(drf, ...)`: later writes to that device answer the given error.
 - `emit_reading` pushes a reading to every live subscription naming the same device and
   property group (READING/SETTING, STATUS/CONTROL...), under the DRF it subscribed with.
-  `emit_error(exception)` ends every subscription with it; `emit_error(drf, code, message)`
-  sends an error reading instead (this project's own addition).
+  `emit_error(exception)` ends every subscription with it (its `exc`, and `on_error` when
+  given); `emit_error(drf, code, message)` sends an error reading instead (this project's
+  own addition). Subscription handles have `ref_ids` (0, 1, ... per DRF), and the backend
+  lists its live ones in `_subscriptions`, the release's name, which its tests read.
 - They say they are authenticated, as `test-user@FNAL.GOV`.
 """
 
@@ -106,6 +110,11 @@ def _is_array(value: object) -> bool:
     return isinstance(value, list | tuple) or hasattr(value, "tolist")
 
 
+def _shifts(value: object) -> bool:
+    """Whether a read with an event shifts this value: a float, or a numpy array of floats."""
+    return isinstance(value, float) or getattr(getattr(value, "dtype", None), "kind", None) == "f"
+
+
 def _meta(device: str, units: str | None, description: str | None) -> DeviceMeta:
     return DeviceMeta(0, device, description or f"Test device {device}", units)
 
@@ -127,7 +136,7 @@ class FakeBackend(Backend):
         # (device, property name, canonical event) -> a reading set for that event
         self._by_event: dict[tuple[str, str, str], Reading] = {}
         self._write_results: dict[str, tuple[int, int, str | None]] = {}  # device -> answer
-        self._handles: list[FakeSubscriptionHandle] = []
+        self._subscriptions: list[FakeSubscriptionHandle] = []  # the release's name: its tests read it
         self._reads: list[str] = []
         self._writes: list[tuple[str, Value]] = []
         self._closed = False
@@ -225,7 +234,7 @@ class FakeBackend(Backend):
             self._write_results.clear()
             self._reads.clear()
             self._writes.clear()
-            handles, self._handles = self._handles, []
+            handles, self._subscriptions = self._subscriptions, []
         for h in handles:
             h.stop()
 
@@ -293,9 +302,9 @@ class FakeBackend(Backend):
         value: Any
         value, single = sliced
         timestamp = stored.timestamp or datetime.now(UTC)
-        offset = 0.0 if exact or not isinstance(value, float) else event_offset(drf) if event is not None else 0.0
+        offset = event_offset(drf) if event is not None and not exact and _shifts(value) else 0.0
         if offset:
-            value += offset
+            value = value + offset  # a new value: += would change a stored numpy array in place
             timestamp += timedelta(milliseconds=abs(offset))
         return Reading(
             drf=drf,
@@ -343,7 +352,14 @@ class FakeBackend(Backend):
             items[start : start + len(new)] = new
             value, value_type = items, old.value_type or ValueType.SCALAR_ARRAY
         meta = old.meta if old is not None else _meta(parsed.device, None, None)
-        self._state[key] = Reading(drf=drf, value_type=value_type, value=value, meta=meta)
+        written = Reading(drf=drf, value_type=value_type, value=value, meta=meta)
+        # Every read sees what was written: a read with the write's own event, or with one a
+        # reading was set for, gets it exactly; other events get it shifted.
+        self._state[key] = written
+        for event_key in [k for k in self._by_event if k[:2] == key]:
+            self._by_event[event_key] = written
+        if parsed.event is not None:
+            self._by_event[(*key, str(parsed.event))] = written
         return WriteResult(drf=drf)
 
     def write_many(self, settings: list[tuple[str, Value]], timeout: float | None = None) -> list[WriteResult]:
@@ -360,24 +376,24 @@ class FakeBackend(Backend):
         self._check_open()
         handle = FakeSubscriptionHandle(drfs, callback=callback, on_error=on_error, on_stop=self._forget)
         with self._lock:
-            self._handles.append(handle)
+            self._subscriptions.append(handle)
         return handle
 
     def _forget(self, handle: SubscriptionHandle) -> None:
         with self._lock:
-            if handle in self._handles:
-                self._handles.remove(handle)
+            if handle in self._subscriptions:
+                self._subscriptions.remove(handle)
 
     def stop_streaming(self) -> None:
         with self._lock:
-            handles, self._handles = self._handles, []
+            handles, self._subscriptions = self._subscriptions, []
         for h in handles:
             h.stop()
 
     @property
     def subscription_count(self) -> int:
         with self._lock:
-            return len(self._handles)
+            return len(self._subscriptions)
 
     def emit_reading(
         self,
@@ -407,7 +423,7 @@ class FakeBackend(Backend):
         """
         if isinstance(error, BaseException):
             with self._lock:
-                handles = list(self._handles)
+                handles = list(self._subscriptions)
             for handle in handles:
                 handle.signal_error(error)  # type: ignore[arg-type]
             return
@@ -418,7 +434,7 @@ class FakeBackend(Backend):
     def _emit(self, drf: str, fields: dict) -> None:
         key = _key(drf)
         with self._lock:
-            targets = [(h, h.keys[key]) for h in self._handles if key in h.keys]
+            targets = [(h, h.keys[key]) for h in self._subscriptions if key in h.keys]
         for handle, subscribed_drf in targets:
             reading = Reading(drf=subscribed_drf, **fields)
             if self._dispatch_mode is DispatchMode.DIRECT:

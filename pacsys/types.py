@@ -21,12 +21,12 @@ Value = float | int | str | bytes | list | dict | Any
 
 
 def __getattr__(name: str) -> object:
-    # The subscription callback types live beside the handle they name
-    # (pacsys.backends._subscription); the pacsys release exports them here too.
-    if name in ("ReadingCallback", "ErrorCallback"):
-        from pacsys.backends import _subscription
+    # The subscription callback types and CombinedStream live beside the handles they are
+    # about (pacsys.backends); the pacsys release exports them here too.
+    if name in ("ReadingCallback", "ErrorCallback", "CombinedStream"):
+        import pacsys.backends
 
-        return getattr(_subscription, name)
+        return getattr(pacsys.backends, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -269,16 +269,36 @@ class WriteResult:
         return self.ok
 
     def to_dict(self) -> dict:
-        """A JSON-safe dict, as the pacsys release's WriteResult gives (it has no from_dict)."""
+        """A JSON-safe dict, as the pacsys release writes it; `WriteResult.from_dict` restores an equal result.
+
+        Bytes read back are written as base64 with ``"readback_type": "raw"`` to say so.
+        """
         d: dict = {"drf": self.drf, "facility_code": self.facility_code, "error_code": self.error_code}
         for key in ("message", "verified", "readback"):
             if (v := getattr(self, key)) is not None:
                 d[key] = _value_to_json(v)
+        if isinstance(self.readback, bytes):
+            d["readback_type"] = ValueType.RAW.value
         if self.skipped:
             d["skipped"] = True
         if self.attempts:
             d["attempts"] = self.attempts
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WriteResult:
+        """The result `to_dict` wrote (also the release's: its arrays come back as lists)."""
+        readback_type = ValueType(d["readback_type"]) if "readback_type" in d else None
+        return cls(
+            drf=d["drf"],
+            facility_code=d.get("facility_code", 0),
+            error_code=d.get("error_code", 0),
+            message=d.get("message"),
+            verified=d.get("verified"),
+            readback=_value_from_json(d.get("readback"), readback_type),
+            skipped=d.get("skipped", False),
+            attempts=d.get("attempts", 0),
+        )
 
 
 def infer_value_type(value: object) -> ValueType:

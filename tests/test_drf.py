@@ -28,6 +28,7 @@ from pacsys.drf import (
     prepare_for_write,
 )
 from pacsys.drf_utils import get_device_name, guess_device_name
+from pacsys.drf_utils import prepare_for_write as drf_utils_prepare_for_write
 
 
 def _err(text: object) -> DRFError:
@@ -634,13 +635,6 @@ def test_module_functions_raise_drf_error() -> None:
         ("M:OUTTMP", "M:OUTTMP"),
         ("M@OUTTMP.MAX@I", "M:OUTTMP"),
         ("z|acltst[0:2]<-LOGGER:1:2", "Z:ACLTST"),
-        # not valid DRFs: best effort
-        ("  m:outtmp@x  ", "M:OUTTMP"),
-        ("M@OUTTMP@X", "M:OUTTMP"),
-        ("m:outtmp\n", "M:OUTTMP"),
-        ("M:OUT\x00TMP", "M:OUTTMP"),
-        ("weird name", "WEIRD"),
-        ("AB", "AB"),
     ],
 )
 def test_get_device_name(text: str, expected: str) -> None:
@@ -648,11 +642,61 @@ def test_get_device_name(text: str, expected: str) -> None:
     assert guess_device_name(text) == expected
 
 
-@pytest.mark.parametrize(("text", "expected"), [("m_outtmp.foo", "M:OUTTMP"), ("", "")])
+@pytest.mark.parametrize(
+    ("text", "name", "guess"),
+    [
+        # not DRFs (no ACNET device name first): the name as written, up to its field or event
+        ("weird name", "weird name", "WEIRD"),
+        ("dev:pv_name.VAL@p,1000", "dev:pv_name", "DEV:PV_NAME"),
+        ("XF:31IDA-OP{Tbl-Ax:X1}Mtr.RBV<-LOGGER", "XF:31IDA-OP{Tbl-Ax:X1}Mtr", "XF:31IDA-OP"),
+        # an ACNET name followed by what no DRF continues with
+        ("Z:ACL TST", "Z:ACL TST", "Z:ACL"),
+        ("M:OUT\x00TMP", "M:OUT\x00TMP", "M:OUTTMP"),
+        ("m:outtmp\n", "m:outtmp\n", "M:OUTTMP"),
+    ],
+)
+def test_get_device_name_passes_other_names_through(text: str, name: str, guess: str) -> None:
+    assert get_device_name(text) == name
+    assert guess_device_name(text) == guess
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("m_outtmp.foo", "M:OUTTMP"),
+        ("M@OUTTMP@X", "M:OUTTMP"),
+        ("M:OUTTMP[", "M:OUTTMP"),
+        ("  m:outtmp@x  ", "M:OUTTMP"),  # another name, but with an event no DRF has
+        ("dev:pv@X", "DEV:PV"),
+        ("AB", "AB"),
+        ("", ""),
+    ],
+)
 def test_guess_device_name_guesses_where_get_device_name_refuses(text: str, expected: str) -> None:
     assert guess_device_name(text) == expected
     with pytest.raises(ValueError):
         get_device_name(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("M:OUTTMP", "M:OUTTMP.SETTING@N"),
+        ("hello world", "hello world@N"),
+        ("dev:pv.VAL@p,1000", "dev:pv.VAL@N"),
+        ("hello<-LOGGER", "hello@N<-LOGGER"),
+    ],
+)
+def test_prepare_for_write_passes_other_names_through(text: str, expected: str) -> None:
+    assert drf_utils_prepare_for_write(text) == expected
+
+
+@pytest.mark.parametrize("text", ["M:OUTTMP.FOO", "M:OUTTMP@X", "x", ""])
+def test_prepare_for_write_refuses_malformed_drfs(text: str) -> None:
+    with pytest.raises(ValueError):
+        drf_utils_prepare_for_write(text)
+    with pytest.raises(DRFError):
+        prepare_for_write(text)  # the gateway's: DRFs only
 
 
 @pytest.mark.parametrize("value", [None, 3, b"M:OUTTMP", ["M:OUTTMP"], object()])

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from pacsys.backends._subscription import ErrorCallback, ReadingCallback, SubscriptionHandle
+from pacsys.backends._subscription import (
+    BufferedSubscriptionHandle,
+    ErrorCallback,
+    ReadingCallback,
+    SubscriptionHandle,
+    summarize_drfs,
+)
+from pacsys.backends.combined import CombinedStream
 from pacsys.errors import DeviceError, ReadError
 from pacsys.types import BackendCapability, DispatchMode, Reading, Value, WriteResult
-
-
-def summarize_drfs(drfs: list[str], limit: int = 5) -> str:
-    """A short list of DRFs for log lines: the first few and a count of the rest."""
-    if len(drfs) <= limit:
-        return ", ".join(drfs)
-    return f"{', '.join(drfs[:limit])} and {len(drfs) - limit} more"
 
 
 class Backend(ABC):
@@ -92,4 +92,12 @@ class Backend(ABC):
         self.close()
 
 
-__all__ = ["Backend", "ErrorCallback", "ReadingCallback", "SubscriptionHandle", "summarize_drfs"]
+__all__ = [
+    "Backend",
+    "BufferedSubscriptionHandle",
+    "CombinedStream",
+    "ErrorCallback",
+    "ReadingCallback",
+    "SubscriptionHandle",
+    "summarize_drfs",
+]

@@ -109,6 +109,11 @@ class AuditUnavailable(Exception):
     """An entry that had to be recorded (a write's) did not reach the audit file."""
 
 
+def _encode_varint(write: Any, value: int) -> None:
+    """``write(varint)``: the frame length's encoding, under the pacsys release's name for it."""
+    write(varint(value))
+
+
 def _jsonable(value: object) -> object:
     """``value`` as plain JSON data; anything unknown becomes its repr rather than an error."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -307,6 +312,11 @@ class AuditLog:
     def log_responses(self) -> bool:
         """Whether replies are recorded; lets a caller skip building replies just for the log."""
         return self._log_responses
+
+    @property
+    def _writes_since_flush(self) -> int:
+        # Entries written since the last flush, under the pacsys release's name (its tests read it).
+        return self._unflushed
 
     @property
     def healthy(self) -> bool:

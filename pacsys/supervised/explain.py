@@ -23,7 +23,6 @@ import sys
 from collections.abc import Sequence
 
 from pacsys.drf import DRFError, parse_cached
-from pacsys.drf_utils import get_device_name
 from pacsys.supervised._policies import Policy, PolicyDecision, RequestContext, write_gate
 from pacsys.supervised.config import (
     ConfigError,
@@ -127,7 +126,7 @@ def explain(
     if any(p.allows_writes for p in chain):
         for i, drf in enumerate(ctx.drfs):
             if i not in ctx.allowed:
-                name = get_device_name(drf)
+                name = ctx.device_name(drf)  # a policy may have rewritten it into anything
                 return [
                     *lines,
                     f"approval: DENIED: Device {name} not approved for {method} (no policy granted it)"
@@ -151,7 +150,7 @@ def _what_changed(before: RequestContext, after: RequestContext) -> str:
     notes = []
     approved = sorted(after.allowed - before.allowed)
     if approved:
-        notes.append("approved " + ", ".join(get_device_name(after.drfs[i]) for i in approved))
+        notes.append("approved " + ", ".join(after.device_name(after.drfs[i]) for i in approved))
     if after.drfs != before.drfs:
         notes.append(f"rewrote the DRFs to {after.drfs}")
     if after.values != before.values:
