@@ -1,5 +1,6 @@
 """Shared by the tests that run a real worker pool behind a real server."""
 
+import asyncio
 import threading
 import time
 
@@ -20,13 +21,29 @@ FAST = dict(
 )
 
 
-def wait_for(condition, timeout=20.0, what="condition"):
+POLL_INTERVAL = 0.02  # seconds between two looks at a condition
+
+
+def _polls(condition, timeout, what):
+    """The one poll-until: yields while `condition()` is false, AssertionError once `timeout` seconds
+    have passed. Tests wait on conditions this way, with generous deadlines, never on fixed sleeps."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        yield
+
+
+def wait_for(condition, timeout=20.0, what="condition"):
+    """Block until `condition()` holds (a test's thread)."""
+    for _ in _polls(condition, timeout, what):
+        time.sleep(POLL_INTERVAL)
+
+
+async def until(condition, timeout=20.0, what="condition"):
+    """Wait on the running event loop until `condition()` holds (a coroutine's test)."""
+    for _ in _polls(condition, timeout, what):
+        await asyncio.sleep(POLL_INTERVAL)
 
 
 def worker_pids(pool):

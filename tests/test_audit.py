@@ -19,6 +19,7 @@ from pacsys.supervised._audit import (
     TAG_SETTING_REPLY,
     TAG_SETTING_REQUEST,
     AuditLog,
+    AuditUnavailable,
     read_audit,
     read_audit_proto,
 )
@@ -233,8 +234,8 @@ class TestFailures:
         audit = AuditLog(folder / "audit.jsonl", proto_path=folder / "audit.binpb", log_responses=True)
         audit.log_request(read_request("M:A"), ALLOW)
         shutil.rmtree(folder)
-        audit.close()  # the next entry must reopen, and cannot
         with caplog.at_level(logging.ERROR, logger="pacsys.supervised.audit"):
+            audit.close()  # notices the files are gone; the next entry must reopen, and cannot
             seq = audit.log_request(read_request("M:A"), ALLOW)
             audit.log_response(seq, PEER, "Read", reading_reply(0))
             audit.log_event(seq, "x")
@@ -242,9 +243,23 @@ class TestFailures:
             audit.close()
         assert seq == 2
         assert not audit.healthy
-        assert "cannot write" in caplog.text
+        assert "deleted while open" in caplog.text
         # One traceback per file, not one per entry.
         assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 2
+
+    def test_file_deleted_while_open(self, paths):
+        """Entries flushed into a deleted file reach no reader: a write that must be recorded is
+        refused, the log says it is not recording, and the next entry starts a new file by the name."""
+        audit = AuditLog(paths[0])
+        audit.log_request(read_request("M:A"), ALLOW)
+        paths[0].unlink()
+        with pytest.raises(AuditUnavailable):
+            audit.log_request(set_request(("Z:ACLTST", 1.0)), ALLOW, must_record=True)
+        assert not audit.healthy
+        audit.log_request(set_request(("Z:ACLTST", 2.0)), ALLOW, must_record=True)
+        assert audit.healthy
+        assert [e.get("values") for e in read_audit(paths[0])] == [[["Z:ACLTST", 2.0]]]
+        audit.close()
 
     @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
     def test_disk_full(self, caplog):
@@ -303,7 +318,7 @@ class TestCli:
         write_session(*paths)
         assert main([str(paths[0])]) == 0
         out = capsys.readouterr().out.splitlines()
-        assert out[0].split() == ["TIME", "SEQ", "PEER", "METHOD", "RESULT", "DETAIL"]
+        assert out[0].split() == ["TIME", "SEQ", "IDENTITY", "PEER", "METHOD", "RESULT", "DETAIL"]
         assert len(out) == 8
         set_row = out[4]
         assert "ipv4:10.0.0.2:6000" in set_row and "allowed" in set_row
@@ -341,9 +356,41 @@ class TestCli:
         paths[1].write_bytes(paths[1].read_bytes()[:-1])
         assert main([str(paths[1]), "--proto"]) == 1
         assert "truncated frame" in capsys.readouterr().err
-        assert main([str(paths[0].parent / "missing.jsonl")]) == 1
+        missing = paths[0].parent / "missing.jsonl"
+        for args in ([str(missing)], [str(missing), "--proto"]):
+            assert main(args) == 1
+            out, err = capsys.readouterr()
+            assert out == ""  # no header before the error
+            assert err == f"pacsys-audit: {missing}: cannot read it: No such file or directory\n"
         with pytest.raises(SystemExit):
             main([str(paths[1]), "--proto", "--since", "2020-01-01"])
+        with pytest.raises(SystemExit) as exited:
+            main([str(paths[0]), "--since", "yesterday"])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert "--since: takes an ISO 8601 date or time, such as 2026-11-27" in err and "'yesterday'" in err
+
+    def test_the_table_shows_who_and_escapes_what_clients_sent(self, paths, capsys):
+        """Two mutual-TLS clients behind one address are told apart; a DRF, a value or a reason
+        holding line breaks, terminal escapes or bidi controls cannot forge or hide a row."""
+        forged = "Z:ACLTST\x1b[2K\r2026-11-27T06:16:31+00:00     9 CN=ops-1  allowed  Z:ACLTST=0\n\u202eX"
+        with AuditLog(paths[0]) as audit:
+            for subject, value in (("CN=ops-1,O=Lab", 1.0), ("CN=guest,O=Lab", 2.0)):
+                audit.log_request(replace(set_request(("Z:ACLTST", value)), identity=subject), ALLOW)
+            ctx = replace(set_request((forged, 3.0)), identity="CN=x\u2028y")
+            audit.log_request(ctx, PolicyDecision(False, "no\rentry\x9b"))
+        assert main([str(paths[0])]) == 0
+        rows = capsys.readouterr().out.split("\n")[1:-1]
+        assert len(rows) == 3
+        assert [row.split()[2:4] for row in rows[:2]] == [
+            ["CN=ops-1,O=Lab", "ipv4:10.0.0.2:6000"],
+            ["CN=guest,O=Lab", "ipv4:10.0.0.2:6000"],
+        ]
+        denied = rows[2]
+        assert all(ch.isprintable() for ch in denied), repr(denied)
+        assert "DENIED" in denied and "CN=x\\u2028y" in denied
+        assert "Z:ACLTST\\x1b[2K\\r2026-11-27T06:16:31+00:00" in denied and "\\n\\u202eX=3.0" in denied
+        assert "(no\\rentry\\x9b)" in denied
 
 
 # -- files on disk: modes, rotation, a closed pipe ---------------------------------------------------------

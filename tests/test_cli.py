@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import urllib.request
@@ -122,7 +123,7 @@ def test_sighup_with_a_good_file_swaps_the_policies(supervisor, daq, tmp_path):
     config.write_text('allow_writes = ["G:*"]\nmax_streams = 5\n')
     mark = sup.mark()
     sup.proc.send_signal(signal.SIGHUP)
-    sup.wait_line("stderr", r"level=INFO .*config reloaded: 1 policies", start=mark)
+    sup.wait_line("stderr", r"level=INFO .*config reloaded: 1 policy ", start=mark)
     restart = sup.wait_line("stderr", r"level=WARNING .*take effect at the next restart", start=mark)
     assert "max_streams" in restart.string
     assert set_scalar(stub, "G:AMANDA", 1.0) == grpc.StatusCode.OK
@@ -227,11 +228,29 @@ def test_bad_backend_spec_exit_status(spec, fragment, code):
     assert "Traceback" not in result.stderr and "serving" not in result.stdout
 
 
-def test_port_in_use_exits_3(supervisor):
-    sup = supervisor(*FAKE, "--host", "127.0.0.1")
-    result = run_cli("--workers", "0", "--backend", "fake", "--host", "127.0.0.1", "--port", str(sup.port))
-    assert result.returncode == 3, result
-    assert "pacsys-supervisor: error: " in result.stderr and "Traceback" not in result.stderr
+def test_port_in_use_exits_3_saying_so_in_its_own_words():
+    import json
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        serve = ("--workers", "0", "--backend", "fake", "--host", "127.0.0.1")
+        for where, args in (
+            ("", ("--port", str(port))),
+            (" (metrics_port)", ("--port", "0", "--metrics-port", str(port))),
+        ):
+            result = run_cli(*serve, *args)
+            assert result.returncode == 3, result
+            # One line, ours: not gRPC's own "add_port.cc ... Failed to bind ... GRPC_VERBOSITY" lines.
+            assert result.stderr.splitlines() == [
+                f"pacsys-supervisor: error: cannot listen on 127.0.0.1:{port}{where}: port {port} is in use: "
+                f"another process listens there (`ss -ltnp 'sport = :{port}'` shows which); stop it or choose "
+                "another port"
+            ], result.stderr
+        result = run_cli(*serve, "--port", str(port), "--log-format", "json")
+        assert result.returncode == 3
+        lines = [json.loads(line) for line in result.stderr.splitlines()]  # every line JSON
+        assert [line["level"] for line in lines] == ["ERROR"] and f"port {port} is in use" in lines[0]["msg"], lines
 
 
 def test_bad_options_exit_2(tmp_path):
@@ -256,6 +275,29 @@ def test_every_flag_setting_has_an_option():
     assert "--no-log-requests" in options
     ns = parser.parse_args(["--allow-writes", "M:*", "G:*", "--allow-writes", "Z:*", "--no-log-requests"])
     assert ns.allow_writes == ["M:*", "G:*", "Z:*"] and ns.log_requests is False and ns.port is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "meant"),
+    [
+        (["--wokers", "4"], "--workers"),
+        (["--metrics-prot=9109"], "--metrics-port"),
+        (["probe", "--adress", "x"], "--addr"),
+        (["explain", "--idenity", "x", "M:OUTTMP"], "--identity"),
+        (["status", "--jsn"], "--json"),
+    ],
+)
+def test_a_mistyped_option_says_which_was_meant(capsys, argv, meant):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.rstrip().endswith(f"(did you mean {meant}?)")
+
+
+def test_pacsys_audit_says_which_option_was_meant(capsys):
+    from pacsys.supervised.audit_command import main as audit_main
+
+    with pytest.raises(SystemExit):
+        audit_main(["x.jsonl", "--sinse", "2020-01-01"])
+    assert capsys.readouterr().err.rstrip().endswith("(did you mean --since?)")
 
 
 def test_token_options_are_exclusive(capsys):
@@ -359,7 +401,10 @@ def test_help_synopsis_shows_every_subcommands_options(capsys):
         "status [-h] [--addr HOST:PORT]",
         "--json",
         "--token-file FILE",
-        "explain [-h] [--config FILE] [--identity ID] --method",
+        "explain [-h] [--config FILE] [--identity ID]",
+        "[--method {Read,Set}]",
+        "--pid PID",
+        "--server-name NAME",
     ):
         assert fragment in usage, usage
     # every admin command has its line
@@ -474,6 +519,18 @@ def test_sigusr1_reopens_the_audit_files(supervisor, daq, tmp_path):
     new = [json.loads(line)["drfs"] for line in audit.read_text().splitlines()]
     assert (old, new) == ([["M:OUTTMP@I"]], [["G:AMANDA@I"]])
     assert audit.stat().st_mode & 0o777 == 0o640  # not the process's umask (0600)
+
+
+def test_sigusr1_with_the_audit_directory_gone_says_it_could_not_reopen(supervisor, daq, tmp_path):
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    sup = supervisor(*FAKE, "--audit-path", str(folder / "audit.jsonl"))
+    read_scalar(daq(sup.port), "M:OUTTMP@I")
+    shutil.rmtree(folder)
+    mark = sup.mark()
+    sup.proc.send_signal(signal.SIGUSR1)
+    sup.wait_line("stderr", r"level=ERROR .*SIGUSR1: the audit files could not be reopened", start=mark)
+    assert not any("audit files reopened" in line for line in sup.lines["stderr"][mark:])
 
 
 def test_console_scripts_name_callables():

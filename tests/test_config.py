@@ -412,6 +412,12 @@ def test_check_config_ok(tmp_path, capsys):
     assert out.startswith(f"{path}: OK") and "4 workers" in out and "8 policies" in out
 
 
+def test_check_config_counts_in_words(tmp_path, capsys):
+    path = write(tmp_path, 'workers = 1\n[[policies]]\ntype = "read_only"\n')
+    assert main(["check-config", "-q", path]) == 0
+    assert capsys.readouterr().out == f"{path}: OK (backend sim, 1 worker, 1 policy, writes denied)\n"
+
+
 def test_check_config_reports_writes_denied(tmp_path, capsys):
     assert main(["check-config", write(tmp_path, "")]) == 0
     assert "writes denied" in capsys.readouterr().out

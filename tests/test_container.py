@@ -96,6 +96,16 @@ def test_the_image_is_slim_non_root_with_an_init_and_a_health_probe():
     assert ("COPY", f"--from=build {IMAGE_VENV} {IMAGE_VENV}") in final
 
 
+def in_image(argument: str, paths: dict[str, Path]) -> str:
+    """`argument` with an image path that it is or starts with (`/src`, `/src/x`) replaced by this
+    machine's: only whole path components, so `/opt/pacsys-x` or a checkout under `.../src/` stay as
+    they are."""
+    for image_path, here in paths.items():
+        if argument == image_path or argument.startswith(image_path + "/"):
+            return str(here) + argument[len(image_path) :]
+    return argument
+
+
 def _build_venv(src: Path) -> None:
     """Run the build stage's RUN lines with the image's paths mapped to this machine's."""
     build = stages()[0]
@@ -104,7 +114,7 @@ def _build_venv(src: Path) -> None:
     fresh = not (VENV / ".stamp").exists() or (VENV / ".stamp").read_text() != stamp
 
     def mapped(argv: list[str]) -> list[str]:
-        argv = [a.replace(IMAGE_VENV, str(VENV)).replace("/src", str(src)) for a in argv]
+        argv = [in_image(a, {IMAGE_VENV: VENV, "/src": src}) for a in argv]
         return [sys.executable, *argv[1:]] if argv[0] == "python" else argv
 
     if fresh:
@@ -153,14 +163,15 @@ def test_the_images_command_serves_in_an_environment_built_the_dockerfiles_way(t
     # What compose mounts, and this machine's free ports and writable places instead of the image's.
     overrides = ["--port", str(port), "--metrics-port", str(metrics_port), "--host", "127.0.0.1"]
     overrides += ["--token-file", str(token), "--audit-path", str(tmp_path / "audit.jsonl")]
-    argv = [a.replace(IMAGE_VENV, str(VENV)).replace(config_in_image, str(config)) for a in command] + overrides
+    argv = [in_image(a, {IMAGE_VENV: VENV, config_in_image: config}) for a in command] + overrides
     log = tmp_path / "stderr.log"
     with log.open("w") as stderr:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, text=True, cwd=tmp_path)
     try:
         # The image logs JSON lines on stderr (its start-up line too): wait with the image's own probe.
         probe = exec_form(given["HEALTHCHECK"].split(" CMD ", 1)[1])
-        probe = [a.replace(IMAGE_VENV, str(VENV)).replace("127.0.0.1:50051", f"127.0.0.1:{port}") for a in probe]
+        probe = [in_image(a, {IMAGE_VENV: VENV}) for a in probe]
+        probe = [f"127.0.0.1:{port}" if a == "127.0.0.1:50051" else a for a in probe]
         started = subprocess.run([*probe, "--wait", "--timeout", "60"], capture_output=True, text=True, timeout=90)
         assert started.returncode == 0, started.stdout + log.read_text()
         assert "serving DAQ" in log.read_text()
@@ -177,3 +188,13 @@ def test_the_images_command_serves_in_an_environment_built_the_dockerfiles_way(t
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_image_paths_are_mapped_as_whole_components_only(tmp_path):
+    checkout_venv = Path("/home/me/src/pacsys-supervisor/tests/.image-venv")  # a checkout under a "src" folder
+    paths = {IMAGE_VENV: checkout_venv, "/src": tmp_path / "src"}
+    assert in_image("/src", paths) == str(tmp_path / "src")
+    assert in_image("/src/pacsys", paths) == str(tmp_path / "src" / "pacsys")
+    assert in_image("/opt/pacsys/bin/pip", paths) == f"{checkout_venv}/bin/pip"
+    for unchanged in (str(checkout_venv), "/srcs", "/opt/pacsys-other", "--no-cache-dir"):
+        assert in_image(unchanged, paths) == unchanged

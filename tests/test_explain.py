@@ -71,8 +71,93 @@ def test_door_refusals_are_explained_too(run_cli, config):
     done = run_cli("explain", "--config", config, "--method", "Read", "M:OUTTMP@p,0")
     assert done.returncode == 1 and "refused at the door: INVALID_ARGUMENT" in done.stdout
     many = [f"Z:SIM{i:03d}@p,1" for i in range(10)]
-    done = run_cli("explain", "--config", config, "--method", "Read", *many)
-    assert done.returncode == 1 and "max_stream_rate" in done.stdout
+    done = run_cli("explain", "--config", config, *many)  # --method Read is the default for DRFs
+    assert done.returncode == 1 and "refused: RESOURCE_EXHAUSTED (limit): this stream would ask" in done.stdout
+
+
+def test_a_setting_without_a_value_is_a_usage_error(run_cli, config):
+    done = run_cli("explain", "--config", config, "--method", "Set", "M:OUTTMP")
+    assert done.returncode == 2 and "every setting is DEVICE=VALUE; no value in 'M:OUTTMP'" in done.stderr
+    done = run_cli("explain", "--config", config, "Z:ACLTST=1", "M:OUTTMP@I")
+    assert done.returncode == 2 and "is a setting" in done.stderr
+
+
+def test_settings_alone_mean_set(run_cli, config):
+    done = run_cli("explain", "--config", config, "--identity", "CN=ops-1", "M:OUTTMP=70")
+    assert done.returncode == 0 and done.stdout.startswith("Set M:OUTTMP=70 from CN=ops-1")
+
+
+AGREEMENT_CONFIG = """\
+allow_writes = ["Z:ACLTST"]
+max_drfs_per_request = 5
+
+[[policies]]
+type = "device_access"
+patterns = ["E:*"]
+mode = "deny"
+
+[[policies]]
+type = "value_range"
+limits = { "Z:ACLTST" = [-10.0, 10.0] }
+"""
+
+# (method, the request's DRFs or DEVICE=VALUE settings): every kind of verdict the server gives.
+AGREEMENT_CASES = [
+    ("Read", ["M:OUTTMP@I", "G:AMANDA@I"]),
+    ("Read", ["M:OUTTMP@p,0"]),  # the shortest period (max_rate_hz): limit
+    ("Read", ["M:OUTTMP@@I"]),  # does not parse: invalid
+    ("Read", ["M:" + "X" * 600 + "@I"]),  # max_drf_length
+    ("Read", [f"Z:SIM{i:03d}@I" for i in range(6)]),  # max_drfs_per_request
+    ("Read", [f"Z:SIM{i:03d}@p,1" for i in range(10)]),  # max_stream_rate, after the policies
+    ("Read", ["E:SECRET@I"]),  # device_access: denied
+    ("Set", ["Z:ACLTST=5"]),
+    ("Set", ["Z:ACLTST=50"]),  # value_range
+    ("Set", ["M:OUTTMP=70"]),  # not granted: the approval rule
+    ("Set", ["Z:ACLTST=1", "E:SECRET=1"]),
+    ("Set", ["Z:ACLTST@@=1"]),  # a setting that does not parse
+]
+
+
+def test_explain_and_the_server_agree_on_every_case_wording_included(run_cli, tmp_path):
+    """Each case through a real server (a gRPC client on loopback) and through explain with the same
+    file: the same verdict, the same status, decision label and details."""
+    from pacsys.supervised.gate import ServicerLimits
+    from pacsys.testing import FakeBackend
+
+    path = tmp_path / "supervisor.toml"
+    path.write_text(AGREEMENT_CONFIG)
+    settings = load_config(str(path))
+    limits = ServicerLimits.from_settings(settings)
+    server = SupervisedServer(
+        FakeBackend(), port=0, host="127.0.0.1", policies=write_gate(settings, build_policies(settings)), limits=limits
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = DAQ_pb2_grpc.DAQStub(channel)
+            for method, requests in AGREEMENT_CASES:
+                counted = dict(server.servicer.stats.requests)
+                try:
+                    if method == "Read":
+                        list(stub.Read(DAQ_pb2.ReadingList(drf=requests), timeout=10))
+                    else:
+                        settings_sent = DAQ_pb2.SettingList()
+                        for text in requests:
+                            device, _, value = text.partition("=")
+                            settings_sent.setting.add(device=device).value.scalar = float(value)
+                        stub.Set(settings_sent, timeout=10)
+                    server_says = "ALLOWED"
+                except grpc.RpcError as exc:
+                    (label,) = [k[1] for k, n in server.servicer.stats.requests.items() if n != counted.get(k, 0)]
+                    server_says = f"{exc.code().name} ({label}): {exc.details()}"
+                done = run_cli(
+                    "explain", "--config", str(path), "--identity", "ipv4:127.0.0.1", "--method", method, *requests
+                )
+                last = done.stdout.splitlines()[-1]
+                assert done.returncode == (0 if server_says == "ALLOWED" else 1), (requests, done.stdout)
+                assert last == server_says or last.split(": ", 1)[1] == server_says, (requests, server_says, last)
+    finally:
+        server.stop()
 
 
 def test_a_bad_config_exits_2_with_a_message(run_cli, tmp_path):
@@ -146,4 +231,4 @@ def test_explain_and_the_server_agree_on_what_needs_no_device(run_cli, protected
     if served is None:
         assert done.returncode == 0, done.stdout
     else:
-        assert done.returncode == 1 and f"DENIED: {served} -> PERMISSION_DENIED" in done.stdout
+        assert done.returncode == 1 and done.stdout.splitlines()[-1] == f"refused: PERMISSION_DENIED (denied): {served}"

@@ -233,6 +233,20 @@ def test_a_set_without_the_token_is_unauthenticated(metadata):
     refused(gate, write(("M:OUTTMP", 1.0), metadata=metadata), "UNAUTHENTICATED", "unauthenticated", contains="bearer")
 
 
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer"])
+def test_the_scheme_is_case_insensitive(scheme):
+    assert Gate(token=TOKEN).admit(write(("M:OUTTMP", 1.0), metadata=(("authorization", f"{scheme} {TOKEN}"),))).allowed
+
+
+@pytest.mark.parametrize("header", [TOKEN, f"Token {TOKEN}", f"Basic {TOKEN}"])
+def test_a_header_that_is_not_a_bearer_token_is_told_so(header):
+    gate = Gate(token=TOKEN)
+    refusal = refused(
+        gate, write(("M:OUTTMP", 1.0), metadata=(("authorization", header),)), "UNAUTHENTICATED", "unauthenticated"
+    )
+    assert refusal.details == "the authorization header is not a bearer token: send 'Bearer <token>'"
+
+
 def test_the_token_admits_and_a_read_needs_none():
     gate = Gate(token=TOKEN)
     decision = gate.admit(write(("M:OUTTMP", 1.0), metadata=bearer()))

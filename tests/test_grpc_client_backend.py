@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
-from collections.abc import Callable
 
 import grpc
 import pytest
+from helpers import until
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
 from pacsys.aio import AsyncBackend, caller_authorization
@@ -32,14 +31,6 @@ def _run(coro, timeout: float = 60.0):
         return await asyncio.wait_for(coro, timeout)
 
     return asyncio.run(bounded())
-
-
-async def _until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def _next_reading(handle, timeout: float = DEADLINE) -> Reading:
@@ -140,13 +131,13 @@ def test_read_of_subscription_drfs_returns_first_reading_and_cancels(fake, upstr
     async def body():
         async with DAQClientBackend(_target(upstream)) as backend:
             task = asyncio.create_task(backend.get_many(["M:OUTTMP@p,1000", "G:AMANDA@p,1000"], timeout=DEADLINE))
-            await _until(lambda: fake.subscription_count == 1, "the upstream subscription")
+            await until(lambda: fake.subscription_count == 1, DEADLINE, what="the upstream subscription")
             fake.emit_reading("M:OUTTMP", 1.0)
             fake.emit_reading("G:AMANDA", 2.0)
             fake.emit_reading("M:OUTTMP", 3.0)
             readings = await task
             # the call is cancelled once every index is answered: the upstream drops it
-            await _until(lambda: fake.subscription_count == 0, "the upstream subscription to end")
+            await until(lambda: fake.subscription_count == 0, DEADLINE, what="the upstream subscription to end")
             return readings
 
     first, second = _run(body())
@@ -158,7 +149,7 @@ def test_read_deadline_with_partial_answers_gives_timeout_readings(fake, upstrea
     async def body():
         async with DAQClientBackend(_target(upstream)) as backend:
             task = asyncio.create_task(backend.get_many(["M:OUTTMP@p,1000", "G:AMANDA@p,1000"], timeout=2.0))
-            await _until(lambda: fake.subscription_count == 1, "the upstream subscription")
+            await until(lambda: fake.subscription_count == 1, DEADLINE, what="the upstream subscription")
             fake.emit_reading("M:OUTTMP", 1.0)
             return await task
 
@@ -347,13 +338,13 @@ def test_subscription_delivers_readings_and_stops(fake, upstream):
     async def body():
         async with DAQClientBackend(_target(upstream)) as backend:
             handle = await backend.subscribe(["G:AMANDA@p,500", "M:OUTTMP@p,1000"])
-            await _until(lambda: fake.subscription_count == 1, "the upstream subscription")
+            await until(lambda: fake.subscription_count == 1, DEADLINE, what="the upstream subscription")
             await asyncio.to_thread(fake.emit_reading, "M:OUTTMP", 1.5)
             first = await _next_reading(handle)
             await asyncio.to_thread(fake.emit_error, "G:AMANDA", -42, "gone")
             second = await _next_reading(handle)
             await handle.stop()
-            await _until(lambda: fake.subscription_count == 0, "the upstream subscription to end")
+            await until(lambda: fake.subscription_count == 0, DEADLINE, what="the upstream subscription to end")
             assert backend.subscription_count == 0
             return first, second
 
@@ -378,10 +369,10 @@ def test_close_ends_subscriptions_and_later_calls_fail(fake, upstream):
     async def body():
         backend = DAQClientBackend(_target(upstream))
         handle = await backend.subscribe(["M:OUTTMP@p,1000"])
-        await _until(lambda: fake.subscription_count == 1, "the upstream subscription")
+        await until(lambda: fake.subscription_count == 1, DEADLINE, what="the upstream subscription")
         await backend.close()
         assert handle.stopped and handle.exc is None
-        await _until(lambda: fake.subscription_count == 0, "the upstream subscription to end")
+        await until(lambda: fake.subscription_count == 0, DEADLINE, what="the upstream subscription to end")
         with pytest.raises(RuntimeError, match="closed"):
             await backend.get_many(["M:OUTTMP@I"])
 
@@ -404,20 +395,20 @@ def test_subscription_reconnects_after_upstream_restart(caplog):
         async def body():
             async with DAQClientBackend(f"localhost:{port}") as backend:
                 handle = await backend.subscribe(["M:OUTTMP@p,1000"])
-                await _until(lambda: first_fake.subscription_count == 1, "the first subscription")
+                await until(lambda: first_fake.subscription_count == 1, DEADLINE, what="the first subscription")
                 first_fake.emit_reading("M:OUTTMP", 1.0)
                 assert (await _next_reading(handle)).value == 1.0
 
                 await asyncio.to_thread(srv.stop, 0)
                 # the stream ends, and at least one retry finds nobody listening
-                await _until(lambda: interruptions() >= 2, "a failed reconnect attempt")
+                await until(lambda: interruptions() >= 2, DEADLINE, what="a failed reconnect attempt")
                 assert not handle.stopped
                 second_fake = AsyncFakeBackend()
                 restarted = SupervisedServer(second_fake, port=port)
                 servers.append(restarted)
                 await asyncio.to_thread(restarted.start)
 
-                await _until(lambda: second_fake.subscription_count == 1, "the subscription to come back", 30)
+                await until(lambda: second_fake.subscription_count == 1, 30, what="the subscription to come back")
                 assert not handle.stopped  # a gap, not an end
                 second_fake.emit_reading("M:OUTTMP", 2.0)
                 reading = await _next_reading(handle)
@@ -455,11 +446,11 @@ def test_chained_supervisor_streams_through_and_releases(fake, upstream):
             async with grpc.aio.insecure_channel(_target(downstream)) as ch:
                 stub = DAQ_pb2_grpc.DAQStub(ch)
                 call = stub.Read(DAQ_pb2.ReadingList(drf=["G:AMANDA@p,500", "M:OUTTMP@p,1000"]))
-                await _until(lambda: fake.subscription_count == 1, "the upstream subscription")
+                await until(lambda: fake.subscription_count == 1, DEADLINE, what="the upstream subscription")
                 fake.emit_reading("M:OUTTMP", 7.0)
                 reply = await asyncio.wait_for(call.read(), DEADLINE)
                 call.cancel()
-            await _until(lambda: fake.subscription_count == 0, "the upstream subscription to end")
+            await until(lambda: fake.subscription_count == 0, DEADLINE, what="the upstream subscription to end")
             return reply
 
         reply = _run(body())

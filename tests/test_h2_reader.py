@@ -9,6 +9,7 @@ import asyncio
 import time
 
 import grpc
+from helpers import until
 
 from benchmarks.h2_reader import StreamCounter
 
@@ -31,13 +32,6 @@ async def _serve():
     return server, port
 
 
-async def _until(condition, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-
-
 def test_counts_every_message_of_every_stream():
     async def main():
         server, port = await _serve()
@@ -51,7 +45,7 @@ def test_counts_every_message_of_every_stream():
                 counter.open("/bench.Test/Read", b"")
             counter.open("/bench.Test/Read", b"end")
             streams = [counter.streams[s] for s in counter.order]
-            await _until(lambda: all(s.count == len(SIZES) for s in streams) and counter.errors == 1)
+            await until(lambda: all(s.count == len(SIZES) for s in streams) and counter.errors == 1)
             assert [s.ended for s in streams] == [False] * 5 + [True]
             counter.close()
             await asyncio.wait_for(counter.closed, 10)
@@ -71,7 +65,7 @@ def test_nothing_is_counted_outside_the_window():
                 lambda: StreamCounter(f"127.0.0.1:{port}", later, later + 1), "127.0.0.1", port
             )
             counter.open("/bench.Test/Read", b"end")
-            await _until(lambda: counter.streams[1].ended)
+            await until(lambda: counter.streams[1].ended)
             assert counter.streams[1].count == 0
             counter.close()
         finally:

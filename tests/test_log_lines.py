@@ -190,3 +190,24 @@ def test_an_object_logged_as_the_message_is_a_value(root_logging):
     assert (
         entry["msg"] == '"bad DRF x\\" level=ERROR forged=1"' and "forged" not in entry and entry["level"] == "WARNING"
     )
+
+
+def _guide_example(event: str) -> re.Pattern[str]:
+    """The ops guide's example line of `event` (its log-lines table) as a pattern: `...` stands for any value."""
+    (example,) = re.findall(rf"^\| `(event={event} [^`]*)` \|", (REPO / "ops/README.md").read_text(), re.M)
+    return re.compile(".+?".join(re.escape(part) for part in example.split("...")))
+
+
+def test_the_guides_worker_lines_are_the_lines_logged(supervisor):
+    """worker_ready at start and worker_stopped after SIGTTOU, as the ops guide shows them."""
+    import signal
+
+    sup = supervisor("--workers", "2", "--port", "0", "--host", "127.0.0.1")
+    mark = sup.mark()
+    sup.proc.send_signal(signal.SIGTTOU)
+    sup.wait_line("stderr", r"event=worker_stopped", start=mark)
+    messages = [parse_pairs(line)["msg"] for line in sup.lines["stderr"] if line]
+    for event in ("worker_ready", "worker_stopped"):
+        shown = _guide_example(event)
+        logged = [m for m in messages if m.startswith(f"event={event} ")]
+        assert logged and any(shown.fullmatch(m) for m in logged), (shown.pattern, logged)

@@ -51,6 +51,49 @@ def stack():
     server.stop()
 
 
+def test_labelled_counters_start_at_zero_for_every_known_value(stack):
+    """So that increase() sees the first exit of each reason, the first refusal of each kind."""
+    from pacsys.supervised.metrics import DECISIONS, LIMITS
+    from workers.supervision import EXIT_REASONS, RECYCLE_REASONS
+
+    server, pool, metrics, stub = stack
+    status, text = _get(metrics.port, "/metrics")
+    assert status == 200
+    for rpc in ("Read", "Set"):
+        for decision in DECISIONS:
+            assert _value(text, "pacsys_requests_total", rpc=rpc, decision=decision) == 0
+    assert _value(text, "pacsys_policy_denials_total", policy="ReadOnlyPolicy") == 0
+    for limit in LIMITS:
+        assert _value(text, "pacsys_limits_hit_total", limit=limit) == 0
+    for reason in EXIT_REASONS:
+        assert _value(text, "pacsys_worker_exits_total", reason=reason) == 0
+    for reason in RECYCLE_REASONS:
+        assert _value(text, "pacsys_worker_recycles_total", reason=reason) == 0
+    # And each counts from there.
+    with pytest.raises(grpc.RpcError):
+        list(stub.Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@p,0"]), timeout=5))
+    text = _get(metrics.port, "/metrics")[1]
+    assert _value(text, "pacsys_limits_hit_total", limit="max_rate_hz") == 1
+    assert _value(text, "pacsys_requests_total", rpc="Read", decision="limit") == 1
+
+
+def test_every_limit_counted_in_the_code_is_a_known_one_and_a_setting():
+    """The known limits (exported at 0) cover every name the code counts a limit under."""
+    import re
+    from pathlib import Path
+
+    from pacsys.supervised.config import FIELDS
+    from pacsys.supervised.metrics import LIMITS
+
+    root = Path(__file__).resolve().parent.parent
+    source = "\n".join(p.read_text() for p in (root / "pacsys").rglob("*.py"))
+    counted = set(re.findall(r'limits_hit\["(\w+)"\]', source)) | set(re.findall(r'PeerLimit\(\s*"(\w+)"', source))
+    counted |= {f"max_{what}_per_request" for what in ("drfs", "settings")}  # limits_hit[f"max_{what}_per_request"]
+    counted |= {"max_stream_rate", "max_peer_rate"}  # chosen by a conditional expression
+    assert counted == set(LIMITS)
+    assert set(LIMITS) <= set(FIELDS)
+
+
 def test_metrics_count_known_traffic(stack):
     server, pool, metrics, stub = stack
     for _ in range(3):
@@ -142,4 +185,29 @@ def test_ipv6_any_address_listens_on_both_families():
                 assert reply.status == 200, host
     finally:
         metrics.stop()
+        server.stop()
+
+
+def test_stopping_with_connections_open_logs_no_error(caplog):
+    """Connections still open when the metrics server stops end quietly (no asyncio ERROR traceback)."""
+    import logging
+    import socket
+
+    server = SupervisedServer(FakeBackend(), port=0, host="127.0.0.1")
+    server.start()
+    metrics = MetricsServer(server, port=0, host="127.0.0.1", timeout=30)
+    metrics.start()
+    idle = [socket.create_connection(("127.0.0.1", metrics.port), timeout=5) for _ in range(3)]
+    try:
+        assert _get(metrics.port, "/readyz") == (200, "ready\n")  # the idle ones were accepted before it
+        with caplog.at_level(logging.WARNING):
+            metrics.stop()
+        assert not metrics._thread.is_alive()
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+        for sock in idle:
+            sock.settimeout(5)
+            assert sock.recv(1) == b""  # closed by the server
+    finally:
+        for sock in idle:
+            sock.close()
         server.stop()

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from processes import REPO, read_scalar
+from processes import REPO, free_port, process_env, read_scalar
 
 UNITS = ("pacsys-supervisor.service", "pacsys-supervisor@.service")
 HARDENING = {
@@ -51,12 +51,58 @@ def test_readme_opens_with_two_commands_that_ci_runs_from_there():
     assert ci.rstrip().splitlines()[-1] == command[1]
 
 
-def test_try_it_waits_for_the_server_before_the_client():
+def _try_it(port: int) -> str:
+    """README's "Try it" block, with `port` for 50051 (other sessions of this machine may use 50051)."""
     readme = (REPO / "README.md").read_text()
-    block = _code_blocks(readme.split("## Try it")[1])[0]
-    assert block[0].startswith("pacsys-supervisor ") and block[0].rstrip().endswith("&")
-    assert block[1].startswith("pacsys-supervisor probe --wait ")
-    assert block[2].startswith("python - <<")
+    block = re.search(r"^```\n(.*?)^```", readme.split("## Try it")[1], re.M | re.S)[1]
+    assert block.count("50051") == 3, block  # the server's port, the probe's and the client's
+    return block.replace("50051", str(port))
+
+
+def _run_block(block: str) -> subprocess.CompletedProcess:
+    """The block in bash as a newcomer pastes it; whatever it left running is killed after."""
+    proc = subprocess.Popen(
+        ["bash", "-c", block],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+        # `pacsys-supervisor` and `python` of this environment, as after the README's install.
+        env=process_env({"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}),
+    )
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+
+def test_try_it_reads_from_its_own_server_and_stops_it():
+    done = _run_block(_try_it(free_port()))
+    assert done.returncode == 0, done.stdout
+    readings = [line.split() for line in done.stdout.splitlines() if re.fullmatch(r"\d+ \S+", line)]
+    assert [index for index, _ in readings] == ["0", "1"], done.stdout
+
+
+def test_try_it_fails_loudly_when_another_server_holds_its_port():
+    """Another gRPC server (with health, answering SERVING) on the port: the block must not read from it."""
+    from pacsys.supervised import SupervisedServer
+    from pacsys.testing import FakeBackend
+
+    other = SupervisedServer(FakeBackend(), port=0, host="127.0.0.1")
+    other.start()
+    try:
+        done = _run_block(_try_it(other.port))
+    finally:
+        other.stop()
+    assert done.returncode == 3, done.stdout  # the server's own exit status: the start failed
+    assert f"port {other.port} is in use" in done.stdout, done.stdout
+    assert "not process" in done.stdout and "the port is taken" in done.stdout, done.stdout
+    assert not any(re.fullmatch(r"\d+ \S+", line) for line in done.stdout.splitlines()), "it read from the other"
 
 
 def _unit(name: str) -> configparser.ConfigParser:
@@ -82,7 +128,9 @@ def test_template_unit_keeps_instances_apart():
     assert differ == {"ExecStart", "LogsDirectory", "ReadWritePaths"}
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (apt-get install systemd)"
+)
 @pytest.mark.parametrize("name", UNITS)
 def test_systemd_analyze_verifies_the_units(tmp_path, name):
     # The installed command does not exist here: verify the unit with one that does.
@@ -93,7 +141,7 @@ def test_systemd_analyze_verifies_the_units(tmp_path, name):
     assert result.returncode == 0 and result.stderr == "", result
 
 
-@pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate is not installed")
+@pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate is not installed (apt-get install logrotate)")
 def test_logrotate_config_rotates_a_running_service(supervisor, daq, tmp_path):
     """ops/logrotate.conf with its paths, owner and signal pointed at a test server that also
     rotates its files itself (audit_max_bytes): each leaves the other's files alone, and

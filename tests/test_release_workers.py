@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import release_venv
 from helpers import wait_for
 from release_venv import release_python
 
@@ -52,6 +53,15 @@ def upstream_sim():
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_the_release_venv_is_made_by_the_documented_recipe(release_py):
+    """The venv these tests use was made by docs/supervised.md's recipe, with ops/release-backends.txt."""
+    lines = release_venv.recipe()
+    assert any("--no-deps" in line and line.endswith(release_venv.RELEASE) for line in lines), lines
+    assert lines[-1].endswith("pip install -r ops/release-backends.txt"), lines
+    made_from = (release_venv.VENV / "installed.txt").read_text().splitlines()[0]
+    assert made_from == release_venv._stamp(lines)
 
 
 def _value(reply):

@@ -113,10 +113,7 @@ def test_four_workers_serve_reads_streams_and_token_gated_writes(service):
 
     pids = [w["pid"] for w in workers]
     assert svc.terminate() == 0
-    deadline = time.monotonic() + 10
-    while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert all(_gone(pid) for pid in pids), "a worker outlived the service"
+    wait_for(lambda: all(_gone(pid) for pid in pids), timeout=10, what="every worker gone with the service")
 
 
 def test_custom_factory_backend_runs_in_the_workers(service):

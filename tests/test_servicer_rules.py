@@ -2,6 +2,7 @@
 
 import grpc
 import pytest
+from helpers import wait_for
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
 from pacsys.aio import AsyncBackend
@@ -178,11 +179,7 @@ def test_stream_buffer_limit_applies_in_process(fake):
     server, channel, stub = _serve(fake, limits=ServicerLimits(stream_buffer=5))
     try:
         call = stub.Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@p,1000"]))
-        import time
-
-        deadline = time.monotonic() + 10
-        while not server.servicer._streams and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: server.servicer._streams, timeout=10, what="the stream")
         (handle,) = server.servicer._streams
         assert handle._buffer.maxlen == 5
         call.cancel()

@@ -11,6 +11,7 @@ import struct
 from datetime import UTC
 
 import pytest
+from helpers import until
 
 from pacsys import status as st
 from pacsys.aio import AsyncBackend
@@ -43,14 +44,6 @@ def run(coro):
 
 async def read_all(backend: SimBackend, *drfs: str):
     return await backend.get_many(list(drfs))
-
-
-async def until(condition, timeout: float = 10.0) -> None:
-    """Wait on the running loop until `condition()` holds (AssertionError after `timeout`)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def collect(handle, seconds: float):

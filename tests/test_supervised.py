@@ -4,11 +4,9 @@ The Async* classes are the in-process server's first acceptance tests, unchanged
 scenarios through the sync FakeBackend (served through the one sync-to-async adapter).
 """
 
-import threading
-import time
-
 import grpc
 import pytest
+from helpers import wait_for
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
 from pacsys.supervised import ReadOnlyPolicy, SupervisedServer
@@ -107,25 +105,19 @@ class TestStreamingRead:
         with SupervisedServer(sync_backend, port=0) as srv, _make_channel(srv) as ch:
             stub = DAQ_pb2_grpc.DAQStub(ch)
             request = DAQ_pb2.ReadingList(drf=["M:OUTTMP@p,1000"])
-            call = stub.Read(request)
-            deadline = time.monotonic() + 10
-
-            def emit():
-                # emit until the client has what it needs: no fixed sleeps to guess readiness
-                i = 0
-                while not call.done() and time.monotonic() < deadline:
-                    sync_backend.emit_reading("M:OUTTMP@p,1000", 70.0 + i)
-                    i += 1
-                    time.sleep(0.05)
-
-            threading.Thread(target=emit, daemon=True).start()
+            subscribed = sync_backend.subscription_count
+            call = stub.Read(request, timeout=10)
+            # Emitted once the stream's subscription exists: none is lost, none waits on a guess.
+            wait_for(lambda: sync_backend.subscription_count > subscribed, what="the stream's subscription")
+            for i in range(3):
+                sync_backend.emit_reading("M:OUTTMP@p,1000", 70.0 + i)
             values = []
             for reply in call:
                 values.append(reply.readings.reading[0].data.scalar)
                 if len(values) >= 3:
                     break
             call.cancel()
-            assert values == sorted(values) and len(values) == 3
+            assert values == [pytest.approx(70.0), pytest.approx(71.0), pytest.approx(72.0)]
 
 
 class TestPolicyEnforcement:
@@ -241,20 +233,19 @@ class TestAsyncStreamingRead:
                 request = DAQ_pb2.ReadingList()
                 request.drf.append("M:OUTTMP@p,1000")
 
-                def emit():
-                    time.sleep(0.3)
-                    for i in range(3):
-                        async_backend.emit_reading("M:OUTTMP@p,1000", 70.0 + i)
-                        time.sleep(0.05)
-
-                emitter = threading.Thread(target=emit, daemon=True)
-                emitter.start()
+                subscribed = async_backend.subscription_count
+                call = stub.Read(request, timeout=10.0)
+                # Emitted once the stream's subscription exists (the plan's version slept 0.3 s first).
+                wait_for(lambda: async_backend.subscription_count > subscribed, what="the stream's subscription")
+                for i in range(3):
+                    async_backend.emit_reading("M:OUTTMP@p,1000", 70.0 + i)
 
                 replies = []
-                for reply in stub.Read(request, timeout=3.0):
+                for reply in call:
                     replies.append(reply)
                     if len(replies) >= 3:
                         break
+                call.cancel()
 
                 assert len(replies) == 3
                 values = [r.readings.reading[0].data.scalar for r in replies]

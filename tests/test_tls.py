@@ -242,12 +242,22 @@ def test_the_command_serves_tls_takes_tokens_over_it_only_and_reloads_its_certif
     sup = Supervisor(*FAKE, "--config", str(config))  # host [::]: no token over plaintext
     try:
         port = sup.wait_serving()
+        loaded = sup.wait_line("stderr", r'event=tls_certificate_loaded .*serial=(\w+) .*not_after="?([^"\s]+)')
+        assert (f"serial={loaded[1]}", f"notAfter={loaded[2]}") == _serial_and_expiry(cert)
         assert _set(port, _creds(pki), token=TOKEN).status[0].status_code == 0
         cert.write_bytes(_pem(pki, "server2.crt"))
         key.write_bytes(_pem(pki, "server2.key"))
         mark = sup.mark()
         sup.proc.send_signal(signal.SIGHUP)
         sup.wait_line("stderr", r"level=INFO .*config reloaded", start=mark)
+        assert len(_read(port, _creds(pki, ca="other-ca.crt"))) == 1
+        # A key that is not the certificate's: the reload is refused, naming the file and why;
+        # the running pair serves on.
+        key.write_bytes(_pem(pki, "server.key"))
+        mark = sup.mark()
+        sup.proc.send_signal(signal.SIGHUP)
+        refused = sup.wait_line("stderr", r"level=ERROR .*config reload failed.*", start=mark)[0]
+        assert f"'tls_key' {key}: does not match the certificate {cert}" in refused.replace("\\'", "'"), refused
         assert len(_read(port, _creds(pki, ca="other-ca.crt"))) == 1
     finally:
         sup.kill()
@@ -276,3 +286,145 @@ def test_probe_and_status_reach_a_mutual_tls_service(serve, pki, capsys):
     assert main(["status", "--addr", addr, "--json", *tls]) == 0
     assert '"ready": true' in capsys.readouterr().out
     assert main(["probe", "--addr", addr, "--timeout", "2"]) == 2  # plaintext: no answer
+
+
+def _serial_and_expiry(cert):
+    """What openssl says of a certificate: its serial and expiry, in the service's log format."""
+    import datetime
+
+    out = subprocess.run(
+        ["openssl", "x509", "-in", str(cert), "-noout", "-serial", "-enddate"], capture_output=True, text=True
+    )
+    serial, end = out.stdout.split()[0], out.stdout.strip().split("notAfter=")[1]
+    expiry = datetime.datetime.strptime(end, "%b %d %H:%M:%S %Y GMT").replace(tzinfo=datetime.UTC)
+    return serial, f"notAfter={expiry.isoformat()}"
+
+
+@pytest.fixture(scope="module")
+def broken(pki):
+    """TLS files a service cannot use, each beside the pki's good ones."""
+    d = pki / "broken"
+    d.mkdir(exist_ok=True)
+    (d / "garbage.crt").write_text("-----BEGIN CERTIFICATE-----\nZ2FyYmFnZSBpbnNpZGU=\n-----END CERTIFICATE-----\n")
+    (d / "chain-garbage.crt").write_bytes(_pem(pki, "server.crt") + (d / "garbage.crt").read_bytes())
+    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-aes256",
+             "-pass", "pass:secret", "-out", "encrypted.key", cwd=d)  # fmt: skip
+    (d / "chain.crt").write_bytes(_pem(pki, "server.crt") + _pem(pki, "ca.crt"))
+    return d
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "client_ca", "setting", "reason"),
+    [
+        ("broken/garbage.crt", "server.key", None, "tls_cert", "the certificate does not decode"),
+        ("broken/chain-garbage.crt", "server.key", None, "tls_cert", "certificate 2 of 2 does not decode"),
+        ("server.key", "server.key", None, "tls_cert", "a private key, not a certificate"),
+        ("missing.crt", "server.key", None, "tls_cert", "cannot read it: No such file or directory"),
+        ("server.crt", "server2.key", None, "tls_key", "does not match the certificate {cert}"),
+        ("server.crt", "ops-1.key", None, "tls_key", "does not match the certificate {cert}"),
+        ("server.crt", "server.crt", None, "tls_key", "not a private key that decodes"),
+        ("server.crt", "broken/encrypted.key", None, "tls_key", "the key is encrypted"),
+        ("server.crt", "server.key", "broken/garbage.crt", "tls_client_ca", "the certificate does not decode"),
+        ("server.crt", "server.key", "server.key", "tls_client_ca", "a private key, not a certificate"),
+    ],
+)
+def test_tls_files_are_checked_as_a_pair_naming_the_file_and_the_reason(
+    pki, broken, cert, key, client_ca, setting, reason
+):
+    from pacsys.supervised._tls import TLSFileError
+
+    files = TLSFiles(str(pki / cert), str(pki / key), str(pki / client_ca) if client_ca else None)
+    with pytest.raises(TLSFileError) as info:
+        files.check()
+    path = {"tls_cert": files.cert, "tls_key": files.key, "tls_client_ca": files.client_ca}[setting]
+    assert info.value.key == setting
+    assert str(info.value).startswith(f"'{setting}' {path}: " + reason.format(cert=files.cert)), str(info.value)
+
+
+def test_good_tls_files_pass_the_check(pki, broken):
+    for files in (
+        TLSFiles(str(pki / "server.crt"), str(pki / "server.key")),
+        TLSFiles(str(broken / "chain.crt"), str(pki / "server.key"), str(pki / "ca.crt")),  # leaf, then its CA
+    ):
+        certificate = files.check()
+        assert (f"serial={certificate.serial}", f"notAfter={certificate.not_after.isoformat()}") == _serial_and_expiry(
+            pki / "server.crt"
+        )
+
+
+def test_a_mismatched_key_is_a_configuration_error_at_start_and_in_check_config(pki, tmp_path):
+    from processes import FAKE, run_cli
+
+    cert, key = pki / "server.crt", pki / "server2.key"
+    started = run_cli(*FAKE, "--host", "127.0.0.1", "--tls-cert", str(cert), "--tls-key", str(key))
+    assert started.returncode == 2, started.stderr  # not 3 ("cannot listen"): systemd must not retry it
+    expected = f"'tls_key' {key}: does not match the certificate {cert}"
+    assert expected in started.stderr and "listen" not in started.stderr, started.stderr
+    config = tmp_path / "supervisor.toml"
+    config.write_text(f'tls_cert = "{cert}"\ntls_key = "{key}"\n')
+    checked = run_cli("check-config", str(config))
+    assert checked.returncode == 2 and expected in checked.stderr, checked.stdout + checked.stderr
+    config.write_text(f'tls_cert = "{cert}"\ntls_key = "{pki / "server.key"}"\n')
+    checked = run_cli("check-config", "-q", str(config))
+    assert checked.returncode == 0, checked.stderr
+    serial, _ = _serial_and_expiry(cert)
+    assert f"{cert}: serial {serial.removeprefix('serial=')}, valid from " in checked.stdout, checked.stdout
+
+
+def _ops_guide_block(first_line):
+    """The code block of ops/README.md that starts with `first_line`, as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "ops" / "README.md").read_text()
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.M | re.S):
+        if block.startswith(first_line + "\n"):
+            return block
+    raise AssertionError(f"ops/README.md: no code block starting with {first_line!r}")
+
+
+def test_the_ops_guides_openssl_recipe_serves_mutual_tls_by_name_and_address(tmp_path, capsys):
+    """The guide's openssl block, run as written, makes files the command serves mutual TLS with; probe
+    reaches it by its address and, with --server-name, by its name; and says which option is missing."""
+    import os
+
+    from processes import FAKE, Supervisor
+
+    from pacsys.supervised.cli import main
+
+    env = {**os.environ, "NAME": "daq-gw.test", "IP": "127.0.0.1"}  # a name never resolved: --server-name
+    made = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", _ops_guide_block("umask 077")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    tls = [f"--tls-{name}" for name in ("cert", "key", "client-ca")]
+    files = [str(tmp_path / name) for name in ("server.crt", "server.key", "ca.crt")]
+    sup = Supervisor(*FAKE, "--host", "127.0.0.1", *(x for pair in zip(tls, files, strict=True) for x in pair))
+    try:
+        port = sup.wait_serving()
+        addr = ["--addr", f"127.0.0.1:{port}", "--timeout", "5"]
+        ca = ["--ca", str(tmp_path / "ca.crt")]
+        client = [*ca, "--cert", str(tmp_path / "ops-1.crt"), "--key", str(tmp_path / "ops-1.key")]
+
+        def probe(*args):
+            code = main(["probe", *addr, *args])
+            return code, capsys.readouterr().out
+
+        assert probe(*client) == (0, f"127.0.0.1:{port}: SERVING\n")  # the certificate's IP entry
+        assert probe(*client, "--server-name", "daq-gw.test")[0] == 0  # its DNS entry
+        assert main(["status", *addr, *client, "--server-name", "daq-gw.test", "--json"]) == 0
+        assert '"ready": true' in capsys.readouterr().out
+        # Each thing left out, named.
+        for args, hint in (
+            ((), "pass --ca FILE"),
+            ((*client, "--server-name", "other.test"), "pass --server-name NAME"),
+            (ca, "pass --cert and --key"),
+        ):
+            code, out = probe(*args)
+            assert code == 2 and hint in out, (args, out)
+        # A client of the guide's certificates reads through the service.
+        creds = grpc.ssl_channel_credentials(*(_pem(tmp_path, f) for f in ("ca.crt", "ops-1.key", "ops-1.crt")))
+        assert len(_read(port, creds)) == 1
+    finally:
+        sup.kill()

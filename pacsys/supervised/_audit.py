@@ -23,8 +23,8 @@ Two append-only files:
   (0 Read request, 1 Read reply, 2 Set request, 3 Set reply), the payload length as a protobuf
   varint, then the serialized message. Replies are captured only with ``log_responses``.
 
-Recording never raises: a failure (disk full, directory gone, a value that will not serialize)
-is logged on ``pacsys.supervised.audit`` and the call returns normally; ``healthy`` tells whether
+Recording never raises: a failure (disk full, directory gone, a file deleted while open, a
+value that will not serialize) is logged on ``pacsys.supervised.audit`` and the call returns normally; ``healthy`` tells whether
 the last entry reached the JSON log. The one exception is an entry that must be recorded
 (``log_request(..., must_record=True)``, a write's): it is flushed at once, and
 ``AuditUnavailable`` says it did not reach the file, so that the write is not made. Entries
@@ -46,6 +46,7 @@ a log's rotated files in order, and the ``pacsys-audit`` command
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import json
@@ -223,6 +224,14 @@ class _File:
             raise
         self._flushed += self._pending
         self._pending = 0
+        if os.fstat(self._file.fileno()).st_nlink == 0:
+            # Deleted while open (the file or its directory removed): what it holds is lost to
+            # every reader. Let the handle go (nothing to cut back: no name reaches it) and say
+            # so; the next write opens the file by its name again, if it can.
+            f, self._file = self._file, None
+            with contextlib.suppress(Exception):
+                f.close()
+            raise FileNotFoundError(errno.ENOENT, "deleted while open (its directory removed?)", self.path)
 
     @property
     def is_open(self) -> bool:
@@ -455,8 +464,13 @@ class AuditLog:
             self._write(seq, _encode(entry), None)
 
     def flush(self) -> None:
-        """Push buffered entries to the OS, write the client summaries that are due, and look
-        at the free space (the server calls it a few times a second)."""
+        """Push buffered entries to the OS, notice a file deleted while open (then not `healthy`),
+        write the client summaries that are due and look at the free space.
+
+        The server calls it a few times a second, so that a deleted audit directory refuses
+        writes and shows in the ``audit`` health, and summaries are written, even when no
+        request comes.
+        """
         with self._lock:
             self._write_summaries()
             self._disk.poll()
@@ -474,11 +488,13 @@ class AuditLog:
                     self._failed(f, "cannot close")
             self._unflushed = 0
 
-    def reopen(self) -> None:
+    def reopen(self) -> bool:
         """Close the files and open them again by name (a rotated file is left to its mover).
 
         The pending summaries go to the old files first: they tell what those left out.
+        False when one could not be opened (logged; the next entry tries again).
         """
+        reopened = True
         with self._lock:
             self._write_summaries(everything=True)
             for f in self._files():
@@ -486,8 +502,10 @@ class AuditLog:
                     f.close()
                     f.open()
                 except Exception:
+                    reopened = False
                     self._failed(f, "cannot reopen")
             self._unflushed = 0
+        return reopened
 
     def __enter__(self) -> AuditLog:
         return self

@@ -31,6 +31,7 @@ from pacsys.aio._loops import new_event_loop
 from pacsys.backends import Backend
 from pacsys.supervised._audit import AuditLog
 from pacsys.supervised._health import HEALTH_SERVICE, HealthServicer, enable_reflection
+from pacsys.supervised._listen import bind_problem
 from pacsys.supervised._managed import ManagedBackend
 from pacsys.supervised._peers import PeerLimit, is_loopback
 from pacsys.supervised._policies import Policy
@@ -316,7 +317,9 @@ class SupervisedServer:
         audit = self.servicer.audit
         if audit is not None:
             # Reads go on while the audit log cannot record; writes do not (see "audit" health).
-            audit.flush()  # writes the client summaries due and looks at the free space, requests or not
+            # Notices a deleted file (or directory), writes the client summaries due and looks at
+            # the free space, without waiting for a request.
+            audit.flush()
             recording = audit.healthy
             if recording != self._audit_healthy:
                 if not recording:
@@ -403,6 +406,9 @@ class SupervisedServer:
 
     def _bind(self, server: grpc.aio.Server) -> int:
         address = f"{self._host}:{self._requested_port}"
+        problem = bind_problem(self._host, self._requested_port)
+        if problem is not None:  # said in our words, before gRPC logs its own line
+            raise OSError(f"cannot listen on {address}: {problem}")
         try:
             if self.tls is not None:
                 port = server.add_secure_port(address, self.tls.credentials)

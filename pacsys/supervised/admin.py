@@ -1,12 +1,12 @@
 """The admin commands of `pacsys-supervisor`: check-config, probe, status and explain.
 
     pacsys-supervisor check-config FILE        validate a config file completely; exit 0 or 2
-    pacsys-supervisor probe [--addr HOST:PORT] [--service NAME] [--timeout S] [--wait]
+    pacsys-supervisor probe [--addr HOST:PORT] [--service NAME] [--timeout S] [--wait] [--pid PID]
                                                grpc.health.v1 Check: exit 0 SERVING,
-                                               1 not serving, 2 unreachable
+                                               1 not serving (or not process PID), 2 unreachable
     pacsys-supervisor status [--addr HOST:PORT] [--json] [--timeout S] [--token-file FILE]
-                                 (probe and status: --ca FILE [--cert FILE --key FILE] for TLS)
-    pacsys-supervisor explain [--config FILE] [--identity ID] --method Read|Set DRF[=VALUE]...
+                                 (probe and status: --ca FILE [--cert FILE --key FILE] [--server-name NAME] for TLS)
+    pacsys-supervisor explain [--config FILE] [--identity ID] [--method Read|Set] DRF[=VALUE]...
                                                which policy decides a request, and why
 
 They run without a service in this process: check-config reads the file, probe and status ask
@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pacsys.supervised._arguments import ArgumentParser
 from pacsys.supervised.config import (
     FIELDS,
     check_files,
@@ -33,7 +34,7 @@ from pacsys.supervised.config import (
     toml_value,
 )
 from pacsys.supervised.policy_config import build_policies, write_gate
-from pacsys.supervised.reporting import EXIT_USAGE, PROG, report_error
+from pacsys.supervised.reporting import EXIT_USAGE, PROG, counted, report_error
 
 
 def number_type(kind: type) -> Any:
@@ -54,7 +55,7 @@ def number_type(kind: type) -> Any:
 
 
 def _check_config_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=f"{PROG} check-config",
         description="Validate a config file completely, with the PACSYS_SUPERVISOR_* environment applied: every "
         "setting, every policy, the backend spec's syntax (without building it), the token file and the audit "
@@ -74,17 +75,25 @@ def check_config(argv: list[str]) -> int:
         settings = settings_from(file_values, overrides, env=env, source=ns.file)
         resolve_token(settings)
         resolve_admin_token(settings)
-        tls_files(settings)
+        tls = tls_files(settings)
+        certificate = tls.check() if tls is not None else None  # for its serial and validity below
         check_files(settings)
         chain = write_gate(settings, build_policies(settings))  # custom policy factories run last
     except Exception as exc:  # a message, never a traceback
         return report_error(exc)
-    workers = "in process" if settings.workers == 0 else f"{settings.workers} workers"
+    workers = "in process" if settings.workers == 0 else counted(settings.workers, "worker")
     writes = "writes denied" if not any(p.allows_writes for p in chain) else "writes granted by policy"
+    policies = counted(len(settings.policies), "policy", "policies")
     print(
-        f"{ns.file}: OK (backend {settings.backend}, {workers}, {len(settings.policies)} policies, {writes})",
+        f"{ns.file}: OK (backend {settings.backend}, {workers}, {policies}, {writes})",
         flush=True,
     )
+    if tls is not None and certificate is not None:
+        print(
+            f"{tls.cert}: serial {certificate.serial}, valid from {certificate.not_before:%Y-%m-%d %H:%M} to "
+            f"{certificate.not_after:%Y-%m-%d %H:%M} UTC, key {tls.key} matches it",
+            flush=True,
+        )
     if not ns.quiet:
         sources = setting_sources(file_values, overrides, env)
         rows = [(name, _shown(name, getattr(settings, name)), sources[name]) for name in FIELDS]
@@ -106,7 +115,7 @@ def _shown(name: str, value: Any) -> str:
 
 
 def _probe_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=f"{PROG} probe",
         description="grpc.health.v1 Check. Exit 0 when SERVING, 1 when not serving, 2 when unreachable.",
     )
@@ -122,6 +131,13 @@ def _probe_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ask again until SERVING or --timeout has passed (for scripts that start it)",
     )
+    parser.add_argument(
+        "--pid",
+        type=number_type(int),
+        metavar="PID",
+        help="the service must be this process (a script's own server, $!): another one answering on the port "
+        "is not SERVING (exit 1), and --wait ends as soon as PID has ended",
+    )
     _tls_options(parser)
     return parser
 
@@ -131,12 +147,47 @@ def probe(argv: list[str]) -> int:
     deadline = time.monotonic() + ns.timeout
     while True:
         code, text = _check_health(ns, max(0.1, deadline - time.monotonic()))
+        if code == 0 and ns.pid is not None:
+            answering = _answering(ns, max(0.1, deadline - time.monotonic()))
+            if answering != f"process {ns.pid}":
+                code, text = 1, f"{ns.addr}: not process {ns.pid}: {answering} answers there (the port is taken)"
         remaining = deadline - time.monotonic()
         if code == 0 or not ns.wait or remaining <= 0:
+            break
+        if ns.pid is not None and not _running(ns.pid):
+            text += f"; process {ns.pid} has ended (its own error above says why)"
             break
         time.sleep(min(0.2, remaining))  # a retry interval: nothing to wait on in a process not started
     print(text, flush=True)
     return code
+
+
+def _answering(ns: argparse.Namespace, timeout: float) -> str:
+    """Which process serves ns.addr, as its status view says ("process 1234"), or what else answers."""
+    import json
+
+    import grpc
+
+    from pacsys.supervised._server import ADMIN_SERVICE
+
+    with _open_channel(ns) as channel:
+        try:
+            view = json.loads(channel.unary_unary(f"/{ADMIN_SERVICE}/Status")(b"", timeout=timeout))
+            answering = f"process {view['pid']}"
+        except grpc.RpcError as exc:
+            answering = f"a server without a pacsys-supervisor status view ({exc.code().name})"
+        except (ValueError, KeyError, TypeError):
+            answering = "a server whose status view is not pacsys-supervisor's"
+    return answering
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _check_health(ns: argparse.Namespace, timeout: float) -> tuple[int, str]:
@@ -156,7 +207,7 @@ def _check_health(ns: argparse.Namespace, timeout: float) -> tuple[int, str]:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                return 2, f"{label}: unreachable ({code.name}: {details})"
+                return 2, f"{label}: unreachable ({code.name}: {details}){_hint(ns, details)}"
             if code == grpc.StatusCode.NOT_FOUND:
                 return 1, f"{label}: NOT_SERVING (unknown service)"
             name = code.name if code is not None else "error"
@@ -166,7 +217,7 @@ def _check_health(ns: argparse.Namespace, timeout: float) -> tuple[int, str]:
 
 
 def _status_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"{PROG} status", description="Workers, pids, RSS, restarts, streams.")
+    parser = ArgumentParser(prog=f"{PROG} status", description="Workers, pids, RSS, restarts, streams.")
     parser.add_argument("--addr", default="localhost:50051", metavar="HOST:PORT", help="default: %(default)s")
     parser.add_argument("--json", action="store_true", help="print the raw JSON view")
     parser.add_argument("--timeout", type=number_type(float), default=5.0, metavar="S", help="seconds to wait")
@@ -202,7 +253,7 @@ def status(argv: list[str]) -> int:
         try:
             raw = channel.unary_unary(f"/{ADMIN_SERVICE}/Status")(b"", timeout=ns.timeout, metadata=metadata)
         except grpc.RpcError as exc:
-            print(f"{ns.addr}: unreachable ({exc.code().name}: {exc.details()})", flush=True)
+            print(f"{ns.addr}: unreachable ({exc.code().name}: {exc.details()}){_hint(ns, exc.details())}", flush=True)
             return 2
     view = json.loads(raw)
     print(json.dumps(view, indent=2) if ns.json else render_status(view), flush=True)
@@ -213,13 +264,44 @@ def _tls_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca", metavar="FILE", help="CA certificate of a service that serves TLS")
     parser.add_argument("--cert", metavar="FILE", help="client certificate, for a service that does mutual TLS")
     parser.add_argument("--key", metavar="FILE", help="the client certificate's key")
+    parser.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="the name the service's certificate must hold (default: the host of --addr); for an address "
+        "its certificate does not name, such as a tunnel's or 127.0.0.1",
+    )
+
+
+def _tls(ns: argparse.Namespace) -> bool:
+    return bool(ns.ca or ns.cert or ns.key or ns.server_name)
+
+
+# Why a probe found nothing, in the words of the options that fix it: (TLS asked, what gRPC said, hint).
+_HINTS = (
+    (False, "Socket closed", "the service may serve TLS: pass --ca FILE (and --cert, --key for mutual TLS)"),
+    (True, "WRONG_VERSION_NUMBER", "the service may serve plaintext: leave out --ca, --cert, --key and --server-name"),
+    (
+        True,
+        "Hostname Verification Check failed",
+        "the certificate names neither this host nor --server-name: pass --server-name NAME, a name it holds",
+    ),
+    (True, "CERTIFICATE_VERIFY_FAILED", "the service's certificate is not signed by the CA of --ca"),
+    (True, "Socket closed", "the service may ask for a client certificate (mutual TLS): pass --cert and --key"),
+)
+
+
+def _hint(ns: argparse.Namespace, details: str | None) -> str:
+    for tls, said, hint in _HINTS:
+        if tls == _tls(ns) and said in (details or ""):
+            return f"; hint: {hint}"
+    return ""
 
 
 def _open_channel(ns: argparse.Namespace) -> Any:
-    """A channel to ns.addr: TLS when --ca, --cert or --key is given (OSError for a file)."""
+    """A channel to ns.addr: TLS when --ca, --cert, --key or --server-name is given (OSError for a file)."""
     import grpc
 
-    if not (ns.ca or ns.cert or ns.key):
+    if not _tls(ns):
         return grpc.insecure_channel(ns.addr)
 
     def read(path: str | None) -> bytes | None:
@@ -228,7 +310,9 @@ def _open_channel(ns: argparse.Namespace) -> Any:
         with open(path, "rb") as f:
             return f.read()
 
-    return grpc.secure_channel(ns.addr, grpc.ssl_channel_credentials(read(ns.ca), read(ns.key), read(ns.cert)))
+    credentials = grpc.ssl_channel_credentials(read(ns.ca), read(ns.key), read(ns.cert))
+    options = [("grpc.ssl_target_name_override", ns.server_name)] if ns.server_name else []
+    return grpc.secure_channel(ns.addr, credentials, options=options)
 
 
 def render_status(view: dict[str, Any]) -> str:

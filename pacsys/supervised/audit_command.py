@@ -22,6 +22,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from pacsys.drf_utils import guess_device_name
+from pacsys.supervised._arguments import ArgumentParser
 from pacsys.supervised._audit import (
     TAG_READ_REQUEST,
     TAG_SETTING_REQUEST,
@@ -31,13 +32,14 @@ from pacsys.supervised._audit import (
     read_audit_proto,
     summarize_reply,
 )
+from workers.logformat import escape_value
 
 __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``pacsys-audit`` command; returns the exit status."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pacsys-audit", description="Print who read or set what, and when, from a pacsys audit log."
     )
     parser.add_argument("file", metavar="FILE", help="JSON-lines audit log, or the binary capture with --proto")
@@ -49,7 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--proto", action="store_true", help="FILE is the binary capture (replies carry no devices)")
     parser.add_argument("--device", metavar="PATTERN", help="only requests naming a matching device (glob)")
     parser.add_argument("--method", choices=("Read", "Set"), help="only this RPC")
-    parser.add_argument("--since", metavar="ISO", type=_parse_since, help="only entries at or after (local if no zone)")
+    parser.add_argument(
+        "--since",
+        metavar="ISO",
+        type=_parse_since,
+        help="only entries at or after this ISO 8601 time: 2026-11-27, 2026-11-27T08:00 (local time without a zone)",
+    )
     parser.add_argument("--json", action="store_true", help="print the selected entries as JSON lines")
     args = parser.parse_args(argv)
     if args.proto and args.since:
@@ -61,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.proto:
             _print_frames(args.file, device, args.method, args.json)
         else:
-            files = audit_files(args.file) if args.all else [args.file]
+            files = (audit_files(args.file) if args.all else []) or [args.file]
             _print_entries(files, device, args.method, args.since, args.json)
         sys.stdout.flush()
     except BrokenPipeError:
@@ -69,15 +76,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         # so that the interpreter's own flush at exit does not complain either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        print(f"pacsys-audit: {e.filename or args.file}: cannot read it: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
         print(f"pacsys-audit: {e}", file=sys.stderr)
         return 1
     return 0
 
 
 def _parse_since(text: str) -> datetime:
-    when = datetime.fromisoformat(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"takes an ISO 8601 date or time, such as 2026-11-27 or 2026-11-27T08:00 (local time without a zone), "
+            f"got {text!r}"
+        ) from None
     return when if when.tzinfo else when.astimezone()
+
+
+def _cell(value: object) -> str:
+    """A value in the table, escaped as the service log escapes it: a line break, a terminal escape
+    or a bidi control from a client cannot end a row, rewrite one or reorder it (a backslash is
+    doubled so that an escape cannot be faked)."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    if text.isprintable() and "\\" not in text:
+        return text
+    return escape_value(text, sys.maxsize)[1:-1]  # quoted, with every such character escaped
 
 
 def _names_device(drfs: Sequence[str], device: re.Pattern[str]) -> bool:
@@ -92,8 +118,10 @@ def _entries(paths: Sequence[str]) -> Iterator[dict[str, Any]]:
 def _print_entries(
     paths: Sequence[str], device: re.Pattern[str] | None, method: str | None, since: datetime | None, as_json: bool
 ) -> None:
+    for path in paths:
+        open(path, "rb").close()  # a file that cannot be read is said before the header
     if not as_json:
-        print(f"{'TIME':<32} {'SEQ':>5} {'PEER':<24} {'METHOD':<6} {'RESULT':<8} DETAIL")
+        print(f"{'TIME':<32} {'SEQ':>5} {'IDENTITY':<24} {'PEER':<24} {'METHOD':<6} {'RESULT':<8} DETAIL")
     chosen: dict[int, bool] = {}  # seq -> whether its request was selected
     for entry in _entries(paths):
         if entry.get("dir") == "in":
@@ -117,35 +145,41 @@ def _entry_row(e: dict[str, Any]) -> str:
     if kind == "in":
         result = "allowed" if e.get("allowed") else "DENIED"
         if "values" in e:
-            detail = ", ".join(f"{drf}={_text(value)}" for drf, value in e["values"])
+            detail = ", ".join(f"{_cell(drf)}={_cell(value)}" for drf, value in e["values"])
         else:
-            detail = ", ".join(e.get("drfs", []))
+            detail = ", ".join(_cell(drf) for drf in e.get("drfs", []))
         detail += _left_out(e.get("drfs_left_out"))
         if "final_drfs" in e:
-            detail += " => " + ", ".join(e["final_drfs"]) + _left_out(e.get("final_drfs_left_out"))
+            detail += " => " + ", ".join(_cell(drf) for drf in e["final_drfs"])
+            detail += _left_out(e.get("final_drfs_left_out"))
         if e.get("reason"):
-            detail += f"  ({e['reason']})"
-        peer, method = e.get("peer", ""), e.get("method", "")
+            detail += f"  ({_cell(e['reason'])})"
+        # Who: the certificate's subject under mutual TLS, else the address (without its port).
+        identity, peer, method = e.get("identity") or "-", e.get("peer", ""), e.get("method", "")
     else:
         result = {"out": "reply", "summary": "summary"}.get(kind or "") or e.get("event", "event")
-        standard = ("ts", "seq", "dir", "event", "method")
-        detail = " ".join(f"{k}={_text(v)}" for k, v in e.items() if k not in standard)
-        peer, method = "", e.get("method", "-")
-    return f"{e.get('ts', ''):<32} {e.get('seq', ''):>5} {peer:<24} {method:<6} {result:<8} {detail}"
+        standard: tuple[str, ...] = ("ts", "seq", "dir", "event", "method")
+        if kind == "summary":  # a client's requests not recorded one by one: who, in the columns
+            standard += ("identity", "peer")
+            identity, peer = e.get("identity") or "-", e.get("peer", "")
+        else:
+            identity, peer = "", ""
+        detail = " ".join(f"{_cell(k)}={_cell(v)}" for k, v in e.items() if k not in standard)
+        method = e.get("method", "-")
+    cells = [_cell(e.get(key, "")) for key in ("ts", "seq")] + [_cell(x) for x in (identity, peer, method, result)]
+    ts, seq, identity, peer, method, result = cells
+    return f"{ts:<32} {seq:>5} {identity:<24} {peer:<24} {method:<6} {result:<8} {detail}"
 
 
 def _left_out(left_out: Any) -> str:
     """What an entry says it left out of a DRF list, as the end of its detail."""
     if not isinstance(left_out, dict):
         return ""
-    return f" ... and {left_out.get('count')} more DRFs (sha256 {str(left_out.get('sha256'))[:16]})"
-
-
-def _text(value: object) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+    return f" ... and {_cell(left_out.get('count'))} more DRFs (sha256 {_cell(left_out.get('sha256'))[:16]})"
 
 
 def _print_frames(path: str, device: re.Pattern[str] | None, method: str | None, as_json: bool) -> None:
+    open(path, "rb").close()  # a file that cannot be read is said before the header
     if not as_json:
         print(f"{'FRAME':>6} {'TYPE':<13} DETAIL")
     for n, (tag, message) in enumerate(read_audit_proto(path, decode=True)):
@@ -164,10 +198,10 @@ def _print_frames(path: str, device: re.Pattern[str] | None, method: str | None,
 
 def _frame_detail(tag: int, m: Any) -> str:
     if tag == TAG_READ_REQUEST:
-        return ", ".join(m.drf)
+        return ", ".join(_cell(drf) for drf in m.drf)
     if tag == TAG_SETTING_REQUEST:
-        return ", ".join(f"{s.device}={_proto_value(s.value)}" for s in m.setting)
-    return " ".join(f"{k}={_text(v)}" for k, v in summarize_reply(TAG_TYPES[tag][0], m).items())
+        return ", ".join(f"{_cell(s.device)}={_cell(_proto_value(s.value))}" for s in m.setting)
+    return " ".join(f"{k}={_cell(v)}" for k, v in summarize_reply(TAG_TYPES[tag][0], m).items())
 
 
 def _proto_value(value: Any) -> object:

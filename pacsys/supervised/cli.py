@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pacsys.supervised import admin
+from pacsys.supervised._arguments import ArgumentParser
 from pacsys.supervised.config import (
     FIELDS,
     ConfigError,
@@ -66,7 +67,7 @@ def _default_text(f: dataclasses.Field[Any]) -> str:
 
 def serve_parser() -> argparse.ArgumentParser:
     """The serve command's options: one per setting whose metadata has ``flag``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         usage=f"{PROG} [serve] [options]\n"
         + "\n".join(f"       {sub.format_usage()[7:].rstrip()}" for sub in admin.subparsers()),

@@ -898,20 +898,11 @@ def _read_token_file(path: str | None, key: str) -> str | None:
 
 
 def tls_files(settings: Settings) -> TLSFiles | None:
-    """The service's TLS files (None: plaintext), each checked readable and PEM now."""
+    """The service's TLS files (None: plaintext), checked now as a pair (`_tls.TLSFiles.check`)."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
     files = TLSFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-    for key, path in (("tls_cert", files.cert), ("tls_key", files.key), ("tls_client_ca", files.client_ca)):
-        if path is None:
-            continue
-        try:
-            with open(path, "rb") as f:
-                pem = f.read()
-        except OSError as exc:
-            raise ConfigError(f"'{key}' {path}: cannot read it: {exc.strerror or exc}", key=key) from None
-        if b"-----BEGIN" not in pem:
-            raise ConfigError(f"'{key}' {path}: not a PEM file", key=key)
+    files.check()  # a TLSFileError is a ConfigError naming the setting, the file and the reason
     return files
 
 

@@ -1,28 +1,33 @@
 """`pacsys-supervisor explain`: which check or policy decides a request, and why, without a server.
 
-    pacsys-supervisor explain [--config FILE] [--identity ID] --method Read|Set DRF[=VALUE]...
+    pacsys-supervisor explain [--config FILE] [--identity ID] [--method Read|Set] DRF[=VALUE]...
 
-It builds the policy chain exactly as the service does (the file's policies, `allow_writes`,
-the deny-writes-unless-granted rule), runs the door's checks (DRF syntax and length, the
-shortest period, the per-request and per-stream limits), then each policy in order on the
-request, printing what each one did: allowed it unchanged, approved slots, rewrote it, or
-denied it. Exit status 0 when the request would be allowed, 1 when refused, 2 when the
-config file or the arguments are wrong.
+The request goes through the server's own gate (`gate.Gate`), built as the service builds it
+(the file's policies, `allow_writes`, the deny-writes-unless-granted rule, the limits), so
+the verdict is the server's, worded as the server words it: the gRPC status, the decision
+label of the metrics and the log (`invalid`, `limit`, `denied`, ...) and the details a
+client would get. When the request gets as far as the policies, each one's step is shown:
+allowed it unchanged, approved slots, rewrote it, or denied it. Exit status 0 when the
+request would be allowed, 1 when refused, 2 when the config file or the arguments are wrong
+(a setting without a value is one).
 
 Per-client state is not known here: rate limits, slew-rate history, open streams and calls
 in flight start empty, and the bearer token is not checked (the line says when one would
 be required). No device is read either: a policy that judges a setting from the device's
-current value (a slew limit's steps and rates) is shown judging everything else, and the
-line names what the server would judge from the device.
+current value (a slew limit's steps and rates) is run judging everything else, and its line
+names what the server would judge from the device.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-from pacsys.drf import DRFError, parse_cached
+from pacsys._proto.controls.common.v1 import device_pb2
+from pacsys.supervised._arguments import ArgumentParser
 from pacsys.supervised._policies import Policy, PolicyDecision, RequestContext, write_gate
 from pacsys.supervised.config import (
     ConfigError,
@@ -30,7 +35,7 @@ from pacsys.supervised.config import (
     load_config,
     resolve_token,
 )
-from pacsys.supervised.gate import EVENT_RATE_HZ
+from pacsys.supervised.gate import Gate, GateRequest, Refusal, ServicerLimits
 from pacsys.supervised.policy_config import build_policies
 
 __all__ = ["explain_parser", "main"]
@@ -40,10 +45,10 @@ PROG = "pacsys-supervisor explain"
 
 def explain_parser() -> argparse.ArgumentParser:
     """The command's options (also shown in `pacsys-supervisor --help`)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
-        description="Print which check or policy decides a request and why, without a server. "
-        "Exit 0 allowed, 1 refused, 2 bad config or arguments.",
+        description="Print which check or policy decides a request and why, without a server, in the server's "
+        "words. Exit 0 allowed, 1 refused, 2 bad config or arguments.",
     )
     parser.add_argument("--config", "-c", metavar="FILE", help="the config file (default: the defaults)")
     parser.add_argument(
@@ -52,98 +57,145 @@ def explain_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="the client: a certificate subject (CN=ops-1,O=Lab) or an address (ipv4:10.0.0.5); default: %(default)s",
     )
-    parser.add_argument("--method", choices=("Read", "Set"), required=True)
+    parser.add_argument(
+        "--method",
+        choices=("Read", "Set"),
+        help="default: Set when every argument is DEVICE=VALUE, else Read",
+    )
     parser.add_argument("requests", nargs="+", metavar="DRF[=VALUE]", help="DRFs to read, or DEVICE=VALUE to set")
     return parser
 
 
 def main(argv: Sequence[str]) -> int:
-    ns = explain_parser().parse_args(list(argv))
+    parser = explain_parser()
+    ns = parser.parse_args(list(argv))
+    settings_given = [r for r in ns.requests if "=" in r]
+    method = ns.method or ("Set" if len(settings_given) == len(ns.requests) else "Read")
+    if method == "Set" and len(settings_given) != len(ns.requests):
+        missing = ", ".join(repr(r) for r in ns.requests if "=" not in r)
+        parser.error(f"--method Set: every setting is DEVICE=VALUE; no value in {missing}")
+    if method == "Read" and settings_given and ns.method is None:
+        parser.error(f"DEVICE=VALUE ({settings_given[0]!r}) is a setting: give only settings, with --method Set")
     try:
         settings = load_config(ns.config) if ns.config else Settings()
         resolve_token(settings)
-        chain = write_gate(settings, build_policies(settings))
+        _chain(settings)  # a policy table that does not build is a bad file
     except Exception as exc:  # a message, never a traceback
         text = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
         print(f"{PROG}: error: {text}", file=sys.stderr)
         return 2
-    lines, allowed = explain(settings, chain, ns.identity, ns.method, ns.requests)
+    with _gate_log_silenced():
+        lines, allowed = explain(settings, ns.identity, method, ns.requests)
     print("\n".join(lines))
     return 0 if allowed else 1
 
 
-def _value(text: str) -> object:
+@contextlib.contextmanager
+def _gate_log_silenced() -> Iterator[None]:
+    """The gate logs refusals and a policy's exception for a server's log; here its verdict is the output."""
+    log, silent = logging.getLogger("pacsys.supervised"), logging.NullHandler()
+    propagate, log.propagate = log.propagate, False
+    log.addHandler(silent)
     try:
-        return float(text)
+        yield
+    finally:
+        log.removeHandler(silent)
+        log.propagate = propagate
+
+
+def _chain(settings: Settings) -> list[Policy]:
+    """The policy chain as the service builds it (the file's policies, then the write rule)."""
+    return write_gate(settings, build_policies(settings))
+
+
+def _value(text: str) -> device_pb2.Value:
+    """A setting's value as a client sends it: a number as a scalar, anything else as text."""
+    try:
+        return device_pb2.Value(scalar=float(text))
     except ValueError:
-        return text
+        return device_pb2.Value(text=text)
 
 
-def explain(
-    settings: Settings, chain: list[Policy], identity: str, method: str, requests: list[str]
-) -> tuple[list[str], bool]:
-    """The explanation, one line per step, and whether the request would be allowed."""
+class _Offline(Policy):
+    """A policy as it can run here, where no device is read: what it would judge from a
+    device's current value (`Policy.needs_current`) is left out; the rest it judges as always."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.name = policy.name
+
+    @property
+    def allows_writes(self) -> bool:
+        return self.policy.allows_writes
+
+    def unjudged(self, ctx: RequestContext) -> list[str]:
+        """The settings whose current values the server would read for this policy."""
+        return list(self.policy.needs_current(ctx))
+
+    def check(self, ctx: RequestContext) -> PolicyDecision:
+        if not self.unjudged(ctx):
+            return self.policy.check(ctx)
+        without_current = getattr(self.policy, "check_without_current", None)  # the machine-protection policies'
+        return without_current(ctx) if without_current is not None else PolicyDecision(allowed=True)
+
+    def on_allowed(self, ctx: RequestContext) -> None:
+        self.policy.on_allowed(ctx)
+
+
+def explain(settings: Settings, identity: str, method: str, requests: list[str]) -> tuple[list[str], bool]:
+    """The explanation, one line per step, and whether the request would be allowed.
+
+    One chain decides in the gate; the trace of each policy's step runs on a second one built
+    the same way, so that policies that count (rate limits) count once in each.
+    """
     if method == "Set":
         pairs = [r.partition("=") for r in requests]
-        drfs = [d for d, _, _ in pairs]
-        values: list[tuple[str, object]] = [(d, _value(v)) for d, sep, v in pairs if sep]
-        if len(values) != len(drfs):
-            return [f"refused at the door: INVALID_ARGUMENT: every setting needs DEVICE=VALUE, got {requests}"], False
+        drfs, values = [d for d, _, _ in pairs], [_value(v) for _, _, v in pairs]
     else:
         drfs, values = list(requests), []
     peer = f"{identity}:0" if identity.startswith(("ipv4:", "ipv6:")) else "ipv4:0.0.0.0:0"
+    gate = Gate([_Offline(p) for p in _chain(settings)], limits=ServicerLimits.from_settings(settings))
+    opened = gate.door(GateRequest(method, peer, identity, drfs=drfs, values=values))
     lines = [f"{method} {', '.join(requests)} from {identity}"]
-    door = _door(settings, method, drfs)
-    if door is not None:
-        return [*lines, f"refused at the door: {door}"], False
+    if isinstance(opened, Refusal):
+        return [*lines, f"refused at the door: {_verdict(opened)}"], False
     lines.append("door: passed (syntax, length, period and per-request limits)")
     if method == "Set" and (settings.token is not None or settings.token_file is not None):
         lines.append("token: required (Bearer token in the authorization header; not checked here)")
-    ctx = RequestContext(
-        drfs=drfs,
-        rpc_method=method,
-        peer=peer,
-        metadata={},
-        values=values,
-        raw_request=None,
-        allowed=frozenset(range(len(drfs))) if method == "Read" else frozenset(),
-        identity=identity,
-    )
+    lines += _trace([_Offline(p) for p in _chain(settings)], opened.ctx)
+    refusal = gate.decide(opened, {}).refusal
+    return [*lines, "ALLOWED" if refusal is None else f"refused: {_verdict(refusal)}"], refusal is None
+
+
+def _verdict(refusal: Refusal) -> str:
+    """A refusal as the server gives it: the gRPC status, the decision label, the details."""
+    return f"{refusal.code} ({refusal.decision}): {refusal.details}"
+
+
+def _trace(chain: list[_Offline], ctx: RequestContext) -> list[str]:
+    """Each policy's step on `ctx`, up to the first denial, then the approval rule."""
+    lines: list[str] = []
     for n, policy in enumerate(chain, 1):
         try:
-            wanted = policy.needs_current(ctx)
-            decision = _check_here(policy, ctx, wanted)
+            unjudged = policy.unjudged(ctx)
+            decision = policy.check(ctx)
         except Exception as exc:
-            return [*lines, f"{n}. {policy.name}: raised {type(exc).__name__}: {exc} -> INTERNAL"], False
+            return [*lines, f"{n}. {policy.name}: raised {type(exc).__name__}: {exc}"]
         if not decision.allowed:
-            return [*lines, f"{n}. {policy.name}: DENIED: {decision.reason} -> PERMISSION_DENIED"], False
+            return [*lines, f"{n}. {policy.name}: DENIED: {decision.reason}"]
         after = decision.ctx or ctx
         line = f"{n}. {policy.name}: {_what_changed(ctx, after)}"
-        if wanted:
-            line += f"; not judged here: what it judges from the current value of {', '.join(wanted)} (not read)"
+        if unjudged:
+            line += f"; not judged here: what it judges from the current value of {', '.join(unjudged)} (not read)"
         lines.append(line)
         ctx = after
-    if any(p.allows_writes for p in chain):
-        for i, drf in enumerate(ctx.drfs):
-            if i not in ctx.allowed:
-                name = ctx.device_name(drf)  # a policy may have rewritten it into anything
-                return [
-                    *lines,
-                    f"approval: DENIED: Device {name} not approved for {method} (no policy granted it)"
-                    " -> PERMISSION_DENIED",
-                ], False
-        lines.append("approval: every slot approved")
-    else:
-        lines.append("approval: no policy gates writes (nothing to approve)")
-    return [*lines, "ALLOWED"], True
-
-
-def _check_here(policy: Policy, ctx: RequestContext, wanted: Sequence[str]) -> PolicyDecision:
-    """The policy's decision as far as it can be made without reading a device."""
-    if not wanted:
-        return policy.check(ctx)
-    without_current = getattr(policy, "check_without_current", None)  # the machine-protection policies'
-    return without_current(ctx) if without_current is not None else PolicyDecision(allowed=True)
+    if not any(p.allows_writes for p in chain):
+        return [*lines, "approval: no policy gates writes (nothing to approve)"]
+    for i, drf in enumerate(ctx.drfs):
+        if i not in ctx.allowed:
+            name = ctx.device_name(drf)  # a policy may have rewritten it into anything
+            return [*lines, f"approval: DENIED: Device {name} not approved for {ctx.rpc_method} (no policy granted it)"]
+    return [*lines, "approval: every slot approved"]
 
 
 def _what_changed(before: RequestContext, after: RequestContext) -> str:
@@ -156,38 +208,3 @@ def _what_changed(before: RequestContext, after: RequestContext) -> str:
     if after.values != before.values:
         notes.append(f"changed the values to {after.values}")
     return "; ".join(notes) if notes else "allowed, no change"
-
-
-def _door(settings: Settings, method: str, drfs: list[str]) -> str | None:
-    """What the servicer's door would refuse in this request, or None."""
-    limit = settings.max_drfs_per_request if method == "Read" else settings.max_settings_per_request
-    if not drfs:
-        return "INVALID_ARGUMENT: empty request"
-    if len(drfs) > limit:
-        return f"RESOURCE_EXHAUSTED: {len(drfs)} DRFs (the limit is {limit})"
-    min_period_us = 1e6 / settings.max_rate_hz
-    rate = 0.0
-    for i, text in enumerate(drfs):
-        if len(text) > settings.max_drf_length:
-            return (
-                f"INVALID_ARGUMENT: DRF {i} is {len(text)} characters long (max_drf_length {settings.max_drf_length})"
-            )
-        try:
-            drf = parse_cached(text)
-        except DRFError as exc:
-            return f"INVALID_ARGUMENT: DRF {i}: {exc}"
-        event = drf.event
-        if method == "Set" or (event is not None and event.is_oneshot):
-            continue
-        if event is not None and event.kind in ("P", "Q"):
-            period = event.period if event.period is not None else 1_000_000
-            if period < min_period_us:
-                return (
-                    f"INVALID_ARGUMENT: DRF {i}: period {period} µs is faster than max_rate_hz {settings.max_rate_hz:g}"
-                )
-            rate += 1e6 / period
-        else:
-            rate += EVENT_RATE_HZ
-    if rate > settings.max_stream_rate:
-        return f"RESOURCE_EXHAUSTED: the stream asks for {rate:.0f} readings/s (max_stream_rate {settings.max_stream_rate:g})"
-    return None

@@ -418,9 +418,17 @@ class Gate:
                 "a bearer token is refused over plaintext: connect with TLS (a token sent in clear should be rotated)",
                 "unauthenticated",
             )
-        presented = metadata.get("authorization", "")
-        expected = f"Bearer {token}"
-        if not hmac.compare_digest(presented.encode(), expected.encode()):
+        presented = metadata.get("authorization")
+        if presented is None:
+            raise _Refused("UNAUTHENTICATED", "missing or invalid bearer token", "unauthenticated")
+        scheme, _, credential = presented.partition(" ")
+        if scheme.lower() != "bearer":  # the scheme is case-insensitive (RFC 9110, section 11.1)
+            raise _Refused(
+                "UNAUTHENTICATED",
+                "the authorization header is not a bearer token: send 'Bearer <token>'",
+                "unauthenticated",
+            )
+        if not hmac.compare_digest(credential.encode(), token.encode()):
             raise _Refused("UNAUTHENTICATED", "missing or invalid bearer token", "unauthenticated")
 
     # -- validation and limits ---------------------------------------------------------

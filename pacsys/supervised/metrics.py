@@ -16,19 +16,41 @@ import concurrent.futures
 import platform
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pacsys.supervised._listen import reason as bind_reason
 from pacsys.supervised._managed import CountsSubscriptions
 from workers.logformat import counts as log_counts
-from workers.supervision import SERVING, SlotState
+from workers.supervision import EXIT_REASONS, RECYCLE_REASONS, SERVING, SlotState
 
 SLOT_STATES = tuple(state.value for state in SlotState if state is not SlotState.RETIRED)
 SERVING_STATES = frozenset(state.value for state in SERVING)
+
+# The label values a labelled counter can take, each exported at 0 before it first counts, so
+# that `increase()` and `rate()` see a counter's first event too (a series that appears at 1
+# has no increase). Values not listed here are exported as they come.
+RPCS = ("Read", "Set")
+# The `decision` of pacsys_requests_total: a gate.Refusal's, or the servicer's allow and error.
+DECISIONS = ("allow", "invalid", "limit", "unauthenticated", "denied", "draining", "error", "audit_unavailable")
+# The `limit` of pacsys_limits_hit_total: the setting that bit.
+LIMITS = (
+    "max_drfs_per_request",
+    "max_settings_per_request",
+    "max_drf_length",
+    "max_rate_hz",
+    "max_stream_rate",
+    "max_peer_rate",
+    "max_streams",
+    "max_streams_per_peer",
+    "max_calls_per_peer",
+    "metrics_max_connections",
+    "metrics_timeout",
+)
 
 if TYPE_CHECKING:
     from pacsys.supervised._audit import AuditLog
@@ -46,17 +68,13 @@ class _Collector:
         servicer = self._server.servicer
         stats = servicer.stats
         requests = CounterMetricFamily("pacsys_requests", "Requests by RPC and decision", labels=["rpc", "decision"])
-        for (rpc, decision), n in list(stats.requests.items()):
-            requests.add_metric([rpc, decision], n)
-        yield requests
+        yield _counted(requests, stats.requests, [(rpc, decision) for rpc in RPCS for decision in DECISIONS])
         denials = CounterMetricFamily("pacsys_policy_denials", "Requests denied, by policy", labels=["policy"])
-        for policy, n in list(stats.denials_by_policy.items()):
-            denials.add_metric([policy], n)
-        yield denials
+        chain = list(servicer.policies)  # the running chain's names; "approval" when one grants writes
+        names = [p.name for p in chain] + (["approval"] if any(p.allows_writes for p in chain) else [])
+        yield _counted(denials, stats.denials_by_policy, [(name,) for name in names])
         limits = CounterMetricFamily("pacsys_limits_hit", "Requests refused by a limit", labels=["limit"])
-        for limit, n in list(stats.limits_hit.items()):
-            limits.add_metric([limit], n)
-        yield limits
+        yield _counted(limits, stats.limits_hit, [(limit,) for limit in LIMITS])
         yield GaugeMetricFamily("pacsys_active_streams", "Open client streams", value=servicer.active_streams)
         yield CounterMetricFamily(
             "pacsys_refusals_not_logged",
@@ -189,14 +207,22 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterat
     yield restarts
     yield cooldowns
     yield cpu
-    for name, help_text, counts in (
-        ("pacsys_worker_exits", "Worker exits by reason (signal, exit, hang, ...)", pool_stats.exits_by_reason),
-        ("pacsys_worker_recycles", "Workers replaced gracefully, by reason", pool_stats.recycles_by_reason),
+    for name, help_text, counts, reasons in (
+        (
+            "pacsys_worker_exits",
+            "Worker exits by reason (signal, exit, hang, ...)",
+            pool_stats.exits_by_reason,
+            EXIT_REASONS,
+        ),
+        (
+            "pacsys_worker_recycles",
+            "Workers replaced gracefully, by reason",
+            pool_stats.recycles_by_reason,
+            RECYCLE_REASONS,
+        ),
     ):
         family = CounterMetricFamily(name, help_text, labels=["reason"])
-        for reason, n in list(counts.items()):
-            family.add_metric([reason], n)
-        yield family
+        yield _counted(family, counts, [(reason,) for reason in sorted(reasons)])
     for name, help_text in (
         ("cooldowns", "Slots cooled down after too many early exits"),
         ("calls_waited", "One-shot calls and subscriptions that found no worker serving and waited"),
@@ -206,6 +232,16 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterat
         ("stream_gaps", "Subscriptions interrupted by a worker's death"),
     ):
         yield CounterMetricFamily(f"pacsys_{name}", help_text, value=getattr(pool_stats, name))
+
+
+def _counted(family: CounterMetricFamily, counts: Mapping[Any, int], known: list[tuple[str, ...]]) -> Metric:
+    """`family` with a series per known label value (0 until it counts), then any other value counted."""
+    counts = dict(counts)  # a copy: the counters change under a scrape
+    for labels in known:
+        family.add_metric(list(labels), counts.pop(labels if len(labels) > 1 else labels[0], 0))
+    for key, n in counts.items():
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], n)
+    return family
 
 
 def _build_info() -> Iterator[Metric]:
@@ -266,12 +302,15 @@ class MetricsServer:
         self._timeout = timeout
         self._open = 0
         host = host.strip("[]")
-        if ":" in host:  # IPv6; "::" takes IPv4 clients as well where the system allows it
-            self._sock = socket.create_server(
-                (host, port), family=socket.AF_INET6, backlog=128, dualstack_ipv6=socket.has_dualstack_ipv6()
-            )
-        else:
-            self._sock = socket.create_server((host, port), family=socket.AF_INET, backlog=128)
+        try:
+            if ":" in host:  # IPv6; "::" takes IPv4 clients as well where the system allows it
+                self._sock = socket.create_server(
+                    (host, port), family=socket.AF_INET6, backlog=128, dualstack_ipv6=socket.has_dualstack_ipv6()
+                )
+            else:
+                self._sock = socket.create_server((host, port), family=socket.AF_INET, backlog=128)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port} (metrics_port): {bind_reason(exc, port)}") from None
         self.port = self._sock.getsockname()[1]
         self._loop = asyncio.new_event_loop()
         # /healthz asks the front's loop and may wait up to 2 s for it: one thread does that.
@@ -298,9 +337,12 @@ class MetricsServer:
             loop.run_forever()
         finally:
             listening.close()
-            for task in asyncio.all_tasks(loop):
+            # Connections still open end here: each handler takes its cancellation as the end of
+            # its connection and returns, and the loop is closed only once they all have.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
                 task.cancel()
-            loop.run_until_complete(asyncio.sleep(0))
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -324,6 +366,10 @@ class MetricsServer:
             self._supervised.servicer.stats.limits_hit["metrics_timeout"] += 1
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # too large a request, or gone: the connection is closed
+        except asyncio.CancelledError:
+            # The server stops (`_run`). Returned from, not raised: Python 3.11's stream server
+            # logs a cancelled handler's CancelledError as an ERROR with its traceback.
+            pass
         finally:
             self._open -= 1
             writer.close()

@@ -48,6 +48,11 @@ def report_error(exc: BaseException | str, code: int = EXIT_USAGE) -> int:
     return code
 
 
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """`n` things in words: "1 policy", "2 policies", "0 workers"."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def json_logging() -> bool:
     """Whether the service logs JSON lines (then its own messages are log records too)."""
     return _json_logging

@@ -271,7 +271,9 @@ class Service:
                 server.tls.reload()  # a renewed certificate (same paths) serves the next handshakes
         except Exception as exc:  # a reload never ends the process, whatever the file holds
             text = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
-            logger.error("config reload failed, keeping the old policies: %s", text)
+            logger.error(
+                "config reload failed, keeping the running configuration (policies, tokens, TLS files): %s", text
+            )
             return False
         server.set_policies(chain)
         server.servicer.set_token(token)  # a rotated token file takes effect here too
@@ -287,7 +289,8 @@ class Service:
         pending = [k for k in FIELDS if k not in RELOADABLE and getattr(new, k) != getattr(old, k)]
         if pending:
             logger.warning("config reload: changes to %s take effect at the next restart", ", ".join(pending))
-        logger.info("config reloaded: %d policies (%s)", len(chain), ", ".join(p.name for p in chain) or "none")
+        n, names = len(chain), ", ".join(p.name for p in chain) or "none"
+        logger.info("config reloaded: %d %s (%s)", n, "policy" if n == 1 else "policies", names)
         return True
 
     # -- SIGUSR1 ---------------------------------------------------------------------------
@@ -300,8 +303,10 @@ class Service:
         if self.audit is None:
             logger.info("SIGUSR1: no audit log to reopen")
             return
-        self.audit.reopen()
-        logger.info("SIGUSR1: audit files reopened")
+        if self.audit.reopen():
+            logger.info("SIGUSR1: audit files reopened")
+        else:
+            logger.error("SIGUSR1: the audit files could not be reopened (see above); the next entry tries again")
 
     # -- SIGTTIN / SIGTTOU -----------------------------------------------------------------
 
@@ -328,7 +333,8 @@ class Service:
         elif future.exception() is not None:
             logger.error("%s failed: %s", what, future.exception())
         else:
-            logger.info("%s done: %s workers ready", what, managed.ready_count)
+            ready = managed.ready_count
+            logger.info("%s done: %d %s ready", what, ready, "worker" if ready == 1 else "workers")
 
     # -- the parts, once built -------------------------------------------------------------
 
