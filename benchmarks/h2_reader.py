@@ -61,6 +61,44 @@ def grpc_message(payload: bytes) -> bytes:
     return b"\x00" + struct.pack(">I", len(payload)) + payload
 
 
+def split_frames(view: bytes) -> tuple[list[tuple[int, int, int, bytes]], bytes]:
+    """The whole HTTP/2 frames at the start of `view`, as (type, flags, stream id, payload),
+    and the incomplete frame that follows them (kept for the next read)."""
+    frames = []
+    pos, size = 0, len(view)
+    while size - pos >= 9:
+        length = int.from_bytes(view[pos : pos + 3], "big")
+        if size - pos < 9 + length:
+            break
+        stream_id = int.from_bytes(view[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+        frames.append((view[pos + 3], view[pos + 4], stream_id, view[pos + 9 : pos + 9 + length]))
+        pos += 9 + length
+    return frames, view[pos:]
+
+
+def messages_completed(stream, payload: bytes) -> int:
+    """How many gRPC messages (5-byte prefix, then the body) `payload`, a DATA frame's content
+    without padding, completes on `stream`; its partial state (`head`: a prefix split across
+    frames, `remaining`: body bytes still to come) is carried over to the next frame."""
+    whole = 0
+    pos, size = 0, len(payload)
+    while pos < size:
+        if stream.remaining:
+            take = min(stream.remaining, size - pos)
+            stream.remaining -= take
+            pos += take
+            whole += not stream.remaining
+            continue
+        need = 5 - len(stream.head)
+        stream.head += payload[pos : pos + need]
+        pos += need
+        if len(stream.head) == 5:
+            stream.remaining = int.from_bytes(stream.head[1:5], "big")
+            stream.head = b""
+            whole += not stream.remaining
+    return whole
+
+
 class _Stream:
     __slots__ = ("head", "remaining", "count", "first", "ended")
 
@@ -141,17 +179,9 @@ class StreamCounter(asyncio.Protocol):
         if self.read_interval:
             self._transport.pause_reading()  # type: ignore[union-attr]
             asyncio.get_running_loop().call_later(self.read_interval, self._resume)
-        view = self._rest + data if self._rest else data
+        frames, self._rest = split_frames(self._rest + data if self._rest else data)
         now = self.clock()
-        pos, size = 0, len(view)
-        while size - pos >= 9:
-            length = int.from_bytes(view[pos : pos + 3], "big")
-            if size - pos < 9 + length:
-                break
-            kind, flags = view[pos + 3], view[pos + 4]
-            stream_id = int.from_bytes(view[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-            payload = view[pos + 9 : pos + 9 + length]
-            pos += 9 + length
+        for kind, flags, stream_id, payload in frames:
             if kind == DATA:
                 self._on_data(stream_id, flags, payload, now)
             elif kind == HEADERS:
@@ -167,7 +197,6 @@ class StreamCounter(asyncio.Protocol):
                     self._transport.write(frame(PING, ACK, 0, bytes(payload)))  # type: ignore[union-attr]
             elif kind == GOAWAY:
                 self.goaway = True
-        self._rest = view[pos:]
 
     def _resume(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -183,22 +212,7 @@ class StreamCounter(asyncio.Protocol):
         stream = self.streams.get(stream_id)
         if stream is None:
             return
-        whole = 0
-        pos, size = 0, len(payload)
-        while pos < size:
-            if stream.remaining:
-                take = min(stream.remaining, size - pos)
-                stream.remaining -= take
-                pos += take
-                whole += not stream.remaining
-                continue
-            need = 5 - len(stream.head)
-            stream.head += payload[pos : pos + need]
-            pos += need
-            if len(stream.head) == 5:
-                stream.remaining = int.from_bytes(stream.head[1:5], "big")
-                stream.head = b""
-                whole += not stream.remaining
+        whole = messages_completed(stream, payload)
         if whole:
             if stream.first is None:
                 stream.first = now
