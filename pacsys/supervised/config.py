@@ -498,7 +498,7 @@ class Settings:
         min=0,
     )
     audit_client_burst_bytes: int = _setting(
-        262144,
+        32768,
         "Audit bytes one client may add at once above audit_client_bytes_per_second (an entry larger than "
         "this, with its binary capture frame, is always summarised).",
         section="Audit",
