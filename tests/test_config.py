@@ -298,6 +298,8 @@ def test_each_policy_type_is_built_in_file_order(tmp_path):
         ('type = "custom"\nfactory = "pacsys.supervised:RateLimitPolicy"\nargs = 5', "args", "table"),
         ('type = "custom"\nfactory = "collections:OrderedDict"', "factory", "not a Policy"),
         ('type = "read_only"\nname = ""', "name", "non-empty string"),
+        ('type = "write_grant"\nidentities = ["ops*"]\npatterns = ["Z:*"]', "identities", "not an identity pattern"),
+        ('type = "write_grant"\nidentities = ["CN=a,CN=b"]\npatterns = ["Z:*"]', "identities", "names CN twice"),
     ],
 )
 def test_bad_policy_params(tmp_path, table, key, fragment):

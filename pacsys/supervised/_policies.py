@@ -59,6 +59,7 @@ from typing import Protocol
 
 from pacsys.drf import DRF
 from pacsys.drf_utils import guess_device_name
+from pacsys.supervised._identity import IdentityPattern
 
 __all__ = [
     "CurrentValue",
@@ -314,9 +315,11 @@ class WriteGrantPolicy(Policy):
     """Grant writes to some devices for some clients: the EPICS gateways' UAG/HAG rules, per identity.
 
     Args:
-        identities: Glob patterns on the client's identity (``RequestContext.identity``): the
-            subject of its TLS client certificate (``"CN=ops*"``) or its address without the
-            port (``"ipv4:10.0.1.*"``). Case-sensitive, as certificate subjects are.
+        identities: Patterns on the client's identity (``RequestContext.identity``): a subject
+            pattern matched attribute by attribute against its TLS client certificate's
+            subject (``"CN=ops-*"``), a certificate name (``"DNS:*.ops.example"``), an address
+            without the port (``"ipv4:10.0.1.*"``, ``"ipv6:[::1]"``) or ``"*"``; the rule is
+            `pacsys.supervised._identity.IdentityPattern`'s.
         patterns: Device name patterns (case-insensitive globs) those clients may write.
 
     A Set from a matching client has the slots of matching devices approved; anyone else's
@@ -328,7 +331,7 @@ class WriteGrantPolicy(Policy):
             raise ValueError("identities must be a non-empty list of identity patterns")
         if isinstance(patterns, str) or not patterns:
             raise ValueError("patterns must be a non-empty list of strings")
-        self._identities = [re.compile(fnmatch.translate(i)) for i in identities]
+        self._identities = [IdentityPattern(i) for i in identities]
         self._patterns = _Patterns(patterns)
 
     @property
@@ -336,7 +339,7 @@ class WriteGrantPolicy(Policy):
         return True
 
     def matches(self, identity: str) -> bool:
-        return any(rx.fullmatch(identity) for rx in self._identities)
+        return any(pattern.matches(identity) for pattern in self._identities)
 
     def check(self, ctx: RequestContext) -> PolicyDecision:
         if ctx.rpc_method != "Set" or not self.matches(ctx.identity):

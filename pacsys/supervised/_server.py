@@ -31,11 +31,12 @@ from pacsys.aio._loops import new_event_loop
 from pacsys.backends import Backend
 from pacsys.supervised._audit import AuditLog
 from pacsys.supervised._health import HEALTH_SERVICE, HealthServicer, enable_reflection
+from pacsys.supervised._identity import identity_of
 from pacsys.supervised._listen import bind_problem
 from pacsys.supervised._managed import ManagedBackend
 from pacsys.supervised._peers import PeerLimit, is_loopback
 from pacsys.supervised._policies import Policy
-from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits, identity_of
+from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits
 from pacsys.supervised._signals import SignalLoop
 from pacsys.supervised._tls import ServerTLS, TLSFiles
 from pacsys.supervised.config import Settings

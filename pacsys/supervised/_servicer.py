@@ -33,7 +33,8 @@ from pacsys.errors import grpc_status_of
 from pacsys.replies import ReplyBodies, reply_bytes, setting_reply
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.supervised._audit import AuditLog
-from pacsys.supervised._peers import Bucket, Peers, peer_host
+from pacsys.supervised._identity import identity_of
+from pacsys.supervised._peers import Bucket, Peers
 from pacsys.supervised._policies import Policy
 from pacsys.supervised._protected_writes import HeldSettings, SettingWrite, read_current
 from pacsys.supervised.gate import (
@@ -47,7 +48,7 @@ from pacsys.supervised.gate import (
     ServicerStats,
 )
 
-__all__ = ["SERVICE_NAME", "DAQServicer", "OpenStream", "ServicerLimits", "ServicerStats", "identity_of"]
+__all__ = ["SERVICE_NAME", "DAQServicer", "OpenStream", "ServicerLimits", "ServicerStats"]
 
 logger = logging.getLogger("pacsys.supervised")
 
@@ -107,16 +108,6 @@ def _error_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status for an exception raised by the backend (the table in pacsys.errors)."""
     code, details = grpc_status_of(exc)
     return grpc.StatusCode[code], details
-
-
-def identity_of(context: grpc.aio.ServicerContext) -> str:
-    """The client's identity: its certificate's subject under mutual TLS, else its host address."""
-    auth = context.auth_context() or {}
-    for key in ("x509_subject", "x509_common_name"):
-        values = auth.get(key)
-        if values:
-            return values[0].decode("utf-8", "replace")
-    return peer_host(context.peer())
 
 
 class _Abort(Exception):

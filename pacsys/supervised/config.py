@@ -176,7 +176,16 @@ class Settings:
         example=9109,
     )
     metrics_max_connections: int = _setting(
-        64, "Most connections the metrics port serves at once (more are closed at once).", section="Server", min=1
+        64,
+        "Most connections the metrics port holds at once (a newcomer closes the one silent longest).",
+        section="Server",
+        min=1,
+    )
+    metrics_max_connections_per_address: int = _setting(
+        8,
+        "Most connections the metrics port holds from one host address (a newcomer closes its oldest silent one).",
+        section="Server",
+        min=1,
     )
     metrics_timeout: float = _setting(
         5.0, "Seconds a metrics connection has to send its request and take the answer.", section="Server", gt=0
@@ -335,6 +344,12 @@ class Settings:
     refusal_log_interval: float = _setting(
         10.0,
         "Seconds between log lines for one client's refusals of one kind (the others are counted).",
+        section="Logging",
+        min=0,
+    )
+    grpc_log_interval: float = _setting(
+        10.0,
+        "Seconds between gRPC core's log lines from one line of its code, and between other native stderr lines (the others are counted).",
         section="Logging",
         min=0,
     )

@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
+import logging
+import math
 import platform
 import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Histogram, generate_latest
@@ -25,6 +31,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pacsys.supervised._listen import reason as bind_reason
 from pacsys.supervised._managed import CountsSubscriptions
+from pacsys.supervised.stderr_relay import counts as stderr_counts
 from workers.logformat import counts as log_counts
 from workers.supervision import EXIT_REASONS, RECYCLE_REASONS, SERVING, SlotState
 
@@ -49,6 +56,7 @@ LIMITS = (
     "max_streams_per_peer",
     "max_calls_per_peer",
     "metrics_max_connections",
+    "metrics_max_connections_per_address",
     "metrics_timeout",
 )
 
@@ -56,6 +64,8 @@ if TYPE_CHECKING:
     from pacsys.supervised._audit import AuditLog
     from pacsys.supervised._server import SupervisedServer
     from workers.pool_stats import PoolStats
+
+logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -94,6 +104,11 @@ class _Collector:
         )
         yield CounterMetricFamily(
             "pacsys_log_values_cut", "Log values cut at log_value_chars characters", value=log_counts.values_cut
+        )
+        yield CounterMetricFamily(
+            "pacsys_stderr_lines_not_logged",
+            "Lines of gRPC core (and other native stderr lines) left out by grpc_log_interval",
+            value=stderr_counts.not_logged,
         )
         backend = self._server.backend
         yield GaugeMetricFamily(
@@ -260,6 +275,37 @@ class _BuildInfo:
         yield from self._families
 
 
+# Silent connections wait in the kernel's queue at no cost to us (TCP_DEFER_ACCEPT): let it
+# hold many. The kernel caps it at net.core.somaxconn (4096 by default since Linux 5.4).
+LISTEN_BACKLOG = 4096
+
+
+class _AcceptFailures:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "pacsys_metrics_accept_failures",
+            "Connections the metrics port failed to accept (out of descriptors or memory)",
+            value=self.count,
+        )
+
+
+MAX_REQUEST_BYTES = 16384  # a request line and its headers; a larger request is closed unanswered
+ACCEPT_BATCH = 16  # connections accepted per wake-up of the listening socket, then the others' turn
+ACCEPT_RETRY_DELAY = 0.1  # seconds without accepting after accept() failed (out of descriptors)
+ACCEPT_FAILURE_LOG_INTERVAL = 60.0  # at most one log line per this many seconds about failed accepts
+
+
+@dataclass(eq=False)
+class _Connection:
+    sock: socket.socket
+    address: str  # the client's host address: the unit of the per-address cap
+    answering: bool = False  # its request is complete: it is being answered
+    task: asyncio.Task[None] | None = None
+
+
 class MetricsServer:
     """Serves /metrics, /healthz (liveness) and /readyz (SERVING) over HTTP.
 
@@ -267,10 +313,16 @@ class MetricsServer:
     (``::`` listens on both families).
 
     One thread runs an event loop of its own (not the front's: a slow scrape must not delay a
-    reply). Connections are bounded (`max_connections`; more are closed at once and counted
-    as `metrics_max_connections` in `pacsys_limits_hit`) and each has `timeout` seconds to
-    send its request and take the answer (else it is closed and counted as
-    `metrics_timeout`), so idle connections cost neither threads nor slots for long.
+    reply). No load of connections can keep a probe out (docs/design.md, "The metrics
+    port"): a connection's request is read as it is accepted, so a probe, which sends its
+    request at once, is being answered from its first moment; and at `max_connections` in
+    all, or `max_connections_per_address` from one host address, a newcomer is let in and
+    the connection of that scope that has waited longest without a complete request is
+    closed instead (only when none is waiting, the oldest being answered). Evictions are
+    counted as `metrics_max_connections` and `metrics_max_connections_per_address` in
+    `pacsys_limits_hit`. Each connection has `timeout` seconds to send its request and take
+    the answer (else it is closed and counted as `metrics_timeout`). Concurrent /healthz
+    requests share one liveness check.
     """
 
     def __init__(
@@ -280,11 +332,14 @@ class MetricsServer:
         host: str = "0.0.0.0",
         *,
         max_connections: int = 64,
+        max_connections_per_address: int = 8,
         timeout: float = 5.0,
     ):
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(server))  # type: ignore[arg-type]
         self.registry.register(_BuildInfo())  # type: ignore[arg-type]
+        self._accept_failed_total = _AcceptFailures()
+        self.registry.register(self._accept_failed_total)  # type: ignore[arg-type]
         # prometheus_client's own process and GC collectors (they read process-wide figures).
         self.registry.register(PROCESS_COLLECTOR)
         self.registry.register(GC_COLLECTOR)
@@ -298,19 +353,34 @@ class MetricsServer:
         observers = {rpc: latency.labels(rpc).observe for rpc in ("Read", "Set")}
         server.servicer.stats.latency_observer = lambda rpc, seconds: observers[rpc](seconds)
         self._supervised = server
+        self._limits_hit = server.servicer.stats.limits_hit
         self._max_connections = max_connections
+        self._max_per_address = max_connections_per_address
         self._timeout = timeout
-        self._open = 0
+        # Open connections, oldest first (dicts keep insertion order), in all and per address.
+        self._connections: dict[_Connection, None] = {}
+        self._by_address: dict[str, dict[_Connection, None]] = {}
+        self._alive_check: asyncio.Future[bool] | None = None
+        self._accept_failures = 0  # since the last line about them
+        self._accept_failure_logged = -math.inf
         host = host.strip("[]")
         try:
             if ":" in host:  # IPv6; "::" takes IPv4 clients as well where the system allows it
                 self._sock = socket.create_server(
-                    (host, port), family=socket.AF_INET6, backlog=128, dualstack_ipv6=socket.has_dualstack_ipv6()
+                    (host, port),
+                    family=socket.AF_INET6,
+                    backlog=LISTEN_BACKLOG,
+                    dualstack_ipv6=socket.has_dualstack_ipv6(),
                 )
             else:
-                self._sock = socket.create_server((host, port), family=socket.AF_INET, backlog=128)
+                self._sock = socket.create_server((host, port), family=socket.AF_INET, backlog=LISTEN_BACKLOG)
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port} (metrics_port): {bind_reason(exc, port)}") from None
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):  # Linux
+            # A connection is handed over once its request has arrived: a silent one waits in the
+            # kernel (no descriptor, no slot) for up to `timeout` seconds first.
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, math.ceil(timeout)))
+        self._sock.setblocking(False)
         self.port = self._sock.getsockname()[1]
         self._loop = asyncio.new_event_loop()
         # /healthz asks the front's loop and may wait up to 2 s for it: one thread does that.
@@ -332,47 +402,119 @@ class MetricsServer:
     def _run(self) -> None:
         loop = self._loop
         asyncio.set_event_loop(loop)
-        listening = loop.run_until_complete(asyncio.start_server(self._connection, sock=self._sock, limit=16384))
+        loop.add_reader(self._sock, self._accept)
         try:
             loop.run_forever()
         finally:
-            listening.close()
-            # Connections still open end here: each handler takes its cancellation as the end of
-            # its connection and returns, and the loop is closed only once they all have.
+            loop.remove_reader(self._sock)
+            # Connections still open end here: each task is cancelled, its socket closed as it
+            # ends, and the loop is closed only once they all have.
             pending = asyncio.all_tasks(loop)
             for task in pending:
                 task.cancel()
             loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._open >= self._max_connections:
-            self._supervised.servicer.stats.limits_hit["metrics_max_connections"] += 1
-            writer.transport.abort()
-            return
-        self._open += 1
+    # -- connections --------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        """Accepts what the listening socket holds (a batch at a time), reading each request."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors or memory: the client waits in the backlog
+                self._accept_failed(exc)
+                return
+            sock.setblocking(False)
+            try:
+                # A probe's request has usually arrived with its connection: read it now, so
+                # that the connection is being answered, never the one evicted for a silent one.
+                head = sock.recv(MAX_REQUEST_BYTES)
+            except (BlockingIOError, InterruptedError):
+                head = b""
+            except OSError:
+                sock.close()  # reset already
+                continue
+            connection = _Connection(sock, peer[0])
+            self._make_room(connection.address)
+            self._connections[connection] = None
+            self._by_address.setdefault(connection.address, {})[connection] = None
+            connection.task = self._loop.create_task(self._serve(connection, head))
+            connection.task.add_done_callback(functools.partial(self._closed, connection))
+
+    def _make_room(self, address: str) -> None:
+        """Evicts a connection where a newcomer from `address` would exceed a cap."""
+        same_address = self._by_address.get(address)
+        if same_address is not None and len(same_address) >= self._max_per_address:
+            self._evict(same_address)
+            self._limits_hit["metrics_max_connections_per_address"] += 1
+        if len(self._connections) >= self._max_connections:
+            self._evict(self._connections)
+            self._limits_hit["metrics_max_connections"] += 1
+
+    def _evict(self, scope: dict[_Connection, None]) -> None:
+        """Resets the connection of `scope` silent longest (else the oldest being answered)."""
+        victim = next((c for c in scope if not c.answering), None) or next(iter(scope))
+        self._forget(victim)
+        # A reset, not a close: nothing is left to send, and no TIME_WAIT is kept for it.
+        victim.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert victim.task is not None
+        victim.task.cancel()  # its done callback closes the socket
+
+    def _forget(self, connection: _Connection) -> None:
+        self._connections.pop(connection, None)
+        same_address = self._by_address.get(connection.address)
+        if same_address is not None:
+            same_address.pop(connection, None)
+            if not same_address:
+                del self._by_address[connection.address]
+
+    def _close(self, connection: _Connection) -> None:
+        self._forget(connection)
+        connection.sock.close()
+
+    def _closed(self, connection: _Connection, task: asyncio.Task[None]) -> None:
+        self._close(connection)  # however its task ended: answered, gone, timed out, evicted
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Counts a failed accept, pauses accepting a moment, and says so at a bounded rate."""
+        self._accept_failed_total.count += 1
+        self._accept_failures += 1
+        now = time.monotonic()
+        if now - self._accept_failure_logged >= ACCEPT_FAILURE_LOG_INTERVAL:
+            logger.warning("event=metrics_accept_failed error=%s count=%d", exc, self._accept_failures)
+            self._accept_failure_logged = now
+            self._accept_failures = 0
+        self._loop.remove_reader(self._sock)
+        self._loop.call_later(ACCEPT_RETRY_DELAY, self._loop.add_reader, self._sock, self._accept)
+
+    async def _serve(self, connection: _Connection, head: bytes) -> None:
+        loop = self._loop
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._timeout)
-            parts = head.split(b"\r\n", 1)[0].split()
-            method, path = (parts[0], parts[1].decode("latin-1")) if len(parts) >= 2 else (b"", "")
-            status, body, content_type = await self._answer(method, path)
-            writer.write(
-                f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n".encode()
-                + body
-            )
-            await asyncio.wait_for(writer.drain(), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                while b"\r\n\r\n" not in head:
+                    if len(head) >= MAX_REQUEST_BYTES:
+                        return  # too large a request: closed unanswered
+                    more = await loop.sock_recv(connection.sock, MAX_REQUEST_BYTES)
+                    if not more:
+                        return  # gone
+                    head += more
+                connection.answering = True
+                parts = head.split(b"\r\n", 1)[0].split()
+                method, path = (parts[0], parts[1].decode("latin-1")) if len(parts) >= 2 else (b"", "")
+                status, body, content_type = await self._answer(method, path)
+                await loop.sock_sendall(
+                    connection.sock,
+                    f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                    "Connection: close\r\n\r\n".encode()
+                    + body,
+                )
         except TimeoutError:
-            self._supervised.servicer.stats.limits_hit["metrics_timeout"] += 1
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass  # too large a request, or gone: the connection is closed
-        except asyncio.CancelledError:
-            # The server stops (`_run`). Returned from, not raised: Python 3.11's stream server
-            # logs a cancelled handler's CancelledError as an ERROR with its traceback.
-            pass
-        finally:
-            self._open -= 1
-            writer.close()
+            self._limits_hit["metrics_timeout"] += 1
+        except ConnectionError:
+            pass  # gone
 
     async def _answer(self, method: bytes, path: str) -> tuple[str, bytes, str]:
         text = "text/plain; charset=utf-8"
@@ -381,8 +523,7 @@ class MetricsServer:
         if path == "/metrics":
             return "200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST
         if path == "/healthz":
-            loop = asyncio.get_running_loop()
-            alive = await loop.run_in_executor(self._probe, self._supervised.alive)
+            alive = await self._alive()
             return (
                 ("200 OK", b"ok\n", text) if alive else ("503 Service Unavailable", b"front loop not answering\n", text)
             )
@@ -390,3 +531,10 @@ class MetricsServer:
             ready = self._supervised.ready
             return ("200 OK", b"ready\n", text) if ready else ("503 Service Unavailable", b"not ready\n", text)
         return "404 Not Found", b"not found\n", text
+
+    async def _alive(self) -> bool:
+        """Liveness, one check at a time: requests that arrive while one runs share its answer."""
+        if self._alive_check is None or self._alive_check.done():
+            self._alive_check = self._loop.run_in_executor(self._probe, self._supervised.alive)
+        # Shielded: a connection closed while it waits must not cancel the others' answer.
+        return await asyncio.shield(self._alive_check)

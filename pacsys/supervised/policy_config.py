@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from pacsys.supervised._identity import IdentityPatternError
 from pacsys.supervised._machine_protection import SlewLimit, SlewRatePolicy, ValueRangePolicy
 from pacsys.supervised._policies import (
     DeviceAccessPolicy,
@@ -128,6 +129,8 @@ def _write_grant(t: _PolicyTable) -> Policy:
     patterns = _string_list(t, "patterns", '"Z:*"')
     try:
         return WriteGrantPolicy(identities, patterns)
+    except IdentityPatternError as exc:
+        raise t.error("identities", f"is invalid: {exc}") from None
     except ValueError as exc:
         raise t.error("patterns", f"is invalid: {exc}") from None
 

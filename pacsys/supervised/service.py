@@ -157,6 +157,7 @@ class Service:
                         s.metrics_port,
                         host=_metrics_host(s.host),
                         max_connections=s.metrics_max_connections,
+                        max_connections_per_address=s.metrics_max_connections_per_address,
                         timeout=s.metrics_timeout,
                     )
                     self.metrics.start()
