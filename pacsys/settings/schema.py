@@ -383,6 +383,47 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "Make writes even while the audit log cannot record them (else they are refused with UNAVAILABLE).",
         section="Audit",
     )] = False
+    audit_drf_chars: Annotated[int, setting(
+        "Characters of a Read's DRF list written into its audit entry; the DRFs after them are recorded as "
+        "their count and SHA-256 (drfs_left_out). A Set's entry is always whole.",
+        section="Audit", ge=0,
+    )] = 4096
+    audit_client_bytes_per_second: Annotated[float, setting(
+        "Audit bytes a second one client (identity or host) may add with Reads, refused requests and "
+        "denials of Sets that needed no token; past it, and past audit_client_burst_bytes, its entries are "
+        "summarised (counted, digested, one summary line per audit_summary_interval). 0: no limit. "
+        "Sets that pass the token are always recorded in full.",
+        section="Audit", ge=0,
+    )] = 32768.0
+    audit_client_burst_bytes: Annotated[int, setting(
+        "Audit bytes one client may add at once above audit_client_bytes_per_second (an entry larger than "
+        "this, with its binary capture frame, is always summarised).",
+        section="Audit", ge=1024,
+    )] = 32768
+    audit_summary_interval: Annotated[float, setting(
+        "Seconds a client's summarised requests are gathered before their summary line is written.",
+        section="Audit", gt=0, le=3600,
+    )] = 1.0
+    audit_max_bytes: Annotated[int, setting(
+        "Size at which the service rotates its audit files itself (audit.jsonl -> audit.jsonl.1 -> ..., the "
+        "binary capture with it); 0: never, rotation is left to logrotate (SIGUSR1).",
+        section="Audit", ge=0, example=268435456,
+    )] = 0
+    audit_keep: Annotated[int, setting(
+        "Rotated files audit_max_bytes keeps (audit.jsonl.1 newest ... audit.jsonl.N); older ones are deleted.",
+        section="Audit", ge=1, le=1000,
+    )] = 10
+    audit_min_free_bytes: Annotated[int, setting(
+        "Free space on the audit files' filesystem below which a WARNING is logged (once a minute) and "
+        "pacsys_audit_low_space is 1 (0: no warning).",
+        section="Audit", ge=0,
+    )] = 1 << 30
+    audit_reserve_bytes: Annotated[int, setting(
+        "Free space kept for Sets: below it, Reads and refused requests are only summarised "
+        "(pacsys_audit_low_space 2); Sets are recorded in full until the disk is full (at most "
+        "audit_min_free_bytes).",
+        section="Audit", ge=0,
+    )] = 256 << 20
 
     # policies
     policies: Annotated[tuple[dict[str, Any], ...], setting(
@@ -421,6 +462,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError.of("metrics_port", f"({self.metrics_port}) must differ from 'port'")
         if self.audit_proto_path is not None and self.audit_path is None:
             raise ConfigError.of("audit_proto_path", "needs 'audit_path' as well")
+        if self.audit_reserve_bytes > self.audit_min_free_bytes:
+            raise ConfigError.of(
+                "audit_reserve_bytes",
+                f"({self.audit_reserve_bytes}) must not exceed 'audit_min_free_bytes' ({self.audit_min_free_bytes}): "
+                "the warning comes first",
+            )
+        if 0 < self.audit_max_bytes < 4096:
+            raise ConfigError.of("audit_max_bytes", f"must be 0 (off) or at least 4096, got {self.audit_max_bytes}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError.of(
                 "tls_key" if self.tls_key is None else "tls_cert", "needs 'tls_cert' and 'tls_key' both"

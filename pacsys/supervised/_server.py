@@ -318,7 +318,9 @@ class SupervisedServer:
         audit = self.servicer.audit
         if audit is not None:
             # Reads go on while the audit log cannot record; writes do not (see "audit" health).
-            audit.flush()  # notices a deleted file (or directory) without waiting for a request
+            # Notices a deleted file (or directory), writes the client summaries due and looks at
+            # the free space, without waiting for a request.
+            audit.flush()
             recording = audit.healthy
             if recording != self._audit_healthy:
                 if not recording:
@@ -387,9 +389,15 @@ class SupervisedServer:
             "limits_hit": dict(stats.limits_hit),
         }
         if self.servicer.audit is not None:
+            audit = self.servicer.audit
             result["audit"] = {
-                "healthy": self.servicer.audit.healthy,
+                "healthy": audit.healthy,
                 "writes_refused": stats.writes_refused_unaudited,
+                "disk_free_bytes": audit.disk_free_bytes,
+                "low_space": audit.low_space,
+                "summarised": dict(audit.stats.summarised),
+                "drf_lists_cut": audit.stats.drf_lists_cut,
+                "rotations": audit.stats.rotations,
             }
         managed = self._managed
         if managed is not None:

@@ -15,7 +15,8 @@ seq. The steps, in order (`docs/design.md`, "The request path"):
    chain needs, which the caller reads through the backend and hands to `decide`)
 3. the policy chain (a denial is audited here)
 4. the client's limits (`_peers.Peers`): calls in flight, streams, readings per second
-5. the audit line of the admitted request (a Set's must be recorded: else refused)
+5. the audit line of the admitted request (a Set's must be recorded: else refused; a Read's
+   may be summarised when its client is over its audit budget, `_audit_limits`)
 
 `admit` does it all in one step, with no current values. After a Set's write, `written`
 tells the chain what the backend accepted (`Policy.on_written`).
@@ -512,7 +513,9 @@ class Gate:
             raise _Refused("INTERNAL", f"Policy error: {excerpt(str(exc))}", "error") from None
         if not decision.allowed:
             if self.audit is not None:
-                self.audit.log_request(ctx, decision)
+                # A denied Set is recorded in full when it passed the token; with no token to pass,
+                # anyone can send one, and it counts against its client's audit budget.
+                self.audit.log_request(ctx, decision, summarisable=ctx.rpc_method != "Set" or self.token is None)
             self.stats.denials_by_policy[decision.policy or "policy"] += 1
             raise _Refused("PERMISSION_DENIED", decision.reason or "denied by policy", "denied")
         final = decision.ctx or ctx
@@ -535,7 +538,7 @@ class Gate:
                 raw_request=None,
                 identity=who,
             )
-            self.audit.log_request(ctx, PolicyDecision(False, f"{refusal.code}: {refusal.details}"))
+            self.audit.log_request(ctx, PolicyDecision(False, f"{refusal.code}: {refusal.details}"), refusal=True)
 
     def log_outcome(
         self,

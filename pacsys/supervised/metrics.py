@@ -61,6 +61,7 @@ LIMITS = (
 
 if TYPE_CHECKING:
     from pacsys.pool.stats import PoolStats, WorkerRow
+    from pacsys.supervised._audit import AuditLog
     from pacsys.supervised._server import SupervisedServer
 
 logger = logging.getLogger(__name__)
@@ -90,11 +91,7 @@ class _Collector:
             value=stats.refusals_not_logged,
         )
         if servicer.audit is not None:
-            yield GaugeMetricFamily(
-                "pacsys_audit_healthy",
-                "1 while the audit log records (writes are refused while it cannot)",
-                value=1 if servicer.audit.healthy else 0,
-            )
+            yield from _audit_metrics(servicer.audit)
         yield CounterMetricFamily(
             "pacsys_readings_delivered", "Readings delivered to client streams", value=stats.readings_delivered
         )
@@ -131,6 +128,52 @@ class _Collector:
             )
         if managed is not None:
             yield from _worker_metrics(managed.worker_states(), managed.stats)
+
+
+def _audit_metrics(audit: AuditLog) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "pacsys_audit_healthy",
+        "1 while the audit log records (writes are refused while it cannot)",
+        value=1 if audit.healthy else 0,
+    )
+    stats = audit.stats
+    yield CounterMetricFamily(
+        "pacsys_audit_written_bytes", "Bytes written to the audit log and its capture", value=stats.written_bytes
+    )
+    summarised = CounterMetricFamily(
+        "pacsys_audit_summarised",
+        "Requests recorded only in a summary line, by the setting that bit "
+        "(audit_client_bytes_per_second, audit_reserve_bytes)",
+        labels=["reason"],
+    )
+    for reason, n in list(stats.summarised.items()):
+        summarised.add_metric([reason], n)
+    yield summarised
+    yield CounterMetricFamily(
+        "pacsys_audit_summarised_bytes",
+        "Bytes of audit entries and frames not written, recorded in summaries instead",
+        value=stats.summarised_bytes,
+    )
+    yield CounterMetricFamily(
+        "pacsys_audit_drf_lists_cut",
+        "Audit entries whose DRF list was cut at audit_drf_chars (count and digest of the rest)",
+        value=stats.drf_lists_cut,
+    )
+    yield CounterMetricFamily(
+        "pacsys_audit_rotations", "Rotations of the audit files at audit_max_bytes", value=stats.rotations
+    )
+    if audit.disk_free_bytes is not None:
+        yield GaugeMetricFamily(
+            "pacsys_audit_disk_free_bytes",
+            "Free bytes on the audit files' filesystem",
+            value=audit.disk_free_bytes,
+        )
+    yield GaugeMetricFamily(
+        "pacsys_audit_low_space",
+        "0: free space above audit_min_free_bytes; 1: below it; 2: below audit_reserve_bytes "
+        "(Reads and refusals only summarised, Sets in full)",
+        value=audit.low_space,
+    )
 
 
 def _worker_metrics(rows: list[WorkerRow], pool_stats: PoolStats) -> Iterator[Metric]:

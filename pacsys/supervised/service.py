@@ -92,7 +92,7 @@ class Service:
         return WorkerPool(s)
 
     def run(self) -> int:
-        from pacsys.supervised._audit import AuditLog
+        from pacsys.supervised._audit import AuditLimits, AuditLog
         from pacsys.supervised._server import SupervisedServer, tune_gc_for_serving
 
         s = self.settings
@@ -105,7 +105,13 @@ class Service:
             return report_error(exc)
         try:
             if s.audit_path is not None:
-                self.audit = AuditLog(s.audit_path, s.audit_proto_path, s.audit_log_responses, s.audit_flush_interval)
+                self.audit = AuditLog(
+                    s.audit_path,
+                    s.audit_proto_path,
+                    s.audit_log_responses,
+                    s.audit_flush_interval,
+                    limits=AuditLimits.from_settings(s),
+                )
         except (OSError, ValueError) as exc:
             return report_error(f"cannot open the audit log: {exc}", EXIT_START_FAILED)
         signals = SignalLoop(self, SIGNALS)

@@ -28,6 +28,9 @@ def check_files(settings: Settings) -> None:
         if path is None:
             continue
         problem = _append_problem(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        if problem is None and settings.audit_max_bytes and not os.access(directory, os.W_OK | os.X_OK):
+            problem = f"its directory {directory} is not writable by this user (audit_max_bytes renames files there)"
         if problem is not None:
             raise ConfigError(f"'{key}' {path}: {problem}", key=key, body=problem)
 
