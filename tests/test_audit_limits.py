@@ -22,10 +22,10 @@ from dataclasses import replace
 import grpc
 import pytest
 from helpers import wait_for
-from pacsys.supervised.config import ConfigError, Settings
 
 from pacsys._proto.controls.common.v1 import device_pb2
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
+from pacsys.settings import ConfigError, Settings
 from pacsys.supervised import AuditLimits, AuditLog, PolicyDecision, RequestContext, audit_files, read_audit
 from pacsys.supervised._audit import read_audit_proto
 from pacsys.supervised.gate import Gate, GateRequest

@@ -23,14 +23,14 @@ from google.protobuf.json_format import MessageToDict
 
 from pacsys.drf_utils import guess_device_name
 from pacsys.supervised._arguments import ArgumentParser
-from pacsys.supervised._audit import (
+from pacsys.supervised._audit import summarize_reply
+from pacsys.supervised._audit_reader import (
     TAG_READ_REQUEST,
     TAG_SETTING_REQUEST,
     TAG_TYPES,
     audit_files,
     read_audit,
     read_audit_proto,
-    summarize_reply,
 )
 from workers.logformat import escape_value
 
