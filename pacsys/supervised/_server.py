@@ -32,7 +32,7 @@ from pacsys.backends import Backend
 from pacsys.settings import Settings
 from pacsys.supervised._audit import AuditLog
 from pacsys.supervised._health import HEALTH_SERVICE, HealthServicer, enable_reflection
-from pacsys.supervised._identity import identity_of
+from pacsys.supervised._identity import Callers
 from pacsys.supervised._listen import bind_problem
 from pacsys.supervised._managed import ManagedBackend
 from pacsys.supervised._peers import PeerLimit, is_loopback
@@ -126,6 +126,8 @@ class SupervisedServer:
             log_requests=log_requests,
             allow_unaudited_writes=allow_unaudited_writes,
             token_over_plaintext=allow_token_plaintext,
+            # The one port serves TLS or plaintext, and asks for client certificates or not.
+            callers=Callers(tls=tls is not None, client_certificates=tls is not None and tls.client_ca is not None),
         )
         self.admin_token = admin_token
         self.health = _Health(self.servicer)
@@ -473,7 +475,7 @@ class _Health(HealthServicer):
         if len(request.service) > MAX_HEALTH_SERVICE_NAME:
             # The base class keeps a condition per name watched: no client-sized keys.
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "service name too long")
-        who = identity_of(context)
+        who, _ = self._servicer.callers.identify(context, context.peer())
         peers = self._servicer.peers
         try:
             peers.open_stream(who)

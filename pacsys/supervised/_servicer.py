@@ -33,7 +33,7 @@ from pacsys.errors import grpc_status_of
 from pacsys.replies import ReplyBodies, reply_bytes, setting_reply
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.supervised._audit import AuditLog
-from pacsys.supervised._identity import identity_of
+from pacsys.supervised._identity import Callers
 from pacsys.supervised._peers import Bucket, Peers
 from pacsys.supervised._policies import Policy
 from pacsys.supervised._protected_writes import HeldSettings, SettingWrite, read_current
@@ -134,8 +134,11 @@ class DAQServicer:
         *,
         allow_unaudited_writes: bool = False,
         token_over_plaintext: bool = True,
+        callers: Callers | None = None,
     ):
         self.backend = backend
+        # Whether calls come over TLS and with client certificates: facts of the server's port.
+        self.callers = callers if callers is not None else Callers()
         self.gate = Gate(
             policies,
             token,
@@ -225,7 +228,8 @@ class DAQServicer:
 
     def token_refusal(self, context: grpc.aio.ServicerContext, token: str | None) -> tuple[grpc.StatusCode, str] | None:
         """The code and details that refuse a call not carrying `token` as Set requires it, or None."""
-        refusal = self.gate.token_refusal(context.invocation_metadata() or (), _over_tls(context), token)
+        _, tls = self.callers.identify(context, context.peer())
+        refusal = self.gate.token_refusal(context.invocation_metadata() or (), tls, token)
         if refusal is None:
             return None
         return grpc.StatusCode[refusal.code], refusal.details
@@ -250,12 +254,12 @@ class DAQServicer:
         self, request: DAQ_pb2.ReadingList | _Undecodable, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         started = time.perf_counter()
-        decision = self.gate.admit(_gate_request("Read", request, context, started))
+        decision = self.gate.admit(_gate_request("Read", request, context, started, self.callers))
         if decision.refusal is not None:
             await _abort(context, decision.refusal)
             return
         peer, who = decision.request.peer, decision.request.identity
-        drfs = list(decision.request.drfs)
+        drfs = decision.request.drfs  # as the client sent them, for the log
         final = decision.final
         assert final is not None
         try:
@@ -355,7 +359,7 @@ class DAQServicer:
         self, request: DAQ_pb2.SettingList | _Undecodable, context: grpc.aio.ServicerContext
     ) -> DAQ_pb2.SettingReply:
         started = time.perf_counter()
-        opened = self.gate.door(_gate_request("Set", request, context, started))
+        opened = self.gate.door(_gate_request("Set", request, context, started, self.callers))
         if isinstance(opened, Refusal):
             await _abort(context, opened)
             raise AssertionError("unreachable: abort raises")
@@ -410,19 +414,19 @@ class DAQServicer:
         return reply
 
 
-def _gate_request(rpc: str, request: Any, context: grpc.aio.ServicerContext, started: float) -> GateRequest:
+def _gate_request(
+    rpc: str, request: Any, context: grpc.aio.ServicerContext, started: float, callers: Callers
+) -> GateRequest:
     """The gate's view of a call: its client, metadata and transport, its DRFs or settings."""
     peer = context.peer()
-    who = identity_of(context)
+    who, tls = callers.identify(context, peer)
     if isinstance(request, _Undecodable):
         kind = "ReadingList" if rpc == "Read" else "SettingList"
         malformed = f"request is not a {kind} ({request.size} bytes, {request.error})"
         return GateRequest(rpc, peer, who, malformed=malformed, started=started)
     metadata = context.invocation_metadata() or ()
     if rpc == "Read":
-        return GateRequest(
-            rpc, peer, who, metadata, list(request.drf), tls=_over_tls(context), raw=request, started=started
-        )
+        return GateRequest(rpc, peer, who, metadata, list(request.drf), tls=tls, raw=request, started=started)
     settings = request.setting
     return GateRequest(
         rpc,
@@ -431,7 +435,7 @@ def _gate_request(rpc: str, request: Any, context: grpc.aio.ServicerContext, sta
         metadata,
         [s.device for s in settings],
         [s.value for s in settings],
-        tls=_over_tls(context),
+        tls=tls,
         raw=request,
         started=started,
     )
@@ -447,8 +451,3 @@ async def _pause(handle: AsyncSubscriptionHandle, seconds: float) -> None:
     until = loop.time() + seconds
     while not handle.stopped and (left := until - loop.time()) > 0:
         await asyncio.sleep(min(left, 0.1))
-
-
-def _over_tls(context: grpc.aio.ServicerContext) -> bool:
-    auth = context.auth_context() or {}
-    return auth.get("transport_security_type") == [b"ssl"]
