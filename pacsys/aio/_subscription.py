@@ -12,6 +12,10 @@ receiver thread, a test's emitter):
 The consumer iterates `readings()` on the loop and is woken at once, with no polling. When
 the consumer falls behind, the oldest readings are dropped and counted in `dropped`: a slow
 reader loses its own data, it never blocks the producer.
+
+A handle carries Readings. One made for a consumer that only forwards the bytes (the
+servicer's streams on a worker pool, `AsyncBackend.subscribe_bodies`) carries each reading as
+the pair (DRF, DAQ reply body) instead, which its consumer takes with `drain()`.
 """
 
 from __future__ import annotations
@@ -21,10 +25,14 @@ import collections
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import cast
 
 from pacsys.types import Reading
 
 DEFAULT_BUFFER_SIZE = 10_000
+
+#: What a handle carries: a Reading, or (DRF, DAQ reply body) on a stream of encoded readings.
+Item = Reading | tuple[str, bytes]
 
 
 class AsyncSubscriptionHandle:
@@ -34,7 +42,7 @@ class AsyncSubscriptionHandle:
         maxsize: int = DEFAULT_BUFFER_SIZE,
     ):
         self._remover = remover
-        self._buffer: collections.deque[Reading] = collections.deque(maxlen=maxsize)
+        self._buffer: collections.deque[Item] = collections.deque(maxlen=maxsize)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         try:
@@ -79,11 +87,11 @@ class AsyncSubscriptionHandle:
         except RuntimeError:
             pass  # the loop is closed: nobody is left to read
 
-    def dispatch(self, reading: Reading) -> None:
+    def dispatch(self, reading: Item) -> None:
         """Deliver one reading (from any thread)."""
         self._call(self._put, (reading,))
 
-    def dispatch_many(self, readings: Iterable[Reading]) -> None:
+    def dispatch_many(self, readings: Iterable[Item]) -> None:
         """Deliver readings in order, with at most one wake-up of the consumer (from any thread)."""
         self._call(self._put, tuple(readings))
 
@@ -95,7 +103,7 @@ class AsyncSubscriptionHandle:
         """End the subscription normally; the consumer reads what is buffered, then stops."""
         self._call(self._end, None)
 
-    def dispatch_on_loop(self, reading: Reading) -> None:
+    def dispatch_on_loop(self, reading: Item) -> None:
         """`dispatch` for a producer on the handle's own loop (the pool's hot path): no thread check."""
         if self._stopped:
             return
@@ -111,7 +119,7 @@ class AsyncSubscriptionHandle:
     _signal_error = signal_error
     _signal_stop = signal_stop
 
-    def _put(self, readings: tuple[Reading, ...]) -> None:
+    def _put(self, readings: tuple[Item, ...]) -> None:
         if self._stopped:
             return
         buffer = self._buffer
@@ -148,7 +156,7 @@ class AsyncSubscriptionHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             while self._buffer:
-                reading = self._buffer.popleft()
+                reading = cast(Reading, self._buffer.popleft())  # a handle of Readings is iterated
                 self.delivered += 1
                 yield reading, self
             if self._stopped:
@@ -176,7 +184,7 @@ class AsyncSubscriptionHandle:
             self.dropped += len(self._buffer) - len(kept)
             self._buffer = kept
 
-    def drain(self) -> list[Reading]:
+    def drain(self) -> list[Item]:
         """Take every buffered reading at once (for consumers that write in batches)."""
         items = list(self._buffer)
         self._buffer.clear()

@@ -30,7 +30,7 @@ from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
 from pacsys.backends import summarize_drfs
 from pacsys.errors import grpc_status_of
-from pacsys.replies import ReplyBodies, reply_bytes, setting_reply
+from pacsys.replies import reading_body, reply_bytes, setting_reply
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.supervised._audit import AuditLog
 from pacsys.supervised._identity import Callers
@@ -150,8 +150,6 @@ class DAQServicer:
         )
         self._streams: dict[AsyncSubscriptionHandle, OpenStream] = {}
         self._held = HeldSettings()  # the settings Sets in flight judge from their current values
-        # A backend that receives readings already encoded shares its cache of their bodies.
-        self._bodies = backend.reply_bodies if backend.reply_bodies is not None else ReplyBodies()
 
     # -- wiring ------------------------------------------------------------------------
 
@@ -299,11 +297,10 @@ class DAQServicer:
             slots.setdefault(drf, []).append(decision.original[pos])
             if parsed.canonical != drf:
                 slots.setdefault(parsed.canonical, []).append(decision.original[pos])
-        handle = await self.backend.subscribe(drfs)
+        handle = await self.backend.subscribe_bodies(drfs)
         if self.limits.stream_buffer is not None:
             handle.resize(self.limits.stream_buffer)
         self._streams[handle] = OpenStream(peer, drfs, time.time(), handle, who)
-        bodies = self._bodies
         audit = self.audit
         log_out = audit is not None and audit.log_responses
         seq = decision.seq
@@ -314,12 +311,15 @@ class DAQServicer:
             while True:
                 await handle.wait()
                 batch = handle.drain()
-                for n, reading in enumerate(batch, 1):
-                    indices = slots.get(reading.drf)
+                for n, item in enumerate(batch, 1):
+                    if isinstance(item, tuple):  # (DRF, the body its worker encoded): a worker pool's
+                        drf, body = item
+                    else:  # a Reading of a backend in this process: encoded here
+                        drf, body = item.drf, reading_body(item)
+                    indices = slots.get(drf)
                     if indices is None:
-                        logger.warning("stream reading for an unrequested DRF %r dropped", reading.drf)
+                        logger.warning("stream reading for an unrequested DRF %r dropped", drf)
                         continue
-                    body = bodies.body(reading)
                     for index in indices:
                         reply = reply_bytes(index, body)
                         if log_out:
