@@ -109,7 +109,9 @@ class OneShotCalls:
 
     async def get_many(self, drfs: list[str], timeout: float | None = None) -> list[Reading]:
         """Each DRF's Reading, in order."""
-        return await self._read(_Read(drfs, None, reading_from_wire), timeout)
+        read = _Read(drfs, None, reading_from_wire)
+        await self._read_positions(read, range(len(drfs)), timeout, retry=True)
+        return read.results
 
     async def read_bodies(
         self, drfs: list[str], timeout: float | None = None, devices: Sequence[str] | None = None
@@ -118,10 +120,8 @@ class OneShotCalls:
 
         `devices` are the DRFs' canonical device names when the caller has parsed them.
         """
-        return await self._read(_Read(drfs, devices, body_of), timeout)
-
-    async def _read(self, read: _Read, timeout: float | None) -> list[Any]:
-        await self._read_positions(read, range(len(read.drfs)), timeout, retry=True)
+        read = _Read(drfs, devices, body_of)
+        await self._read_positions(read, range(len(drfs)), timeout, retry=True)
         return read.results
 
     async def _read_positions(self, read: _Read, positions: Iterable[int], timeout: float | None, retry: bool) -> None:

@@ -154,14 +154,13 @@ class DAQServicer:
     # -- wiring ------------------------------------------------------------------------
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
-        identity: Callable[[bytes], bytes] = lambda b: b  # noqa: E731 - replies are pre-serialized
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
                 "Read": grpc.unary_stream_rpc_method_handler(
                     self.Read,
                     request_deserializer=_decoder(DAQ_pb2.ReadingList),
-                    response_serializer=identity,
+                    response_serializer=None,  # replies are bytes already: gRPC sends them as they are
                 ),
                 "Set": grpc.unary_unary_rpc_method_handler(
                     self.Set,
