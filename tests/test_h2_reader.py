@@ -74,6 +74,50 @@ def test_nothing_is_counted_outside_the_window():
     asyncio.run(main())
 
 
+def test_a_stream_taken_late_is_not_counted_starved_until_it_was_served():
+    """First message at 16 (the window is [10, 20)), then 17 and 19: it went 6 s without a
+    message inside the window, but it was being taken, not starved: once served, its longest
+    silence was 17 -> 19."""
+
+    async def main():
+        release = asyncio.Queue()
+
+        async def read(request: bytes, context):
+            while True:
+                await release.get()
+                yield b"x"
+
+        server = grpc.aio.server()
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Test", {"Read": grpc.unary_stream_rpc_method_handler(read)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        clock = [0.0]
+        loop = asyncio.get_running_loop()
+        try:
+            _, counter = await loop.create_connection(
+                lambda: StreamCounter(f"127.0.0.1:{port}", 10.0, 20.0, clock=lambda: clock[0]), "127.0.0.1", port
+            )
+            counter.open("/bench.Test/Read", b"")
+            (late,) = counter.order
+            for n, at in enumerate((16.0, 17.0, 19.0), 1):
+                clock[0] = at
+                release.put_nowait(None)
+                await until(lambda n=n: counter.streams[late].received == n)
+            assert counter.longest_gap(late) == 6.0
+            assert counter.longest_served_gap(late) == 2.0  # 17 -> 19, not 10 -> 16
+            clock[0] = 21.0
+            release.put_nowait(None)
+            await until(lambda: counter.streams[late].received == 4)
+            counter.close()
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
 def test_the_longest_gap_inside_the_window_counts_its_start_and_end():
     """Messages at 5 (before the window [10, 20)), 12, 13 and 25 (after it): the longest gap is
     13 -> 20 (7 s: a stream that falls silent near the end starves too), not 25 - 13; a stream
@@ -115,6 +159,7 @@ def test_the_longest_gap_inside_the_window_counts_its_start_and_end():
             assert counter.longest_gap(talking) == 7.0
             assert counter.longest_gap(silent) == 10.0
             assert stream.first == 5.0 and counter.streams[silent].first is None
+            assert counter.longest_served_gap(talking) == 7.0 and counter.longest_served_gap(silent) is None
             counter.close()
         finally:
             await server.stop(0)
