@@ -295,3 +295,25 @@ class TestAsyncPolicyEnforcement:
             with pytest.raises(grpc.RpcError) as exc_info:
                 stub.Set(request, timeout=5.0)
             assert exc_info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# -- several accept loops on the one port ---------------------------------------------------
+
+
+def test_accept_loops_share_the_port_and_another_server_is_still_refused_it():
+    fb = FakeBackend()
+    _seed_backend(fb)
+    with pytest.raises(ValueError, match="accept_loops"):
+        SupervisedServer(fb, port=0, accept_loops=0)
+    with SupervisedServer(fb, port=0, host="127.0.0.1", accept_loops=4) as srv:
+        # Eight connections, spread by the kernel over the four servers: every one answered.
+        for _ in range(8):
+            options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
+            with grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=options) as ch:
+                stub = DAQ_pb2_grpc.DAQStub(ch)
+                (reply,) = stub.Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@I"]), timeout=5)
+                assert reply.readings.reading[0].data.scalar == pytest.approx(72.5)
+        # Its sockets share the port among themselves only: a second server is refused it.
+        second = SupervisedServer(fb, port=srv.port, host="127.0.0.1", accept_loops=4)
+        with pytest.raises(OSError, match=f"port {srv.port} is in use"):
+            second.start()

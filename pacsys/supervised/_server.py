@@ -77,6 +77,7 @@ class SupervisedServer:
         *,
         limits: ServicerLimits | None = None,
         max_message_bytes: int = DEFAULTS.max_message_bytes,
+        accept_loops: int = DEFAULTS.accept_loops,
         threads_per_worker: int = DEFAULTS.threads_per_worker,
         shutdown_grace: float = DEFAULTS.shutdown_grace,
         drain_delay: float = DEFAULTS.drain_delay,
@@ -103,6 +104,9 @@ class SupervisedServer:
         self._requested_port = port
         self._port: int | None = None
         self._max_message_bytes = max_message_bytes
+        if isinstance(accept_loops, bool) or not isinstance(accept_loops, int) or not 1 <= accept_loops <= 64:
+            raise ValueError(f"accept_loops must be an integer from 1 to 64, got {accept_loops!r}")
+        self._accept_loops = accept_loops
         self._grace = shutdown_grace
         self._drain_delay = drain_delay
         self.stopping = False  # run() is stopping on a signal: a second one exits at once
@@ -280,19 +284,11 @@ class SupervisedServer:
 
     async def _serve(self) -> None:
         self._stop_requested = asyncio.Event()
-        options: list[tuple[str, Any]] = [
-            *KEEPALIVE_OPTIONS,
-            ("grpc.max_receive_message_length", self._max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-        server = grpc.aio.server(options=options)
-        server.add_generic_rpc_handlers((self.servicer.rpc_handler(),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        enable_reflection((SERVICE_NAME, HEALTH_SERVICE), server)
-        server.add_generic_rpc_handlers((self._admin_handler(),))
-        self._port = self._bind(server)
+        servers = [self._grpc_server() for _ in range(self._accept_loops)]
+        self._port = self._bind(servers)
         await self._open_backend()
-        await server.start()
+        for server in servers:
+            await server.start()
         self._started_at = time.time()
         await self._update_readiness()
         watcher = asyncio.get_running_loop().create_task(self._watch_readiness())
@@ -302,7 +298,7 @@ class SupervisedServer:
             await self._stop_requested.wait()
         finally:
             watcher.cancel()
-            await self._shutdown(server)
+            await self._shutdown(servers)
 
     def _backend_ready(self) -> bool:
         # A worker pool is ready while enough workers are; any other backend always is.
@@ -408,20 +404,46 @@ class SupervisedServer:
             result["pool"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(managed.stats).items()}
         return result
 
-    def _bind(self, server: grpc.aio.Server) -> int:
-        address = f"{self._host}:{self._requested_port}"
-        problem = bind_problem(self._host, self._requested_port)
+    def _grpc_server(self) -> grpc.aio.Server:
+        """One gRPC server of the service port, with every service on it.
+
+        grpc.aio takes new calls one at a time, each after a few turns of the event loop and a
+        hop through its poller thread: about 30 to 40 a second once the loop is saturated.
+        `accept_loops` servers share the port (SO_REUSEPORT; the kernel spreads connections
+        over their sockets), each taking new calls on its own, all on this loop and this
+        servicer. The port was free when the first bound it (`bind_problem`, without
+        SO_REUSEPORT): another instance started on it is still refused.
+        """
+        options: list[tuple[str, Any]] = [
+            *KEEPALIVE_OPTIONS,
+            ("grpc.max_receive_message_length", self._max_message_bytes),
+            ("grpc.so_reuseport", 1 if self._accept_loops > 1 else 0),
+        ]
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers((self.servicer.rpc_handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        enable_reflection((SERVICE_NAME, HEALTH_SERVICE), server)
+        server.add_generic_rpc_handlers((self._admin_handler(),))
+        return server
+
+    def _bind(self, servers: list[grpc.aio.Server]) -> int:
+        """Every server on the service port (the first picks it when port 0 was asked)."""
+        port = self._requested_port
+        problem = bind_problem(self._host, port)
         if problem is not None:  # said in our words, before gRPC logs its own line
-            raise OSError(f"cannot listen on {address}: {problem}")
-        try:
-            if self.tls is not None:
-                port = server.add_secure_port(address, self.tls.credentials)
-            else:
-                port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise OSError(f"cannot listen on {address}: {exc}") from None
-        if port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(f"cannot listen on {self._host}:{port}: {problem}")
+        for server in servers:
+            address = f"{self._host}:{port}"
+            try:
+                if self.tls is not None:
+                    bound = server.add_secure_port(address, self.tls.credentials())
+                else:
+                    bound = server.add_insecure_port(address)
+            except RuntimeError as exc:
+                raise OSError(f"cannot listen on {address}: {exc}") from None
+            if bound == 0:
+                raise OSError(f"cannot listen on {address}")
+            port = bound
         return port
 
     async def _open_backend(self) -> None:
@@ -429,7 +451,7 @@ class SupervisedServer:
         if self._managed is not None:
             await self._managed.start()
 
-    async def _shutdown(self, server: grpc.aio.Server) -> None:
+    async def _shutdown(self, servers: list[grpc.aio.Server]) -> None:
         self._leaving = True
         await self._update_readiness()  # NOT_SERVING from this moment
         if self._drain_delay > 0:
@@ -438,7 +460,7 @@ class SupervisedServer:
             logger.info("event=drain_delay seconds=%g", self._drain_delay)
             await asyncio.sleep(self._drain_delay)
         self.servicer.end_streams()
-        await server.stop(self._grace)
+        await asyncio.gather(*(server.stop(self._grace) for server in servers))
         if self._close_backend:
             await self._backend.close()
         elif isinstance(self._backend, SyncBackendAdapter):
