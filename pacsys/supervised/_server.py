@@ -293,13 +293,15 @@ class SupervisedServer:
         await server.start()
         self._started_at = time.time()
         await self._update_readiness()
-        watcher = asyncio.get_running_loop().create_task(self._watch_readiness())
+        loop = asyncio.get_running_loop()
+        watchers = [loop.create_task(self._watch_readiness()), loop.create_task(self.servicer.watch_queues())]
         logger.info("serving DAQ on %s:%d", self._host, self._port)
         self._started.set()
         try:
             await self._stop_requested.wait()
         finally:
-            watcher.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             await self._shutdown(server)
 
     def _backend_ready(self) -> bool:
@@ -385,6 +387,7 @@ class SupervisedServer:
             "requests": {f"{rpc}/{decision}": n for (rpc, decision), n in stats.requests.items()},
             "readings_delivered": stats.readings_delivered,
             "readings_dropped": self.servicer.dropped_now(),
+            "queued_bytes": self.servicer.queued_bytes_now(),
             "streams": self.servicer.stream_rows(),
             "limits_hit": dict(stats.limits_hit),
         }
