@@ -175,11 +175,11 @@ class QueueBudget(Generic[S]):
         behind: dict[str, list[tuple[int, float, S]]] = {}
         for stream in streams:
             queued = stream.queued_bytes
+            if not queued:
+                continue  # caught up, waiting on nobody: looked at afresh when it holds readings again
             look = seen[stream] = self._look(stream, queued, now)
             who = stream.identity
             held[who] = held.get(who, 0) + queued
-            if not queued:
-                continue
             if look.stalled_since is not None and now - look.stalled_since >= self.stall_seconds:
                 stalled.setdefault(who, []).append((queued, now - look.stalled_since, stream))
             if now - look.behind_since >= self.stall_seconds:
