@@ -202,10 +202,9 @@ async def attack_audit_fill(t: Target) -> dict:
 
 async def _rapid_reset(t: Target, src: str) -> dict:
     """Rapid reset on one connection from `src` (a new one when the server closes it)."""
-    from benchmarks.h2_raw import CANCEL, END_HEADERS, HEADERS, RST_STREAM, connect, frame, request_headers
+    from benchmarks.h2_raw import connect, request_headers
 
     block = request_headers(READ_PATH, t.authority)
-    cancel = CANCEL.to_bytes(4, "big")
     end = time.monotonic() + t.seconds
     streams = connections = 0
     resets: collections.Counter[int] = collections.Counter()
@@ -215,13 +214,7 @@ async def _rapid_reset(t: Target, src: str) -> dict:
         connections += 1
         await asyncio.wait_for(conn.settings_acked.wait(), 10)  # the server's stream limit is then in force
         while time.monotonic() < end and conn.is_open and conn.next_stream_id < 2**31 - 400:
-            first = conn.next_stream_id
-            conn.next_stream_id += 200
-            batch = b"".join(
-                frame(HEADERS, END_HEADERS, s, block) + frame(RST_STREAM, 0, s, cancel)
-                for s in range(first, first + 200, 2)
-            )
-            if not await conn.write(batch):
+            if not await conn.write(conn.opened_and_reset(block)):
                 break
             streams += 100
             in_place()

@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pacsys.supervised._connection_guard import parse_networks
 from pacsys.supervised._tls import TLSFiles
 from pacsys.supervised.config_error import ConfigError, range_text
 from pacsys.supervised.policy_config import EXAMPLE_POLICIES, POLICY_TYPES
@@ -108,6 +109,14 @@ def _check_host(host: str) -> str | None:
 
 def _check_patterns(patterns: tuple[str, ...]) -> str | None:
     return "must not contain empty patterns" if any(not p.strip() for p in patterns) else None
+
+
+def _check_networks(networks: tuple[str, ...]) -> str | None:
+    try:
+        parse_networks(networks)
+    except ValueError as exc:
+        return f"must hold IP addresses or networks: {exc}"
+    return None
 
 
 # -- the settings ------------------------------------------------------------------------------
@@ -351,11 +360,18 @@ class Settings:
     max_drf_length: int = _setting(
         512, "Longest DRF (or setting device) accepted, in characters.", section="Limits", min=16
     )
-    max_streams: int = _setting(
-        10_000, "Most streams open at once: streaming Reads and Health.Watch.", section="Limits", min=1
-    )
+    max_streams: int = _setting(10_000, "Most streaming Reads open at once.", section="Limits", min=1)
     max_streams_per_peer: int = _setting(
         1000, "Most streams open at once from one client (identity or host).", section="Limits", min=1
+    )
+    max_health_watches: int = _setting(
+        1000,
+        "Most grpc.health.v1.Health/Watch streams open at once (apart from max_streams: they cannot take its place).",
+        section="Limits",
+        min=1,
+    )
+    max_health_watches_per_peer: int = _setting(
+        16, "Most Health/Watch streams open at once from one client (identity or host).", section="Limits", min=1
     )
     max_calls_per_peer: int = _setting(
         100, "Most one-shot Reads and Sets in flight from one client.", section="Limits", min=1
@@ -377,6 +393,50 @@ class Settings:
     )
     stream_buffer: int = _setting(
         1000, "Readings queued per client stream before its oldest are dropped.", section="Limits", min=1
+    )
+
+    # connections (the service port's HTTP/2 transport)
+    max_connections: int = _setting(
+        0,
+        "Most connections to the service port at once; more are accepted and closed at once "
+        "(0: the open-file limit minus a reserve for workers, audit, TLS and the metrics port).",
+        section="Connections",
+        min=0,
+    )
+    max_connections_per_address: int = _setting(
+        1000,
+        "Most connections from one client address; the newest beyond it are cut within a second (0: no limit).",
+        section="Connections",
+        min=0,
+    )
+    connections_per_address_exempt: tuple[str, ...] = _setting(
+        (),
+        "Addresses or networks (CIDR) that max_connections_per_address does not apply to: your load balancers, "
+        "which carry every client's connections from one address.",
+        section="Connections",
+        check=_check_networks,
+        example=["10.0.0.5", "10.1.0.0/24"],
+        metavar="ADDRESS",
+    )
+    connection_idle_timeout: float = _setting(
+        300.0,
+        "Seconds a connection without calls stays open; then it is closed (GOAWAY: clients reconnect on their "
+        "next call; 0: never).",
+        section="Connections",
+        min=0,
+    )
+    handshake_timeout: float = _setting(
+        10.0,
+        "Seconds a new connection has to finish its TLS handshake and HTTP/2 preface before it is closed.",
+        section="Connections",
+        gt=0,
+    )
+    max_concurrent_streams: int = _setting(
+        1000,
+        "Most calls open at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; a client queues "
+        "the others); also gRPC's defence against streams reset as soon as they are opened.",
+        section="Connections",
+        min=1,
     )
 
     # supervision

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
+import logging
+import math
 import platform
 import socket
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +51,10 @@ LIMITS = (
     "max_peer_rate",
     "max_streams",
     "max_streams_per_peer",
+    "max_health_watches",
+    "max_health_watches_per_peer",
+    "max_connections",
+    "max_connections_per_address",
     "max_calls_per_peer",
     "metrics_max_connections",
     "metrics_timeout",
@@ -55,6 +63,12 @@ LIMITS = (
 if TYPE_CHECKING:
     from pacsys.supervised._server import SupervisedServer
     from workers.pool_stats import PoolStats
+
+logger = logging.getLogger(__name__)
+
+# accept() failed: out of descriptors (the process's or the system's) or of kernel memory.
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_FAILURE_LOG_INTERVAL = 60.0  # at most one log line per this many seconds about failed accepts
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -258,6 +272,8 @@ class MetricsServer:
         self._max_connections = max_connections
         self._timeout = timeout
         self._open = 0
+        self._accept_failures = 0  # since the last line about them
+        self._accept_failure_logged = -math.inf
         host = host.strip("[]")
         try:
             if ":" in host:  # IPv6; "::" takes IPv4 clients as well where the system allows it
@@ -289,6 +305,7 @@ class MetricsServer:
     def _run(self) -> None:
         loop = self._loop
         asyncio.set_event_loop(loop)
+        loop.set_exception_handler(self._loop_exception)
         listening = loop.run_until_complete(asyncio.start_server(self._connection, sock=self._sock, limit=16384))
         try:
             loop.run_forever()
@@ -301,6 +318,21 @@ class MetricsServer:
                 task.cancel()
             loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio logs every accept() that failed for want of descriptors or memory with its
+        traceback, up to 128 a wake-up (hundreds of lines a second): one line per
+        ACCEPT_FAILURE_LOG_INTERVAL instead, with the count. Anything else as asyncio would."""
+        exc = context.get("exception")
+        if not (isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES):
+            loop.default_exception_handler(context)
+            return
+        self._accept_failures += 1
+        now = time.monotonic()
+        if now - self._accept_failure_logged >= ACCEPT_FAILURE_LOG_INTERVAL:
+            logger.warning("event=metrics_accept_failed error=%s count=%d", exc, self._accept_failures)
+            self._accept_failure_logged = now
+            self._accept_failures = 0
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._open >= self._max_connections:
