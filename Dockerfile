@@ -3,10 +3,12 @@
 #   docker build -t pacsys-supervisor .
 #   docker run --rm -p 50051:50051 -p 9109:9109 \
 #       -v "$PWD/ops/supervisor.container.toml:/etc/pacsys/supervisor.toml:ro" \
-#       -v /etc/pacsys/token:/run/secrets/pacsys_token:ro pacsys-supervisor
+#       -v /etc/pacsys/token:/run/secrets/pacsys_token:ro \
+#       -v /etc/pacsys/tls/server.crt:/run/secrets/pacsys_tls.crt:ro \
+#       -v /etc/pacsys/tls/server.key:/run/secrets/pacsys_tls.key:ro pacsys-supervisor
 #
-# The config file and the token are mounted, never built in. The audit log goes to
-# /var/log/pacsys (a volume). tests/test_container.py lints this file with hadolint and runs
+# The config file, the token and the TLS certificate and key are mounted, never built in.
+# The audit log goes to /var/log/pacsys (a volume). tests/test_container.py lints this file with hadolint and runs
 # the command below in a virtual environment built the way the build stage builds it.
 
 FROM python:3.11-slim-bookworm AS build
@@ -33,8 +35,10 @@ USER 10001
 VOLUME ["/var/log/pacsys"]
 # The DAQ service, health and reflection; HTTP /metrics, /healthz and /readyz (metrics_port).
 EXPOSE 50051 9109
-# Healthy while the service is ready: enough workers, not draining.
+# Healthy while the service is ready: enough workers, not draining. Asked on the metrics
+# port (metrics_port 9109 in ops/supervisor.container.toml), which speaks plain HTTP whether
+# the service port serves TLS or not.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["/opt/pacsys/bin/pacsys-supervisor", "probe", "--addr", "127.0.0.1:50051", "--timeout", "4"]
+    CMD ["/opt/pacsys/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9109/readyz', timeout=4)"]
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["/opt/pacsys/bin/pacsys-supervisor", "--config", "/etc/pacsys/supervisor.toml"]

@@ -18,8 +18,8 @@ import time
 import grpc
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
+from pacsys.pool.pool import WorkerPool
 from pacsys.supervised import SupervisedServer
-from workers.pool import WorkerPool
 
 
 def main() -> None:
@@ -64,20 +64,21 @@ def main() -> None:
     try:
         for _ in range(args.kills):
             rows = pool.worker_states()
-            victim = max(rows, key=lambda r: r["subscriptions"])
+            victim = max(rows, key=lambda r: r.subscriptions)
             before_gaps = pool.stats.stream_gaps
-            os.kill(victim["pid"], signal.SIGKILL)
+            assert victim.pid is not None
+            os.kill(victim.pid, signal.SIGKILL)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 rows = pool.worker_states()
-                if pool.ready_count == 2 and victim["pid"] not in [r["pid"] for r in rows]:
+                if pool.ready_count == 2 and victim.pid not in [r.pid for r in rows]:
                     break
                 time.sleep(0.01)
             time.sleep(1.5)  # let the moved subscriptions deliver and move back
             to_ready.append(pool.stats.last_restart_to_ready_seconds or float("nan"))
             gaps.append(pool.stats.max_gap_seconds)
             print(
-                f"kill pid {victim['pid']} ({victim['subscriptions']} subscriptions): restart-to-ready "
+                f"kill pid {victim.pid} ({victim.subscriptions} subscriptions): restart-to-ready "
                 f"{to_ready[-1] * 1e3:.0f} ms, gaps {pool.stats.stream_gaps - before_gaps}, "
                 f"longest gap so far {gaps[-1] * 1e3:.0f} ms"
             )

@@ -168,7 +168,7 @@ class LoadGenerator:
 # -- measuring -------------------------------------------------------------------------------
 
 
-def _cpu(process: psutil.Process) -> tuple[float, float]:
+def cpu_seconds(process: psutil.Process) -> tuple[float, float]:
     """(front CPU seconds, CPU seconds of its child processes: the workers)."""
     try:
         t = process.cpu_times()
@@ -191,9 +191,9 @@ def measure(generator: LoadGenerator, server: ServerProcess, load: Load, warmup:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(generator.run, server.port, load, t_start, t_end)
         time.sleep(max(0.0, t_start - time.time()))
-        cpu0 = _cpu(front)
+        cpu0 = cpu_seconds(front)
         time.sleep(max(0.0, t_end - time.time()))
-        cpu1 = _cpu(front)
+        cpu1 = cpu_seconds(front)
         out = future.result()
     lat = out["latencies"]
     calls = len(lat)
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
             for backend in backends:
                 if mode == "to_thread" and backend in async_backends:
                     continue  # an async backend is awaited directly: to_thread == inproc
-                with ServerProcess(*_server_args(mode, backend)) as server:
+                with ServerProcess.serving(*_server_args(mode, backend)) as server:
                     for load in (x for x in loads if x.backend == backend):
                         r = measure(generator, server, load, args.warmup, args.duration)
                         results[(load.name, mode)] = r

@@ -67,9 +67,9 @@ def main() -> None:
         raise SystemExit("haproxy is not installed (apt-get install haproxy)")
     workdir = Path(tempfile.mkdtemp(prefix="bench_pair."))
     pair = Pair(workdir)
-    pair.start()
     figures: dict[str, list[float]] = collections.defaultdict(list)
     try:
+        pair.start()
         with Load(f"127.0.0.1:{pair.port}", clients=args.clients) as load:
             time.sleep(3.0)  # warm up
             for n in range(1, args.rounds + 1):

@@ -191,7 +191,7 @@ def spread(generator: LoadGenerator, args: argparse.Namespace, modes: list[str])
         f"{'open s':>6} err"
     )
     for mode in modes:
-        with ServerProcess(*_server_args(mode)) as server:
+        with ServerProcess.serving(*_server_args(mode)) as server:
             r = measure(generator, server.port, server.pid, streams, period, args)
         print(
             f"{mode:<7} {r['replies_s']:>10.0f} {args.streams / period:>10.0f} {r['ratio']:>6.2f} "
@@ -212,8 +212,8 @@ def _seconds(value: float | None) -> str:
 
 
 def fanout(generator: LoadGenerator, args: argparse.Namespace) -> None:
+    from pacsys.pool.pool import WorkerPool
     from pacsys.supervised import SupervisedServer
-    from workers.pool import WorkerPool
 
     pool = WorkerPool(backend="sim", workers=2)
     server = SupervisedServer(
@@ -248,7 +248,7 @@ def stall(generator: LoadGenerator, args: argparse.Namespace, modes: list[str]) 
     print(f"\nstall: 99 readers of one DRF each + 1 stream of {args.devices} DRFs that never reads")
     print(f"{'mode':<7} {'ratio':>6} {'worst':>6} {'RSS MB before':>13} {'end':>7} {'after':>7} err")
     for mode in modes:
-        with ServerProcess(*_server_args(mode)) as server:
+        with ServerProcess.serving(*_server_args(mode)) as server:
             r = measure(generator, server.port, server.pid, streams, period, args, reader=run_streams)
         before, end, after = r["rss"]
         print(

@@ -100,13 +100,16 @@ def messages_completed(stream, payload: bytes) -> int:
 
 
 class _Stream:
-    __slots__ = ("head", "remaining", "count", "first", "ended")
+    __slots__ = ("head", "remaining", "received", "count", "first", "last", "gap", "ended")
 
     def __init__(self) -> None:
         self.head = b""  # a message prefix split across DATA frames
         self.remaining = 0  # body bytes of the current message still to come
+        self.received = 0  # whole messages received
         self.count = 0  # whole messages received inside the counting window
         self.first: float | None = None  # when its first whole message arrived
+        self.last = 0.0  # when its last whole message arrived
+        self.gap = 0.0  # longest time inside the counting window without a message (so far)
         self.ended = False
 
 
@@ -214,10 +217,19 @@ class StreamCounter(asyncio.Protocol):
             return
         whole = messages_completed(stream, payload)
         if whole:
+            stream.received += whole
             if stream.first is None:
                 stream.first = now
-            if self.t_start <= now < self.t_end:
-                stream.count += whole
+            if now < self.t_end:
+                if now >= self.t_start:
+                    stream.count += whole
+                    stream.gap = max(stream.gap, now - max(stream.last, self.t_start))
+                stream.last = now
+
+    def longest_gap(self, stream_id: int) -> float:
+        """The longest time inside the window the stream went without a message, its end included."""
+        stream = self.streams[stream_id]
+        return max(stream.gap, self.t_end - max(stream.last, self.t_start))
 
     def _on_end(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
@@ -239,13 +251,22 @@ async def count_streams(
     t_end: float,
     host: str = "127.0.0.1",
     read_interval: float = 0.005,
+    local_host: str | None = None,
 ) -> dict:
     """Open one call per request; return counts per call (in order), errors, this process's CPU,
-    when the calls were opened and when the last of them delivered its first message (None: never).
+    when the calls were opened and when the last of them delivered its first message (None: never),
+    and per call: when its first message arrived ("firsts", None: never), the longest time inside
+    the window it went without a message ("gaps"), and whether it ended ("ended": trailers or
+    RST_STREAM, which a server never sends a live subscription).
+
+    `local_host`: the connection's source address (127.0.0.2 and so on stand for other clients).
     """
     loop = asyncio.get_running_loop()
     _, counter = await loop.create_connection(
-        lambda: StreamCounter(f"{host}:{port}", t_start, t_end, read_interval=read_interval), host, port
+        lambda: StreamCounter(f"{host}:{port}", t_start, t_end, read_interval=read_interval),
+        host,
+        port,
+        local_addr=(local_host, 0) if local_host else None,
     )
     opened = time.time()
     for request in requests:
@@ -259,4 +280,13 @@ async def count_streams(
     errors = counter.errors + (len(requests) if counter.goaway and not any(counts) else 0)
     firsts = [counter.streams[s].first for s in counter.order]
     last_first = None if None in firsts else max(f for f in firsts if f is not None)
-    return {"counts": counts, "errors": errors, "cpu": cpu[1] - cpu[0], "opened": opened, "last_first": last_first}
+    return {
+        "counts": counts,
+        "errors": errors,
+        "cpu": cpu[1] - cpu[0],
+        "opened": opened,
+        "last_first": last_first,
+        "gaps": [counter.longest_gap(s) for s in counter.order],
+        "ended": [counter.streams[s].ended for s in counter.order],
+        "firsts": firsts,
+    }

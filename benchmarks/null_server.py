@@ -213,4 +213,5 @@ async def _main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(_main())
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:  # uvloop when installed, as the front
+        runner.run(_main())

@@ -1,16 +1,22 @@
-"""Two pacsys-supervisor processes behind haproxy on loopback, configured from ops/haproxy.cfg.
+"""Two pacsys-supervisor processes behind haproxy on loopback, as the files in ops/ ship them.
 
-Used by tests/test_pair.py and benchmarks/bench_pair.py. The instances are real
-`pacsys-supervisor` processes (sim backend); haproxy runs `ops/haproxy.cfg` with only its
-addresses changed to free loopback ports (`render_haproxy_cfg`), so what is tested is the
-file operators deploy. Everything started here is stopped by `Pair.close()`.
+Used by tests/test_pair*.py and benchmarks/bench_pair.py. The instances are real
+`pacsys-supervisor` processes run from `ops/supervisor.container.toml` as it is (listening
+on `[::]`, serving TLS, sim backend) with only what a deployment provides changed: ports,
+the token file, the audit paths and the certificate files. haproxy runs `ops/haproxy.cfg`
+with only its addresses and its CA file changed (`render_haproxy_cfg`), so what is tested is
+what operators deploy. Clients connect over 127.0.0.1. The certificates are made with the
+openssl command (`Certificates`). Nothing here resolves a name: every address is a literal
+one. Everything started here is stopped by `Pair.close()`.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
+import random
 import re
 import shutil
 import signal
@@ -30,17 +36,53 @@ from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = REPO / "ops" / "haproxy.cfg"
-SERVING = re.compile(r"^pacsys-supervisor: serving DAQ on ")
+CONTAINER_CONFIG = REPO / "ops" / "supervisor.container.toml"
+TOKEN = "pair-token"
 # haproxy sees an instance down within inter x fall (+ one interval of phase): 3 s with
 # ops/haproxy.cfg's "inter 1s fall 2". The instances keep serving a little longer than that.
 DRAIN_DELAY = 4.0
 SHUTDOWN_GRACE = 3.0
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on every address, IPv4 and IPv6 (instances may listen on [::]), below
+    the kernel's ephemeral port range, and not handed out before by this process.
+
+    Instances are restarted on the same ports, so their ports are chosen here rather than
+    by the kernel at bind time. A port of the ephemeral range could be taken by any
+    outgoing connection on the machine (a health check, a metrics request) between this
+    choice and the instance's bind; the kernel never gives a connection a port below it.
+    """
+    low = _ephemeral_range()[0]
+    while True:
+        port = random.randrange(low // 2, low)
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
+            return port
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    families = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]  # [::] is dual-stack where IPv6 exists
+    for family, address in families:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((address, port))
+                return True
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+    return False
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
@@ -52,11 +94,47 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str) -> No
     raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def render_haproxy_cfg(text: str, listen: int, stats: int, servers: dict[str, tuple[int, int]]) -> str:
+class Certificates:
+    """A deployment's CA and the instances' certificate, made with the openssl command.
+
+    The certificate names what ops/haproxy.cfg checks (`verifyhost`), as ops/README.md tells
+    operators to make it, unless another `name` is given.
+    """
+
+    def __init__(self, directory: Path, name: str | None = None):
+        self.ca, self.ca_key = directory / "ca.crt", directory / "ca.key"
+        self.cert, self.key = directory / "server.crt", directory / "server.key"
+        name = name or verified_name()
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"]
+        self._openssl("req", "-x509", *ec, "-keyout", self.ca_key, "-out", self.ca, "-subj", "/CN=pacsys test CA")
+        self._openssl(
+            "req", "-x509", *ec, "-keyout", self.key, "-out", self.cert, "-subj", f"/CN={name}",
+            "-addext", f"subjectAltName=DNS:{name}", "-addext", "basicConstraints=critical,CA:FALSE",
+            "-CA", self.ca, "-CAkey", self.ca_key,
+        )  # fmt: skip
+
+    @staticmethod
+    def _openssl(*args: str | Path) -> None:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+
+def verified_name() -> str:
+    """The name haproxy checks in the instances' certificates (ops/haproxy.cfg's verifyhost)."""
+    match = re.search(r"^\s*default-server .*\bverifyhost (\S+)", HAPROXY_CFG.read_text(), flags=re.MULTILINE)
+    if match is None:
+        raise ValueError(f"{HAPROXY_CFG}: no default-server line with verifyhost")
+    return match.group(1)
+
+
+def render_haproxy_cfg(
+    text: str, listen: int, stats: int, servers: dict[str, tuple[int, int]], ca_file: Path | None = None
+) -> str:
     """ops/haproxy.cfg with loopback addresses: the listener, the stats page, and each server's ports.
 
-    `servers` maps a server name of the file to (service port, metrics port). Every
-    substitution must match as often as expected, so a change to the file's layout fails loudly.
+    `servers` maps a server name of the file to (service port, metrics port); `ca_file`
+    replaces the file's CA. Every substitution must match as often as expected, so a change
+    to the file's layout fails loudly; a server line left naming a host (which haproxy would
+    resolve through the system's name servers) is an error.
     """
 
     def sub(pattern: str, replacement: str, text: str, count: int = 1) -> str:
@@ -71,19 +149,54 @@ def render_haproxy_cfg(text: str, listen: int, stats: int, servers: dict[str, tu
         # Each server is listed twice: for reads (supervisors) and for writes (writers).
         pattern = rf"^(\s*server {name}) \S+ (.*)port \d+( backup)?$"
         text = sub(pattern, rf"\1 127.0.0.1:{port} \2port {metrics}\3", text, count=2)
+    if ca_file is not None:
+        text = sub(r"\bca-file \S+", f"ca-file {ca_file}", text)
+    named = [line for line in text.splitlines() if re.match(r"\s*server \S+ (?!127\.0\.0\.1:)", line)]
+    if named:
+        raise ValueError(f"server lines still name a host (would be resolved): {named}")
     return text
 
 
-class Instance:
-    """One pacsys-supervisor process on fixed loopback ports (restartable on the same ports)."""
+def plain_options(drain_delay: float = DRAIN_DELAY) -> list[str]:
+    """Options of an instance serving plaintext on 127.0.0.1 (one worker)."""
+    return [
+        "--host",
+        "127.0.0.1",
+        "--workers",
+        "1",
+        "--drain-delay",
+        str(drain_delay),
+        "--shutdown-grace",
+        str(SHUTDOWN_GRACE),
+    ]
 
-    def __init__(self, name: str, logdir: Path, *extra: str):
+
+def shipped_options(workdir: Path, name: str, certificates: Certificates, token_file: Path) -> list[str]:
+    """Options of an instance run from ops/supervisor.container.toml as it is, but for the files a
+    deployment provides: the token, the audit paths, the certificate and its key."""
+    return [
+        "--config", str(CONTAINER_CONFIG),
+        "--token-file", str(token_file),
+        "--audit-path", str(workdir / f"audit-{name}.jsonl"),
+        "--tls-cert", str(certificates.cert),
+        "--tls-key", str(certificates.key),
+    ]  # fmt: skip
+
+
+class Instance:
+    """One pacsys-supervisor process on fixed ports (restartable on the same ports).
+
+    `options` are its command-line options other than --port and --metrics-port. Clients
+    reach it at 127.0.0.1 (`addr`), whether it listens there or on every address.
+    """
+
+    def __init__(self, name: str, logdir: Path, *options: str):
         self.name = name
         self.port = free_port()
         self.metrics_port = free_port()
         self.logdir = logdir
-        self.extra = extra
-        self.proc: subprocess.Popen[str] | None = None
+        self.options = options
+        self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     @property
@@ -91,45 +204,27 @@ class Instance:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> None:
+        """Start it and return once it is ready (its /readyz answers 200)."""
         self.starts += 1
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))))
-        log = open(self.logdir / f"{self.name}.{self.starts}.log", "w")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pacsys.supervised.cli",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--metrics-port",
-                str(self.metrics_port),
-                "--workers",
-                "1",
-                "--drain-delay",
-                str(DRAIN_DELAY),
-                "--shutdown-grace",
-                str(SHUTDOWN_GRACE),
-                *self.extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            cwd=REPO,
-            env=env,
-        )
-        log.close()
-        assert self.proc.stdout is not None
+        argv = [sys.executable, "-m", "pacsys.supervised.cli", "--port", str(self.port)]
+        argv += ["--metrics-port", str(self.metrics_port), *self.options]
+        with open(self.logdir / f"{self.name}.{self.starts}.log", "wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=REPO, env=env)
         deadline = time.monotonic() + timeout
-        for line in self.proc.stdout:  # the serving line comes once the workers are ready
-            if SERVING.match(line):
-                break
+        while not self.ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"instance {self.name} exited with {self.proc.returncode}: see {self.logdir}")
             if time.monotonic() > deadline:
-                break
-        else:
-            raise RuntimeError(f"instance {self.name} exited before serving: see {self.logdir}")
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep the pipe drained
+                raise TimeoutError(f"instance {self.name} not ready within {timeout:g} s: see {self.logdir}")
+            time.sleep(0.05)
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=5) as reply:
+                return reply.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None
@@ -162,14 +257,29 @@ class Instance:
 
 
 class Pair:
-    """Instances `a` and `b` behind haproxy; `stub` is a DAQ client of the balancer's address."""
+    """Instances `a` and `b` as shipped, behind haproxy; `stub` is a DAQ client of the balancer's address.
 
-    def __init__(self, workdir: Path, *extra: str, haproxy: str | None = None):
-        """`extra`: more pacsys-supervisor options for both instances; "{name}" in one is the instance's name."""
+    `token` is the bearer token the instances accept (their token file); `certificates` the
+    deployment's CA and the instances' certificate.
+    """
+
+    def __init__(self, workdir: Path, *extra: str, haproxy: str | None = None, certificate_name: str | None = None):
+        """`extra`: more pacsys-supervisor options for both instances; "{name}" in one is the instance's name.
+        `certificate_name`: the name in the instances' certificate, if not the one haproxy checks."""
         self.workdir = workdir
         self.haproxy = haproxy or shutil.which("haproxy") or "haproxy"
+        self.token = TOKEN
+        token_file = workdir / "token"
+        token_file.write_text(TOKEN + "\n")
+        self.certificates = Certificates(workdir, certificate_name)
         self.instances = {
-            name: Instance(name, workdir, *(arg.replace("{name}", name) for arg in extra)) for name in ("a", "b")
+            name: Instance(
+                name,
+                workdir,
+                *shipped_options(workdir, name, self.certificates, token_file),
+                *(arg.replace("{name}", name) for arg in extra),
+            )
+            for name in ("a", "b")
         }
         self.port = free_port()
         self.stats_port = free_port()
@@ -191,11 +301,12 @@ class Pair:
         for t in threads:
             t.join()
         for i in self.instances.values():
-            if not i.running:
+            if not i.ready():
                 raise RuntimeError(f"instance {i.name} did not start: see {self.workdir}")
         cfg = self.workdir / "haproxy.cfg"
         servers = {name: (i.port, i.metrics_port) for name, i in self.instances.items()}
-        cfg.write_text(render_haproxy_cfg(HAPROXY_CFG.read_text(), self.port, self.stats_port, servers))
+        text = render_haproxy_cfg(HAPROXY_CFG.read_text(), self.port, self.stats_port, servers, self.certificates.ca)
+        cfg.write_text(text)
         with open(self.workdir / "haproxy.log", "wb") as log:
             self.haproxy_proc = subprocess.Popen([self.haproxy, "-db", "-f", str(cfg)], stdout=log, stderr=log)
         self.wait_up("a", "b")

@@ -11,17 +11,22 @@ BACKEND is a backend SPEC (sim, fake, module:factory such as benchmarks.backends
 
 Prints the port once serving, then serves until stdin closes or SIGTERM/SIGINT. Run from the
 repository root (the workers import `module:factory` specs from the front's cwd).
-`ServerProcess` starts one of these as a subprocess and always ends it.
+`ServerProcess.serving` starts one of these as a subprocess; `ServerProcess` any server command.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import psutil
 
 from pacsys.aio import AsyncBackend
 from pacsys.backends import Backend
@@ -47,6 +52,7 @@ def parse_modes(text: str, fixed: tuple[str, ...]) -> list[str]:
 
 
 ROOT = Path(__file__).resolve().parent.parent
+BANNER = re.compile(r"serving DAQ on \S+:(\d+)")  # pacsys-supervisor's first line
 
 
 class ToThreadBackend(AsyncBackend):
@@ -79,7 +85,7 @@ def make_server(mode: str, spec: str, workers: int):
 
     backend: Backend | AsyncBackend
     if mode == "pool":
-        from workers.pool import WorkerPool
+        from pacsys.pool.pool import WorkerPool
 
         backend = WorkerPool(backend=spec, workers=workers)
     else:
@@ -111,12 +117,35 @@ def main(argv: list[str]) -> None:
 
 
 class ServerProcess:
-    """`with ServerProcess("pool", "sim", 2) as s:` s.port, s.pid; the process always ends on exit."""
+    """A server subprocess that prints its port first: `with ServerProcess(argv) as s:` s.port, s.pid.
 
-    def __init__(self, mode: str, backend: str = "benchmarks.backends:memory", workers: int = 0):
-        self.args = [sys.executable, "-m", "benchmarks.serve", mode, backend, str(workers)]
+    The port is the first line that is a bare number (`benchmarks.serve`, the null server, the
+    release's server) or pacsys-supervisor's banner. The process always ends on exit: its
+    stdin is closed (where the benchmark servers end), then SIGTERM (where pacsys-supervisor
+    drains and ends), then after 30 s SIGKILL for it and its children. `log`: a file for its
+    stderr (else this process's).
+    """
+
+    def __init__(
+        self,
+        argv: list[str],
+        cwd: Path = ROOT,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        name: str = "",
+    ):
+        self.argv = argv
+        self.cwd = cwd
+        self.env = env
+        self.log = log
+        self.name = name or " ".join(argv[1:])
         self.process: subprocess.Popen | None = None
         self.port = 0
+
+    @classmethod
+    def serving(cls, mode: str, backend: str = "benchmarks.backends:memory", workers: int = 0) -> ServerProcess:
+        """`python -m benchmarks.serve MODE BACKEND WORKERS`."""
+        return cls([sys.executable, "-m", "benchmarks.serve", mode, backend, str(workers)], name=f"{mode} {backend}")
 
     @property
     def pid(self) -> int:
@@ -124,35 +153,70 @@ class ServerProcess:
         return self.process.pid
 
     def __enter__(self) -> ServerProcess:
-        self.process = subprocess.Popen(self.args, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env = None if self.env is None else {**os.environ, **self.env}
+        with open(self.log, "wb") if self.log else contextlib.nullcontext() as log:
+            self.process = subprocess.Popen(
+                self.argv, cwd=self.cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log
+            )
         try:
-            line = self.process.stdout.readline()  # type: ignore[union-attr]
-            if not line.strip().isdigit():
-                raise RuntimeError(f"server {self.args[3:]} did not start (exit {self.process.poll()})")
-            self.port = int(line)
+            self.port = self._read_port(60.0)
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _read_port(self, timeout: float) -> int:
+        assert self.process is not None and self.process.stdout is not None
+        stdout = self.process.stdout
+        found: list[int] = []
+
+        def read() -> None:
+            for raw in iter(stdout.readline, b""):
+                line = raw.decode(errors="replace").strip()
+                banner = BANNER.search(line)
+                if line.isdigit() or banner:
+                    found.append(int(banner.group(1)) if banner else int(line))
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not found:
+            why = ""
+            if self.log is not None and self.log.exists():
+                why = ": " + " / ".join(self.log.read_text(errors="replace").strip().splitlines()[-5:])
+            raise RuntimeError(f"server {self.name} did not start (exit {self.process.poll()}){why}")
+        return found[0]
+
     def stop(self) -> None:
         process = self.process
         if process is None:
             return
+        self.process = None
         try:
             process.stdin.close()  # type: ignore[union-attr]
-            process.wait(10)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            process.wait(30)
         except (OSError, subprocess.TimeoutExpired):
             pass
         finally:
             if process.poll() is None:
+                for child in _children(process.pid):
+                    child.kill()
                 process.kill()
                 process.wait()
             process.stdout.close()  # type: ignore[union-attr]
-            self.process = None
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 if __name__ == "__main__":

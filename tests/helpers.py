@@ -8,8 +8,8 @@ import grpc
 import psutil
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
+from pacsys.pool.pool import WorkerPool
 from pacsys.supervised import SupervisedServer
-from workers.pool import WorkerPool
 
 FAST = dict(
     ping_interval=0.2,
@@ -47,7 +47,7 @@ async def until(condition, timeout=20.0, what="condition"):
 
 
 def worker_pids(pool):
-    return [w["pid"] for w in pool.worker_states() if w["pid"] is not None]
+    return [w.pid for w in pool.worker_states() if w.pid is not None]
 
 
 class Running:

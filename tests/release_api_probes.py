@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 PROBES = {}
-NEEDS_NUMPY = {"fake_shifts_float_arrays"}
+NEEDS_NUMPY = {"fake_shifts_float_arrays", "device_array_gives_numpy_arrays", "device_imports_numpy_only_for_an_array"}
 
 
 def probe(fn):
@@ -499,6 +499,432 @@ def audit_opens_its_binary_file_at_once():
         _audit_request(audit, raw_request="not a message")
         audit.close()
         return proto.exists()
+
+
+# -- pacsys.device ----------------------------------------------------------------------------
+# Events in these probes are written in their canonical spelling (`@P,1000`, `@E,2`): the
+# release sends an event as it was written, this project in its canonical spelling (see
+# device_spells_drfs_canonically), and both must agree on everything else.
+
+
+def _outcome(fn):
+    """What `fn()` gave, or the name of what it raised (messages differ between the two)."""
+    try:
+        result = fn()
+    except ValueError:
+        return ["ValueError"]  # DRFError is one
+    except Exception as exc:
+        return [type(exc).__name__]
+    plain = result is None or isinstance(result, bool | int | float | str | list | dict)
+    return ["returned", result if plain else type(result).__name__]
+
+
+def _sent(fake, call):
+    """The DRF a device call sent to the fake (a read of an unset device fails: that is fine)."""
+    from pacsys.errors import DeviceError
+
+    try:
+        call()
+    except DeviceError:
+        pass
+    return fake.reads[-1] if fake.reads else None
+
+
+@probe
+def device_what_it_is():
+    from pacsys.device import ArrayDevice, Device, ScalarDevice, TextDevice
+
+    seen = []
+    for drf in ("M:OUTTMP", "m_outtmp", "M|OUTTMP", "B:HS23T[0:10]", "M:OUTTMP.RAW", "Z:ACLTST.SETTING.SCALED<-FTP"):
+        dev = Device(drf)
+        seen.append([drf, dev.drf, dev.name, dev.has_event, dev.is_periodic, repr(dev)])
+    for drf in ("M:OUTTMP@P,1000", "M:OUTTMP@Q,500", "M:OUTTMP@E,2", "M:OUTTMP@I", "M:OUTTMP@N", "M:OUTTMP@U"):
+        dev = Device(drf)
+        seen.append([drf, dev.has_event, dev.is_periodic])
+    for bad in ("X", "M:OUTTMP@Z", "", "M:OUTTMP.FOO", "M:OUTTMP[3:1]", 42):
+        seen.append([repr(bad), _outcome(lambda b=bad: Device(b))])
+    dev = Device("M:OUTTMP")
+    seen += [
+        dev == ScalarDevice("M:OUTTMP.READING"),
+        dev == Device("M:OUTTMP.SETTING"),
+        hash(dev) == hash(TextDevice("m:outtmp")),
+        _outcome(lambda: setattr(dev, "_backend", None)),
+        _outcome(lambda: delattr(dev, "_backend")),
+        [cls.__name__ for cls in (ScalarDevice, ArrayDevice, TextDevice) if issubclass(cls, Device)],
+    ]
+    return seen
+
+
+@probe
+def device_reads_send_these_drfs():
+    from pacsys.device import Device
+    from pacsys.testing import FakeBackend
+
+    calls = [
+        ("M:OUTTMP", "read", {}),
+        ("M:OUTTMP", "read", {"field": "raw"}),
+        ("M:OUTTMP", "read", {"field": "primary", "timeout": 5.0}),
+        ("M:OUTTMP", "setting", {}),
+        ("M:OUTTMP", "setting", {"field": "units"}),
+        ("M:OUTTMP", "status", {}),
+        ("M:OUTTMP", "status", {"field": "on"}),
+        ("M:OUTTMP", "status", {"field": "bit_value"}),
+        ("M:OUTTMP", "analog_alarm", {}),
+        ("M:OUTTMP", "analog_alarm", {"field": "min"}),
+        ("M:OUTTMP", "digital_alarm", {}),
+        ("M:OUTTMP", "digital_alarm", {"field": "mask"}),
+        ("M:OUTTMP", "description", {}),
+        ("M:OUTTMP", "get", {}),
+        ("M:OUTTMP@P,1000", "get", {}),
+        ("M:OUTTMP@P,1000", "read", {}),
+        ("M:OUTTMP", "get", {"prop": "setting"}),
+        ("M:OUTTMP", "get", {"prop": "sts", "field": "ready"}),
+        ("M:OUTTMP", "get", {"prop": "ANALOG", "field": "max"}),
+        ("B:HS23T[0:10]", "read", {}),
+        ("B:HS23T[0:10]", "setting", {}),
+        ("B:HS23T[0:10]", "get", {"prop": "setting"}),
+        ("M:OUTTMP<-FTP", "read", {}),
+        ("M:OUTTMP<-FTP", "status", {"field": "on"}),
+        ("M:OUTTMP.RAW", "read", {}),
+        ("M:OUTTMP.RAW", "setting", {}),
+        ("M:OUTTMP.RAW", "status", {}),
+        ("M:OUTTMP.RAW", "analog_alarm", {}),
+        ("M:OUTTMP.UNITS", "status", {}),
+        ("M|OUTTMP.ON", "read", {}),
+        ("M:OUTTMP.SETTING@P,1000", "read", {}),
+        ("M:OUTTMP@E,2<-LOGGER:1000:2000", "read", {}),
+        ("M:OUTTMP<-LOGGER:1000:2000", "setting", {}),
+        ("M:OUTTMP@P,1000<-LOGGERDURATION:3600", "read", {}),
+    ]
+    seen = []
+    for drf, method, kwargs in calls:
+        fake = FakeBackend()
+        device = Device(drf, backend=fake)
+        seen.append([drf, method, kwargs, _sent(fake, lambda d=device, m=method, k=kwargs: getattr(d, m)(**k))])
+    return seen
+
+
+@probe
+def device_refuses_a_field_that_does_not_fit():
+    from pacsys.device import Device
+    from pacsys.testing import FakeBackend
+
+    fake = FakeBackend()
+    dev = Device("M:OUTTMP", backend=fake)
+    refused = [
+        _outcome(lambda: dev.read(field="on")),
+        _outcome(lambda: dev.status(field="primary")),
+        _outcome(lambda: dev.setting(field="on")),
+        _outcome(lambda: dev.read(field="nonexistent")),
+        _outcome(lambda: dev.analog_alarm(field="mask")),
+        _outcome(lambda: dev.digital_alarm(field="min")),
+        _outcome(lambda: dev.get(field="raw")),
+        _outcome(lambda: dev.write(1.0, field="on")),
+        _outcome(lambda: dev.get(prop="nonexistent")),
+        _outcome(lambda: dev.get(prop="status", field="min")),
+    ]
+    return [refused, fake.reads, fake.writes]
+
+
+@probe
+def device_values_and_errors():
+    from pacsys.device import Device, ScalarDevice
+    from pacsys.errors import DeviceError
+    from pacsys.testing import FakeBackend
+    from pacsys.types import ValueType
+
+    fake = FakeBackend()
+    fake.set_reading("M:OUTTMP", 72.5)
+    fake.set_reading("M:OUTTMP.SETTING", 50.0)
+    # a one-bit status field is a bool, the whole status as it comes; one status per device,
+    # as this project's fake keeps one value per device and property
+    fake.set_reading("M:OUTTMP.STATUS", 1)
+    fake.set_reading("M:STATE1.STATUS.ON", 1)
+    fake.set_reading("M:OUTTMP.DESCRIPTION", "Outside temperature", value_type=ValueType.TEXT)
+    fake.set_reading("G:NUMBER.DESCRIPTION", 3.0)
+    fake.set_error("M:BADDEV", -42, "Device not found")
+    dev = Device("M:OUTTMP", backend=fake)
+    reading = dev.get()
+    seen = [
+        dev.read(),
+        dev.setting(),
+        [type(value).__name__ for value in (dev.status(), Device("M:STATE1", backend=fake).status(field="on"))],
+        dev.description(),
+        [type(reading).__name__, reading.value, reading.ok, reading.error_code],
+        _outcome(lambda: Device("G:NUMBER", backend=fake).description()),
+        fake.was_read("M:OUTTMP"),
+    ]
+    for read in (
+        Device("M:BADDEV", backend=fake).read,
+        Device("M:NOTSET", backend=fake).read,
+        dev.analog_alarm,
+        ScalarDevice("M:BADDEV", backend=fake).read,
+    ):
+        try:
+            read()
+            seen.append("no error")
+        except DeviceError as exc:  # the fakes' default facility for set_error differs: not compared
+            seen.append([exc.drf, exc.error_code, exc.message])
+    return seen
+
+
+@probe
+def device_writes():
+    from pacsys.device import Device
+    from pacsys.testing import FakeBackend
+
+    fake = FakeBackend()
+    fake.set_reading("M:OUTTMP.SETTING", 0.0)
+    seen = []
+    for drf, value, kwargs in (
+        ("M:OUTTMP", 72.5, {}),
+        ("M:OUTTMP", 100, {"field": "raw"}),
+        ("M:OUTTMP", 72.5, {"timeout": 2.0}),
+        ("M|OUTTMP", 1.0, {}),
+        ("M:OUTTMP.RAW@P,1000", 3, {}),
+        ("B:HS23T[0:3]", [1.0, 2.0, 3.0, 4.0], {}),
+        ("M:OUTTMP<-FTP", 72.5, {}),
+    ):
+        result = Device(drf, backend=fake).write(value, **kwargs)
+        seen.append([drf, type(result).__name__, result.ok, result.verified, result.skipped, list(fake.writes[-1])])
+    dev = Device("Z:ACLTST", backend=fake)
+    for call in (
+        lambda: dev.set_analog_alarm({"minimum": 40, "maximum": 80}),
+        lambda: dev.set_digital_alarm({"nominal": 1, "mask": 255}),
+    ):
+        call()
+        seen.append(list(fake.writes[-1]))
+    fake.set_write_result("M:OUTTMP.SETTING", success=False, error_code=-1, message="Fail")
+    failed = Device("M:OUTTMP", backend=fake).write(72.5)
+    seen.append([failed.ok, failed.success, failed.error_code, failed.message, len(fake.reads)])
+    return seen
+
+
+@probe
+def device_changed_copies():
+    from pacsys.device import ArrayDevice, Device, ScalarDevice, TextDevice
+    from pacsys.testing import FakeBackend
+
+    fake = FakeBackend()
+
+    def show(dev):
+        return [type(dev).__name__, dev.drf, dev.has_event, dev.is_periodic]
+
+    dev = Device("B:HS23T[0:10]@P,1000<-FTP")
+    seen = [
+        show(dev.with_event("P,500")),
+        show(dev.with_event("E,2")),
+        show(dev.without_event()),
+        show(dev.with_range(2, 5)),
+        show(dev.with_range(5)),
+        show(dev.with_range(None, 5)),
+        show(dev.with_range(at=3)),
+        show(dev.without_range()),
+        show(dev.with_extra("LOGGER:100:200")),
+        show(dev.with_extra("LIVEDATA")),
+        show(dev.with_extra(None)),
+        show(Device("M:OUTTMP").without_range()),
+        show(Device("M:OUTTMP").without_event()),
+        show(dev),  # unchanged by all of the above
+        _outcome(lambda: dev.with_range(3, 1)),
+        _outcome(lambda: dev.with_range(1, 2, at=3)),
+        _outcome(lambda: dev.with_extra("NOTEXTRA")),
+        _outcome(lambda: dev.with_event("Z")),
+        _outcome(lambda: dev.with_event("@P,1000")),
+    ]
+    bound = dev.with_backend(fake)
+    seen.append([bound._backend is fake, dev._backend is None, bound is not dev, bound.drf == dev.drf])
+    chained = Device("M:OUTTMP").with_event("P,1000").with_extra("FTP").with_backend(fake)
+    seen.append([show(chained), chained._backend is fake])
+    for cls in (ScalarDevice, ArrayDevice, TextDevice):
+        typed = cls("B:HS23T[0:10]@P,1000")
+        copies = [typed.with_event("I"), typed.with_backend(fake), typed.with_range(0, 1), typed.without_range()]
+        copies += [typed.without_event(), typed.with_extra("FTP")]
+        seen.append([type(copy).__name__ for copy in copies])
+    return seen
+
+
+def _typed_read(cls, value, value_type):
+    """What a typed device's read() gives for a value: its type and value (arrays as lists), or what it raised."""
+    from pacsys.testing import FakeBackend
+
+    fake = FakeBackend()
+    fake.set_reading("B:HS23T", value, value_type=value_type)
+    try:
+        got = cls("B:HS23T", backend=fake).read()
+    except Exception as exc:
+        return [type(exc).__name__]
+    return [type(got).__name__, got.tolist() if hasattr(got, "tolist") else got]
+
+
+@probe
+def device_scalar_and_text_check_what_they_read():
+    from pacsys.device import ScalarDevice, TextDevice
+    from pacsys.types import ValueType
+
+    return [
+        _typed_read(ScalarDevice, 72.5, ValueType.SCALAR),
+        _typed_read(ScalarDevice, 42, ValueType.SCALAR),
+        _typed_read(ScalarDevice, "text", ValueType.TEXT),
+        _typed_read(ScalarDevice, [1.0, 2.0], ValueType.SCALAR_ARRAY),
+        _typed_read(ScalarDevice, b"\x01", ValueType.RAW),
+        _typed_read(TextDevice, "some text", ValueType.TEXT),
+        _typed_read(TextDevice, 72.5, ValueType.SCALAR),
+        _typed_read(TextDevice, ["a", "b"], ValueType.TEXT_ARRAY),
+    ]
+
+
+@probe
+def device_array_gives_numpy_arrays():
+    import numpy as np
+
+    from pacsys.device import ArrayDevice
+    from pacsys.types import ValueType
+
+    seen = []
+    for value, value_type in (
+        (np.array([1.0, 2.0, 3.0]), ValueType.SCALAR_ARRAY),
+        ([1.0, 2.0, 3.0], ValueType.SCALAR_ARRAY),
+        ((1.0, 2.0, 3.0), ValueType.SCALAR_ARRAY),
+        (72.5, ValueType.SCALAR),
+        ("text", ValueType.TEXT),
+    ):
+        seen.append(_typed_read(ArrayDevice, value, value_type))
+    return seen
+
+
+@probe
+def device_imports_numpy_only_for_an_array():
+    # In a fresh interpreter, with a backend of its own (the release's fake imports numpy
+    # when a reading is set): whether numpy is imported before and after an ArrayDevice read.
+    import subprocess
+
+    import pacsys
+
+    code = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from pacsys.device import ArrayDevice, Device, ScalarDevice, TextDevice
+
+class Values:
+    def read(self, drf, timeout=None):
+        return {"M": 72.5, "G": "text", "B": [1.0, 2.0]}[drf[0]]
+
+backend = Values()
+Device("B:HS23T", backend=backend).read()
+ScalarDevice("M:OUTTMP", backend=backend).read()
+TextDevice("G:TEXT", backend=backend).read()
+before = "numpy" in sys.modules
+ArrayDevice("B:HS23T", backend=backend).read()
+print(before, "numpy" in sys.modules)
+"""
+    root = str(Path(pacsys.__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-I", "-c", code, root], capture_output=True, text=True, timeout=120)
+    return done.stdout.split() or done.stderr[-500:]
+
+
+@probe
+def device_subscribes():
+    from pacsys.device import Device
+    from pacsys.testing import FakeBackend
+
+    fake = FakeBackend()
+    seen = []
+    for drf, kwargs in (
+        ("M:OUTTMP", {"event": "P,1000"}),
+        ("M:OUTTMP@P,1000", {}),
+        ("M:OUTTMP@P,1000", {"event": "E,F"}),
+        ("M:OUTTMP", {"prop": "setting", "event": "P,1000"}),
+        ("M:OUTTMP", {"prop": "status", "field": "on", "event": "P,1000"}),
+        ("B:HS23T[0:10]<-FTP", {"event": "P,1000"}),
+        ("M:OUTTMP.RAW@Q,500", {}),
+        ("M:OUTTMP", {"event": "I"}),
+    ):
+        handle = Device(drf, backend=fake).subscribe(**kwargs)
+        seen.append([drf, kwargs, handle.stopped, list(handle._drfs)])
+        handle.stop()
+    dev = Device("M:OUTTMP", backend=fake)
+    handle = dev.subscribe(event="P,1000")
+    fake.emit_reading("M:OUTTMP.READING@P,1000", 72.5)
+    seen.append([reading.value for reading, _ in handle.readings(timeout=0)])
+    handle.stop()
+    received = []
+    handle = dev.subscribe(lambda reading, h: received.append(reading.value), event="P,1000")
+    fake.emit_reading("M:OUTTMP.READING@P,1000", 99.0)
+    with handle:
+        pass
+    seen += [received, handle.stopped, len(fake._subscriptions)]
+    return seen
+
+
+@probe
+def device_refuses_a_subscription_it_cannot_make():
+    from pacsys.device import Device
+    from pacsys.testing import FakeBackend
+
+    fake = FakeBackend()
+    dev = Device("M:OUTTMP", backend=fake)
+
+    def refused(call, phrase=""):
+        try:
+            call().stop()
+            return "subscribed"
+        except (ValueError, TypeError) as exc:
+            return [type(exc).__name__ if not isinstance(exc, ValueError) else "ValueError", phrase in str(exc)]
+
+    seen = [
+        refused(dev.subscribe, "requires an event"),
+        refused(Device("M:OUTTMP@U", backend=fake).subscribe, "requires an event"),
+        refused(lambda: dev.subscribe(field="raw", event="P,1000"), "field requires prop"),
+        refused(lambda: dev.subscribe(event="N"), "@N"),
+        refused(Device("M:OUTTMP@N", backend=fake).subscribe, "@N"),
+        refused(lambda: dev.subscribe(event="Z")),
+        refused(lambda: dev.subscribe(event="@P,1000")),
+        refused(lambda: dev.subscribe(prop="setting", field="on", event="P,1000"), "not allowed"),
+        refused(lambda: dev.subscribe("P,1000"), "must be callable"),
+        refused(lambda: dev.subscribe(on_error="no", event="P,1000"), "must be callable"),
+        refused(lambda: dev.subscribe(lambda r: None, event="P,1000"), "must accept 2 arguments"),
+        refused(lambda: dev.subscribe(on_error=lambda e: None, event="P,1000"), "must accept 2 arguments"),
+        refused(lambda: dev.subscribe(lambda *args: None, event="P,1000")),
+        refused(lambda: dev.subscribe(lambda r, h, extra=None: None, event="P,1000")),
+        refused(lambda: dev.subscribe(print, event="P,1000")),
+    ]
+    return [seen, len(fake._subscriptions)]
+
+
+@probe
+def device_awaits_the_next_reading():
+    from pacsys.device import Device
+    from pacsys.testing import FakeBackend
+
+    fake = FakeBackend()
+    threading.Timer(0.05, lambda: fake.emit_reading("M:OUTTMP.READING@P,1000", 99.0)).start()
+    first = Device("M:OUTTMP@P,1000", backend=fake).await_next(timeout=10).value
+    threading.Timer(0.05, lambda: fake.emit_reading("M:OUTTMP.SETTING@P,500", 77.0)).start()
+    second = Device("M:OUTTMP", backend=fake).await_next(prop="setting", event="P,500", timeout=10).value
+    start = time.monotonic()
+    timed_out = _outcome(lambda: Device("M:OUTTMP@P,1000", backend=fake).await_next(timeout=0.1))
+    waited = time.monotonic() - start
+    no_event = _outcome(lambda: Device("M:OUTTMP", backend=fake).await_next(timeout=0.1))
+    return [first, second, timed_out, 0.05 <= waited < 5, no_event, len(fake._subscriptions)]
+
+
+@probe
+def device_spells_drfs_canonically():
+    # A difference: this project's Device sends DRFs in pacsys.drf's canonical spelling; the
+    # release keeps an event and an extra as they were written. Both name the same request.
+    from pacsys.device import Device
+
+    dev = Device("M:OUTTMP@p,1000")
+    return [
+        dev.drf,
+        Device("M:OUTTMP[]").drf,
+        Device("M:OUTTMP@U").drf,
+        dev.with_range().drf,
+        dev.with_event("e,0f").drf,
+        dev.with_extra("logger:1:2").drf,
+        dev.with_event("p,10h").drf,
+    ]
 
 
 # -- pacsys.drf_utils -------------------------------------------------------------------------

@@ -16,7 +16,9 @@ are adapted in the gitignored directory, run there, and rewritten on every run.
 
 The adaptation, so that one test's missing name fails that test rather than its whole
 file: every import at a file's top level is split into one import per name, and a name that
-does not import is bound to a stand-in that raises the ImportError when the test uses it.
+does not import is bound to a stand-in that raises the ImportError when the test uses it
+(its attributes are stand-ins too, so that a name used while tests are collected, in a
+parametrize list, fails only the tests that use it).
 The release's tests need numpy (this project does not) and the release's venv lacks pytest:
 both are installed with `pip install --target` into the gitignored directory and put on
 that interpreter's path only, so neither environment is changed.
@@ -40,11 +42,12 @@ from release_venv import RELEASE, VENV, build  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".release-tests"
 # The release's test files at the level of its public API (the types, the subscription
-# handles, the fakes, the audit log, the supervised server and its policies).
+# handles, the fakes, the device API, the audit log, the supervised server and its policies).
 PUBLIC_API_FILES = (
     "test_types.py",
     "test_subscription.py",
     "test_testing.py",
+    "test_device.py",
     "test_audit.py",
     "test_supervised_policies.py",
     "test_supervised.py",
@@ -64,7 +67,10 @@ class _NotImported:
     __call__ = __iter__ = __enter__ = _fail
 
     def __getattr__(self, attribute):
-        self._fail()
+        # a private attribute is absent: pytest looks for its markers on every module name
+        if attribute.startswith("_"):
+            raise AttributeError(attribute)
+        return _NotImported(f"{self._name}.{attribute}", self._error)
 
     def __mro_entries__(self, bases):
         self._fail()

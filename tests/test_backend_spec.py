@@ -12,8 +12,9 @@ from pacsys.aio import AsyncBackend
 from pacsys.backends import Backend
 from pacsys.backends.grpc_client import DAQClientBackend
 from pacsys.backends.sim import SimBackend
-from pacsys.backends.spec import BackendSpecError, build_backend, describe_spec
+from pacsys.backends.spec import BackendSpecError, build_backend, factory_spec
 from pacsys.testing import FakeBackend
+from workers.backend_spec import FactorySpecError, call_factory, parse_factory
 
 _names = itertools.count()
 
@@ -272,29 +273,6 @@ def test_unknown_forms(spec):
     assert "unknown form" in message and "grpc://HOST:PORT" in message
 
 
-# -- describe_spec ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("spec", "expected"),
-    [
-        ("sim", "simulated devices (built-in table)"),
-        ("sim:/etc/devices.toml", "simulated devices from /etc/devices.toml"),
-        ("fake", "in-memory fake backend (M:OUTTMP, G:AMANDA)"),
-        ("grpc://daq:50051", "DAQ gRPC server at daq:50051 (timeout 5 s)"),
-        (
-            "grpc://daq:50051?token_file=/run/tok&pass_token=1&timeout=2",
-            "DAQ gRPC server at daq:50051 (timeout 2 s, token from /run/tok, caller token passed on)",
-        ),
-        ("grpc://daq", "invalid grpc spec 'grpc://daq'"),
-        ("mypkg.mod:make", "backend from factory mypkg.mod:make()"),
-        ("nonsense", "unknown backend spec 'nonsense'"),
-    ],
-)
-def test_describe_spec(spec, expected):
-    assert describe_spec(spec) == expected
-
-
 # -- factory arguments -----------------------------------------------------------------------
 
 
@@ -340,5 +318,43 @@ def test_factory_arguments_a_factory_refuses_are_named(module_dir):
     assert "unexpected keyword argument 'port'" in message
 
 
-def test_describe_hides_argument_values():
-    assert describe_spec("m.mod:make?token=s3cret&port=1") == "backend from factory m.mod:make(token=..., port=...)"
+# -- one owner of the forms: built-in specs rewritten into factory specs for the workers ---------
+
+
+@pytest.mark.parametrize("path", ["devices.toml", "1.5", "a b&c=d?.toml", '"quoted".toml'])
+def test_a_sim_path_crosses_to_the_worker_as_text(tmp_path, path):
+    table = tmp_path / path
+    table.write_text('[devices."Z:ONLYME"]\nbase = 5.0\n')
+    spec = factory_spec(f"sim:{table}")
+    module, attr, kwargs = parse_factory(spec)  # what a worker reads
+    assert (module, attr, kwargs) == ("pacsys.backends.spec", "sim_backend", {"devices": str(table)})
+    backend = call_factory(spec)
+    assert isinstance(backend, SimBackend) and "Z:ONLYME" in backend.table.names
+    _close(backend)
+
+
+def test_every_builtin_form_is_a_factory_spec_the_worker_runtime_builds():
+    for spec, kind in [("sim", SimBackend), ("fake", FakeBackend), ("grpc://127.0.0.1:1?timeout=2", DAQClientBackend)]:
+        rewritten = factory_spec(spec)
+        assert parse_factory(rewritten) is not None, rewritten
+        backend = call_factory(rewritten)
+        assert isinstance(backend, kind)
+        _close(backend)
+    assert factory_spec("m.mod:make?x=1") == "m.mod:make?x=1"  # a factory spec is left as it is
+
+
+def test_the_worker_runtime_knows_no_builtin_form():
+    assert parse_factory("sim") is None and parse_factory("grpc://h:1") is None
+    with pytest.raises(FactorySpecError, match="expected module:factory"):
+        call_factory("fake")
+
+
+def test_a_bad_grpc_spec_fails_in_the_front_before_any_worker_sees_it():
+    with pytest.raises(BackendSpecError, match="expected grpc://HOST:PORT"):
+        factory_spec("grpc://host")
+
+
+def test_the_worker_describes_a_factory_without_its_argument_values():
+    from workers.backend_spec import describe
+
+    assert describe("m.mod:make?token=s3cret&port=1") == "m.mod:make(token=..., port=...)"

@@ -19,8 +19,8 @@ import pytest
 from processes import FAKE, SERVING, free_port, read_scalar, run_cli, set_scalar
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
+from pacsys.settings import FIELDS, flag_name
 from pacsys.supervised.cli import main, serve_parser
-from pacsys.supervised.config import FIELDS, flag_name
 from pacsys.supervised.service import SIGNALS, Service
 from workers.logformat import configure_logging
 
@@ -271,7 +271,7 @@ def test_every_flag_setting_has_an_option():
     parser = serve_parser()
     options = {opt for action in parser._actions for opt in action.option_strings}
     for name, f in FIELDS.items():
-        assert (flag_name(name) in options) == f.metadata["flag"], name
+        assert (flag_name(name) in options) == f.flag, name
     assert "--no-log-requests" in options
     ns = parser.parse_args(["--allow-writes", "M:*", "G:*", "--allow-writes", "Z:*", "--no-log-requests"])
     assert ns.allow_writes == ["M:*", "G:*", "Z:*"] and ns.log_requests is False and ns.port is None

@@ -1,11 +1,11 @@
-"""pacsys.supervised.config: the settings, the TOML file, policies, the write gate, the example file."""
+"""pacsys.settings and what is built from it: the settings, the TOML file, policies, the write gate, the example file."""
 
-import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 
+from pacsys.settings import FIELDS, POLICY_TYPES, ConfigError, Settings, load_config, settings_from
 from pacsys.supervised import (
     DeviceAccessPolicy,
     RateLimitPolicy,
@@ -15,19 +15,13 @@ from pacsys.supervised import (
     ValueRangePolicy,
     WriteGrantPolicy,
     evaluate_policies,
+    policy_config,
 )
 from pacsys.supervised.cli import main
-from pacsys.supervised.config import (
-    FIELDS,
-    ConfigError,
-    Settings,
-    load_config,
-    render_example,
-    resolve_token,
-    settings_from,
-)
+from pacsys.supervised.example_config import render_example
 from pacsys.supervised.gate import ServicerLimits
-from pacsys.supervised.policy_config import POLICY_TYPES, build_policies, write_gate
+from pacsys.supervised.policy_config import build_policies, write_gate
+from pacsys.supervised.startup_checks import resolve_token
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "ops" / "supervisor.example.toml"
 
@@ -68,15 +62,22 @@ def test_defaults():
 
 
 def test_every_field_documents_itself():
-    for f in dataclasses.fields(Settings):
-        assert f.metadata["help"] and f.metadata["section"], f.name
-        assert isinstance(f.metadata["flag"], bool), f.name
-    assert not FIELDS["policies"].metadata["flag"]
+    for f in FIELDS.values():
+        assert f.help and f.section, f.name
+        assert isinstance(f.flag, bool), f.name
+    assert not FIELDS["policies"].flag
 
 
-def test_settings_are_frozen():
-    with pytest.raises(dataclasses.FrozenInstanceError):
+def test_settings_are_frozen_and_a_replacement_is_checked():
+    with pytest.raises(AttributeError):
         Settings().port = 1  # type: ignore[misc]
+    assert Settings().replace(port=1).port == 1
+    with pytest.raises(ConfigError, match="'port' must be an integer from 0 to 65535, got -1"):
+        Settings().replace(port=-1)
+
+
+def test_the_schema_names_every_policy_builder():
+    assert set(policy_config._BUILDERS) == set(POLICY_TYPES)
 
 
 def test_empty_file_is_the_defaults(tmp_path):
@@ -298,6 +299,8 @@ def test_each_policy_type_is_built_in_file_order(tmp_path):
         ('type = "custom"\nfactory = "pacsys.supervised:RateLimitPolicy"\nargs = 5', "args", "table"),
         ('type = "custom"\nfactory = "collections:OrderedDict"', "factory", "not a Policy"),
         ('type = "read_only"\nname = ""', "name", "non-empty string"),
+        ('type = "write_grant"\nidentities = ["ops*"]\npatterns = ["Z:*"]', "identities", "not an identity pattern"),
+        ('type = "write_grant"\nidentities = ["CN=a,CN=b"]\npatterns = ["Z:*"]', "identities", "names CN twice"),
     ],
 )
 def test_bad_policy_params(tmp_path, table, key, fragment):
@@ -375,9 +378,9 @@ def test_example_file_is_render_example():
 def test_example_mentions_every_file_setting_and_policy_type():
     text = render_example()
     for name, f in FIELDS.items():
-        if f.metadata["in_file"] and name != "policies":
+        if f.in_file and name != "policies":
             assert re.search(rf"^#{name} = ", text, re.MULTILINE), name
-            assert f.metadata["help"] in text
+            assert f.help in text
     for kind in POLICY_TYPES:
         assert f'#type = "{kind}"' in text
 
@@ -398,7 +401,7 @@ def test_example_uncommented_is_valid(tmp_path):
     assert settings.metrics_port == 9109 and settings.token_file is not None
     assert [t["type"] for t in settings.policies] == list(POLICY_TYPES)
     # the custom example names a site module that does not exist here; build the others
-    builtin = dataclasses.replace(settings, policies=settings.policies[:-1])
+    builtin = settings.replace(policies=settings.policies[:-1])
     assert len(build_policies(builtin)) == len(POLICY_TYPES) - 1
 
 

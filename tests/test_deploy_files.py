@@ -5,8 +5,11 @@
 - The ConfigMap holds ops/supervisor.container.toml, which `check-config` accepts.
 - Stop timings fit: Kubernetes' terminationGracePeriodSeconds and compose's stop_grace_period
   cover preStop, drain_delay and shutdown_grace; drain_delay outlasts haproxy's detection.
-- The probes name the service's health services and ports; compose's services are the
-  servers of ops/haproxy.cfg; haproxy accepts ops/haproxy.cfg.
+- The probes ask the metrics port (the service port serves TLS, which the kubelet's gRPC
+  probes do not speak); compose's services are the servers of ops/haproxy.cfg, and the
+  token, certificate and CA files compose and Kubernetes mount are where the config and
+  haproxy look for them; haproxy accepts ops/haproxy.cfg with its addresses substituted
+  (nothing is resolved through the system's name servers).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.pair import Certificates, render_haproxy_cfg
+
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate (the test extra)")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,13 +34,16 @@ K8S = sorted((OPS / "k8s").glob("*.yaml"))
 CONTAINER_CONFIG = OPS / "supervisor.container.toml"
 HAPROXY_CFG = OPS / "haproxy.cfg"
 WORKERS_STOP = 10  # seconds, with margin, for the workers to finish and exit after the drain
+NEEDS_OPENSSL = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
 
 def manifests() -> dict[str, dict]:
+    """Each manifest by kind, and by kind/name for kinds with several (Service/pacsys-supervisor-pods)."""
     found = {}
     for path in K8S:
         for doc in yaml.safe_load_all(path.read_text()):
-            found[doc["kind"]] = doc
+            found.setdefault(doc["kind"], doc)
+            found[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
     return found
 
 
@@ -56,6 +64,7 @@ def test_manifests_validate_against_the_kubernetes_schemas():
         kubernetes_validate.validate(broken, version, strict=True)
 
 
+@NEEDS_OPENSSL
 def test_the_configmap_holds_the_container_config_and_check_config_accepts_it(tmp_path):
     data = manifests()["ConfigMap"]["data"]
     assert data["supervisor.toml"] == CONTAINER_CONFIG.read_text()
@@ -63,8 +72,12 @@ def test_the_configmap_holds_the_container_config_and_check_config_accepts_it(tm
     token.write_text("t\n")
     config = tmp_path / "supervisor.toml"
     settings = container_settings()
-    # The token and the audit directory are the pod's mounts: stand-ins here.
+    certificates = Certificates(tmp_path)
+    # The token, the certificate and the audit directory are the pod's mounts: stand-ins here.
     text = CONTAINER_CONFIG.read_text().replace(settings["token_file"], str(token))
+    text = text.replace(settings["tls_cert"], str(certificates.cert)).replace(
+        settings["tls_key"], str(certificates.key)
+    )
     config.write_text(text.replace(settings["audit_path"], str(tmp_path / "audit.jsonl")))
     done = subprocess.run(
         [sys.executable, "-m", "pacsys.supervised.cli", "check-config", str(config)],
@@ -77,16 +90,24 @@ def test_the_configmap_holds_the_container_config_and_check_config_accepts_it(tm
     assert "writes granted by policy" in done.stdout
 
 
-def test_the_deployment_mounts_config_and_token_where_the_config_says():
+def test_the_deployment_mounts_config_token_and_certificate_where_the_config_says():
     settings = container_settings()
     pod = manifests()["Deployment"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert mounts["config"] == "/etc/pacsys" and volumes["config"]["configMap"]["name"]
-    secret = volumes["token"]["secret"]
-    assert secret["secretName"] == manifests()["Secret"]["metadata"]["name"]
-    assert f"{mounts['token']}/{secret['items'][0]['path']}" == settings["token_file"]
+    secrets = {
+        f"{mounts['secrets']}/{item['path']}": (source["secret"]["name"], item["key"])
+        for source in volumes["secrets"]["projected"]["sources"]
+        for item in source["secret"]["items"]
+    }
+    assert secrets == {
+        settings["token_file"]: (manifests()["Secret"]["metadata"]["name"], "token"),
+        # kubectl create secret tls: the keys of a kubernetes.io/tls Secret.
+        settings["tls_cert"]: ("pacsys-supervisor-tls", "tls.crt"),
+        settings["tls_key"]: ("pacsys-supervisor-tls", "tls.key"),
+    }
     assert Path(settings["audit_path"]).parent == Path(mounts["audit"])
     assert pod["securityContext"]["runAsNonRoot"] is True
 
@@ -96,11 +117,16 @@ def test_probes_and_ports_name_the_services_health_checks():
     container = manifests()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": settings["port"], "metrics": settings["metrics_port"]}
-    assert container["livenessProbe"]["grpc"] == {"port": settings["port"], "service": "liveness"}
-    assert container["startupProbe"]["grpc"] == {"port": settings["port"], "service": "liveness"}
-    assert container["readinessProbe"]["grpc"] == {"port": settings["port"], "service": "readiness"}
-    service_ports = {p["name"]: p["targetPort"] for p in manifests()["Service"]["spec"]["ports"]}
-    assert set(service_ports.values()) <= set(ports)
+    assert settings["tls_cert"], "the service port serves TLS: the probes cannot ask it"
+    assert container["livenessProbe"]["httpGet"] == {"port": "metrics", "path": "/healthz"}
+    assert container["startupProbe"]["httpGet"] == {"port": "metrics", "path": "/healthz"}
+    assert container["readinessProbe"]["httpGet"] == {"port": "metrics", "path": "/readyz"}
+    for name in ("Service/pacsys-supervisor", "Service/pacsys-supervisor-pods"):
+        service = manifests()[name]["spec"]
+        assert service["selector"] == manifests()["Deployment"]["spec"]["selector"]["matchLabels"]
+        assert {p["targetPort"] for p in service["ports"]} <= set(ports)
+    # The headless Service: its name resolves to every ready pod (client-side fail-over).
+    assert manifests()["Service/pacsys-supervisor-pods"]["spec"]["clusterIP"] == "None"
     assert manifests()["Deployment"]["spec"]["replicas"] >= 2
     assert manifests()["PodDisruptionBudget"]["spec"]["minAvailable"] >= 1
 
@@ -126,14 +152,32 @@ def test_compose_runs_the_servers_haproxy_names_with_the_files_in_ops():
     services = compose["services"]
     servers = set(re.findall(r"^\s*server \w+ ([\w-]+):\d+", HAPROXY_CFG.read_text(), flags=re.MULTILINE))
     assert servers == {name for name in services if name != "haproxy"}
+    settings = container_settings()
     for name in servers:
         mounted = [v.split(":")[0] for v in services[name]["volumes"] if v.startswith("./")]
         assert mounted and all((OPS / m).exists() for m in mounted), mounted
         assert services[name]["build"]["context"] == ".." and (REPO / services[name]["build"]["dockerfile"]).exists()
-    assert (OPS / services["haproxy"]["volumes"][0].split(":")[0]).resolve() == HAPROXY_CFG
+        # compose mounts each secret as /run/secrets/NAME: where the config reads them.
+        given = {f"/run/secrets/{s}" for s in services[name]["secrets"]}
+        assert {settings["token_file"], settings["tls_cert"], settings["tls_key"]} <= given
+    haproxy = dict(v.rsplit(":", 1)[0].split(":", 1) for v in services["haproxy"]["volumes"])
+    assert (OPS / next(src for src, dst in haproxy.items() if dst.endswith("haproxy.cfg"))).resolve() == HAPROXY_CFG
+    ca_file = re.search(r"\bca-file (\S+)", HAPROXY_CFG.read_text()).group(1)
+    assert haproxy["./tls/ca.crt"] == ca_file
 
 
+@NEEDS_OPENSSL
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (apt-get install haproxy)")
-def test_haproxy_accepts_its_config():
-    done = subprocess.run(["haproxy", "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=60)
+def test_haproxy_accepts_its_config_with_addresses_substituted(tmp_path):
+    """`haproxy -c` on the shipped file would resolve pacsys-a and pacsys-b through the system's
+    name servers: it is checked with loopback addresses (and a CA made here) instead, as the
+    pair tests run it, and the substitution refuses to leave a name on a server line."""
+    certificates = Certificates(tmp_path)
+    servers = {"a": (50001, 9001), "b": (50002, 9002)}
+    text = render_haproxy_cfg(HAPROXY_CFG.read_text(), 50051, 8404, servers, certificates.ca)
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(text)
+    done = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+    with pytest.raises(ValueError, match="name a host"):
+        render_haproxy_cfg(HAPROXY_CFG.read_text(), 50051, 8404, {"a": (50001, 9001)}, certificates.ca)

@@ -7,9 +7,9 @@ import pytest
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
 from pacsys.backends.sim import SimBackend
+from pacsys.settings import load_config
 from pacsys.supervised import SupervisedServer, write_gate
 from pacsys.supervised.cli import main
-from pacsys.supervised.config import load_config
 from pacsys.supervised.policy_config import build_policies
 
 

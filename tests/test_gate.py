@@ -9,10 +9,10 @@ import pytest
 from pacsys._proto.controls.common.v1 import device_pb2
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 from pacsys.drf import parse_cached
+from pacsys.settings import Settings
 from pacsys.supervised import AuditLog, Policy, PolicyDecision, ReadOnlyPolicy, ServicerLimits, read_audit
 from pacsys.supervised import write_gate as public_write_gate
 from pacsys.supervised._policies import DeviceAccessPolicy, write_gate
-from pacsys.supervised.config import Settings
 from pacsys.supervised.gate import EVENT_RATE_HZ, Gate, GateRequest
 from pacsys.supervised.policy_config import write_gate as config_write_gate
 
@@ -457,3 +457,22 @@ def test_a_rewritten_drf_is_checked_again_after_the_policies():
 
     gate = Gate([Faster()], limits=ServicerLimits(max_rate_hz=100))
     refused(gate, read("M:OUTTMP@p,1000"), "INVALID_ARGUMENT", "limit", contains="DRF after policies 0")
+
+
+def test_each_drf_is_looked_up_in_the_parse_cache_once_unless_a_policy_rewrote_it(monkeypatch):
+    import pacsys.supervised.gate as gate_module
+
+    looked_up: list[str] = []
+    monkeypatch.setattr(gate_module, "parse_cached", lambda text: looked_up.append(text) or parse_cached(text))
+
+    class Rewrite(Policy):
+        def check(self, ctx):
+            return PolicyDecision(allowed=True, ctx=replace(ctx, drfs=["G:AMANDA@I", *ctx.drfs[1:]]))
+
+    decision = Gate().admit(read("M:OUTTMP@I", "Z:ACLTST@I"))
+    assert decision.refusal is None and looked_up == ["M:OUTTMP@I", "Z:ACLTST@I"]
+    assert [p.device for p in decision.parsed] == ["M:OUTTMP", "Z:ACLTST"]
+    looked_up.clear()
+    decision = Gate([Rewrite()]).admit(read("M:OUTTMP@I", "Z:ACLTST@I"))
+    assert looked_up == ["M:OUTTMP@I", "Z:ACLTST@I", "G:AMANDA@I"]  # only the rewritten one again
+    assert [p.device for p in decision.parsed] == ["G:AMANDA", "Z:ACLTST"]

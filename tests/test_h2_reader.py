@@ -72,3 +72,51 @@ def test_nothing_is_counted_outside_the_window():
             await server.stop(0)
 
     asyncio.run(main())
+
+
+def test_the_longest_gap_inside_the_window_counts_its_start_and_end():
+    """Messages at 5 (before the window [10, 20)), 12, 13 and 25 (after it): the longest gap is
+    13 -> 20 (7 s: a stream that falls silent near the end starves too), not 25 - 13; a stream
+    that never sends anything went the whole window without a message.
+    """
+
+    async def main():
+        release = asyncio.Queue()
+
+        async def read(request: bytes, context):
+            if request == b"silent":
+                await asyncio.Event().wait()
+            while True:
+                await release.get()
+                yield b"x"
+
+        server = grpc.aio.server()
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Test", {"Read": grpc.unary_stream_rpc_method_handler(read)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        clock = [0.0]
+        loop = asyncio.get_running_loop()
+        try:
+            _, counter = await loop.create_connection(
+                lambda: StreamCounter(f"127.0.0.1:{port}", 10.0, 20.0, clock=lambda: clock[0]), "127.0.0.1", port
+            )
+            counter.open("/bench.Test/Read", b"")
+            counter.open("/bench.Test/Read", b"silent")
+            talking, silent = counter.order
+            stream = counter.streams[talking]
+            for n, at in enumerate((5.0, 12.0, 13.0, 25.0), 1):
+                clock[0] = at  # each message arrives while the clock reads `at`
+                release.put_nowait(None)
+                await until(lambda n=n: stream.received == n)
+            assert stream.count == 2  # 12 and 13: 5 and 25 are outside the window
+            assert counter.longest_gap(talking) == 7.0
+            assert counter.longest_gap(silent) == 10.0
+            assert stream.first == 5.0 and counter.streams[silent].first is None
+            counter.close()
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())

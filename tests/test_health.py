@@ -12,9 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import FAST, wait_for
 
+from pacsys.pool.pool import WorkerPool
 from pacsys.supervised import SupervisedServer, cli
 from pacsys.testing import FakeBackend
-from workers.pool import WorkerPool
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -45,7 +45,7 @@ def test_health_follows_the_workers_and_the_drain(pool_server, tmp_path):
     watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="readiness"))
     assert next(watch).status == SERVING
     (tmp_path / "broken").touch()
-    os.kill(pool.worker_states()[0]["pid"], signal.SIGKILL)  # and its replacements cannot start
+    os.kill(pool.worker_states()[0].pid, signal.SIGKILL)  # and its replacements cannot start
     assert next(watch).status == NOT_SERVING
     assert _check(channel, "") == NOT_SERVING
     assert _check(channel, "liveness") == SERVING
@@ -94,7 +94,7 @@ def test_status_rpc_describes_the_workers(pool_server):
     view = json.loads(status(b"", timeout=5))
     assert view["ready"] is True
     (worker,) = view["workers"]
-    assert worker["pid"] == pool.worker_states()[0]["pid"] and worker["state"] == "ready"
+    assert worker["pid"] == pool.worker_states()[0].pid and worker["state"] == "ready"
     wait_for(lambda: json.loads(status(b"", timeout=5))["workers"][0].get("rss_bytes", 0) > 0, what="rss")
 
 
@@ -109,7 +109,7 @@ def test_health_list_answers_every_known_service(pool_server, caplog, tmp_path):
         "liveness": SERVING,
     }
     (tmp_path / "broken").touch()
-    os.kill(pool.worker_states()[0]["pid"], signal.SIGKILL)  # and its replacements cannot start
+    os.kill(pool.worker_states()[0].pid, signal.SIGKILL)  # and its replacements cannot start
     wait_for(lambda: _check(channel, "readiness") == NOT_SERVING, what="NOT_SERVING")
     reply = stub.List(health_pb2.HealthListRequest(), timeout=5)
     assert reply.statuses["readiness"].status == NOT_SERVING and reply.statuses["liveness"].status == SERVING

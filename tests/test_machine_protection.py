@@ -19,6 +19,7 @@ from pacsys import status as st
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
 from pacsys.backends.sim import SimBackend
 from pacsys.errors import BackendUnavailable
+from pacsys.pool.pool import WorkerPool
 from pacsys.supervised import (
     AuditLog,
     CurrentValue,
@@ -35,7 +36,6 @@ from pacsys.supervised import (
 )
 from pacsys.testing import FakeBackend
 from pacsys.types import WriteResult
-from workers.pool import WorkerPool
 
 # -- the policies ------------------------------------------------------------------------
 

@@ -5,13 +5,17 @@ A backend without them is always ready and alive."""
 import json
 
 import grpc
+import msgspec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import wait_for
 
+from pacsys.pool.pool import WorkerPool
+from pacsys.pool.stats import PoolStats, WorkerRow
+from pacsys.pool.supervision import EndReason, SlotState
 from pacsys.supervised import CountsSubscriptions, ManagedBackend, SupervisedServer
 from pacsys.supervised._server import ADMIN_SERVICE
+from pacsys.supervised.admin import render_status
 from pacsys.testing import AsyncFakeBackend
-from workers.pool import PoolStats, WorkerPool
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -46,7 +50,11 @@ class Managed(AsyncFakeBackend):
         return 0.0 if self.ready else 99.0
 
     def worker_states(self):
-        return [{"slot": 0, "state": "ready" if self.ready else "restarting", "pid": None}]
+        state = SlotState.READY if self.ready else SlotState.RESTARTING
+        return [WorkerRow(slot=0, state=state, pid=None, restarts=0, last_exit=EndReason.SIGNAL, last_exit_detail="SIGKILL",
+                          subscriptions=0, devices=0, in_flight=0, backend_in_flight=0, backend_subscriptions=0,
+                          requests=0, heartbeat_age=None, uptime=None, restart_budget_left=5, next_backoff=0.1,
+                          next_start_in=None, cooldowns=0, rss_bytes=1024)]  # fmt: skip
 
     async def add_worker(self):
         pass
@@ -75,7 +83,12 @@ def test_health_and_status_follow_a_managed_backend():
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
             assert _check(channel, "readiness") == SERVING
             view = json.loads(channel.unary_unary(f"/{ADMIN_SERVICE}/Status")(b"", timeout=5))
-            assert view["workers"] == backend.worker_states() and view["pool"]["exits_by_reason"] == {"signal": 2}
+            # the rows as JSON objects, under their field names (rss_bytes given, cpu_seconds left out)
+            (row,) = view["workers"]
+            assert row == msgspec.to_builtins(backend.worker_states()[0]) and "cpu_seconds" not in row
+            assert (row["state"], row["last_exit"], row["rss_bytes"]) == ("ready", "signal", 1024)
+            assert view["pool"]["exits_by_reason"] == {"signal": 2}
+            assert "READY" in render_status(view) and "signal SIGKILL" in render_status(view)
             backend.ready = False
             wait_for(lambda: _check(channel, "readiness") == NOT_SERVING, what="readiness to follow is_ready")
             assert _check(channel, "liveness") == SERVING

@@ -3,6 +3,7 @@ systemd units, logrotate's config, and no reference to files outside this reposi
 
 import configparser
 import grp
+import json
 import os
 import pwd
 import re
@@ -142,13 +143,24 @@ def test_systemd_analyze_verifies_the_units(tmp_path, name):
 
 @pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate is not installed (apt-get install logrotate)")
 def test_logrotate_config_rotates_a_running_service(supervisor, daq, tmp_path):
-    """ops/logrotate.conf with its paths, owner and signal pointed at a test server."""
+    """ops/logrotate.conf with its paths, owner and signal pointed at a test server that also
+    rotates its files itself (audit_max_bytes): each leaves the other's files alone, and
+    `pacsys-audit --all` reads every request from them in order."""
     logs = tmp_path / "log"
     logs.mkdir()
     audit = logs / "audit.jsonl"
-    sup = supervisor("--workers", "0", "--port", "0", "--backend", "fake", "--audit-path", str(audit))
+    sup = supervisor(
+        "--workers", "0", "--port", "0", "--backend", "fake", "--audit-path", str(audit),
+        "--audit-proto-path", str(logs / "audit.bin"), "--audit-max-bytes", "4096", "--audit-keep", "5",
+    )  # fmt: skip
     stub = daq(sup.port)
+    for _ in range(500):  # until the service has rotated its files twice (about 40 reads)
+        if (logs / "audit.jsonl.2").exists():
+            break
+        read_scalar(stub, "G:AMANDA@I")
     read_scalar(stub, "M:OUTTMP@I")
+    own = {p.name: p.read_bytes() for p in logs.glob("audit.*.[0-9]")}
+    assert {"audit.jsonl.1", "audit.jsonl.2", "audit.bin.1", "audit.bin.2"} <= set(own)
     conf = (REPO / "ops/logrotate.conf").read_text()
     owner = f"{pwd.getpwuid(os.getuid()).pw_name} {grp.getgrgid(os.getgid()).gr_name}"
     conf = conf.replace("/var/log/pacsys", str(logs)).replace("create 0640 pacsys pacsys", f"create 0640 {owner}")
@@ -163,8 +175,17 @@ def test_logrotate_config_rotates_a_running_service(supervisor, daq, tmp_path):
     read_scalar(stub, "G:AMANDA@I")
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.wait_exit(15) == 0
-    assert "M:OUTTMP@I" in (logs / "audit.jsonl.1").read_text()
+    (dated,) = logs.glob("audit.jsonl-*")  # logrotate's, named by date
+    assert re.fullmatch(r"audit\.jsonl-\d{8}-\d+", dated.name) and (logs / f"audit.bin{dated.name[11:]}").exists()
+    assert "M:OUTTMP@I" in dated.read_text()
     assert "G:AMANDA@I" in audit.read_text() and "M:OUTTMP" not in audit.read_text()
+    assert {p.name: p.read_bytes() for p in logs.glob("audit.*.[0-9]")} == own  # untouched by logrotate
+    pacsys_audit = [sys.executable, "-m", "pacsys.supervised.audit_command", "--all", "--json", str(audit)]
+    listed = subprocess.run(pacsys_audit, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    seqs = [json.loads(line)["seq"] for line in listed.stdout.splitlines()]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 20
+    assert "G:AMANDA@I" in listed.stdout.splitlines()[-1]
 
 
 def test_nothing_refers_to_files_outside_the_repository():

@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from pacsys.pool.wire import reading_from_wire
 from pacsys.types import Reading, ValueType
 from workers import protocol as p
 
@@ -51,7 +52,7 @@ def test_every_message_round_trips_in_one_stream():
 
 def test_a_reading_keeps_every_field_across_the_pipe():
     (frame,) = p.FrameReader(p.ToFront).feed(p.encode(p.ReadDone(id=1, readings=[p.reading_to_wire(READING)])))
-    assert p.reading_from_wire("M:OUTTMP", frame.readings[0]) == READING
+    assert reading_from_wire("M:OUTTMP", frame.readings[0]) == READING
 
 
 def test_a_truncated_frame_waits_for_the_rest():

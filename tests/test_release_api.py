@@ -138,6 +138,202 @@ EXPECTED["drf_utils_on_drfs_and_other_names"] = [
     for name, (got, write) in _DRF_UTILS.items()
 ]
 
+# pacsys.device: what a Device is, the DRFs it sends, what it gives and refuses (events written
+# canonically, as device_spells_drfs_canonically below explains).
+EXPECTED["device_what_it_is"] = [
+    ["M:OUTTMP", "M:OUTTMP.READING", "M:OUTTMP", False, False, "Device('M:OUTTMP.READING')"],
+    ["m_outtmp", "M:OUTTMP.SETTING", "M:OUTTMP", False, False, "Device('M:OUTTMP.SETTING')"],
+    ["M|OUTTMP", "M:OUTTMP.STATUS", "M:OUTTMP", False, False, "Device('M:OUTTMP.STATUS')"],
+    ["B:HS23T[0:10]", "B:HS23T.READING[0:10]", "B:HS23T", False, False, "Device('B:HS23T.READING[0:10]')"],
+    ["M:OUTTMP.RAW", "M:OUTTMP.READING.RAW", "M:OUTTMP", False, False, "Device('M:OUTTMP.READING.RAW')"],
+    [
+        "Z:ACLTST.SETTING.SCALED<-FTP",
+        "Z:ACLTST.SETTING<-FTP",
+        "Z:ACLTST",
+        False,
+        False,
+        "Device('Z:ACLTST.SETTING<-FTP')",
+    ],
+    ["M:OUTTMP@P,1000", True, True],
+    ["M:OUTTMP@Q,500", True, True],
+    ["M:OUTTMP@E,2", True, False],
+    ["M:OUTTMP@I", True, False],
+    ["M:OUTTMP@N", True, False],
+    ["M:OUTTMP@U", False, False],
+    ["'X'", ["ValueError"]],
+    ["'M:OUTTMP@Z'", ["ValueError"]],
+    ["''", ["ValueError"]],
+    ["'M:OUTTMP.FOO'", ["ValueError"]],
+    ["'M:OUTTMP[3:1]'", ["ValueError"]],
+    ["42", ["TypeError"]],
+    True,
+    False,
+    True,
+    ["AttributeError"],
+    ["AttributeError"],
+    ["ScalarDevice", "ArrayDevice", "TextDevice"],
+]
+EXPECTED["device_reads_send_these_drfs"] = [
+    ["M:OUTTMP", "read", {}, "M:OUTTMP.READING@I"],
+    ["M:OUTTMP", "read", {"field": "raw"}, "M:OUTTMP.READING.RAW@I"],
+    ["M:OUTTMP", "read", {"field": "primary", "timeout": 5.0}, "M:OUTTMP.READING.PRIMARY@I"],
+    ["M:OUTTMP", "setting", {}, "M:OUTTMP.SETTING@I"],
+    ["M:OUTTMP", "setting", {"field": "units"}, "M:OUTTMP.SETTING.UNITS@I"],
+    ["M:OUTTMP", "status", {}, "M:OUTTMP.STATUS@I"],
+    ["M:OUTTMP", "status", {"field": "on"}, "M:OUTTMP.STATUS.ON@I"],
+    ["M:OUTTMP", "status", {"field": "bit_value"}, "M:OUTTMP.STATUS.BIT_VALUE@I"],
+    ["M:OUTTMP", "analog_alarm", {}, "M:OUTTMP.ANALOG@I"],
+    ["M:OUTTMP", "analog_alarm", {"field": "min"}, "M:OUTTMP.ANALOG.MIN@I"],
+    ["M:OUTTMP", "digital_alarm", {}, "M:OUTTMP.DIGITAL@I"],
+    ["M:OUTTMP", "digital_alarm", {"field": "mask"}, "M:OUTTMP.DIGITAL.MASK@I"],
+    ["M:OUTTMP", "description", {}, "M:OUTTMP.DESCRIPTION@I"],
+    ["M:OUTTMP", "get", {}, "M:OUTTMP.READING"],
+    ["M:OUTTMP@P,1000", "get", {}, "M:OUTTMP.READING@P,1000"],
+    ["M:OUTTMP@P,1000", "read", {}, "M:OUTTMP.READING@I"],
+    ["M:OUTTMP", "get", {"prop": "setting"}, "M:OUTTMP.SETTING@I"],
+    ["M:OUTTMP", "get", {"prop": "sts", "field": "ready"}, "M:OUTTMP.STATUS.READY@I"],
+    ["M:OUTTMP", "get", {"prop": "ANALOG", "field": "max"}, "M:OUTTMP.ANALOG.MAX@I"],
+    ["B:HS23T[0:10]", "read", {}, "B:HS23T.READING[0:10]@I"],
+    ["B:HS23T[0:10]", "setting", {}, "B:HS23T.SETTING[0:10]@I"],
+    ["B:HS23T[0:10]", "get", {"prop": "setting"}, "B:HS23T.SETTING[0:10]@I"],
+    ["M:OUTTMP<-FTP", "read", {}, "M:OUTTMP.READING@I<-FTP"],
+    ["M:OUTTMP<-FTP", "status", {"field": "on"}, "M:OUTTMP.STATUS.ON@I<-FTP"],
+    ["M:OUTTMP.RAW", "read", {}, "M:OUTTMP.READING.RAW@I"],
+    ["M:OUTTMP.RAW", "setting", {}, "M:OUTTMP.SETTING.RAW@I"],
+    ["M:OUTTMP.RAW", "status", {}, "M:OUTTMP.STATUS.RAW@I"],
+    ["M:OUTTMP.RAW", "analog_alarm", {}, "M:OUTTMP.ANALOG.RAW@I"],
+    ["M:OUTTMP.UNITS", "status", {}, "M:OUTTMP.STATUS@I"],
+    ["M|OUTTMP.ON", "read", {}, "M:OUTTMP.READING@I"],
+    ["M:OUTTMP.SETTING@P,1000", "read", {}, "M:OUTTMP.READING@I"],
+    ["M:OUTTMP@E,2<-LOGGER:1000:2000", "read", {}, "M:OUTTMP.READING@E,2<-LOGGER:1000:2000"],
+    ["M:OUTTMP<-LOGGER:1000:2000", "setting", {}, "M:OUTTMP.SETTING<-LOGGER:1000:2000"],
+    ["M:OUTTMP@P,1000<-LOGGERDURATION:3600", "read", {}, "M:OUTTMP.READING@P,1000<-LOGGERDURATION:3600"],
+]
+EXPECTED["device_refuses_a_field_that_does_not_fit"] = [
+    [
+        ["ValueError"],
+        ["ValueError"],
+        ["ValueError"],
+        ["ValueError"],
+        ["ValueError"],
+        ["ValueError"],
+        ["ValueError"],
+        ["ValueError"],
+        ["ValueError"],
+        ["ValueError"],
+    ],
+    [],
+    [],
+]
+EXPECTED["device_values_and_errors"] = [
+    72.5,
+    50.0,
+    ["int", "bool"],  # the whole status as it comes, a one-bit field as a bool
+    "Outside temperature",
+    ["Reading", 72.5, True, 0],
+    ["TypeError"],
+    True,
+    ["M:BADDEV.READING@I", -42, "Device not found"],
+    ["M:NOTSET.READING@I", -1, "No reading configured for M:NOTSET.READING@I"],
+    ["M:OUTTMP.ANALOG@I", -13, "No such property for M:OUTTMP"],
+    ["M:BADDEV.READING@I", -42, "Device not found"],
+]
+EXPECTED["device_writes"] = [
+    ["M:OUTTMP", "WriteResult", True, None, False, ["M:OUTTMP.SETTING@N", 72.5]],
+    ["M:OUTTMP", "WriteResult", True, None, False, ["M:OUTTMP.SETTING.RAW@N", 100]],
+    ["M:OUTTMP", "WriteResult", True, None, False, ["M:OUTTMP.SETTING@N", 72.5]],
+    ["M|OUTTMP", "WriteResult", True, None, False, ["M:OUTTMP.SETTING@N", 1.0]],
+    ["M:OUTTMP.RAW@P,1000", "WriteResult", True, None, False, ["M:OUTTMP.SETTING.RAW@N", 3]],
+    ["B:HS23T[0:3]", "WriteResult", False, None, False, ["B:HS23T.SETTING[0:3]@N", [1.0, 2.0, 3.0, 4.0]]],
+    ["M:OUTTMP<-FTP", "WriteResult", True, None, False, ["M:OUTTMP.SETTING@N<-FTP", 72.5]],
+    ["Z:ACLTST.ANALOG@N", {"minimum": 40, "maximum": 80}],
+    ["Z:ACLTST.DIGITAL@N", {"nominal": 1, "mask": 255}],
+    [False, False, -1, "Fail", 0],
+]
+EXPECTED["device_changed_copies"] = [
+    ["Device", "B:HS23T.READING[0:10]@P,500<-FTP", True, True],
+    ["Device", "B:HS23T.READING[0:10]@E,2<-FTP", True, False],
+    ["Device", "B:HS23T.READING[0:10]<-FTP", False, False],
+    ["Device", "B:HS23T.READING[2:5]@P,1000<-FTP", True, True],
+    ["Device", "B:HS23T.READING[5:]@P,1000<-FTP", True, True],
+    ["Device", "B:HS23T.READING[:5]@P,1000<-FTP", True, True],
+    ["Device", "B:HS23T.READING[3]@P,1000<-FTP", True, True],
+    ["Device", "B:HS23T.READING@P,1000<-FTP", True, True],
+    ["Device", "B:HS23T.READING[0:10]@P,1000<-LOGGER:100:200", True, True],
+    ["Device", "B:HS23T.READING[0:10]@P,1000<-LIVEDATA", True, True],
+    ["Device", "B:HS23T.READING[0:10]@P,1000", True, True],
+    ["Device", "M:OUTTMP.READING", False, False],
+    ["Device", "M:OUTTMP.READING", False, False],
+    ["Device", "B:HS23T.READING[0:10]@P,1000<-FTP", True, True],
+    ["ValueError"],
+    ["ValueError"],
+    ["ValueError"],
+    ["ValueError"],
+    ["ValueError"],
+    [True, True, True, True],
+    [["Device", "M:OUTTMP.READING@P,1000<-FTP", True, True], True],
+    ["ScalarDevice", "ScalarDevice", "ScalarDevice", "ScalarDevice", "ScalarDevice", "ScalarDevice"],
+    ["ArrayDevice", "ArrayDevice", "ArrayDevice", "ArrayDevice", "ArrayDevice", "ArrayDevice"],
+    ["TextDevice", "TextDevice", "TextDevice", "TextDevice", "TextDevice", "TextDevice"],
+]
+EXPECTED["device_scalar_and_text_check_what_they_read"] = [
+    ["float", 72.5],
+    ["float", 42.0],  # an int, as a float
+    ["TypeError"],
+    ["TypeError"],
+    ["TypeError"],
+    ["str", "some text"],
+    ["TypeError"],
+    ["TypeError"],
+]
+EXPECTED["device_subscribes"] = [
+    ["M:OUTTMP", {"event": "P,1000"}, False, ["M:OUTTMP.READING@P,1000"]],
+    ["M:OUTTMP@P,1000", {}, False, ["M:OUTTMP.READING@P,1000"]],
+    ["M:OUTTMP@P,1000", {"event": "E,F"}, False, ["M:OUTTMP.READING@E,F"]],
+    ["M:OUTTMP", {"prop": "setting", "event": "P,1000"}, False, ["M:OUTTMP.SETTING@P,1000"]],
+    ["M:OUTTMP", {"prop": "status", "field": "on", "event": "P,1000"}, False, ["M:OUTTMP.STATUS.ON@P,1000"]],
+    ["B:HS23T[0:10]<-FTP", {"event": "P,1000"}, False, ["B:HS23T.READING[0:10]@P,1000<-FTP"]],
+    ["M:OUTTMP.RAW@Q,500", {}, False, ["M:OUTTMP.READING.RAW@Q,500"]],
+    ["M:OUTTMP", {"event": "I"}, False, ["M:OUTTMP.READING@I"]],
+    [72.5],
+    [99.0],
+    True,
+    0,
+]
+EXPECTED["device_refuses_a_subscription_it_cannot_make"] = [
+    [
+        ["ValueError", True],
+        ["ValueError", True],
+        ["ValueError", True],
+        ["ValueError", True],
+        ["ValueError", True],
+        ["ValueError", True],
+        ["ValueError", True],
+        ["ValueError", True],
+        ["TypeError", True],
+        ["TypeError", True],
+        ["TypeError", True],
+        ["TypeError", True],
+        "subscribed",
+        "subscribed",
+        "subscribed",
+    ],
+    0,
+]
+EXPECTED["device_awaits_the_next_reading"] = [99.0, 77.0, ["TimeoutError"], True, ["ValueError"], 0]
+EXPECTED["device_spells_drfs_canonically"] = [
+    "M:OUTTMP.READING@P,1000",
+    "M:OUTTMP.READING[]",
+    "M:OUTTMP.READING@U",
+    "M:OUTTMP.READING[]@P,1000",
+    "M:OUTTMP.READING@E,F",
+    "M:OUTTMP.READING@P,1000<-LOGGER:1:2",
+    "M:OUTTMP.READING@P,100",
+]
+# an array, a list and a tuple give an array; a scalar and a text are refused
+EXPECTED["device_array_gives_numpy_arrays"] = [["ndarray", [1.0, 2.0, 3.0]]] * 3 + [["TypeError"]] * 2
+EXPECTED["device_imports_numpy_only_for_an_array"] = ["False", "True"]
+
 # Where this project differs from the release on purpose, the release's answer (see
 # docs/supervised.md, "What still differs").
 RELEASE_DIFFERS = {
@@ -145,6 +341,16 @@ RELEASE_DIFFERS = {
     "combined_reads_what_a_stopped_fake_holds": [2.0],
     # it creates the binary file at its first frame; ours at once, so a bad path stops startup
     "audit_opens_its_binary_file_at_once": False,
+    # it sends an event and an extra as written; ours in pacsys.drf's canonical spelling
+    "device_spells_drfs_canonically": [
+        "M:OUTTMP.READING@p,1000",
+        "M:OUTTMP.READING[:]",
+        "M:OUTTMP.READING",
+        "M:OUTTMP.READING[:]@p,1000",
+        "M:OUTTMP.READING@e,0f",
+        "M:OUTTMP.READING@p,1000<-logger:1:2",
+        "M:OUTTMP.READING@p,10h",
+    ],
 }
 
 

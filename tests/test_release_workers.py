@@ -81,7 +81,7 @@ def _release_backends_loaded(caplog, release_py):
 def _kill_owner(r, device):
     pid = r.owner_pid(device)
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: pid not in [w["pid"] for w in r.pool.worker_states()], what="the killed worker replaced")
+    wait_for(lambda: pid not in [w.pid for w in r.pool.worker_states()], what="the killed worker replaced")
     return pid
 
 
@@ -143,5 +143,5 @@ def test_release_grpc_backend_in_release_workers(running, release_py, upstream_s
 def test_a_spec_of_our_own_backends_fails_clearly_under_the_release(release_py):
     from helpers import Running
 
-    with pytest.raises(Exception, match="not importable here.*module:factory"):
+    with pytest.raises(Exception, match="worker_python .* could not build.*module:factory"):
         Running(backend="sim", workers=1, worker_python=release_py)

@@ -8,7 +8,7 @@ import pytest
 from processes import FAKE, Supervisor, run_cli, set_scalar
 
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2_grpc
-from pacsys.supervised.config import ConfigError, settings_from
+from pacsys.settings import ConfigError, settings_from
 from pacsys.supervised.policy_config import build_policies
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

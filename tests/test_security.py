@@ -160,7 +160,8 @@ def test_writes_are_refused_while_the_audit_cannot_record_and_resume_by_themselv
         return health.Check(health_pb2.HealthCheckRequest(service="audit"), timeout=5).status
 
     wait_for(lambda: audit_health() == health_pb2.HealthCheckResponse.NOT_SERVING, what="audit NOT_SERVING")
-    assert s.server.status()["audit"] == {"healthy": False, "writes_refused": 1}
+    status = s.server.status()["audit"]
+    assert (status["healthy"], status["writes_refused"]) == (False, 1)
     # The disk has room again: the next write is recorded, and made.
     os.unlink(link)
     os.symlink(real, link)
@@ -467,6 +468,7 @@ def test_idle_metrics_connections_cost_no_thread_and_time_out(serve):
     s = serve()
     metrics = MetricsServer(s.server, port=0, host="127.0.0.1", max_connections=50, timeout=1.0)
     metrics.start()
+    limits = s.server.servicer.stats.limits_hit
     idle = []
     try:
         assert _http_get(metrics.port, "/readyz") == (200, "ready\n")
@@ -474,25 +476,24 @@ def test_idle_metrics_connections_cost_no_thread_and_time_out(serve):
         for _ in range(200):
             idle.append(socket.create_connection(("127.0.0.1", metrics.port), timeout=5))
         assert threading.active_count() <= threads_before + 1
-        limits = s.server.servicer.stats.limits_hit
-        # Every idle connection ends by itself: the first 50 after the timeout, the excess at once.
-        # Excess ones still in the listen backlog when the first time out are accepted then, take
-        # the free slots and time out in turn: so the scrape waits until all 200 have ended.
+        started = time.monotonic()
+        status, text = _http_get(metrics.port, "/metrics")
+        assert status == 200 and "pacsys_limits_hit_total" in text
+        assert time.monotonic() - started < 5  # generous on a loaded machine; a thread per connection took seconds
+        # The kernel hands each silent connection over after about the timeout; the server then
+        # ends every one: those beyond 8 from this address at once (the oldest silent one gives
+        # way to each newcomer), the last 8 after the timeout.
         wait_for(
-            lambda: limits["metrics_max_connections"] + limits["metrics_timeout"] >= 200,
-            what="every idle connection closed by the server",
+            lambda: limits["metrics_max_connections_per_address"] + limits["metrics_timeout"] >= 200,
+            what="every idle connection ended by the server",
         )
-        assert limits["metrics_max_connections"] > 0 and limits["metrics_timeout"] >= 50
+        assert limits["metrics_max_connections_per_address"] >= 150 and limits["metrics_timeout"] >= 1, limits
         for sock in idle:
             sock.settimeout(10)
             try:
                 assert sock.recv(1) == b""  # timed out: closed
             except ConnectionResetError:
-                pass  # over max_connections: aborted
-        started = time.monotonic()
-        status, text = _http_get(metrics.port, "/metrics")
-        assert status == 200 and "pacsys_limits_hit_total" in text
-        assert time.monotonic() - started < 5  # generous on a loaded machine; a thread per connection took seconds
+                pass  # evicted: reset
     finally:
         for sock in idle:
             sock.close()

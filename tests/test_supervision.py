@@ -1,8 +1,9 @@
-"""The slot state machine (workers/supervision.py) with a hand-driven clock: no processes, no loop."""
+"""The slot state machine (pacsys/pool/supervision.py) with a hand-driven clock: no processes, no loop."""
 
 import pytest
 
-from workers.supervision import (
+from pacsys.pool.supervision import (
+    EndReason,
     Exit,
     Kill,
     Retire,
@@ -10,20 +11,20 @@ from workers.supervision import (
     SlotState,
     Spawn,
     SpawnReplacement,
-    SupervisionPolicy,
     Wait,
 )
+from pacsys.settings import Settings
 
-POLICY = SupervisionPolicy(
-    backoff_initial=0.1,
-    backoff_max=5.0,
-    stable_uptime=1.0,
-    intensity=3,
-    period=60.0,
-    cooldown_initial=10.0,
-    cooldown_max=40.0,
+POLICY = Settings(
+    restart_backoff_initial=0.1,
+    restart_backoff_max=5.0,
+    restart_stable_uptime=1.0,
+    restart_intensity=3,
+    restart_period=60.0,
+    restart_cooldown_initial=10.0,
+    restart_cooldown_max=40.0,
 )
-CRASH = Exit("signal", "SIGKILL")
+CRASH = Exit(EndReason.SIGNAL, "SIGKILL")
 
 
 class Clock:
@@ -83,11 +84,13 @@ def test_a_worker_that_served_comes_back_after_the_initial_backoff_whatever_came
 
 
 def test_early_exits_double_the_backoff_up_to_its_cap():
-    slot, clock = make(policy=SupervisionPolicy(intensity=100, backoff_initial=0.1, backoff_max=0.5))
+    slot, clock = make(
+        policy=POLICY.replace(restart_intensity=100, restart_backoff_initial=0.1, restart_backoff_max=0.5)
+    )
     (spawn,) = slot.start()
     gen, delays = spawn.generation, []
     for _ in range(5):
-        (wait,) = slot.exited(gen, Exit("startup_failed"))  # never ready
+        (wait,) = slot.exited(gen, Exit(EndReason.STARTUP_FAILED))  # never ready
         delays.append(wait.delay)
         clock.advance(wait.delay)
         gen = restart(slot, [wait])
@@ -99,10 +102,10 @@ def test_too_many_early_exits_cool_the_slot_down_and_repeated_exhaustion_doubles
     (spawn,) = slot.start()
     gen, cooldowns = spawn.generation, []
     while len(cooldowns) < 4:
-        (wait,) = slot.exited(gen, Exit("startup_failed"))
+        (wait,) = slot.exited(gen, Exit(EndReason.STARTUP_FAILED))
         if slot.state is SlotState.COOLING:
             cooldowns.append(wait.delay)
-            assert slot.restart_budget_left() == POLICY.intensity  # the history starts over
+            assert slot.restart_budget_left() == POLICY.restart_intensity  # the history starts over
         clock.advance(wait.delay)
         gen = restart(slot, [wait])
     assert cooldowns == [10.0, 20.0, 40.0, 40.0]
@@ -138,10 +141,10 @@ def test_the_last_slot_standing_never_cools_it_keeps_restarting_at_the_capped_ba
     (spawn,) = slot.start()
     gen = spawn.generation
     for _ in range(20):
-        actions = slot.exited(gen, Exit("exit", "1"))
+        actions = slot.exited(gen, Exit(EndReason.EXIT, "1"))
         assert slot.state is SlotState.RESTARTING
         gen = restart(slot, actions)
-    assert actions[0].delay == POLICY.backoff_max and slot.cooldowns == 0
+    assert actions[0].delay == POLICY.restart_backoff_max and slot.cooldowns == 0
 
 
 def test_a_worker_that_stays_up_after_a_cooldown_returns_the_slot_to_normal():
@@ -149,7 +152,7 @@ def test_a_worker_that_stays_up_after_a_cooldown_returns_the_slot_to_normal():
     (spawn,) = slot.start()
     gen = spawn.generation
     while slot.state is not SlotState.COOLING:
-        actions = slot.exited(gen, Exit("startup_failed"))
+        actions = slot.exited(gen, Exit(EndReason.STARTUP_FAILED))
         if slot.state is not SlotState.COOLING:
             gen = restart(slot, actions)
     clock.advance(10)
@@ -157,8 +160,8 @@ def test_a_worker_that_stays_up_after_a_cooldown_returns_the_slot_to_normal():
     slot.ready(gen)
     clock.advance(2.0)  # past stable_uptime
     (wait,) = slot.exited(gen, CRASH)
-    assert slot.state is SlotState.RESTARTING and wait.delay == POLICY.backoff_initial
-    assert slot.cooldown == POLICY.cooldown_initial and slot.backoff == POLICY.backoff_initial
+    assert slot.state is SlotState.RESTARTING and wait.delay == POLICY.restart_backoff_initial
+    assert slot.cooldown == POLICY.restart_cooldown_initial and slot.backoff == POLICY.restart_backoff_initial
 
 
 def test_an_exit_reported_twice_counts_once():
@@ -166,11 +169,11 @@ def test_an_exit_reported_twice_counts_once():
     slot, clock = make()
     gen = serve(slot, clock, 5.0)
     gen = restart(slot, slot.exited(gen, CRASH))
-    first = slot.exited(gen, Exit("startup_failed"))
+    first = slot.exited(gen, Exit(EndReason.STARTUP_FAILED))
     assert len(first) == 1 and len(slot.early_exits) == 1
-    assert slot.exited(gen, Exit("exit", "1")) == []  # the reap of the same worker
+    assert slot.exited(gen, Exit(EndReason.EXIT, "1")) == []  # the reap of the same worker
     assert len(slot.early_exits) == 1 and slot.state is SlotState.RESTARTING
-    assert slot.last_exit == Exit("startup_failed")
+    assert slot.last_exit == Exit(EndReason.STARTUP_FAILED)
 
 
 def test_a_late_exit_of_a_replaced_worker_is_ignored():
@@ -199,29 +202,29 @@ def test_a_missed_pong_kills_a_serving_worker_only():
     (spawn,) = slot.start()
     assert slot.pong_missed(spawn.generation) == []  # starting: the ready timeout covers it
     slot.ready(spawn.generation)
-    assert slot.pong_missed(spawn.generation) == [Kill(spawn.generation, "hang")]
+    assert slot.pong_missed(spawn.generation) == [Kill(spawn.generation, EndReason.HANG)]
     assert slot.pong_missed(spawn.generation + 1) == []
 
 
 def test_recycling_is_make_before_break_and_costs_no_restart_budget():
     slot, clock = make()
     old = serve(slot, clock, 5.0)
-    (replace,) = slot.over_limit(old, "recycle_rss")
+    (replace,) = slot.over_limit(old, EndReason.RECYCLE_RSS)
     assert isinstance(replace, SpawnReplacement) and slot.state is SlotState.RECYCLING and slot.serving
-    assert slot.over_limit(old, "recycle_rss") == []  # one replacement at a time
+    assert slot.over_limit(old, EndReason.RECYCLE_RSS) == []  # one replacement at a time
     assert slot.ready(replace.generation) == [Retire(old)]
     assert slot.state is SlotState.READY and slot.generation == replace.generation
-    assert slot.exited(old, Exit("exit", "0")) == []  # the retired worker stops later
-    assert slot.restart_budget_left() == POLICY.intensity
+    assert slot.exited(old, Exit(EndReason.EXIT, "0")) == []  # the retired worker stops later
+    assert slot.restart_budget_left() == POLICY.restart_intensity
 
 
 def test_a_replacement_that_fails_leaves_the_old_worker_serving():
     slot, clock = make()
     old = serve(slot, clock, 5.0)
-    (replace,) = slot.over_limit(old, "recycle_requests")
-    assert slot.replacement_failed(replace.generation) == [Kill(replace.generation, "recycle_failed")]
+    (replace,) = slot.over_limit(old, EndReason.RECYCLE_REQUESTS)
+    assert slot.replacement_failed(replace.generation) == [Kill(replace.generation, EndReason.RECYCLE_FAILED)]
     assert slot.state is SlotState.READY and slot.generation == old
-    (replace,) = slot.over_limit(old, "recycle_requests")
+    (replace,) = slot.over_limit(old, EndReason.RECYCLE_REQUESTS)
     assert slot.exited(replace.generation, CRASH) == []  # died while starting: nothing counted
     assert slot.state is SlotState.READY and len(slot.early_exits) == 0
 
@@ -229,9 +232,9 @@ def test_a_replacement_that_fails_leaves_the_old_worker_serving():
 def test_the_serving_worker_dying_during_a_recycle_cancels_the_replacement():
     slot, clock = make()
     old = serve(slot, clock, 5.0)
-    (replace,) = slot.over_limit(old, "recycle_rss")
+    (replace,) = slot.over_limit(old, EndReason.RECYCLE_RSS)
     kill, wait = slot.exited(old, CRASH)
-    assert kill == Kill(replace.generation, "recycle_cancelled") and isinstance(wait, Wait)
+    assert kill == Kill(replace.generation, EndReason.RECYCLE_CANCELLED) and isinstance(wait, Wait)
     assert slot.state is SlotState.RESTARTING
     assert slot.ready(replace.generation) == [] and slot.state is SlotState.RESTARTING
 
@@ -246,3 +249,21 @@ def test_restart_to_ready_is_measured_from_the_death():
     slot.ready(gen)
     assert slot.last_restart_to_ready == pytest.approx(0.6)
     assert slot.restarts == 1
+
+
+def test_one_vocabulary_of_endings_whose_words_are_the_logs_and_metrics_labels():
+    # A StrEnum: the reason is its word wherever a string is (log lines, labels, JSON, counters).
+    assert f"{EndReason.HANG}" == "hang" and EndReason("startup_failed") is EndReason.STARTUP_FAILED
+    counts = {EndReason.SIGNAL: 2}
+    assert counts["signal"] == 2
+    exits = [r.value for r in EndReason if r.is_exit]
+    assert exits == ["signal", "exit", "hang", "protocol_error", "startup_failed", "spawn_failed", "ready_timeout"]
+    assert [r.value for r in EndReason if r.is_recycle] == ["recycle_rss", "recycle_requests"]
+    stopped = {r for r in EndReason if r.stopped_by_front}
+    assert stopped == {
+        EndReason.RECYCLED,
+        EndReason.SCALE_DOWN,
+        EndReason.SHUTDOWN,
+        EndReason.RECYCLE_FAILED,
+        EndReason.RECYCLE_CANCELLED,
+    }

@@ -45,12 +45,13 @@ def _ca(name, cwd):
     )
 
 
-def _signed(name, ca, cwd, subject, server=False):
+def _signed(name, ca, cwd, subject, server=False, san=None):
     _key(name, cwd)
     _openssl("req", "-new", "-key", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=cwd)
     extra = []
-    if server:
-        (cwd / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    san = "IP:127.0.0.1,DNS:localhost" if server else san
+    if san:
+        (cwd / f"{name}.ext").write_text(f"subjectAltName={san}\n")
         extra = ["-extfile", f"{name}.ext"]
     _openssl(
         "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
@@ -68,6 +69,12 @@ def pki(tmp_path_factory):
     _signed("ops-1", "ca", d, "/O=Test Lab/CN=ops-1")
     _signed("guest", "ca", d, "/O=Test Lab/CN=guest")
     _signed("stranger", "other-ca", d, "/O=Elsewhere/CN=ops-1")
+    # Names only in the subject alternative name (the subject is empty).
+    _signed("dns-only", "ca", d, "/", san="email:ops@example.org,DNS:ops1.example,IP:10.0.0.1")
+    _signed("uri-only", "ca", d, "/", san="DNS:ops2.example,URI:spiffe://example.org/ops/2")
+    # A CN that carries an escaped comma and another O (the real O is another), and two CNs.
+    _signed("comma", "ca", d, "/O=Elsewhere/CN=ops-x\\, O=Test Lab")
+    _signed("two-cns", "ca", d, "/O=Test Lab/CN=guest/CN=ops-1")
     return d
 
 
@@ -161,6 +168,61 @@ def test_mutual_tls_identity_reaches_policies_and_the_audit(serve, pki, tmp_path
         ("CN=guest,O=Test Lab", False),
         ("CN=ops-1,O=Test Lab", False),
     ]
+
+
+def _audited_sets(server, path):
+    server.servicer.audit.flush()
+    return [(e.get("identity"), e["allowed"]) for e in read_audit(path) if e["dir"] == "in" and e["method"] == "Set"]
+
+
+def test_a_certificate_with_names_only_in_its_san_is_known_by_its_first_name(serve, pki, tmp_path):
+    """Empty subject: the identity is the first SAN name of the kinds URI, DNS, email, IP, in that order."""
+    fake = _fake()
+    path = str(tmp_path / "audit.jsonl")
+    grant = WriteGrantPolicy(["DNS:ops1.example"], ["Z:*"])
+    server = serve(fake, client_ca=True, policies=[grant], audit_log=AuditLog(path))
+    assert _set(server.port, _creds(pki, "dns-only")).status[0].status_code == 0
+    code, _ = _code(lambda: _set(server.port, _creds(pki, "uri-only")))
+    assert code == grpc.StatusCode.PERMISSION_DENIED  # another client, not one shared "" identity
+    assert fake.writes == [("Z:ACLTST", 1.0)]
+    assert _audited_sets(server, path) == [("DNS:ops1.example", True), ("URI:spiffe://example.org/ops/2", False)]
+
+
+def test_subject_patterns_match_parsed_attributes_and_fail_closed(serve, pki, tmp_path):
+    """`CN=ops-*` is a pattern on the CN attribute, not on the subject's text."""
+    fake = _fake()
+    path = str(tmp_path / "audit.jsonl")
+    server = serve(fake, client_ca=True, policies=[WriteGrantPolicy(["CN=ops-*"], ["Z:*"])], audit_log=AuditLog(path))
+    assert _set(server.port, _creds(pki, "ops-1")).status[0].status_code == 0
+    # The subject's text starts with "CN=ops-x\, O=Test Lab": its CN holds a comma, which no
+    # wildcard stands for; and a subject with two CNs matches no pattern that names CN.
+    for client in ("comma", "two-cns"):
+        code, details = _code(lambda c=client: _set(server.port, _creds(pki, c)))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "not approved" in details, client
+    assert fake.writes == [("Z:ACLTST", 1.0)]
+    assert _audited_sets(server, path) == [
+        ("CN=ops-1,O=Test Lab", True),
+        ("CN=ops-x\\, O=Test Lab,O=Elsewhere", False),
+        ("CN=ops-1,CN=guest,O=Test Lab", False),
+    ]
+
+
+def test_an_ipv6_client_is_known_as_documented(tmp_path):
+    """`ipv6:[::1]`, brackets and all (gRPC's peer string has them percent-encoded)."""
+    fake = _fake()
+    path = str(tmp_path / "audit.jsonl")
+    grant = WriteGrantPolicy(["ipv6:[::1]"], ["Z:*"])
+    server = SupervisedServer(fake, port=0, host="[::1]", policies=[grant], audit_log=AuditLog(path))
+    server.start()
+    try:
+        request = DAQ_pb2.SettingList(setting=[DAQ_pb2.Setting(device="Z:ACLTST")])
+        request.setting[0].value.scalar = 1.0
+        with grpc.insecure_channel(f"[::1]:{server.port}") as channel:
+            assert DAQ_pb2_grpc.DAQStub(channel).Set(request, timeout=5).status[0].status_code == 0
+        assert fake.writes == [("Z:ACLTST", 1.0)]
+        assert _audited_sets(server, path) == [("ipv6:[::1]", True)]
+    finally:
+        server.stop()
 
 
 def test_mutual_tls_limits_count_per_identity(serve, pki):

@@ -169,12 +169,13 @@ def test_health_watches_have_caps_of_their_own_and_leave_streams_admissible(supe
 
 
 def test_idle_connections_are_closed_a_busy_one_kept_and_their_memory_released(supervisor):
-    sup = supervisor(*SIM, "--connection-idle-timeout", "0.5")
+    # Long enough an idle timeout that all of them are open before the first is closed.
+    sup = supervisor(*SIM, "--connection-idle-timeout", "3")
     address = f"127.0.0.1:{sup.port}"
 
     async def main() -> None:
         # Enough of them (from three addresses) that their going frees the heap they took.
-        idle = [await connect("127.0.0.1", sup.port, f"127.0.0.{2 + k % 3}") for k in range(1200)]
+        idle = [await connect("127.0.0.1", sup.port, f"127.0.0.{2 + k % 3}") for k in range(1500)]
         readings: list[float] = []
         async with grpc.aio.insecure_channel(address) as channel:
             stream = DAQ_pb2_grpc.DAQStub(channel).Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@p,100"]))

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from helpers import FAST, wait_for, worker_pids
 
+from pacsys.pool.pool import WorkerPool, WorkerStartupError
 from pacsys.supervised import SupervisedServer
 from workers import protocol as p
-from workers.pool import WorkerPool, WorkerStartupError
 
 ROOT = Path(__file__).resolve().parent.parent
 OTHER = p.PROTOCOL_VERSION + 98

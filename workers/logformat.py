@@ -24,7 +24,11 @@ with its syslog priority (``<4>`` for WARNING), which journald takes off and rec
 
 The same module configures the worker processes (they import no gRPC): the front exports its
 format in ``PACSYS_SUPERVISOR_LOG_FORMAT``, which workers inherit with the rest of its
-environment (and its stderr).
+environment (and its stderr). A serving front relays what is written to its stderr
+(``pacsys.supervised.stderr_relay``): a worker's stderr is then the relay's pipe, which the
+front made non-blocking for gRPC's threads, so a worker writes its lines through a blocking
+description of the same pipe of its own (``STDERR_RELAY_ENV`` says so), and the front passes
+them on unchanged.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import logging
 import numbers
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -41,6 +46,7 @@ from typing import Any, TextIO
 
 __all__ = [
     "FORMATS",
+    "STDERR_RELAY_ENV",
     "JSONFormatter",
     "KVFormatter",
     "configure_logging",
@@ -52,6 +58,7 @@ __all__ = [
 
 FORMATS = ("kv", "json")
 MAX_VALUE_CHARS = 256
+STDERR_RELAY_ENV = "PACSYS_SUPERVISOR_STDERR_RELAY"  # set while the front relays its (and the workers') stderr
 
 
 class _Counts:
@@ -240,6 +247,20 @@ class JSONFormatter(_Formatter):
         return json.dumps(entry, ensure_ascii=True, default=str)
 
 
+def _relayed_stderr() -> TextIO | None:
+    """In a worker of a front that relays stderr: a blocking stream onto fd 2 (the relay's pipe)."""
+    if not os.environ.get(STDERR_RELAY_ENV):
+        return None
+    try:
+        if sys.stderr.fileno() != 2 or not stat.S_ISFIFO(os.fstat(2).st_mode):
+            return None  # the front itself (its sys.stderr is the original), or not a pipe
+        # Opening the pipe anew gives a description of our own, blocking (O_NONBLOCK is per description).
+        fd = os.open("/proc/self/fd/2", os.O_WRONLY | os.O_CLOEXEC)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return open(fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+
+
 class _Handler(logging.StreamHandler):
     """The handler configure_logging installs; found again (and replaced) by its type."""
 
@@ -269,7 +290,11 @@ def configure_logging(
     for old in [h for h in root.handlers if isinstance(h, _Handler)]:
         root.removeHandler(old)
         old.close()
-    stream = stream if stream is not None else sys.stderr
+    if stream is None:
+        relayed = _relayed_stderr()
+        if relayed is not None:
+            sys.stderr = relayed  # tracebacks and warnings too
+        stream = sys.stderr
     handler = _Handler(stream)
     kind = KVFormatter if fmt == "kv" else JSONFormatter
     handler.setFormatter(kind(fields, max_value_chars, priority_prefix=stderr_is_journal(stream)))

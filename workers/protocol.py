@@ -10,24 +10,20 @@ reply carries the id of its request. Values travel as msgpack natives (float, in
 str, bytes, lists, maps) with their `value_type` name; timestamps as integer
 nanoseconds since the Unix epoch (UTC).
 
-The worker side of this module imports nothing of this project's `pacsys` (a worker may
-run in another environment, with the pacsys release): it reads a backend's readings through
-their attributes. Only `reading_from_wire`, used by the front, builds our `Reading`.
+This module imports nothing of this project's `pacsys` (a worker may run in another
+environment, with the pacsys release): it reads a backend's readings through their
+attributes. The front turns a wire reading back into its `Reading` (`pacsys.pool.wire`).
 """
 
 from __future__ import annotations
 
-import functools
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
 from workers import epoch
 from workers.reply_body import reading_body
-
-if TYPE_CHECKING:
-    from pacsys.types import Reading
 
 MAX_FRAME = 64 * 1024 * 1024
 HEADER = struct.Struct(">I")
@@ -262,26 +258,3 @@ def reading_to_wire(reading: object) -> WireReading:
         cycle=r.cycle,
         body=reading_body(r),
     )
-
-
-def reading_from_wire(drf: str, wire: WireReading) -> Reading:
-    """The front's Reading of a wire reading (only the front calls this: it imports our pacsys)."""
-    from pacsys.types import Reading
-
-    return Reading(
-        drf=drf,
-        value_type=_value_types()[wire.value_type] if wire.value_type is not None else None,
-        value=wire.value,
-        facility_code=wire.facility,
-        error_code=wire.error,
-        message=wire.message,
-        timestamp=None if wire.timestamp_ns is None else epoch.from_ns(wire.timestamp_ns),
-        cycle=wire.cycle,
-    )
-
-
-@functools.cache
-def _value_types() -> dict:
-    from pacsys.types import ValueType
-
-    return {t.value: t for t in ValueType}  # a dict lookup: ValueType(x) costs a microsecond

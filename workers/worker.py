@@ -5,7 +5,8 @@ same clean start as multiprocessing's spawn method, with the socket inherited as
 descriptor. It imports no gRPC server code, and nothing of this project's `pacsys`: with
 the `worker_python` setting it runs under another environment's interpreter (the pacsys
 release's, say), started by `command()`, and hosts that environment's backends unchanged.
-It builds its backend from the spec (`workers.backend_spec`), uses it through the public
+It builds its backend from a `module:factory` spec (`workers.backend_spec`: the front has
+rewritten any other form into that one), uses it through the public
 Backend / AsyncBackend methods (`workers.hosted`), says Ready, then serves requests
 concurrently. It exits when its socket closes or the front asks it to; on Linux
 it also asks the kernel to kill it when the front dies, so it never outlives the front
@@ -103,7 +104,7 @@ class Worker:
         )
         self._channel = channel
         try:
-            backend = backend_spec.build(self._spec)
+            backend = backend_spec.call_factory(self._spec)
             self._backend = HostedBackend(backend, self._threads)
             await self._backend.start()
             capabilities = p.capability_bits(self._backend.capabilities)

@@ -8,12 +8,14 @@ Implement `capabilities`, `get_many` and `close`; writes and subscriptions are o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pacsys.aio._subscription import AsyncSubscriptionHandle
 from pacsys.backends import summarize_drfs
 from pacsys.errors import DeviceError, ReadError
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
+from workers.reply_body import reading_body
 
 if TYPE_CHECKING:
     from pacsys.replies import ReplyBodies
@@ -41,6 +43,15 @@ class AsyncBackend(ABC):
     @abstractmethod
     async def get_many(self, drfs: list[str], timeout: float | None = None) -> list[Reading]:
         """One reading per DRF, in order; a device failure is an error reading, not an exception."""
+
+    async def read_bodies(
+        self, drfs: list[str], timeout: float | None = None, devices: Sequence[str] | None = None
+    ) -> list[bytes]:
+        """One reading per DRF, in order, as its DAQ reply body (`reading_body`): what the servicer's
+        one-shot Read sends. `devices` are the DRFs' canonical device names, when the caller has
+        parsed them. A backend whose readings arrive encoded (the worker pool) passes the bodies
+        through without building Readings; any other encodes its readings here."""
+        return [reading_body(r) for r in await self.get_many(drfs, timeout=timeout)]
 
     async def get(self, drf: str, timeout: float | None = None) -> Reading:
         return (await self.get_many([drf], timeout=timeout))[0]

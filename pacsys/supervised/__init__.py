@@ -5,7 +5,7 @@ AsyncBackend. As a library it denies nothing unless given policies; the
 `pacsys-supervisor` command denies writes unless a policy grants them.
 """
 
-from pacsys.supervised._audit import AuditLog, read_audit, read_audit_proto
+from pacsys.supervised._audit import AuditLimits, AuditLog, audit_files, read_audit, read_audit_proto
 from pacsys.supervised._machine_protection import SlewLimit, SlewRatePolicy, ValueRangePolicy
 from pacsys.supervised._managed import CountsSubscriptions, ManagedBackend
 from pacsys.supervised._policies import (
@@ -26,6 +26,7 @@ from pacsys.supervised._transport import TransportLimits
 from pacsys.supervised.gate import ServicerLimits
 
 __all__ = [
+    "AuditLimits",
     "AuditLog",
     "CountsSubscriptions",
     "CurrentValue",
@@ -44,6 +45,7 @@ __all__ = [
     "TransportLimits",
     "ValueRangePolicy",
     "WriteGrantPolicy",
+    "audit_files",
     "evaluate_policies",
     "read_audit",
     "read_audit_proto",

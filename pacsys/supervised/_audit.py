@@ -6,7 +6,13 @@ Two append-only files:
 
   - ``"dir": "in"``, one per request: ``ts`` (ISO-8601 with timezone), ``seq``, ``peer``,
     ``method``, ``drfs``, ``allowed``, ``reason``; ``values`` (``[[drf, value], ...]``) for a
-    Set; ``final_drfs`` only when a policy changed the DRF list.
+    Set; ``final_drfs`` only when a policy changed the DRF list. A Read's list is cut at
+    ``limits.drf_chars`` characters: ``drfs_left_out`` (``final_drfs_left_out``) then says
+    how many DRFs were left out, their characters and their SHA-256.
+  - ``"dir": "summary"``: requests of one client that were not written one by one, because
+    the client was over its byte budget or the disk is low (`_audit_limits`): how many, their
+    ``first_seq`` and ``last_seq``, methods, reasons, the bytes left out and their SHA-256.
+    Every seq is either in an ``in`` line or counted in a summary of its client.
   - ``"dir": "out"``, only with ``log_responses``: the request's ``seq``, ``peer`` and a summary of one
     reply: for a Read reply its ``index`` and ``readings`` (how many) or ``status``
     (``[facility_code, status_code]``); for a Set reply ``statuses``, one pair per setting.
@@ -30,60 +36,63 @@ cannot be opened) so that a misconfigured log stops the server at startup.
 Files are created with mode 0640 whatever the umask (they name peers and written values);
 an existing file keeps its mode. ``close()`` releases the files, a later entry reopens them in
 append mode; ``reopen()`` does both at once, which is how a rotated log is picked up (SIGUSR1
-to the command). ``read_audit``/``read_audit_proto`` read the files back, and
-the ``pacsys-audit`` command (`pacsys.supervised.audit_command`) prints them.
+to the command). With ``limits.max_bytes`` the log also rotates itself: a file that would
+grow past it is renamed ``path.1`` (``path.1`` to ``path.2``, ..., ``limits.keep`` of them), the
+capture with it. ``read_audit``/``read_audit_proto`` read the files back, ``audit_files`` lists
+a log's rotated files in order, and the ``pacsys-audit`` command
+(`pacsys.supervised.audit_command`) prints them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import math
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, Literal, overload
+from typing import Any, BinaryIO
 
 from workers.reply_body import varint
 
+from ._audit_limits import LOW_SPACE, OVER_BUDGET, AuditLimits, AuditStats, ClientBudgets, DiskWatch
+from ._audit_reader import (
+    TAG_READ_REPLY,
+    TAG_READ_REQUEST,
+    TAG_SETTING_REPLY,
+    TAG_SETTING_REQUEST,
+    PathLike,
+    audit_files,
+    read_audit,
+    read_audit_proto,
+)
+from ._peers import peer_host
 from ._policies import PolicyDecision, RequestContext
 from ._refusal_log import excerpt
-
-if TYPE_CHECKING:
-    from google.protobuf.message import Message
 
 __all__ = [
     "TAG_READ_REPLY",
     "TAG_READ_REQUEST",
     "TAG_SETTING_REPLY",
     "TAG_SETTING_REQUEST",
+    "AuditLimits",
     "AuditLog",
     "AuditUnavailable",
+    "audit_files",
     "read_audit",
     "read_audit_proto",
 ]
 
 logger = logging.getLogger("pacsys.supervised.audit")
 
-TAG_READ_REQUEST = 0
-TAG_READ_REPLY = 1
-TAG_SETTING_REQUEST = 2
-TAG_SETTING_REPLY = 3
-
 _REQUEST_TAGS = {"Read": TAG_READ_REQUEST, "Set": TAG_SETTING_REQUEST}
 _REPLY_TAGS = {"Read": TAG_READ_REPLY, "Set": TAG_SETTING_REPLY}
-# tag -> (method, DAQ_pb2 message name)
-TAG_TYPES = {
-    TAG_READ_REQUEST: ("Read", "ReadingList"),
-    TAG_READ_REPLY: ("Read", "ReadingReply"),
-    TAG_SETTING_REQUEST: ("Set", "SettingList"),
-    TAG_SETTING_REPLY: ("Set", "SettingReply"),
-}
 
-PathLike = str | os.PathLike[str]
 FILE_MODE = 0o640
 
 MAX_LISTED = 1000  # DRFs and values listed per entry: a request's whole list, up to the largest allowed
@@ -126,6 +135,28 @@ def _bounded(value: object) -> object:
     if isinstance(data, str):
         return excerpt(data, 1000)
     return data
+
+
+def _listed(drfs: Sequence[str], chars: int | None) -> tuple[list[str], dict[str, object] | None]:
+    """The DRFs an entry lists and, when that is not all of them, what was left out.
+
+    Listed: the first ones (at most MAX_LISTED) whose characters add up to at most `chars`
+    (None: no such bound), each an excerpt of 1000 characters. Left out: how many, their
+    characters, and the SHA-256 of them as a compact JSON array, so that a reader can check a
+    list it suspects: ``hashlib.sha256(json.dumps(rest, separators=(",", ":")).encode())``.
+    """
+    listed: list[str] = []
+    used = 0
+    for drf in drfs[:MAX_LISTED]:
+        if chars is not None and used + len(drf) > chars:
+            break
+        listed.append(excerpt(drf, 1000))
+        used += len(drf)
+    rest = list(drfs[len(listed) :])
+    if not rest:
+        return listed, None
+    digest = hashlib.sha256(json.dumps(rest, separators=(",", ":")).encode()).hexdigest()
+    return listed, {"count": len(rest), "chars": sum(len(d) for d in rest), "sha256": digest}
 
 
 def summarize_reply(method: str, reply: Any) -> dict[str, object]:
@@ -198,6 +229,16 @@ class _File:
     def is_open(self) -> bool:
         return self._file is not None
 
+    @property
+    def size(self) -> int:
+        """Bytes in the file, with those written since the last flush."""
+        if self._file is not None:
+            return self._flushed + self._pending
+        try:
+            return os.path.getsize(self.path)
+        except OSError:
+            return 0
+
     def close(self) -> None:
         f = self._file
         if f is not None:
@@ -224,15 +265,28 @@ class AuditLog:
         proto_path: The binary capture file, or None for none.
         log_responses: Also record replies ("out" lines and reply frames).
         flush_interval: Entries between flushes; 1 flushes every entry.
+        limits: What bounds its growth (`AuditLimits`: per-client budgets, the DRFs listed per
+            Read, rotation, free-space watermarks); the defaults are the settings'.
+        clock: Monotonic seconds, for the budgets and the free-space polls.
 
     Thread-safe: one lock serializes all entries, so ``seq`` order is file order.
     """
 
     def __init__(
-        self, path: PathLike, proto_path: PathLike | None = None, log_responses: bool = False, flush_interval: int = 1
+        self,
+        path: PathLike,
+        proto_path: PathLike | None = None,
+        log_responses: bool = False,
+        flush_interval: int = 1,
+        *,
+        limits: AuditLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         if flush_interval < 1:
             raise ValueError(f"flush_interval must be >= 1, got {flush_interval}")
+        self.limits = limits = limits or AuditLimits()
+        if limits.max_bytes and limits.keep < 1:
+            raise ValueError(f"keep must be >= 1 with max_bytes, got {limits.keep}")
         self._json = _File(path)
         self._proto = _File(proto_path) if proto_path is not None else None
         self._log_responses = log_responses
@@ -240,9 +294,20 @@ class AuditLog:
         self._lock = threading.Lock()
         self._seq = 0
         self._unflushed = 0
+        self.stats = AuditStats()
+        self._budgets = ClientBudgets(
+            limits.client_bytes_per_second, limits.client_burst_bytes, limits.summary_interval, clock
+        )
+        self._disk = DiskWatch(
+            [os.path.dirname(os.path.abspath(f.path)) for f in self._files()],
+            limits.min_free_bytes,
+            limits.reserve_bytes,
+            clock,
+        )
         self._json.open()
         if self._proto is not None:
             self._proto.open()
+        self._disk.poll()
 
     @property
     def log_responses(self) -> bool:
@@ -262,36 +327,75 @@ class AuditLog:
         """
         return not self._json.failing
 
-    def log_request(self, ctx: RequestContext, decision: PolicyDecision, *, must_record: bool = False) -> int:
+    @property
+    def disk_free_bytes(self) -> int | None:
+        """Free bytes on the audit files' filesystem (the lower of two), at the last look."""
+        return self._disk.free_bytes
+
+    @property
+    def low_space(self) -> int:
+        """0: enough free space; 1: below min_free_bytes (warned); 2: below reserve_bytes (only
+        Sets are recorded in full)."""
+        return self._disk.level
+
+    def log_request(
+        self,
+        ctx: RequestContext,
+        decision: PolicyDecision,
+        *,
+        must_record: bool = False,
+        summarisable: bool | None = None,
+        refusal: bool = False,
+    ) -> int:
         """Record a request and the policy decision; returns its ``seq`` for the reply and events.
 
         ``final_drfs`` is recorded when the decision carries a context whose DRFs differ.
         Strings a client sent are kept as bounded excerpts (the binary capture, when there is
-        one, holds the whole request). With ``must_record`` the entry is flushed at once, and
-        AuditUnavailable is raised when it did not reach the file: a write must not be made.
+        one, holds the whole request), a Read's DRF list up to ``limits.drf_chars``. With
+        ``must_record`` the entry is written in full and flushed at once, and AuditUnavailable
+        is raised when it did not reach the file: a write must not be made.
+
+        ``summarisable``: whether the entry may be left to its client's summary when the client
+        is over its byte budget or the disk is low (default: every entry but a Set's).
+        ``refusal``: a request refused before the policies, whose DRFs the caller cut to an
+        excerpt already; it may be summarised.
         """
         allowed, reason = decision.allowed, decision.reason
         final_drfs = decision.ctx.drfs if decision.ctx is not None else None
+        if summarisable is None:
+            summarisable = refusal or ctx.rpc_method != "Set"
+        summarisable = summarisable and not must_record
+        # A Read's list is cut at drf_chars; a refusal's is an excerpt already, a Set's is whole.
+        chars = self.limits.drf_chars if ctx.rpc_method != "Set" and not refusal else None
         with self._lock:
             self._seq += 1
             seq = self._seq
             try:
+                drfs, left_out = _listed(ctx.drfs, chars)
                 entry: dict[str, object] = {
                     "ts": _now(),
                     "seq": seq,
                     "dir": "in",
                     "peer": ctx.peer,
                     "method": ctx.rpc_method,
-                    "drfs": [excerpt(d, 1000) for d in ctx.drfs[:MAX_LISTED]],
+                    "drfs": drfs,
                     "allowed": allowed,
                     "reason": None if reason is None else excerpt(reason, 1000),
                 }
+                if left_out is not None:
+                    entry["drfs_left_out"] = left_out
                 if ctx.identity and ctx.identity != ctx.peer:
                     entry["identity"] = excerpt(ctx.identity)
                 if ctx.values:
                     entry["values"] = [[excerpt(drf), _bounded(value)] for drf, value in ctx.values[:MAX_LISTED]]
                 if final_drfs is not None and list(final_drfs) != list(ctx.drfs):
-                    entry["final_drfs"] = [excerpt(d, 1000) for d in final_drfs[:MAX_LISTED]]
+                    entry["final_drfs"], final_left_out = _listed(final_drfs, chars)
+                    if final_left_out is not None:
+                        entry["final_drfs_left_out"] = final_left_out
+                        left_out = left_out or final_left_out
+                line = _encode(entry)
+                if line is None:
+                    raise ValueError("the entry does not encode as JSON")
             except Exception:
                 self._json.failing = True
                 logger.exception("audit: cannot build entry for request seq %d", seq)
@@ -299,9 +403,30 @@ class AuditLog:
                     raise AuditUnavailable(f"cannot build the entry of request seq {seq}") from None
                 return seq
             frame = None
-            if hasattr(ctx.raw_request, "SerializeToString"):
-                frame = (_REQUEST_TAGS.get(ctx.rpc_method), ctx.raw_request)
-            self._record(entry, frame, flush=must_record)
+            if self._proto is not None and hasattr(ctx.raw_request, "SerializeToString"):
+                frame = self._frame(seq, _REQUEST_TAGS.get(ctx.rpc_method), ctx.raw_request)
+            who = excerpt(ctx.identity or peer_host(ctx.peer))
+            cost = len(line) + (len(frame) if frame is not None else 0)
+            self._disk.poll()
+            left_to_summary = None
+            if summarisable:
+                if self._disk.level >= 2:
+                    left_to_summary = LOW_SPACE
+                elif not self._budgets.admit(who, cost):
+                    left_to_summary = OVER_BUDGET
+            else:
+                self._budgets.charge(who, cost)
+            if left_to_summary is not None:
+                summary = self._budgets.summary(who, str(entry["ts"]))
+                summary.add(seq, ctx.peer, ctx.rpc_method, allowed, line, _len(frame))
+                summary.reasons[left_to_summary] += 1
+                self.stats.summarised[left_to_summary] += 1
+                self.stats.summarised_bytes += cost
+            else:
+                if left_out is not None:
+                    self.stats.drf_lists_cut += 1
+                self._write(seq, line, frame, flush=must_record)
+            self._write_summaries()
             if must_record and self._json.failing:
                 raise AuditUnavailable(f"{self._json.path}: cannot record request seq {seq}")
         return seq
@@ -316,7 +441,8 @@ class AuditLog:
                 entry.update(summarize_reply(method, response))
             except Exception:
                 logger.exception("audit: cannot summarize %s reply for seq %d", method, seq)
-            self._record(entry, (_REPLY_TAGS.get(method), response))
+            frame = self._frame(seq, _REPLY_TAGS.get(method), response) if self._proto is not None else None
+            self._write(seq, _encode(entry), frame)
 
     def log_event(self, seq: int, event: str, /, **fields: object) -> None:
         """Record a notable outcome of request ``seq``; ``fields`` cannot replace ts/seq/dir/event."""
@@ -327,38 +453,43 @@ class AuditLog:
                     entry.setdefault(key, _jsonable(value))
                 except Exception:  # e.g. a self-referencing list
                     logger.exception("audit: cannot record field %r of event %r", key, event)
-            self._record(entry, None)
+            self._write(seq, _encode(entry), None)
 
     def flush(self) -> None:
-        """Push buffered entries to the OS, and notice a file deleted while open (then not `healthy`).
+        """Push buffered entries to the OS, notice a file deleted while open (then not `healthy`),
+        write the client summaries that are due and look at the free space.
 
         The server calls it a few times a second, so that a deleted audit directory refuses
-        writes and shows in the ``audit`` health even when no request comes.
+        writes and shows in the ``audit`` health, and summaries are written, even when no
+        request comes.
         """
         with self._lock:
+            self._write_summaries()
+            self._disk.poll()
             self._flush()
 
     def close(self) -> None:
-        """Flush and release the files; a later entry reopens them in append mode."""
+        """Write every pending summary, flush and release the files; a later entry reopens them
+        in append mode."""
         with self._lock:
-            for f in (self._json, self._proto):
-                if f is not None:
-                    try:
-                        f.close()
-                    except Exception:
-                        self._failed(f, "cannot close")
+            self._write_summaries(everything=True)
+            for f in self._files():
+                try:
+                    f.close()
+                except Exception:
+                    self._failed(f, "cannot close")
             self._unflushed = 0
 
     def reopen(self) -> bool:
         """Close the files and open them again by name (a rotated file is left to its mover).
 
+        The pending summaries go to the old files first: they tell what those left out.
         False when one could not be opened (logged; the next entry tries again).
         """
         reopened = True
         with self._lock:
-            for f in (self._json, self._proto):
-                if f is None:
-                    continue
+            self._write_summaries(everything=True)
+            for f in self._files():
                 try:
                     f.close()
                     f.open()
@@ -374,31 +505,88 @@ class AuditLog:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _record(self, entry: dict[str, object], frame: tuple[int | None, Any] | None, flush: bool = False) -> None:
-        """Write one entry and its optional (tag, message) frame. Holds the lock; never raises."""
-        seq = entry.get("seq")
+    def _files(self) -> list[_File]:
+        return [self._json] if self._proto is None else [self._json, self._proto]
+
+    def _frame(self, seq: int, tag: int | None, message: Any) -> bytes | None:
+        """One frame of the binary capture, or None (logged) when the message will not serialize."""
+        assert self._proto is not None
         try:
-            self._json.write(json.dumps(entry, separators=(",", ":"), default=repr).encode() + b"\n")
+            if tag is None:
+                raise ValueError(f"no frame tag for {type(message).__name__}")
+            payload = message.SerializeToString()
         except Exception:
-            self._failed(self._json, "cannot write entry seq %s", seq)
-        if frame is not None and self._proto is not None:
-            tag, message = frame
+            self._failed(self._proto, "cannot write frame of seq %s", seq)
+            return None
+        return bytes((tag,)) + varint(len(payload)) + payload
+
+    def _write(self, seq: int, line: bytes | None, frame: bytes | None, flush: bool = False) -> None:
+        """Write one entry's line (None: it would not encode) and its optional frame. Holds the
+        lock; never raises."""
+        if line is None:
+            self._failed(self._json, "cannot encode entry seq %s", seq)
+        if self.limits.max_bytes and self._over_max_bytes(len(line or b""), len(frame or b"")):
+            self._rotate()
+        if line is not None:
             try:
-                if tag is None:
-                    raise ValueError(f"no frame tag for method {entry.get('method')!r}")
-                payload = message.SerializeToString()
-                self._proto.write(bytes((tag,)) + varint(len(payload)) + payload)
+                self._json.write(line)
+                self.stats.written_bytes += len(line)
+            except Exception:
+                self._failed(self._json, "cannot write entry seq %s", seq)
+        if frame is not None and self._proto is not None:
+            try:
+                self._proto.write(frame)
+                self.stats.written_bytes += len(frame)
             except Exception:
                 self._failed(self._proto, "cannot write frame of seq %s", seq)
         self._unflushed += 1
         if flush or self._unflushed >= self._flush_interval:
             self._flush()
 
+    def _write_summaries(self, everything: bool = False) -> None:
+        """Write the client summaries that are due (all of them with `everything`); each is
+        charged to its client, whatever its budget holds."""
+        for summary in self._budgets.due(everything):
+            line = _encode(summary.entry(_now()))
+            if line is not None:
+                self._budgets.charge(summary.identity, len(line))
+            self._write(summary.last_seq, line, None)
+
+    def _over_max_bytes(self, line: int, frame: int) -> bool:
+        """Whether writing `line` and `frame` bytes would take a file past max_bytes (an empty
+        file takes any entry: one larger than max_bytes is written whole, alone)."""
+        limit = self.limits.max_bytes
+        sizes = [(self._json.size, line)]
+        if self._proto is not None:
+            sizes.append((self._proto.size, frame))
+        return any(size > 0 and size + n > limit for size, n in sizes)
+
+    def _rotate(self) -> None:
+        """path -> path.1 -> ... -> path.keep (the oldest dropped), the capture with it, so that
+        path.N and proto_path.N hold the same requests. The files are opened again by the next
+        write; a rename that fails is logged and the file goes on growing."""
+        for f in self._files():
+            try:
+                f.close()
+            except Exception:
+                self._failed(f, "cannot close for rotation")
+        keep = self.limits.keep
+        for f in self._files():
+            try:
+                for n in range(keep - 1, 0, -1):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(f"{f.path}.{n}", f"{f.path}.{n + 1}")
+                os.replace(f.path, f"{f.path}.1")
+            except OSError as exc:
+                logger.error("event=audit_rotation_failed path=%s error=%s", f.path, exc)
+            else:
+                logger.info("event=audit_rotated path=%s max_bytes=%d keep=%d", f.path, self.limits.max_bytes, keep)
+        self.stats.rotations += 1
+        self._unflushed = 0
+
     def _flush(self) -> None:
         self._unflushed = 0
-        for f in (self._json, self._proto):
-            if f is None:
-                continue
+        for f in self._files():
             try:
                 f.flush()
             except Exception:
@@ -418,68 +606,17 @@ class AuditLog:
             logger.exception("audit: %s: " + what, f.path, *args)
 
 
+def _encode(entry: dict[str, object]) -> bytes | None:
+    """One JSON line, or None when the entry will not encode."""
+    try:
+        return json.dumps(entry, separators=(",", ":"), default=repr).encode() + b"\n"
+    except Exception:
+        return None
+
+
+def _len(data: bytes | None) -> int | None:
+    return None if data is None else len(data)
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat()
-
-
-def read_audit(path: PathLike) -> Iterator[dict[str, Any]]:
-    """Yield the entries of a JSON-lines audit log; raises ValueError at a malformed line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                raise ValueError(f"{os.fspath(path)}:{lineno}: not a JSON audit entry (truncated write?)") from None
-            if not isinstance(entry, dict):
-                raise ValueError(f"{os.fspath(path)}:{lineno}: not a JSON object")
-            yield entry
-
-
-@overload
-def read_audit_proto(path: PathLike, decode: Literal[False] = False) -> Iterator[tuple[int, bytes]]: ...
-@overload
-def read_audit_proto(path: PathLike, decode: Literal[True]) -> Iterator[tuple[int, Message]]: ...
-def read_audit_proto(path: PathLike, decode: bool = False) -> Iterator[tuple[int, Any]]:
-    """Yield ``(tag, payload)`` per frame of a binary capture; with ``decode`` the payload is parsed
-    into its DAQ_pb2 message. Raises ValueError at a truncated or malformed frame."""
-    classes: dict[int, Any] = {}
-    if decode:  # the generated code is needed only to decode
-        from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
-
-        classes = {tag: getattr(DAQ_pb2, name) for tag, (_, name) in TAG_TYPES.items()}
-    name = os.fspath(path)
-    with open(path, "rb") as f:
-        offset = 0
-        while tag_byte := f.read(1):
-            tag = tag_byte[0]
-            if tag not in TAG_TYPES:
-                raise ValueError(f"{name}: unknown frame tag {tag} at offset {offset}")
-            length, width = _read_varint(f, name, offset)
-            payload = f.read(length)
-            if len(payload) < length:
-                raise ValueError(
-                    f"{name}: truncated frame at offset {offset}: {len(payload)} of {length} payload bytes"
-                )
-            if decode:
-                try:
-                    yield tag, classes[tag].FromString(payload)
-                except Exception as e:  # protobuf's DecodeError
-                    raise ValueError(f"{name}: undecodable frame at offset {offset}: {e}") from None
-            else:
-                yield tag, payload
-            offset += 1 + width + length
-
-
-def _read_varint(f: IO[bytes], name: str, offset: int) -> tuple[int, int]:
-    """(value, bytes used) of the length varint of the frame at ``offset``."""
-    value = 0
-    for i in range(10):  # a 64-bit varint has at most 10 bytes
-        byte = f.read(1)
-        if not byte:
-            raise ValueError(f"{name}: truncated frame at offset {offset}: length cut short")
-        value |= (byte[0] & 0x7F) << (7 * i)
-        if not byte[0] & 0x80:
-            return value, i + 1
-    raise ValueError(f"{name}: malformed frame length at offset {offset}")

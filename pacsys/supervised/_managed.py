@@ -1,7 +1,7 @@
 """What the server, its health, status view and metrics read from a backend beyond AsyncBackend.
 
 A backend that runs and supervises processes of its own (the worker pool,
-`workers.pool.WorkerPool`) implements `ManagedBackend`: the server starts it before it
+`pacsys.pool.WorkerPool`) implements `ManagedBackend`: the server starts it before it
 serves, reports its readiness and liveness through health, and shows its workers in the
 status view and the metrics. Any other backend is always ready and alive. These are
 structural types: a backend implements one by having its members, it need not inherit.
@@ -11,10 +11,10 @@ AsyncBackend itself.)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from workers.pool_stats import PoolStats
+    from pacsys.pool.stats import PoolStats, WorkerRow
 
 
 @runtime_checkable
@@ -50,7 +50,7 @@ class ManagedBackend(CountsSubscriptions, Protocol):
     def unready_seconds(self) -> float:
         """How long it has not been ready (0 while it is)."""
 
-    def worker_states(self) -> list[dict[str, Any]]:
+    def worker_states(self) -> list[WorkerRow]:
         """One row per worker slot, for the status view and the metrics."""
 
     async def add_worker(self) -> None:
@@ -58,3 +58,10 @@ class ManagedBackend(CountsSubscriptions, Protocol):
 
     async def remove_worker(self) -> None:
         """One worker slot less (the service's SIGTTOU)."""
+
+
+if TYPE_CHECKING:
+    from pacsys.pool.pool import WorkerPool
+
+    def _the_pool_is_managed(pool: WorkerPool) -> ManagedBackend:
+        return pool  # mypy proves that the worker pool implements the protocol

@@ -22,9 +22,10 @@ __all__ = ["Bucket", "PeerLimit", "Peers", "is_loopback", "peer_host"]
 
 
 def peer_host(peer: str) -> str:
-    """``ipv4:10.0.0.5:51234`` -> ``ipv4:10.0.0.5``; ``ipv6:[::1]:5`` -> ``ipv6:[::1]``; others unchanged."""
+    """``ipv4:10.0.0.5:51234`` -> ``ipv4:10.0.0.5``; ``ipv6:%5B::1%5D:5`` -> ``ipv6:[::1]``
+    (gRPC percent-encodes the brackets); others unchanged."""
     if peer.startswith(("ipv4:", "ipv6:")):
-        return peer.rsplit(":", 1)[0]
+        return unquote(peer.rsplit(":", 1)[0])
     return peer
 
 
@@ -32,7 +33,7 @@ def is_loopback(peer: str) -> bool:
     """True for a peer on this host: a loopback address or a Unix socket."""
     if peer.startswith("unix:"):
         return True
-    host = unquote(peer_host(peer)).split(":", 1)[-1].strip("[]")
+    host = peer_host(peer).split(":", 1)[-1].strip("[]")
     try:
         address = ipaddress.ip_address(host)
     except ValueError:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
-import json
 import logging
 import os
 import threading
@@ -24,23 +23,25 @@ import time
 from typing import Any
 
 import grpc
+import msgspec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pacsys.aio import AsyncBackend, SyncBackendAdapter, as_async
 from pacsys.aio._loops import new_event_loop
 from pacsys.backends import Backend
+from pacsys.settings import Settings
 from pacsys.supervised._audit import AuditLog
 from pacsys.supervised._connection_guard import ConnectionGuard, parse_networks
 from pacsys.supervised._health import HEALTH_SERVICE, HealthServicer, enable_reflection
+from pacsys.supervised._identity import identity_of
 from pacsys.supervised._listen import bind_problem
 from pacsys.supervised._managed import ManagedBackend
 from pacsys.supervised._peers import is_loopback
 from pacsys.supervised._policies import Policy
-from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits, identity_of
+from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits
 from pacsys.supervised._signals import SignalLoop
 from pacsys.supervised._tls import ServerTLS, TLSFiles
 from pacsys.supervised._transport import TransportLimits, open_files_limits, server_options
-from pacsys.supervised.config import Settings
 from pacsys.supervised.gate import GateRequest, Refusal
 
 logger = logging.getLogger("pacsys.supervised")
@@ -68,7 +69,7 @@ class SupervisedServer:
         *,
         limits: ServicerLimits | None = None,
         max_message_bytes: int = DEFAULTS.max_message_bytes,
-        backend_threads: int = DEFAULTS.threads_per_worker,
+        threads_per_worker: int = DEFAULTS.threads_per_worker,
         shutdown_grace: float = DEFAULTS.shutdown_grace,
         drain_delay: float = DEFAULTS.drain_delay,
         log_requests: bool = DEFAULTS.log_requests,
@@ -88,7 +89,7 @@ class SupervisedServer:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an integer from 0 to 65535, got {port!r}")
         self._user_backend = backend
-        self._backend = as_async(backend, max_threads=backend_threads)
+        self._backend = as_async(backend, max_threads=threads_per_worker)
         # A worker pool: started before serving, its readiness and workers reported.
         self._managed = self._backend if isinstance(self._backend, ManagedBackend) else None
         self._host = host
@@ -355,7 +356,9 @@ class SupervisedServer:
         audit = self.servicer.audit
         if audit is not None:
             # Reads go on while the audit log cannot record; writes do not (see "audit" health).
-            audit.flush()  # notices a deleted file (or directory) without waiting for a request
+            # Notices a deleted file (or directory), writes the client summaries due and looks at
+            # the free space, without waiting for a request.
+            audit.flush()
             recording = audit.healthy
             if recording != self._audit_healthy:
                 if not recording:
@@ -395,7 +398,7 @@ class SupervisedServer:
                 refusal = self.servicer.token_refusal(context, token)
                 if refusal is not None:
                     await context.abort(*refusal)
-            return json.dumps(self.status()).encode()
+            return msgspec.json.encode(self.status())
 
         return grpc.method_handlers_generic_handler(
             ADMIN_SERVICE,
@@ -407,7 +410,8 @@ class SupervisedServer:
         )
 
     def status(self) -> dict[str, Any]:
-        """What the service is doing now: totals, and one row per worker when there is a pool."""
+        """What the service is doing now: totals, and one row per worker when there is a pool
+        (`WorkerRow`s, which the Admin/Status view sends as JSON objects)."""
         stats = self.servicer.stats
         result: dict[str, Any] = {
             "address": f"{self._host}:{self.port}",
@@ -425,9 +429,15 @@ class SupervisedServer:
         if self._guard is not None:
             result["connections"] = self._guard.snapshot()
         if self.servicer.audit is not None:
+            audit = self.servicer.audit
             result["audit"] = {
-                "healthy": self.servicer.audit.healthy,
+                "healthy": audit.healthy,
                 "writes_refused": stats.writes_refused_unaudited,
+                "disk_free_bytes": audit.disk_free_bytes,
+                "low_space": audit.low_space,
+                "summarised": dict(audit.stats.summarised),
+                "drf_lists_cut": audit.stats.drf_lists_cut,
+                "rotations": audit.stats.rotations,
             }
         managed = self._managed
         if managed is not None:

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -33,7 +33,8 @@ from pacsys.errors import grpc_status_of
 from pacsys.replies import ReplyBodies, reply_bytes, setting_reply
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.supervised._audit import AuditLog
-from pacsys.supervised._peers import Bucket, Peers, peer_host
+from pacsys.supervised._identity import identity_of
+from pacsys.supervised._peers import Bucket, Peers
 from pacsys.supervised._policies import Policy
 from pacsys.supervised._protected_writes import HeldSettings, SettingWrite, read_current
 from pacsys.supervised.gate import (
@@ -47,7 +48,7 @@ from pacsys.supervised.gate import (
     ServicerStats,
 )
 
-__all__ = ["SERVICE_NAME", "DAQServicer", "OpenStream", "ServicerLimits", "ServicerStats", "identity_of"]
+__all__ = ["SERVICE_NAME", "DAQServicer", "OpenStream", "ServicerLimits", "ServicerStats"]
 
 logger = logging.getLogger("pacsys.supervised")
 
@@ -103,20 +104,14 @@ def _decoder(message_class: Any) -> Callable[[bytes], Any]:
     return decode
 
 
-def _error_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status for an exception raised by the backend (the table in pacsys.errors)."""
+async def _backend_failed(context: grpc.aio.ServicerContext, rpc: str, peer: str, exc: Exception) -> NoReturn:
+    """End the call with the gRPC status of the backend's exception (the table in pacsys.errors);
+    one of no row (INTERNAL) is a bug somewhere, logged with its traceback."""
     code, details = grpc_status_of(exc)
-    return grpc.StatusCode[code], details
-
-
-def identity_of(context: grpc.aio.ServicerContext) -> str:
-    """The client's identity: its certificate's subject under mutual TLS, else its host address."""
-    auth = context.auth_context() or {}
-    for key in ("x509_subject", "x509_common_name"):
-        values = auth.get(key)
-        if values:
-            return values[0].decode("utf-8", "replace")
-    return peer_host(context.peer())
+    if code == "INTERNAL":
+        logger.error("rpc=%s peer=%s failed", rpc, peer, exc_info=exc)
+    await context.abort(grpc.StatusCode[code], details)
+    raise AssertionError("unreachable: abort raises")
 
 
 class _Abort(Exception):
@@ -267,11 +262,12 @@ class DAQServicer:
             caller_authorization.set(decision.metadata.get("authorization"))
             if decision.oneshot:
                 timeout = context.time_remaining()
-                readings = await self.backend.get_many(final.drfs, timeout=timeout)
+                devices = [parsed.device for parsed in decision.parsed]  # the gate's parse, not another
+                bodies = await self.backend.read_bodies(final.drfs, timeout=timeout, devices=devices)
                 self.gate.log_outcome("Read", peer, drfs, "allow", started)
                 audit = self.audit
-                for pos, reading in enumerate(readings):
-                    reply = reply_bytes(decision.original[pos], self._bodies.body(reading))
+                for pos, body in enumerate(bodies):
+                    reply = reply_bytes(decision.original[pos], body)
                     if audit is not None and audit.log_responses:
                         audit.log_response(decision.seq, peer, "Read", DAQ_pb2.ReadingReply.FromString(reply))
                     yield reply
@@ -284,11 +280,8 @@ class DAQServicer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            code, details = _error_status(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                logger.exception("rpc=Read peer=%s failed", peer)
             self.stats.requests[("Read", "error")] += 1
-            await context.abort(code, details)
+            await _backend_failed(context, "Read", peer, exc)
         finally:
             self.gate.release(decision)
 
@@ -396,12 +389,8 @@ class DAQServicer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            code, details = _error_status(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                logger.exception("rpc=Set peer=%s failed", peer)
             self.gate.log_outcome("Set", peer, drfs, "error", started)
-            await context.abort(code, details)
-            raise AssertionError("unreachable: abort raises")  # noqa: B904
+            await _backend_failed(context, "Set", peer, exc)
         finally:
             self.gate.written(decision, write.outcomes)
         ordered = [results[0]] * len(results)

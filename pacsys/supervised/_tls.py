@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from pacsys.supervised.config_error import ConfigError
+from pacsys.settings import ConfigError
 
 __all__ = ["Certificate", "ServerTLS", "TLSFileError", "TLSFiles"]
 

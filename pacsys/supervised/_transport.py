@@ -17,7 +17,7 @@ import resource
 from dataclasses import dataclass
 from typing import Any
 
-from pacsys.supervised.config import Settings
+from pacsys.settings import Settings
 
 __all__ = ["KEEPALIVE_OPTIONS", "TransportLimits", "open_files_limits", "raise_open_files_limit", "server_options"]
 

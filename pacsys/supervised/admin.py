@@ -20,21 +20,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
+
+from pacsys.pool.stats import WorkerRow
+from pacsys.settings import FIELDS, env_settings, read_config_file, setting_sources, settings_from
 from pacsys.supervised._arguments import ArgumentParser
-from pacsys.supervised.config import (
-    FIELDS,
-    check_files,
-    env_settings,
-    read_config_file,
-    resolve_admin_token,
-    resolve_token,
-    setting_sources,
-    settings_from,
-    tls_files,
-    toml_value,
-)
+from pacsys.supervised.example_config import toml_value
 from pacsys.supervised.policy_config import build_policies, write_gate
 from pacsys.supervised.reporting import EXIT_USAGE, PROG, counted, report_error
+from pacsys.supervised.startup_checks import check_files, resolve_admin_token, resolve_token, tls_files
 
 
 def number_type(kind: type) -> Any:
@@ -351,21 +345,21 @@ def render_status(view: dict[str, Any]) -> str:
     )
     rows: list[tuple[str, ...]] = [
         (
-            str(w["slot"]),
-            w["state"],
-            str(w["pid"] or "-"),
-            str(w["devices"]),
-            str(w["subscriptions"]),
-            str(w["in_flight"]),
-            f"{w['rss_bytes'] / 2**20:.1f}" if "rss_bytes" in w else "-",
-            f"{w['cpu_seconds']:.1f}" if "cpu_seconds" in w else "-",
-            str(w["restarts"]),
-            " ".join(x for x in (w["last_exit"], w["last_exit_detail"]) if x) or "-",
-            f"{w['next_start_in']:.1f}s" if w["next_start_in"] is not None else "-",
-            f"{w['next_backoff']:g}s",
-            str(w["restart_budget_left"]),
+            str(w.slot),
+            w.state.value,
+            str(w.pid or "-"),
+            str(w.devices),
+            str(w.subscriptions),
+            str(w.in_flight),
+            f"{w.rss_bytes / 2**20:.1f}" if w.rss_bytes is not None else "-",
+            f"{w.cpu_seconds:.1f}" if w.cpu_seconds is not None else "-",
+            str(w.restarts),
+            " ".join(x for x in (w.last_exit, w.last_exit_detail) if x) or "-",
+            f"{w.next_start_in:.1f}s" if w.next_start_in is not None else "-",
+            f"{w.next_backoff:g}s",
+            str(w.restart_budget_left),
         )
-        for w in workers
+        for w in msgspec.convert(workers, list[WorkerRow])
     ]
     lines += _table(columns, rows)
     pool = view.get("pool")

@@ -5,7 +5,7 @@
                                                the admin commands (`admin.py`)
     pacsys-supervisor --version
 
-The serve options are derived from `pacsys.supervised.config.Settings` (one option per
+The serve options are derived from `pacsys.settings.Settings` (one option per
 setting whose metadata has ``flag``, and one ``PACSYS_SUPERVISOR_<SETTING>`` environment
 variable each); the command line wins over the environment, which wins over the config file.
 Exit status (`reporting.py`): 0 after a clean stop, 2 for a usage or configuration error, 3 for
@@ -16,23 +16,13 @@ not ready). The running service and its signals are `service.py`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pacsys.settings import FIELDS, ConfigError, Field, env_settings, flag_name, read_config_file, settings_from
 from pacsys.supervised import admin
 from pacsys.supervised._arguments import ArgumentParser
-from pacsys.supervised.config import (
-    FIELDS,
-    ConfigError,
-    Settings,
-    env_settings,
-    field_kind,
-    flag_name,
-    read_config_file,
-    settings_from,
-)
 from pacsys.supervised.reporting import EXIT_USAGE, PROG, configure_service_logging, report_error, version
 from pacsys.supervised.service import Service
 
@@ -55,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- serve options, derived from Settings ---------------------------------------------------------
 
 
-def _default_text(f: dataclasses.Field[Any]) -> str:
+def _default_text(f: Field) -> str:
     if f.default is None:
         return "unset"
     if isinstance(f.default, tuple):
@@ -84,23 +74,22 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
     groups: dict[str, Any] = {}
     exclusive: Any = None
-    for f in dataclasses.fields(Settings):
-        md = f.metadata
-        if not md["flag"]:
+    for f in FIELDS.values():
+        if not f.flag:
             continue
-        group = groups.get(md["section"])
+        group = groups.get(f.section)
         if group is None:
-            group = groups[md["section"]] = parser.add_argument_group(md["section"].lower())
+            group = groups[f.section] = parser.add_argument_group(f.section.lower())
         if f.name in ("token", "token_file"):
             if exclusive is None:
                 exclusive = group.add_mutually_exclusive_group()
             group = exclusive
-        kind, _ = field_kind(f.name)
-        help_text = f"{md['help']} (default: {_default_text(f)})".replace("%", "%%")
+        kind = f.kind
+        help_text = f"{f.help} (default: {_default_text(f)})".replace("%", "%%")
         names = [flag_name(f.name)] + (["-c"] if f.name == "config" else [])
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
-        if md["metavar"]:
-            kwargs["metavar"] = md["metavar"]
+        if f.metavar:
+            kwargs["metavar"] = f.metavar
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is tuple:
@@ -108,8 +97,8 @@ def serve_parser() -> argparse.ArgumentParser:
         elif kind is int or kind is float:
             kwargs["type"] = admin.number_type(kind)
             kwargs.setdefault("metavar", "N" if kind is int else "X")
-        elif md["choices"]:
-            kwargs["metavar"] = "{" + ",".join(c.lower() if f.name == "log_level" else c for c in md["choices"]) + "}"
+        elif f.choices:
+            kwargs["metavar"] = "{" + ",".join(c.lower() if f.name == "log_level" else c for c in f.choices) + "}"
         group.add_argument(*names, **kwargs)
     return parser
 

@@ -27,16 +27,12 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from pacsys._proto.controls.common.v1 import device_pb2
+from pacsys.settings import ConfigError, Settings, load_config
 from pacsys.supervised._arguments import ArgumentParser
 from pacsys.supervised._policies import Policy, PolicyDecision, RequestContext, write_gate
-from pacsys.supervised.config import (
-    ConfigError,
-    Settings,
-    load_config,
-    resolve_token,
-)
 from pacsys.supervised.gate import Gate, GateRequest, Refusal, ServicerLimits
 from pacsys.supervised.policy_config import build_policies
+from pacsys.supervised.startup_checks import resolve_token
 
 __all__ = ["explain_parser", "main"]
 

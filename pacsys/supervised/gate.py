@@ -15,7 +15,8 @@ seq. The steps, in order (`docs/design.md`, "The request path"):
    chain needs, which the caller reads through the backend and hands to `decide`)
 3. the policy chain (a denial is audited here)
 4. the client's limits (`_peers.Peers`): calls in flight, streams, readings per second
-5. the audit line of the admitted request (a Set's must be recorded: else refused)
+5. the audit line of the admitted request (a Set's must be recorded: else refused; a Read's
+   may be summarised when its client is over its audit budget, `_audit_limits`)
 
 `admit` does it all in one step, with no current values. After a Set's write, `written`
 tells the chain what the backend accepted (`Policy.on_written`).
@@ -39,11 +40,11 @@ from typing import Any
 from pacsys.backends import summarize_drfs
 from pacsys.drf import DRF, DRFError, parse_cached
 from pacsys.replies import value_from_proto
+from pacsys.settings import Settings
 from pacsys.supervised._audit import AuditLog, AuditUnavailable
 from pacsys.supervised._peers import PeerLimit, Peers, peer_host
 from pacsys.supervised._policies import CurrentValue, Policy, PolicyDecision, RequestContext, evaluate_policies
 from pacsys.supervised._refusal_log import RefusalLog, excerpt, excerpt_list
-from pacsys.supervised.config import Settings
 
 __all__ = [
     "EVENT_RATE_HZ",
@@ -74,7 +75,7 @@ _DEFAULTS = Settings()  # the one owner of every default
 class ServicerLimits:
     """Limits on what one request and one client may ask; each is counted when it bites.
 
-    The defaults are the settings' of the same names (`config.Settings`); `from_settings`
+    The defaults are the settings' of the same names (`pacsys.settings.Settings`); `from_settings`
     takes a service's. `stream_buffer` None keeps the size the backend made a stream's buffer
     with (a worker pool's own `stream_buffer` setting).
     """
@@ -371,10 +372,10 @@ class Gate:
         ctx = dataclasses.replace(opened.ctx, current=current) if current else opened.ctx
         final, original = self._run_chain(policies, ctx)
         if request.rpc == "Set":
-            parsed = self._parse_all(final.drfs, "setting after policies")
+            parsed = self._parse_all(final.drfs, "setting after policies", ctx.parsed)
             self._peer_limit(self.peers.begin_call, request.identity)
             return Decision(request, None, ctx, final, parsed, original, metadata, policies=policies)
-        parsed = self._parse_all(final.drfs, "DRF after policies")
+        parsed = self._parse_all(final.drfs, "DRF after policies", ctx.parsed)
         oneshot = all(p.is_oneshot for p in parsed)
         rate = 0.0
         if oneshot:
@@ -442,10 +443,16 @@ class Gate:
             self.stats.limits_hit[f"max_{what}_per_request"] += 1
             raise _Refused("RESOURCE_EXHAUSTED", f"too many {what}: {n} (the limit is {limit})", "limit")
 
-    def _parse_all(self, drfs: list[str], what: str = "DRF") -> list[DRF]:
+    def _parse_all(self, drfs: list[str], what: str = "DRF", checked: Mapping[str, DRF] | None = None) -> list[DRF]:
+        """Each DRF parsed and checked (length, period); those in `checked` (the request's own,
+        which the policies left as they were) are not looked up again."""
         parsed = []
         longest = self.limits.max_drf_length
         for i, text in enumerate(drfs):
+            known = checked.get(text) if checked is not None else None
+            if known is not None:
+                parsed.append(known)
+                continue
             if len(text) > longest:
                 self.stats.limits_hit["max_drf_length"] += 1
                 raise _Refused(
@@ -509,7 +516,9 @@ class Gate:
             raise _Refused("INTERNAL", f"Policy error: {excerpt(str(exc))}", "error") from None
         if not decision.allowed:
             if self.audit is not None:
-                self.audit.log_request(ctx, decision)
+                # A denied Set is recorded in full when it passed the token; with no token to pass,
+                # anyone can send one, and it counts against its client's audit budget.
+                self.audit.log_request(ctx, decision, summarisable=ctx.rpc_method != "Set" or self.token is None)
             self.stats.denials_by_policy[decision.policy or "policy"] += 1
             raise _Refused("PERMISSION_DENIED", decision.reason or "denied by policy", "denied")
         final = decision.ctx or ctx
@@ -536,7 +545,7 @@ class Gate:
                 raw_request=None,
                 identity=who,
             )
-            self.audit.log_request(ctx, PolicyDecision(False, f"{refusal.code}: {refusal.details}"))
+            self.audit.log_request(ctx, PolicyDecision(False, f"{refusal.code}: {refusal.details}"), refusal=True)
 
     def log_outcome(
         self,

@@ -13,27 +13,29 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import errno
+import functools
 import logging
 import math
 import platform
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pacsys.pool.supervision import SERVING, EndReason, SlotState
 from pacsys.supervised._listen import reason as bind_reason
 from pacsys.supervised._managed import CountsSubscriptions
+from pacsys.supervised.stderr_relay import counts as stderr_counts
 from workers.logformat import counts as log_counts
-from workers.supervision import EXIT_REASONS, RECYCLE_REASONS, SERVING, SlotState
 
 SLOT_STATES = tuple(state.value for state in SlotState if state is not SlotState.RETIRED)
-SERVING_STATES = frozenset(state.value for state in SERVING)
 
 # The label values a labelled counter can take, each exported at 0 before it first counts, so
 # that `increase()` and `rate()` see a counter's first event too (a series that appears at 1
@@ -57,18 +59,16 @@ LIMITS = (
     "max_connections_per_address",
     "max_calls_per_peer",
     "metrics_max_connections",
+    "metrics_max_connections_per_address",
     "metrics_timeout",
 )
 
 if TYPE_CHECKING:
+    from pacsys.pool.stats import PoolStats, WorkerRow
+    from pacsys.supervised._audit import AuditLog
     from pacsys.supervised._server import SupervisedServer
-    from workers.pool_stats import PoolStats
 
 logger = logging.getLogger(__name__)
-
-# accept() failed: out of descriptors (the process's or the system's) or of kernel memory.
-OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-ACCEPT_FAILURE_LOG_INTERVAL = 60.0  # at most one log line per this many seconds about failed accepts
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -95,11 +95,7 @@ class _Collector:
             value=stats.refusals_not_logged,
         )
         if servicer.audit is not None:
-            yield GaugeMetricFamily(
-                "pacsys_audit_healthy",
-                "1 while the audit log records (writes are refused while it cannot)",
-                value=1 if servicer.audit.healthy else 0,
-            )
+            yield from _audit_metrics(servicer.audit)
         yield CounterMetricFamily(
             "pacsys_readings_delivered", "Readings delivered to client streams", value=stats.readings_delivered
         )
@@ -111,6 +107,11 @@ class _Collector:
         )
         yield CounterMetricFamily(
             "pacsys_log_values_cut", "Log values cut at log_value_chars characters", value=log_counts.values_cut
+        )
+        yield CounterMetricFamily(
+            "pacsys_stderr_lines_not_logged",
+            "Lines of gRPC core (and other native stderr lines) left out by grpc_log_interval",
+            value=stderr_counts.not_logged,
         )
         backend = self._server.backend
         yield GaugeMetricFamily(
@@ -133,7 +134,53 @@ class _Collector:
             yield from _worker_metrics(managed.worker_states(), managed.stats)
 
 
-def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterator[Metric]:
+def _audit_metrics(audit: AuditLog) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "pacsys_audit_healthy",
+        "1 while the audit log records (writes are refused while it cannot)",
+        value=1 if audit.healthy else 0,
+    )
+    stats = audit.stats
+    yield CounterMetricFamily(
+        "pacsys_audit_written_bytes", "Bytes written to the audit log and its capture", value=stats.written_bytes
+    )
+    summarised = CounterMetricFamily(
+        "pacsys_audit_summarised",
+        "Requests recorded only in a summary line, by the setting that bit "
+        "(audit_client_bytes_per_second, audit_reserve_bytes)",
+        labels=["reason"],
+    )
+    for reason, n in list(stats.summarised.items()):
+        summarised.add_metric([reason], n)
+    yield summarised
+    yield CounterMetricFamily(
+        "pacsys_audit_summarised_bytes",
+        "Bytes of audit entries and frames not written, recorded in summaries instead",
+        value=stats.summarised_bytes,
+    )
+    yield CounterMetricFamily(
+        "pacsys_audit_drf_lists_cut",
+        "Audit entries whose DRF list was cut at audit_drf_chars (count and digest of the rest)",
+        value=stats.drf_lists_cut,
+    )
+    yield CounterMetricFamily(
+        "pacsys_audit_rotations", "Rotations of the audit files at audit_max_bytes", value=stats.rotations
+    )
+    if audit.disk_free_bytes is not None:
+        yield GaugeMetricFamily(
+            "pacsys_audit_disk_free_bytes",
+            "Free bytes on the audit files' filesystem",
+            value=audit.disk_free_bytes,
+        )
+    yield GaugeMetricFamily(
+        "pacsys_audit_low_space",
+        "0: free space above audit_min_free_bytes; 1: below it; 2: below audit_reserve_bytes "
+        "(Reads and refusals only summarised, Sets in full)",
+        value=audit.low_space,
+    )
+
+
+def _worker_metrics(rows: list[WorkerRow], pool_stats: PoolStats) -> Iterator[Metric]:
     gauges = {
         "up": GaugeMetricFamily("pacsys_worker_up", "1 when the slot's worker serves", labels=["slot"]),
         "pid": GaugeMetricFamily("pacsys_worker_pid", "Process id of the worker", labels=["slot"]),
@@ -155,24 +202,24 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterat
     cooldowns = CounterMetricFamily("pacsys_worker_cooldowns", "Cool-downs of the slot", labels=["slot"])
     cpu = CounterMetricFamily("pacsys_worker_cpu_seconds", "CPU time of the current worker process", labels=["slot"])
     for row in rows:
-        if row["state"] == SlotState.RETIRED.value:
+        if row.state is SlotState.RETIRED:
             continue  # a retired slot leaves no series behind
-        slot = [str(row["slot"])]
-        gauges["up"].add_metric(slot, 1 if row["state"] in SERVING_STATES else 0)
+        slot = [str(row.slot)]
+        gauges["up"].add_metric(slot, 1 if row.state in SERVING else 0)
         for name in SLOT_STATES:
-            state.add_metric([slot[0], name], 1 if row["state"] == name else 0)
-        if row["pid"] is not None:
-            gauges["pid"].add_metric(slot, row["pid"])
-        if "rss_bytes" in row:
-            gauges["rss"].add_metric(slot, row["rss_bytes"])
-        if "cpu_seconds" in row:
-            cpu.add_metric(slot, row["cpu_seconds"])
-        if row["heartbeat_age"] is not None:
-            gauges["heartbeat"].add_metric(slot, row["heartbeat_age"])
-        gauges["in_flight"].add_metric(slot, row["in_flight"])
-        gauges["budget"].add_metric(slot, row["restart_budget_left"])
-        restarts.add_metric(slot, row["restarts"])
-        cooldowns.add_metric(slot, row["cooldowns"])
+            state.add_metric([slot[0], name], 1 if row.state.value == name else 0)
+        if row.pid is not None:
+            gauges["pid"].add_metric(slot, row.pid)
+        if row.rss_bytes is not None:
+            gauges["rss"].add_metric(slot, row.rss_bytes)
+        if row.cpu_seconds is not None:
+            cpu.add_metric(slot, row.cpu_seconds)
+        if row.heartbeat_age is not None:
+            gauges["heartbeat"].add_metric(slot, row.heartbeat_age)
+        gauges["in_flight"].add_metric(slot, row.in_flight)
+        gauges["budget"].add_metric(slot, row.restart_budget_left)
+        restarts.add_metric(slot, row.restarts)
+        cooldowns.add_metric(slot, row.cooldowns)
     yield from gauges.values()
     yield state
     yield restarts
@@ -183,17 +230,17 @@ def _worker_metrics(rows: list[dict[str, Any]], pool_stats: PoolStats) -> Iterat
             "pacsys_worker_exits",
             "Worker exits by reason (signal, exit, hang, ...)",
             pool_stats.exits_by_reason,
-            EXIT_REASONS,
+            [reason for reason in EndReason if reason.is_exit],
         ),
         (
             "pacsys_worker_recycles",
             "Workers replaced gracefully, by reason",
             pool_stats.recycles_by_reason,
-            RECYCLE_REASONS,
+            [reason for reason in EndReason if reason.is_recycle],
         ),
     ):
         family = CounterMetricFamily(name, help_text, labels=["reason"])
-        yield _counted(family, counts, [(reason,) for reason in sorted(reasons)])
+        yield _counted(family, counts, [(str(reason),) for reason in sorted(reasons)])
     for name, help_text in (
         ("cooldowns", "Slots cooled down after too many early exits"),
         ("calls_waited", "One-shot calls and subscriptions that found no worker serving and waited"),
@@ -231,6 +278,37 @@ class _BuildInfo:
         yield from self._families
 
 
+# Silent connections wait in the kernel's queue at no cost to us (TCP_DEFER_ACCEPT): let it
+# hold many. The kernel caps it at net.core.somaxconn (4096 by default since Linux 5.4).
+LISTEN_BACKLOG = 4096
+
+
+class _AcceptFailures:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "pacsys_metrics_accept_failures",
+            "Connections the metrics port failed to accept (out of descriptors or memory)",
+            value=self.count,
+        )
+
+
+MAX_REQUEST_BYTES = 16384  # a request line and its headers; a larger request is closed unanswered
+ACCEPT_BATCH = 16  # connections accepted per wake-up of the listening socket, then the others' turn
+ACCEPT_RETRY_DELAY = 0.1  # seconds without accepting after accept() failed (out of descriptors)
+ACCEPT_FAILURE_LOG_INTERVAL = 60.0  # at most one log line per this many seconds about failed accepts
+
+
+@dataclass(eq=False)
+class _Connection:
+    sock: socket.socket
+    address: str  # the client's host address: the unit of the per-address cap
+    answering: bool = False  # its request is complete: it is being answered
+    task: asyncio.Task[None] | None = None
+
+
 class MetricsServer:
     """Serves /metrics, /healthz (liveness) and /readyz (SERVING) over HTTP.
 
@@ -238,10 +316,16 @@ class MetricsServer:
     (``::`` listens on both families).
 
     One thread runs an event loop of its own (not the front's: a slow scrape must not delay a
-    reply). Connections are bounded (`max_connections`; more are closed at once and counted
-    as `metrics_max_connections` in `pacsys_limits_hit`) and each has `timeout` seconds to
-    send its request and take the answer (else it is closed and counted as
-    `metrics_timeout`), so idle connections cost neither threads nor slots for long.
+    reply). No load of connections can keep a probe out (docs/design.md, "The metrics
+    port"): a connection's request is read as it is accepted, so a probe, which sends its
+    request at once, is being answered from its first moment; and at `max_connections` in
+    all, or `max_connections_per_address` from one host address, a newcomer is let in and
+    the connection of that scope that has waited longest without a complete request is
+    closed instead (only when none is waiting, the oldest being answered). Evictions are
+    counted as `metrics_max_connections` and `metrics_max_connections_per_address` in
+    `pacsys_limits_hit`. Each connection has `timeout` seconds to send its request and take
+    the answer (else it is closed and counted as `metrics_timeout`). Concurrent /healthz
+    requests share one liveness check.
     """
 
     def __init__(
@@ -251,11 +335,14 @@ class MetricsServer:
         host: str = "0.0.0.0",
         *,
         max_connections: int = 64,
+        max_connections_per_address: int = 8,
         timeout: float = 5.0,
     ):
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(server))  # type: ignore[arg-type]
         self.registry.register(_BuildInfo())  # type: ignore[arg-type]
+        self._accept_failed_total = _AcceptFailures()
+        self.registry.register(self._accept_failed_total)  # type: ignore[arg-type]
         # prometheus_client's own process and GC collectors (they read process-wide figures).
         self.registry.register(PROCESS_COLLECTOR)
         self.registry.register(GC_COLLECTOR)
@@ -269,21 +356,34 @@ class MetricsServer:
         observers = {rpc: latency.labels(rpc).observe for rpc in ("Read", "Set")}
         server.servicer.stats.latency_observer = lambda rpc, seconds: observers[rpc](seconds)
         self._supervised = server
+        self._limits_hit = server.servicer.stats.limits_hit
         self._max_connections = max_connections
+        self._max_per_address = max_connections_per_address
         self._timeout = timeout
-        self._open = 0
+        # Open connections, oldest first (dicts keep insertion order), in all and per address.
+        self._connections: dict[_Connection, None] = {}
+        self._by_address: dict[str, dict[_Connection, None]] = {}
+        self._alive_check: asyncio.Future[bool] | None = None
         self._accept_failures = 0  # since the last line about them
         self._accept_failure_logged = -math.inf
         host = host.strip("[]")
         try:
             if ":" in host:  # IPv6; "::" takes IPv4 clients as well where the system allows it
                 self._sock = socket.create_server(
-                    (host, port), family=socket.AF_INET6, backlog=128, dualstack_ipv6=socket.has_dualstack_ipv6()
+                    (host, port),
+                    family=socket.AF_INET6,
+                    backlog=LISTEN_BACKLOG,
+                    dualstack_ipv6=socket.has_dualstack_ipv6(),
                 )
             else:
-                self._sock = socket.create_server((host, port), family=socket.AF_INET, backlog=128)
+                self._sock = socket.create_server((host, port), family=socket.AF_INET, backlog=LISTEN_BACKLOG)
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port} (metrics_port): {bind_reason(exc, port)}") from None
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):  # Linux
+            # A connection is handed over once its request has arrived: a silent one waits in the
+            # kernel (no descriptor, no slot) for up to `timeout` seconds first.
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, math.ceil(timeout)))
+        self._sock.setblocking(False)
         self.port = self._sock.getsockname()[1]
         self._loop = asyncio.new_event_loop()
         # /healthz asks the front's loop and may wait up to 2 s for it: one thread does that.
@@ -305,63 +405,119 @@ class MetricsServer:
     def _run(self) -> None:
         loop = self._loop
         asyncio.set_event_loop(loop)
-        loop.set_exception_handler(self._loop_exception)
-        listening = loop.run_until_complete(asyncio.start_server(self._connection, sock=self._sock, limit=16384))
+        loop.add_reader(self._sock, self._accept)
         try:
             loop.run_forever()
         finally:
-            listening.close()
-            # Connections still open end here: each handler takes its cancellation as the end of
-            # its connection and returns, and the loop is closed only once they all have.
+            loop.remove_reader(self._sock)
+            # Connections still open end here: each task is cancelled, its socket closed as it
+            # ends, and the loop is closed only once they all have.
             pending = asyncio.all_tasks(loop)
             for task in pending:
                 task.cancel()
             loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
-    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """asyncio logs every accept() that failed for want of descriptors or memory with its
-        traceback, up to 128 a wake-up (hundreds of lines a second): one line per
-        ACCEPT_FAILURE_LOG_INTERVAL instead, with the count. Anything else as asyncio would."""
-        exc = context.get("exception")
-        if not (isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES):
-            loop.default_exception_handler(context)
-            return
+    # -- connections --------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        """Accepts what the listening socket holds (a batch at a time), reading each request."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors or memory: the client waits in the backlog
+                self._accept_failed(exc)
+                return
+            sock.setblocking(False)
+            try:
+                # A probe's request has usually arrived with its connection: read it now, so
+                # that the connection is being answered, never the one evicted for a silent one.
+                head = sock.recv(MAX_REQUEST_BYTES)
+            except (BlockingIOError, InterruptedError):
+                head = b""
+            except OSError:
+                sock.close()  # reset already
+                continue
+            connection = _Connection(sock, peer[0])
+            self._make_room(connection.address)
+            self._connections[connection] = None
+            self._by_address.setdefault(connection.address, {})[connection] = None
+            connection.task = self._loop.create_task(self._serve(connection, head))
+            connection.task.add_done_callback(functools.partial(self._closed, connection))
+
+    def _make_room(self, address: str) -> None:
+        """Evicts a connection where a newcomer from `address` would exceed a cap."""
+        same_address = self._by_address.get(address)
+        if same_address is not None and len(same_address) >= self._max_per_address:
+            self._evict(same_address)
+            self._limits_hit["metrics_max_connections_per_address"] += 1
+        if len(self._connections) >= self._max_connections:
+            self._evict(self._connections)
+            self._limits_hit["metrics_max_connections"] += 1
+
+    def _evict(self, scope: dict[_Connection, None]) -> None:
+        """Resets the connection of `scope` silent longest (else the oldest being answered)."""
+        victim = next((c for c in scope if not c.answering), None) or next(iter(scope))
+        self._forget(victim)
+        # A reset, not a close: nothing is left to send, and no TIME_WAIT is kept for it.
+        victim.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert victim.task is not None
+        victim.task.cancel()  # its done callback closes the socket
+
+    def _forget(self, connection: _Connection) -> None:
+        self._connections.pop(connection, None)
+        same_address = self._by_address.get(connection.address)
+        if same_address is not None:
+            same_address.pop(connection, None)
+            if not same_address:
+                del self._by_address[connection.address]
+
+    def _close(self, connection: _Connection) -> None:
+        self._forget(connection)
+        connection.sock.close()
+
+    def _closed(self, connection: _Connection, task: asyncio.Task[None]) -> None:
+        self._close(connection)  # however its task ended: answered, gone, timed out, evicted
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Counts a failed accept, pauses accepting a moment, and says so at a bounded rate."""
+        self._accept_failed_total.count += 1
         self._accept_failures += 1
         now = time.monotonic()
         if now - self._accept_failure_logged >= ACCEPT_FAILURE_LOG_INTERVAL:
             logger.warning("event=metrics_accept_failed error=%s count=%d", exc, self._accept_failures)
             self._accept_failure_logged = now
             self._accept_failures = 0
+        self._loop.remove_reader(self._sock)
+        self._loop.call_later(ACCEPT_RETRY_DELAY, self._loop.add_reader, self._sock, self._accept)
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._open >= self._max_connections:
-            self._supervised.servicer.stats.limits_hit["metrics_max_connections"] += 1
-            writer.transport.abort()
-            return
-        self._open += 1
+    async def _serve(self, connection: _Connection, head: bytes) -> None:
+        loop = self._loop
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._timeout)
-            parts = head.split(b"\r\n", 1)[0].split()
-            method, path = (parts[0], parts[1].decode("latin-1")) if len(parts) >= 2 else (b"", "")
-            status, body, content_type = await self._answer(method, path)
-            writer.write(
-                f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n".encode()
-                + body
-            )
-            await asyncio.wait_for(writer.drain(), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                while b"\r\n\r\n" not in head:
+                    if len(head) >= MAX_REQUEST_BYTES:
+                        return  # too large a request: closed unanswered
+                    more = await loop.sock_recv(connection.sock, MAX_REQUEST_BYTES)
+                    if not more:
+                        return  # gone
+                    head += more
+                connection.answering = True
+                parts = head.split(b"\r\n", 1)[0].split()
+                method, path = (parts[0], parts[1].decode("latin-1")) if len(parts) >= 2 else (b"", "")
+                status, body, content_type = await self._answer(method, path)
+                await loop.sock_sendall(
+                    connection.sock,
+                    f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                    "Connection: close\r\n\r\n".encode()
+                    + body,
+                )
         except TimeoutError:
-            self._supervised.servicer.stats.limits_hit["metrics_timeout"] += 1
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass  # too large a request, or gone: the connection is closed
-        except asyncio.CancelledError:
-            # The server stops (`_run`). Returned from, not raised: Python 3.11's stream server
-            # logs a cancelled handler's CancelledError as an ERROR with its traceback.
-            pass
-        finally:
-            self._open -= 1
-            writer.close()
+            self._limits_hit["metrics_timeout"] += 1
+        except ConnectionError:
+            pass  # gone
 
     async def _answer(self, method: bytes, path: str) -> tuple[str, bytes, str]:
         text = "text/plain; charset=utf-8"
@@ -370,8 +526,7 @@ class MetricsServer:
         if path == "/metrics":
             return "200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST
         if path == "/healthz":
-            loop = asyncio.get_running_loop()
-            alive = await loop.run_in_executor(self._probe, self._supervised.alive)
+            alive = await self._alive()
             return (
                 ("200 OK", b"ok\n", text) if alive else ("503 Service Unavailable", b"front loop not answering\n", text)
             )
@@ -379,3 +534,10 @@ class MetricsServer:
             ready = self._supervised.ready
             return ("200 OK", b"ready\n", text) if ready else ("503 Service Unavailable", b"not ready\n", text)
         return "404 Not Found", b"not found\n", text
+
+    async def _alive(self) -> bool:
+        """Liveness, one check at a time: requests that arrive while one runs share its answer."""
+        if self._alive_check is None or self._alive_check.done():
+            self._alive_check = self._loop.run_in_executor(self._probe, self._supervised.alive)
+        # Shielded: a connection closed while it waits must not cancel the others' answer.
+        return await asyncio.shield(self._alive_check)

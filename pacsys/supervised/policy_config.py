@@ -4,7 +4,8 @@ Each table's `type` picks a builder that checks its keys and values (every error
 ``policies[i]`` and the key) and builds the policy from `pacsys.supervised._policies`.
 `build_policies` builds a file's chain in order. `write_gate`, the service's rule that writes are
 denied unless something grants them, lives with the policies (`_policies.write_gate`) and is
-re-exported here. The settings themselves are `config.Settings`.
+re-exported here. The settings themselves are `pacsys.settings.Settings`, whose schema checks
+each table's structure and type name (`POLICY_TYPES`) without importing the policies.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import difflib
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
+from pacsys.settings import POLICY_TYPES, ConfigError, Settings, range_text
+from pacsys.supervised._identity import IdentityPatternError
 from pacsys.supervised._machine_protection import SlewLimit, SlewRatePolicy, ValueRangePolicy
 from pacsys.supervised._policies import (
     DeviceAccessPolicy,
@@ -24,22 +27,7 @@ from pacsys.supervised._policies import (
     WriteGrantPolicy,
     write_gate,  # the rule lives with the policies; imported from here by the service and the admin commands
 )
-from pacsys.supervised.config_error import ConfigError, range_text
 from workers.backend_spec import LoadError, load_callable
-
-
-class PolicySettings(Protocol):
-    """What the policy builders read of `config.Settings` (which imports this module)."""
-
-    @property
-    def config(self) -> str | None: ...
-
-    @property
-    def policies(self) -> tuple[dict[str, Any], ...]: ...
-
-    @property
-    def allow_writes(self) -> tuple[str, ...]: ...
-
 
 __all__ = ["EXAMPLE_POLICIES", "POLICY_TYPES", "build_policies", "write_gate"]
 
@@ -128,6 +116,8 @@ def _write_grant(t: _PolicyTable) -> Policy:
     patterns = _string_list(t, "patterns", '"Z:*"')
     try:
         return WriteGrantPolicy(identities, patterns)
+    except IdentityPatternError as exc:
+        raise t.error("identities", f"is invalid: {exc}") from None
     except ValueError as exc:
         raise t.error("patterns", f"is invalid: {exc}") from None
 
@@ -207,10 +197,9 @@ _BUILDERS: dict[str, tuple[Callable[[_PolicyTable], Policy], tuple[str, ...]]] =
     "slew_rate": (_slew_rate, ("limits",)),
     "custom": (_custom, ("factory", "args")),
 }
-POLICY_TYPES: tuple[str, ...] = tuple(_BUILDERS)
 
 
-def build_policies(settings: PolicySettings) -> list[Policy]:
+def build_policies(settings: Settings) -> list[Policy]:
     """The configured policies, in file order; ConfigError naming policies[i] and the key."""
     where = f"{settings.config}: " if settings.config else ""
     built: list[Policy | None] = []

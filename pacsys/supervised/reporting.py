@@ -10,7 +10,8 @@ import os
 import sys
 import threading
 
-from pacsys.supervised.config import Settings, env_name
+from pacsys.settings import Settings, env_name
+from pacsys.supervised.stderr_relay import relay_native_stderr
 from workers.logformat import configure_logging, journal_prefix
 
 logger = logging.getLogger("pacsys.supervised")
@@ -61,6 +62,9 @@ def json_logging() -> bool:
 def configure_service_logging(settings: Settings) -> None:
     """The front's log format, exported for the workers (they inherit the environment)."""
     global _json_logging
+    # gRPC core writes its own lines to fd 2: they become records of this format too. First,
+    # so that the handler below writes to the original stderr.
+    relay_native_stderr(settings.grpc_log_interval)
     configure_logging(settings.log_level, settings.log_format, max_value_chars=settings.log_value_chars)
     _json_logging = settings.log_format == "json"
     # Whatever else Python would print on stderr becomes a log record too: warnings, and the

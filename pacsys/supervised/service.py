@@ -9,32 +9,22 @@ supervisor does (SIGHUP to `handle_hup`):
     SIGUSR1           reopen the audit files (after logrotate moved them)
     SIGTTIN, SIGTTOU  add or remove a worker (when the backend is a worker pool)
 
-This module is the only place in `pacsys` that imports `workers.pool`, lazily, when workers > 0.
+This module is the only place in `pacsys` that imports `pacsys.pool` (the worker pool), lazily, when workers > 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import inspect
 import logging
 import os
 import threading
 from typing import TYPE_CHECKING, Any
 
+from pacsys.settings import FIELDS, ConfigError, Settings, read_config_file, settings_from
 from pacsys.supervised import _systemd as systemd
 from pacsys.supervised._signals import SignalLoop
-from pacsys.supervised.config import (
-    FIELDS,
-    ConfigError,
-    Settings,
-    read_config_file,
-    resolve_admin_token,
-    resolve_token,
-    settings_from,
-    tls_files,
-)
 from pacsys.supervised.gate import ServicerLimits
 from pacsys.supervised.policy_config import build_policies, write_gate
 from pacsys.supervised.reporting import (
@@ -45,6 +35,7 @@ from pacsys.supervised.reporting import (
     json_logging,
     report_error,
 )
+from pacsys.supervised.startup_checks import resolve_admin_token, resolve_token, tls_files
 
 if TYPE_CHECKING:
     from pacsys.aio import AsyncBackend
@@ -95,13 +86,13 @@ class Service:
 
             return build_backend(s.backend)
         try:
-            from workers.pool import WorkerPool
+            from pacsys.pool.pool import WorkerPool
         except ImportError as exc:
             raise RuntimeError(f"the worker pool is not available ({exc}); use --workers 0") from exc
         return WorkerPool(s)
 
     def run(self) -> int:
-        from pacsys.supervised._audit import AuditLog
+        from pacsys.supervised._audit import AuditLimits, AuditLog
         from pacsys.supervised._server import SupervisedServer, tune_gc_for_serving
         from pacsys.supervised._transport import TransportLimits, raise_open_files_limit
 
@@ -115,7 +106,13 @@ class Service:
             return report_error(exc)
         try:
             if s.audit_path is not None:
-                self.audit = AuditLog(s.audit_path, s.audit_proto_path, s.audit_log_responses, s.audit_flush_interval)
+                self.audit = AuditLog(
+                    s.audit_path,
+                    s.audit_proto_path,
+                    s.audit_log_responses,
+                    s.audit_flush_interval,
+                    limits=AuditLimits.from_settings(s),
+                )
         except (OSError, ValueError) as exc:
             return report_error(f"cannot open the audit log: {exc}", EXIT_START_FAILED)
         signals = SignalLoop(self, SIGNALS)
@@ -133,7 +130,7 @@ class Service:
                     audit_log=self.audit,
                     limits=ServicerLimits.from_settings(s),
                     max_message_bytes=s.max_message_bytes,
-                    backend_threads=s.threads_per_worker,
+                    threads_per_worker=s.threads_per_worker,
                     shutdown_grace=s.shutdown_grace,
                     drain_delay=s.drain_delay,
                     log_requests=s.log_requests,
@@ -154,6 +151,7 @@ class Service:
                         s.metrics_port,
                         host=_metrics_host(s.host),
                         max_connections=s.metrics_max_connections,
+                        max_connections_per_address=s.metrics_max_connections_per_address,
                         timeout=s.metrics_timeout,
                     )
                     self.metrics.start()
@@ -282,7 +280,7 @@ class Service:
         ):
             configure_service_logging(new)
         server.servicer.log_requests = new.log_requests
-        self.settings = dataclasses.replace(old, **{k: getattr(new, k) for k in RELOADABLE})
+        self.settings = old.replace(**{k: getattr(new, k) for k in RELOADABLE})
         pending = [k for k in FIELDS if k not in RELOADABLE and getattr(new, k) != getattr(old, k)]
         if pending:
             logger.warning("config reload: changes to %s take effect at the next restart", ", ".join(pending))

@@ -1,12 +1,17 @@
 """One-shot calls on the workers: reads and writes, with their wait and retry rules.
 
-A call is split by device over the workers that serve them (`workers.routing`), sent in
+A call is split by device over the workers that serve them (`pacsys.pool.routing`), sent in
 parallel and reassembled in request order. A call that finds no worker serving waits for
 one, for at most `worker_wait` seconds and never past the client's own deadline, then
 answers UNAVAILABLE. A read in flight on a worker that dies is retried once on each
 device's next worker (reads are idempotent); a write is never sent twice: one in flight on
 a worker that dies answers DPM_WRITE_OUTCOME_UNKNOWN, and a write waits for a worker only
 before it is sent.
+
+A one-shot read through the servicer (`read_bodies`) answers with each reading's DAQ reply
+body as the worker encoded it: no `Reading` is built where nothing reads one, and each
+DRF's device comes from the gate's parse (`devices`) rather than the parse cache again.
+`get_many` (a library caller's) builds the Readings.
 """
 
 from __future__ import annotations
@@ -14,18 +19,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from pacsys.aio import caller_authorization
 from pacsys.errors import BackendUnavailable
-from pacsys.replies import ReplyBodies
+from pacsys.pool.process import WorkerLost, WorkerProcess
+from pacsys.pool.routing import Router
+from pacsys.pool.stats import PoolStats
+from pacsys.pool.wire import body_of, reading_from_wire
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.types import Reading, Value, WriteResult
 from workers import protocol as p
-from workers.pool_stats import PoolStats
-from workers.process import WorkerLost, WorkerProcess
-from workers.routing import Router
 
 
 class OneShotCalls:
@@ -35,41 +40,45 @@ class OneShotCalls:
         any_serving: asyncio.Event,
         ids: itertools.count,
         stats: PoolStats,
-        reply_bodies: ReplyBodies,
         worker_wait: float,
         over_request_limit: Callable[[WorkerProcess], None],
+        clock: Callable[[], float] = time.monotonic,
     ):
         self._router = router
         self._any_serving = any_serving  # set by the pool while any worker serves
         self._ids = ids
         self._stats = stats
-        self._reply_bodies = reply_bodies
         self._worker_wait = worker_wait
         # Called when a worker has served its `recycle_after` requests (the pool recycles it).
         self._over_request_limit = over_request_limit
+        self._clock = clock  # for the time a call has left after waiting or a retry
 
     async def _route(
-        self, drfs: list[str], positions: Iterable[int], timeout: float | None
+        self,
+        drfs: list[str],
+        positions: Iterable[int],
+        timeout: float | None,
+        devices: Sequence[str] | None = None,
     ) -> tuple[dict[WorkerProcess, list[int]], float | None]:
         """Group positions by serving worker, waiting for one if none serves; and the time left."""
         positions = list(positions)
-        groups, unserved = self._router.group(drfs, positions)
+        groups, unserved = self._router.group(drfs, positions, devices)
         if not unserved:
             return groups, timeout
         self._stats.calls_waited += 1
         wait = self._worker_wait if timeout is None else min(self._worker_wait, timeout)
-        started = time.monotonic()
+        started = self._clock()
         try:
             async with asyncio.timeout(wait):
                 while unserved:  # a worker that serves again may be lost again before this call runs
                     await self._any_serving.wait()
-                    groups, unserved = self._router.group(drfs, positions)
+                    groups, unserved = self._router.group(drfs, positions, devices)
                     if unserved:
                         await asyncio.sleep(0.01)
         except TimeoutError:
             self._stats.calls_unavailable += 1
             raise BackendUnavailable(f"no backend worker became ready within {wait:g} s") from None
-        return groups, None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        return groups, None if timeout is None else max(0.0, timeout - (self._clock() - started))
 
     async def wait_for_a_worker(self) -> None:
         """Wait until any worker serves (at most `worker_wait`): a new stream, like a one-shot call."""
@@ -84,70 +93,57 @@ class OneShotCalls:
     async def _call(self, worker: WorkerProcess, make: Any, timeout: float | None) -> Any:
         """Send the request `make(id)` to the worker and wait for its reply.
 
-        WorkerLost when the worker is gone or dies first; TimeoutError after `timeout`.
+        WorkerLost when the worker is gone or dies first; TimeoutError after `timeout` (the
+        worker then forgets the request).
         """
-        if worker.gone:
-            raise WorkerLost(f"worker {worker.slot} is not running")
-        request_id = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
-        worker.pending[request_id] = future
-        worker.requests += 1
-        worker.channel.send(make(request_id))
-        if worker.recycle_after and worker.requests >= worker.recycle_after:
+        reply = worker.request(make(next(self._ids)))
+        if worker.recycle_due:
             self._over_request_limit(worker)
-        try:
-            async with asyncio.timeout(timeout):
-                return await future
-        finally:
-            worker.pending.pop(request_id, None)  # answered, timed out or cancelled: forget it
+        async with asyncio.timeout(timeout):
+            return await reply
 
     async def get_many(self, drfs: list[str], timeout: float | None = None) -> list[Reading]:
-        results: list[Reading | None] = [None] * len(drfs)
-        auth = caller_authorization.get()
-        await self._read(drfs, range(len(drfs)), results, timeout, auth, retry=True)
-        return results  # type: ignore[return-value]
+        """Each DRF's Reading, in order."""
+        return await self._read(_Read(drfs, None, reading_from_wire), timeout)
 
-    async def _read(
-        self,
-        drfs: list[str],
-        positions: Iterable[int],
-        results: list[Reading | None],
-        timeout: float | None,
-        auth: str | None,
-        retry: bool,
-    ) -> None:
-        groups, timeout = await self._route(drfs, positions, timeout)
-        await _all(self._read_group(w, drfs, pos, results, timeout, auth, retry) for w, pos in groups.items())
+    async def read_bodies(
+        self, drfs: list[str], timeout: float | None = None, devices: Sequence[str] | None = None
+    ) -> list[bytes]:
+        """Each DRF's reading as the DAQ reply body its worker encoded, in order (no Reading built).
+
+        `devices` are the DRFs' canonical device names when the caller has parsed them.
+        """
+        return await self._read(_Read(drfs, devices, body_of), timeout)
+
+    async def _read(self, read: _Read, timeout: float | None) -> list[Any]:
+        await self._read_positions(read, range(len(read.drfs)), timeout, retry=True)
+        return read.results
+
+    async def _read_positions(self, read: _Read, positions: Iterable[int], timeout: float | None, retry: bool) -> None:
+        groups, timeout = await self._route(read.drfs, positions, timeout, read.devices)
+        await _all(self._read_group(read, w, pos, timeout, retry) for w, pos in groups.items())
 
     async def _read_group(
-        self,
-        worker: WorkerProcess,
-        drfs: list[str],
-        positions: list[int],
-        results: list[Reading | None],
-        timeout: float | None,
-        auth: str | None,
-        retry: bool,
+        self, read: _Read, worker: WorkerProcess, positions: list[int], timeout: float | None, retry: bool
     ) -> None:
+        drfs = read.drfs
         subset = [drfs[i] for i in positions]
-        started = time.monotonic()
+        started = self._clock()
         try:
             reply = await self._call(
-                worker, lambda rid: p.Read(id=rid, drfs=subset, timeout=timeout, authorization=auth), timeout
+                worker, lambda rid: p.Read(id=rid, drfs=subset, timeout=timeout, authorization=read.auth), timeout
             )
         except WorkerLost:
             if not retry:
                 raise BackendUnavailable("the backend worker died twice while reading") from None
             # Reads are idempotent: once more, on each device's next worker.
             self._stats.reads_retried += 1
-            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-            await self._read(drfs, positions, results, left, auth, retry=False)
+            left = None if timeout is None else max(0.0, timeout - (self._clock() - started))
+            await self._read_positions(read, positions, left, retry=False)
             return
+        answer, results = read.answer, read.results
         for pos, wire in zip(positions, reply.readings, strict=True):
-            reading = p.reading_from_wire(drfs[pos], wire)
-            if wire.body is not None:
-                self._reply_bodies.remember(reading, wire.body)
-            results[pos] = reading
+            results[pos] = answer(drfs[pos], wire)
 
     async def write_many(self, settings: list[tuple[str, Value]], timeout: float | None = None) -> list[WriteResult]:
         drfs = [d for d, _ in settings]
@@ -183,6 +179,20 @@ class OneShotCalls:
 
         await _all(write_group(w, pos) for w, pos in groups.items())
         return results  # type: ignore[return-value]
+
+
+class _Read:
+    """One one-shot read in progress: its DRFs (and their devices, when known), what each wire
+    reading becomes (`answer`), the caller's authorization and the answers so far."""
+
+    __slots__ = ("answer", "auth", "devices", "drfs", "results")
+
+    def __init__(self, drfs: list[str], devices: Sequence[str] | None, answer: Callable[[str, p.WireReading], Any]):
+        self.drfs = drfs
+        self.devices = devices
+        self.answer = answer
+        self.auth = caller_authorization.get()
+        self.results: list[Any] = [None] * len(drfs)
 
 
 async def _all(coros: Iterable[Any]) -> None:

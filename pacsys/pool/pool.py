@@ -3,13 +3,12 @@
 The servicer calls the pool like any AsyncBackend; everything about processes stays
 invisible to it. The pool is a composition of five ideas, each in its own module:
 
-- `workers.process`: one worker process (spawn, socket, exit watch, kill);
-- `workers.supervision`: the life of a slot as a state machine (restart, backoff,
+- `pacsys.pool.process`: one worker process (spawn, socket, exit watch, kill);
+- `pacsys.pool.supervision`: the life of a slot as a state machine (restart, backoff,
   cool-down, recycling), which decides what happens after each event;
-- `workers.routing`: which worker serves a device (rendezvous hashing);
-- `workers.fanout`: one backend subscription per distinct DRF, shared by client streams.
-
-- `workers.calls`: one-shot reads and writes, with their wait and retry rules.
+- `pacsys.pool.routing`: which worker serves a device (rendezvous hashing);
+- `pacsys.pool.fanout`: one backend subscription per distinct DRF, shared by client streams;
+- `pacsys.pool.calls`: one-shot reads and writes, with their wait and retry rules.
 
 What stays here: carrying out the state machine's actions on real processes (spawning,
 reaping, killing, timers, pings, recycling), the messages from the workers, scaling, and
@@ -19,28 +18,25 @@ the state that health, metrics and the status view read.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import psutil
 
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
-from pacsys.errors import exception_for_kind
-from pacsys.replies import ReplyBodies
-from pacsys.supervised.config import Settings
-from pacsys.types import BackendCapability, Reading, Value, WriteResult
-from workers import protocol as p
-from workers.calls import OneShotCalls
-from workers.fanout import Fanout
-from workers.pool_stats import PoolStats
-from workers.process import WorkerCommand, WorkerLost, WorkerProcess, WorkerStartupError
-from workers.routing import Router
-from workers.supervision import (
+from pacsys.backends.spec import is_builtin
+from pacsys.pool.calls import OneShotCalls
+from pacsys.pool.fanout import Fanout
+from pacsys.pool.process import WorkerCommand, WorkerLost, WorkerProcess, WorkerStartupError
+from pacsys.pool.routing import Router
+from pacsys.pool.stats import PoolStats, WorkerRow
+from pacsys.pool.supervision import (
     Action,
+    EndReason,
     Exit,
     Kill,
     Retire,
@@ -48,40 +44,28 @@ from workers.supervision import (
     SlotState,
     Spawn,
     SpawnReplacement,
-    SupervisionPolicy,
     Wait,
 )
+from pacsys.replies import ReplyBodies
+from pacsys.settings import Settings
+from pacsys.types import BackendCapability, Reading, Value, WriteResult
+from workers import protocol as p
 
 __all__ = ["PoolStats", "WorkerLost", "WorkerPool", "WorkerStartupError"]
 
 logger = logging.getLogger("pacsys.workers")
 
-# Why the front itself stopped a worker that no longer served: not exits of the slot.
-_STOPPED_BY_FRONT = frozenset({"recycled", "scale_down", "shutdown", "recycle_failed", "recycle_cancelled"})
-
 _DRAIN_SECONDS = 30.0  # how long a retired worker may take to finish its calls in flight
-
-
-def supervision_policy(settings: Settings) -> SupervisionPolicy:
-    """The restart rules of the state machine, from the settings of that name."""
-    return SupervisionPolicy(
-        backoff_initial=settings.restart_backoff_initial,
-        backoff_max=settings.restart_backoff_max,
-        stable_uptime=settings.restart_stable_uptime,
-        intensity=settings.restart_intensity,
-        period=settings.restart_period,
-        cooldown_initial=settings.restart_cooldown_initial,
-        cooldown_max=settings.restart_cooldown_max,
-    )
+_SHUTDOWN_SECONDS = 5.0  # how long the workers of a closing pool may take to exit before they are killed
 
 
 class WorkerPool(AsyncBackend):
     def __init__(self, settings: Settings | None = None, **overrides: Any):
-        """A pool run with `settings` (`pacsys.supervised.config.Settings`, the one owner of
+        """A pool run with `settings` (`pacsys.settings.Settings`, the one owner of
         every default), each keyword argument replacing the setting of its name:
         `WorkerPool(backend="sim", workers=4, stream_buffer=200)`. They are checked as the
         service's are (an unknown name is a TypeError, a bad value a ConfigError)."""
-        settings = Settings(**overrides) if settings is None else dataclasses.replace(settings, **overrides)
+        settings = Settings(**overrides) if settings is None else settings.replace(**overrides)
         if settings.workers < 1:
             raise ValueError("a WorkerPool needs at least one worker")
         self.settings = settings
@@ -89,14 +73,8 @@ class WorkerPool(AsyncBackend):
         self.stats = PoolStats()
         # The workers encode each reading's reply body; the servicer uses this as its cache.
         self.reply_bodies: ReplyBodies = ReplyBodies()
-        self._command = WorkerCommand(
-            settings.backend,
-            settings.threads_per_worker,
-            settings.worker_log_level,
-            settings.event_loop,
-            settings.worker_python,
-        )
-        self._policy = supervision_policy(settings)
+        # Workers read only module:factory specs: a built-in form is rewritten here.
+        self._command = WorkerCommand.from_settings(settings)
         self._slots: list[Slot] = []
         self._workers: dict[tuple[int, int], WorkerProcess] = {}  # (slot, generation): every unreaped process
         self._timers: dict[int, asyncio.TimerHandle] = {}
@@ -116,7 +94,6 @@ class WorkerPool(AsyncBackend):
             self._any_serving,
             self._ids,
             self.stats,
-            self.reply_bodies,
             settings.worker_wait,
             self._over_request_limit,
         )
@@ -167,43 +144,39 @@ class WorkerPool(AsyncBackend):
     def client_subscription_count(self) -> int:
         return self._fanout.client_count
 
-    def worker_states(self) -> list[dict[str, Any]]:
-        """One dict per slot, for health, metrics and the status view."""
+    def worker_states(self) -> list[WorkerRow]:
+        """One row per slot, for health, metrics and the status view."""
         now = time.monotonic()
         subscriptions, devices = self._fanout.by_slot()
         rows = []
         for slot in self._slots:
             w = self._workers.get((slot.index, slot.generation))
-            row: dict[str, Any] = {
-                "slot": slot.index,
-                "state": slot.state.value,
-                "pid": w.pid if w else None,
-                "restarts": slot.restarts,
-                "last_exit": slot.last_exit.reason if slot.last_exit else None,
-                "last_exit_detail": slot.last_exit.detail if slot.last_exit else None,
-                "subscriptions": subscriptions.get(slot.index, 0),
-                "devices": len(devices.get(slot.index, ())),  # distinct devices it streams now
-                "in_flight": len(w.pending) if w else 0,
-                # as the worker last reported: calls inside its backend (a saturated
-                # thread pool shows here) and the backend subscriptions it holds
-                "backend_in_flight": w.in_flight_remote if w else 0,
-                "backend_subscriptions": w.subscriptions_remote if w else 0,
-                "requests": w.requests if w else 0,
-                "heartbeat_age": (now - w.last_pong) if w and w.ready_at else None,
-                "uptime": (now - w.ready_at) if w and w.ready_at else None,
-                # the restart rules at work: counted early exits left before a cool-down,
-                # the delay of the next restart, and when a waiting slot starts again
-                "restart_budget_left": slot.restart_budget_left(),
-                "next_backoff": slot.backoff,
-                "next_start_in": max(0.0, slot.wake_at - now) if slot.wake_at is not None else None,
-                "cooldowns": slot.cooldowns,
-            }
+            row = WorkerRow(
+                slot=slot.index,
+                state=slot.state,
+                pid=w.pid if w else None,
+                restarts=slot.restarts,
+                last_exit=slot.last_exit.reason if slot.last_exit else None,
+                last_exit_detail=slot.last_exit.detail if slot.last_exit else None,
+                subscriptions=subscriptions.get(slot.index, 0),
+                devices=len(devices.get(slot.index, ())),
+                in_flight=w.in_flight if w else 0,
+                backend_in_flight=w.in_flight_remote if w else 0,
+                backend_subscriptions=w.subscriptions_remote if w else 0,
+                requests=w.requests if w else 0,
+                heartbeat_age=(now - w.last_pong) if w and w.ready_at else None,
+                uptime=(now - w.ready_at) if w and w.ready_at else None,
+                restart_budget_left=slot.restart_budget_left(),
+                next_backoff=slot.backoff,
+                next_start_in=max(0.0, slot.wake_at - now) if slot.wake_at is not None else None,
+                cooldowns=slot.cooldowns,
+            )
             if w is not None and w.psutil is not None:
                 try:
                     with w.psutil.oneshot():
-                        row["rss_bytes"] = w.psutil.memory_info().rss
+                        row.rss_bytes = w.psutil.memory_info().rss
                         cpu = w.psutil.cpu_times()
-                        row["cpu_seconds"] = cpu.user + cpu.system
+                        row.cpu_seconds = cpu.user + cpu.system
                 except psutil.Error:
                     pass
             rows.append(row)
@@ -235,7 +208,7 @@ class WorkerPool(AsyncBackend):
         logger.info("event=pool_ready workers=%d backend=%s", self.ready_count, self.settings.backend)
 
     def _new_slot(self, index: int) -> Slot:
-        return Slot(index, self._policy, others_serving=self._others_serving)
+        return Slot(index, self.settings, others_serving=self._others_serving)
 
     def _others_serving(self, slot: Slot) -> bool:
         return any(self._serving_worker(s.index) is not None for s in self._slots if s is not slot)
@@ -256,17 +229,12 @@ class WorkerPool(AsyncBackend):
             slot.retire()
         workers = list(self._workers.values())  # serving ones, and any still starting or draining
         for w in workers:
-            w.ended_by = "shutdown"
-            w.channel.send(p.Shutdown())
-        deadline = time.monotonic() + 5.0
+            w.retire(EndReason.SHUTDOWN)
+            w.send(p.Shutdown())
+        if workers:
+            await asyncio.wait([w.exited for w in workers], timeout=_SHUTDOWN_SECONDS)
         for w in workers:
-            while w.process.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            if w.process.poll() is None:
-                w.process.kill()
-                w.process.wait()
-            w.reap()
-            w.channel.abort()
+            w.reap_now()  # killed if it did not exit in time
         logger.info("event=pool_stopped")
 
     def _background(self, coro: Any) -> None:
@@ -286,7 +254,7 @@ class WorkerPool(AsyncBackend):
         worker = self._workers.get((index, slot.generation))
         # A worker whose socket closed is not reaped yet (its slot still serves) but serves
         # nothing; one being retired takes no new work.
-        if worker is None or worker.gone or worker.ended_by is not None:
+        if worker is None or not worker.serving:
             return None
         return worker
 
@@ -311,8 +279,8 @@ class WorkerPool(AsyncBackend):
             elif isinstance(action, Retire):
                 worker = self._workers.get((slot.index, action.generation))
                 if worker is not None:
-                    worker.ended_by = "recycled"
-                    self._background(self._drain_and_stop(worker))
+                    worker.retire(EndReason.RECYCLED)
+                    self._background(worker.finish(_DRAIN_SECONDS))
         self._serving_changed()
 
     def _serving_changed(self) -> None:
@@ -349,13 +317,13 @@ class WorkerPool(AsyncBackend):
             logger.error("event=worker_spawn_failed slot=%d error=%s", slot.index, exc)
             if first:
                 raise WorkerStartupError(f"worker {slot.index} could not be started: {exc}") from None
-            self._exited(slot, generation, Exit("spawn_failed", str(exc)), None)
+            self._exited(slot, generation, Exit(EndReason.SPAWN_FAILED, str(exc)), None)
             return
         self._workers[(slot.index, generation)] = worker
         try:
             ready = await asyncio.wait_for(asyncio.shield(worker.ready), self.settings.ready_timeout)
         except TimeoutError:
-            worker.kill("ready_timeout")  # its exit, reaped, reaches the slot
+            worker.kill(EndReason.READY_TIMEOUT)  # its exit, reaped, reaches the slot
             self._apply(slot, slot.replacement_failed(generation))
             if first:
                 raise WorkerStartupError(
@@ -363,8 +331,8 @@ class WorkerPool(AsyncBackend):
                 ) from None
             return
         except WorkerStartupError as exc:
-            worker.ended_by = "startup_failed"
-            worker.kill("startup_failed")
+            worker.retire(EndReason.STARTUP_FAILED)
+            worker.kill(EndReason.STARTUP_FAILED)
             if first:
                 raise
             logger.warning("event=worker_start_failed slot=%d error=%s", slot.index, exc)
@@ -382,47 +350,26 @@ class WorkerPool(AsyncBackend):
         actions = slot.ready(generation)
         if slot.last_restart_to_ready is not None:
             self.stats.last_restart_to_ready_seconds = slot.last_restart_to_ready
-        logger.info("event=worker_ready slot=%d pid=%d backend=%r", slot.index, worker.pid, ready.backend)
+        logger.info("event=worker_ready slot=%d pid=%d backend=%s", slot.index, worker.pid, ready.backend)
         self._apply(slot, actions)
         if self._serving_worker(slot.index) is not worker:  # the slot was retired meanwhile
-            worker.ended_by = worker.ended_by or "scale_down"
-            self._background(self._drain_and_stop(worker))
+            worker.retire(EndReason.SCALE_DOWN)
+            self._background(worker.finish(_DRAIN_SECONDS))
 
-    async def _drain_and_stop(self, worker: WorkerProcess) -> None:
-        """A worker that serves no more finishes its calls in flight, then is asked to stop."""
-        deadline = time.monotonic() + _DRAIN_SECONDS
-        while worker.pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        worker.channel.send(p.Shutdown())
+    def _on_disconnect(self, worker: WorkerProcess) -> None:
+        """A worker's socket closed (its calls in flight have failed): move its work at once.
 
-    def _on_disconnect(self, worker: WorkerProcess, exc: BaseException | None) -> None:
-        """The worker's socket closed: it can serve nothing more. Fail over at once.
-
-        Its process is reaped (and its slot told) when the process exits, which a closed
-        socket means is imminent; a worker that broke the protocol is killed.
+        Its process is reaped (and its slot told) when it exits, which a closed socket means
+        is imminent.
         """
-        if worker.gone:
-            return
-        worker.gone = True
-        if isinstance(exc, p.ProtocolError):
-            worker.ended_by = worker.ended_by or "protocol_error"
-        if worker.process.poll() is None:
-            worker.process.kill()
-        if not worker.ready.done():
-            _fail_start(worker, WorkerLost(f"worker {worker.slot} exited before it was ready"))
-        for future in worker.pending.values():
-            if not future.done():
-                future.set_exception(WorkerLost(f"worker {worker.slot} (pid {worker.pid}) died"))
-        worker.pending.clear()
         self._serving_changed()
 
     def _on_exit(self, worker: WorkerProcess, how: Exit) -> None:
         """The process has exited and is reaped: tell its slot (unless the front retired it)."""
         self._workers.pop((worker.slot, worker.generation), None)
-        self._on_disconnect(worker, None)
         if self._closing:
             return
-        if worker.ended_by in _STOPPED_BY_FRONT:
+        if how.reason.stopped_by_front:
             logger.info(
                 "event=worker_stopped slot=%d pid=%d reason=%s detail=%s",
                 worker.slot,
@@ -481,65 +428,48 @@ class WorkerPool(AsyncBackend):
                 if now - w.last_pong > self.settings.hang_timeout:
                     self._apply(slot, slot.pong_missed(w.generation))
                     continue
-                w.ping_seq += 1
-                w.channel.send(p.Ping(seq=w.ping_seq))
+                w.ping()
                 if rss_limit and w.psutil is not None:
                     try:
                         rss = w.psutil.memory_info().rss
                     except psutil.Error:
                         continue
                     if rss > rss_limit:
-                        self._apply(slot, slot.over_limit(w.generation, "recycle_rss"))
+                        self._apply(slot, slot.over_limit(w.generation, EndReason.RECYCLE_RSS))
 
     # -- messages from workers -------------------------------------------------------------
 
     def _on_message(self, worker: WorkerProcess, msg: object) -> None:
+        """The frames a worker sends that concern the pool (its replies and pongs are its own)."""
         if isinstance(msg, p.Data):
             self._fanout.on_data(worker, msg)
-        elif isinstance(msg, p.ReadDone | p.WriteDone):
-            future = worker.pending.pop(msg.id, None)
-            if future is not None and not future.done():
-                future.set_result(msg)
-        elif isinstance(msg, p.Failed):
-            future = worker.pending.pop(msg.id, None)
-            if future is not None and not future.done():
-                # by class name, raised again here so the servicer answers the same status as in-process
-                future.set_exception(exception_for_kind(msg.kind, f"{msg.kind}: {msg.message}"))
-        elif isinstance(msg, p.Pong):
-            worker.last_pong = time.monotonic()
-            worker.in_flight_remote = msg.in_flight
-            worker.subscriptions_remote = msg.subscriptions
         elif isinstance(msg, p.SubscriptionEnded):
             self._fanout.on_ended(worker, msg)
-        elif isinstance(msg, p.Ready):
-            if worker.ready.done():
-                return
-            if msg.protocol == p.PROTOCOL_VERSION:
-                worker.ready.set_result(msg)
-                return
-            # Started from other code than the front's (an upgrade on disk): a start failure.
-            logger.error(
-                "event=worker_protocol_mismatch slot=%d pid=%d worker_protocol=%d front_protocol=%d",
-                worker.slot,
-                worker.pid,
-                msg.protocol,
-                p.PROTOCOL_VERSION,
-            )
-            _fail_start(
-                worker,
-                WorkerStartupError(
-                    f"worker {worker.slot} (pid {worker.pid}) speaks worker protocol {msg.protocol}, "
-                    f"this front {p.PROTOCOL_VERSION}: refused (restart the service to run the new code)"
-                ),
-            )
         elif isinstance(msg, p.StartupFailed):
-            if not worker.ready.done():
-                _fail_start(worker, WorkerStartupError(f"backend {self.settings.backend!r}: {msg.message}"))
+            worker.start_failed(WorkerStartupError(self._startup_failure(msg.message)))
 
-    # -- one-shot calls (workers/calls.py) ---------------------------------------------------
+    def _startup_failure(self, message: str) -> str:
+        """Why a worker could not build its backend, as the front explains it."""
+        spec, python = self.settings.backend, self.settings.worker_python
+        if python is not None and is_builtin(spec):
+            # Another interpreter, whose `pacsys` is not ours (the release's, say).
+            return (
+                f"backend {spec!r} is one of this project's own backends (built by {self._command.backend.partition('?')[0]}), "
+                f"which the workers' interpreter worker_python {python} could not build: {message}; "
+                "under another interpreter use the module:factory form"
+            )
+        return f"backend {spec!r}: {message}"
+
+    # -- one-shot calls (calls.py) --------------------------------------------------------------
 
     async def get_many(self, drfs: list[str], timeout: float | None = None) -> list[Reading]:
         return await self._calls.get_many(drfs, timeout)
+
+    async def read_bodies(
+        self, drfs: list[str], timeout: float | None = None, devices: Sequence[str] | None = None
+    ) -> list[bytes]:
+        """The servicer's one-shot read: the bodies the workers encoded, passed through."""
+        return await self._calls.read_bodies(drfs, timeout, devices)
 
     async def write_many(self, settings: list[tuple[str, Value]], timeout: float | None = None) -> list[WriteResult]:
         return await self._calls.write_many(settings, timeout)
@@ -547,7 +477,7 @@ class WorkerPool(AsyncBackend):
     def _over_request_limit(self, worker: WorkerProcess) -> None:
         """The worker has served `recycle_requests` calls: replace it gracefully."""
         slot = self._slots[worker.slot]
-        self._apply(slot, slot.over_limit(worker.generation, "recycle_requests"))
+        self._apply(slot, slot.over_limit(worker.generation, EndReason.RECYCLE_REQUESTS))
 
     # -- subscriptions ---------------------------------------------------------------------
 
@@ -589,17 +519,9 @@ class WorkerPool(AsyncBackend):
         self._count_workers()
         leaving = [w for (index, _), w in self._workers.items() if index == slot.index]
         for worker in leaving:
-            worker.ended_by = "scale_down"
+            worker.retire(EndReason.SCALE_DOWN)
         self._serving_changed()  # its subscriptions move to the other workers first
-        await asyncio.gather(*(self._drain_and_stop(w) for w in leaving))
-
-
-def _fail_start(worker: WorkerProcess, exc: Exception) -> None:
-    """The worker's start failed with `exc`, for `_start_worker` to see if it still waits."""
-    worker.ready.set_exception(exc)
-    # Marked retrieved: when nobody waits any more (the pool closed under it), asyncio
-    # would log "Future exception was never retrieved" at ERROR when it is collected.
-    worker.ready.exception()
+        await asyncio.gather(*(w.finish(_DRAIN_SECONDS) for w in leaving))
 
 
 def _spawned(actions: list[Action]) -> int:
@@ -607,10 +529,3 @@ def _spawned(actions: list[Action]) -> int:
     (spawn,) = actions
     assert isinstance(spawn, Spawn)
     return spawn.generation
-
-
-if TYPE_CHECKING:
-    from pacsys.supervised._managed import ManagedBackend
-
-    def _the_pool_is_managed(pool: WorkerPool) -> ManagedBackend:
-        return pool  # mypy proves that the worker pool implements the protocol

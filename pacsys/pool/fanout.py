@@ -14,22 +14,16 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pacsys.aio import AsyncSubscriptionHandle
 from pacsys.drf import DRFError, parse_cached
+from pacsys.pool.process import WorkerProcess
+from pacsys.pool.stats import GapStats
+from pacsys.pool.wire import reading_from_wire
 from pacsys.replies import ReplyBodies
 from pacsys.status import DPM, DPM_INTERNAL
 from pacsys.types import Reading
 from workers import protocol as p
-from workers.process import WorkerProcess
-
-
-@dataclass
-class GapStats:
-    stream_gaps: int = 0  # subscriptions interrupted because their worker stopped serving
-    last_gap_seconds: float | None = None
-    max_gap_seconds: float = 0.0
 
 
 class Shared:
@@ -57,6 +51,7 @@ class Fanout:
         stream_buffer: int,
         linger: float,
         gaps: GapStats,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self._owner = owner
         self._ids = ids
@@ -64,6 +59,7 @@ class Fanout:
         self.stream_buffer = stream_buffer
         self.linger = linger
         self.gaps = gaps  # counted into the pool's stats
+        self._clock = clock  # for the length of a stream gap
         self._shared: dict[str, Shared] = {}
         self._by_sid: dict[int, Shared] = {}
         self._clients: dict[AsyncSubscriptionHandle, list[Shared]] = {}
@@ -149,14 +145,14 @@ class Fanout:
             return
         shared.sid = next(self._ids)
         self._by_sid[shared.sid] = shared
-        worker.channel.send(p.Subscribe(sid=shared.sid, drf=shared.key, authorization=shared.authorization))
+        worker.send(p.Subscribe(sid=shared.sid, drf=shared.key, authorization=shared.authorization))
 
     def _unplace(self, shared: Shared) -> None:
         worker, sid = shared.worker, shared.sid
         self._by_sid.pop(sid, None)
         shared.worker = None
-        if worker is not None and not worker.gone:
-            worker.channel.send(p.Unsubscribe(sid=sid))
+        if worker is not None:
+            worker.send(p.Unsubscribe(sid=sid))  # (a worker whose socket closed is sent nothing)
 
     def rebalance(self) -> None:
         """Put every subscription on the worker that now serves its device.
@@ -164,7 +160,7 @@ class Fanout:
         After a death its subscriptions move to the device's next worker (a gap, counted);
         when the slot is back, or a recycled worker's replacement is ready, they move again.
         """
-        now = time.monotonic()
+        now = self._clock()
         for shared in list(self._shared.values()):
             target = self._owner(shared.device)
             current = shared.worker
@@ -193,12 +189,12 @@ class Fanout:
             shared = self._by_sid.get(sid)
             if shared is None or shared.worker is not worker:
                 continue  # late data of a subscription that moved or closed
-            reading = p.reading_from_wire(shared.key, wire)
+            reading = reading_from_wire(shared.key, wire)
             if wire.body is not None:
                 self._reply_bodies.remember(reading, wire.body)
             shared.last = reading
             if shared.gap_started is not None:
-                now = now or time.monotonic()
+                now = now or self._clock()
                 gap = now - shared.gap_started
                 shared.gap_started = None
                 self.gaps.last_gap_seconds = gap

@@ -20,17 +20,17 @@ States::
 
 The rules (docs/design.md, "Supervision"):
 
-- A worker that served `stable_uptime` seconds or more before it ended had a crash, not
-  a crash loop: the slot starts again after `backoff_initial`, whatever happened to it
+- A worker that served `restart_stable_uptime` seconds or more before it ended had a crash, not
+  a crash loop: the slot starts again after `restart_backoff_initial`, whatever happened to it
   before, and the exit does not count towards the restart intensity.
-- A worker that ended before it was ready, or sooner than `stable_uptime` after it, is a
-  crash-loop suspect: the backoff doubles (up to `backoff_max`) and the exit counts.
-- More than `intensity` counted exits within `period` seconds cools the slot down: it
-  waits `cooldown_initial` seconds, doubling on each repeated exhaustion up to
-  `cooldown_max` (Kubernetes' CrashLoopBackOff), then tries again. A worker that then
-  serves `stable_uptime` returns the slot to normal (backoff and cool-down start over).
+- A worker that ended before it was ready, or sooner than `restart_stable_uptime` after it, is a
+  crash-loop suspect: the backoff doubles (up to `restart_backoff_max`) and the exit counts.
+- More than `restart_intensity` counted exits within `restart_period` seconds cools the slot down: it
+  waits `restart_cooldown_initial` seconds, doubling on each repeated exhaustion up to
+  `restart_cooldown_max` (Kubernetes' CrashLoopBackOff), then tries again. A worker that then
+  serves `restart_stable_uptime` returns the slot to normal (backoff and cool-down start over).
 - A slot cools down only while another slot serves: the last slot standing keeps
-  restarting at `backoff_max`, so a pool never stops trying to run a worker.
+  restarting at `restart_backoff_max`, so a pool never stops trying to run a worker.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 
 class SlotState(enum.Enum):
@@ -54,17 +55,23 @@ class SlotState(enum.Enum):
 SERVING = frozenset({SlotState.READY, SlotState.RECYCLING})
 
 
-@dataclass(frozen=True)
-class SupervisionPolicy:
-    """The numbers the rules above are written in (settings of the same names, less `restart_`)."""
+class SupervisionPolicy(Protocol):
+    """The numbers the rules above are written in: the settings of these names (a `Settings` is one)."""
 
-    backoff_initial: float = 0.1
-    backoff_max: float = 5.0
-    stable_uptime: float = 1.0
-    intensity: int = 5
-    period: float = 60.0
-    cooldown_initial: float = 10.0
-    cooldown_max: float = 300.0
+    @property
+    def restart_backoff_initial(self) -> float: ...
+    @property
+    def restart_backoff_max(self) -> float: ...
+    @property
+    def restart_stable_uptime(self) -> float: ...
+    @property
+    def restart_intensity(self) -> int: ...
+    @property
+    def restart_period(self) -> float: ...
+    @property
+    def restart_cooldown_initial(self) -> float: ...
+    @property
+    def restart_cooldown_max(self) -> float: ...
 
 
 # -- actions: what the pool must do after an event ---------------------------------------------
@@ -90,7 +97,7 @@ class Kill:
     """Kill the worker of this generation (its exit comes later as an event)."""
 
     generation: int
-    reason: str
+    reason: EndReason
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,7 @@ class SpawnReplacement:
     """Start a replacement of this generation beside the serving worker (make-before-break)."""
 
     generation: int
-    reason: str
+    reason: EndReason
 
 
 @dataclass(frozen=True)
@@ -111,29 +118,59 @@ class Retire:
 Action = Spawn | Wait | Kill | SpawnReplacement | Retire
 
 
+class EndReason(enum.StrEnum):
+    """Why a worker ended, or is replaced: the one vocabulary of logs, metrics and the status view.
+
+    Its values are the words those show (a StrEnum: it is its value wherever a string is).
+    The detail (which signal, which exit code) goes beside it, never into a metric's label.
+    """
+
+    # Exits of a slot's worker: counted (pacsys_worker_exits_total), and they restart the slot.
+    SIGNAL = "signal"  # killed by a signal the front did not send (the OOM killer, an operator)
+    EXIT = "exit"  # the process exited by itself (the detail holds the code)
+    HANG = "hang"  # its loop stopped answering pings: the front killed it
+    PROTOCOL_ERROR = "protocol_error"  # it sent a frame that does not decode: the front killed it
+    STARTUP_FAILED = "startup_failed"  # its backend could not be built
+    SPAWN_FAILED = "spawn_failed"  # the process could not be started at all
+    READY_TIMEOUT = "ready_timeout"  # it did not become ready in time: the front killed it
+    # Why a serving worker is replaced gracefully: recycles (pacsys_worker_recycles_total).
+    RECYCLE_RSS = "recycle_rss"
+    RECYCLE_REQUESTS = "recycle_requests"
+    # The front stopped a worker that no longer served: not an exit of its slot.
+    RECYCLED = "recycled"  # replaced by its recycle: drained, then stopped
+    SCALE_DOWN = "scale_down"  # its slot was retired
+    SHUTDOWN = "shutdown"  # the pool closed
+    RECYCLE_FAILED = "recycle_failed"  # a replacement that did not become ready in time
+    RECYCLE_CANCELLED = "recycle_cancelled"  # a replacement whose serving worker died meanwhile
+
+    @property
+    def is_exit(self) -> bool:
+        """An exit of a slot's worker (a label value of pacsys_worker_exits_total)."""
+        return not self.is_recycle and not self.stopped_by_front
+
+    @property
+    def is_recycle(self) -> bool:
+        """A graceful replacement (a label value of pacsys_worker_recycles_total)."""
+        return self in (EndReason.RECYCLE_RSS, EndReason.RECYCLE_REQUESTS)
+
+    @property
+    def stopped_by_front(self) -> bool:
+        """The front ended a worker that no longer served: its slot is not told of the exit."""
+        return self in (
+            EndReason.RECYCLED,
+            EndReason.SCALE_DOWN,
+            EndReason.SHUTDOWN,
+            EndReason.RECYCLE_FAILED,
+            EndReason.RECYCLE_CANCELLED,
+        )
+
+
 @dataclass(frozen=True)
 class Exit:
-    """How a worker ended: a reason from the one vocabulary (`EXIT_REASONS`) and a detail."""
+    """How a worker ended: its reason and a detail (the signal's name, the exit code)."""
 
-    reason: str
+    reason: EndReason
     detail: str = ""
-
-
-# The one vocabulary of exit reasons, used in logs, metrics and the status view. The detail
-# (which signal, which exit code) goes beside it in logs and status, never into a label.
-EXIT_REASONS = frozenset(
-    {
-        "signal",  # killed by a signal the front did not send (SIGKILL by the OOM killer, an operator)
-        "exit",  # the process exited by itself (the detail holds the code)
-        "hang",  # its loop stopped answering pings: the front killed it
-        "protocol_error",  # it sent a frame that does not decode: the front killed it
-        "startup_failed",  # its backend could not be built
-        "spawn_failed",  # the process could not be started at all
-        "ready_timeout",  # it did not become ready in time: the front killed it
-    }
-)
-# Why a serving worker is replaced gracefully; these are recycles, not exits.
-RECYCLE_REASONS = frozenset({"recycle_rss", "recycle_requests"})
 
 
 class Slot:
@@ -154,8 +191,8 @@ class Slot:
         self._generations = 0  # generations only grow, so an old worker's number is never reused
         self.generation = 0  # the worker that serves or is starting
         self.replacement: int | None = None  # the worker starting beside it while recycling
-        self.backoff = policy.backoff_initial
-        self.cooldown = policy.cooldown_initial
+        self.backoff = policy.restart_backoff_initial
+        self.cooldown = policy.restart_cooldown_initial
         self.early_exits: collections.deque[float] = collections.deque()  # times, within `period`
         self.ready_at: float | None = None
         self.down_since: float | None = None  # when the slot last stopped serving
@@ -174,7 +211,7 @@ class Slot:
 
     def restart_budget_left(self) -> int:
         self._forget_old_exits(self.clock())
-        return max(0, self.policy.intensity - len(self.early_exits))
+        return max(0, self.policy.restart_intensity - len(self.early_exits))
 
     # -- events ----------------------------------------------------------------------------
 
@@ -217,29 +254,29 @@ class Slot:
         self.replacement = None
         served = now - self.ready_at if self.state in SERVING and self.ready_at is not None else None
         self.ready_at = None
-        if served is not None and served >= self.policy.stable_uptime:
+        if served is not None and served >= self.policy.restart_stable_uptime:
             # It had been serving: a crash, not a crash loop. Back at once, history forgiven.
-            self.backoff = self.policy.backoff_initial
-            self.cooldown = self.policy.cooldown_initial
+            self.backoff = self.policy.restart_backoff_initial
+            self.cooldown = self.policy.restart_cooldown_initial
             self.early_exits.clear()
-            action = self._wait(SlotState.RESTARTING, self.policy.backoff_initial, now)
+            action = self._wait(SlotState.RESTARTING, self.policy.restart_backoff_initial, now)
         else:
             self.early_exits.append(now)
             self._forget_old_exits(now)
-            if len(self.early_exits) > self.policy.intensity and self._others_serving(self):
+            if len(self.early_exits) > self.policy.restart_intensity and self._others_serving(self):
                 self.cooldowns += 1
                 self.early_exits.clear()
                 delay = self.cooldown
-                self.cooldown = min(self.cooldown * 2, self.policy.cooldown_max)
+                self.cooldown = min(self.cooldown * 2, self.policy.restart_cooldown_max)
                 action = self._wait(SlotState.COOLING, delay, now)
             else:
                 delay = self.backoff
-                self.backoff = min(self.backoff * 2, self.policy.backoff_max)
+                self.backoff = min(self.backoff * 2, self.policy.restart_backoff_max)
                 action = self._wait(SlotState.RESTARTING, delay, now)
         if replacement is not None:
             # The serving worker died while its replacement was starting: that replacement
             # was made for a worker that is gone; the slot starts over on its own rules.
-            return [Kill(replacement, "recycle_cancelled"), action]
+            return [Kill(replacement, EndReason.RECYCLE_CANCELLED), action]
         return [action]
 
     def timer_fired(self, token: int) -> list[Action]:
@@ -254,9 +291,9 @@ class Slot:
         """The serving worker's loop did not answer within the hang timeout."""
         if generation != self.generation or not self.serving:
             return []
-        return [Kill(generation, "hang")]
+        return [Kill(generation, EndReason.HANG)]
 
-    def over_limit(self, generation: int, reason: str) -> list[Action]:
+    def over_limit(self, generation: int, reason: EndReason) -> list[Action]:
         """The serving worker passed a recycle limit (memory, requests): replace it gracefully."""
         if generation != self.generation or self.state is not SlotState.READY:
             return []
@@ -271,7 +308,7 @@ class Slot:
         self.replacement = None
         if self.state is SlotState.RECYCLING:
             self.state = SlotState.READY
-        return [Kill(generation, "recycle_failed")]
+        return [Kill(generation, EndReason.RECYCLE_FAILED)]
 
     def retire(self) -> None:
         """The slot is scaled down or the pool closes: nothing more is started in it."""
@@ -282,8 +319,8 @@ class Slot:
 
     def revive(self) -> list[Action]:
         """A retired slot is used again (scaling up): it starts with a clean history."""
-        self.backoff = self.policy.backoff_initial
-        self.cooldown = self.policy.cooldown_initial
+        self.backoff = self.policy.restart_backoff_initial
+        self.cooldown = self.policy.restart_cooldown_initial
         self.early_exits.clear()
         self.down_since = None
         self.last_exit = None
@@ -302,5 +339,5 @@ class Slot:
         return Wait(delay, self.timer_token)
 
     def _forget_old_exits(self, now: float) -> None:
-        while self.early_exits and now - self.early_exits[0] > self.policy.period:
+        while self.early_exits and now - self.early_exits[0] > self.policy.restart_period:
             self.early_exits.popleft()

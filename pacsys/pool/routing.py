@@ -9,7 +9,7 @@ slot, and come back when the slot serves again; the other devices do not move.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
 
 from pacsys.drf import DRFError, parse_cached
@@ -54,12 +54,17 @@ class Router(Generic[W]):
                 return worker
         return None
 
-    def group(self, drfs: list[str], positions: Iterable[int]) -> tuple[dict[W, list[int]], list[int]]:
-        """The positions of `drfs` grouped by their worker, and the positions no worker serves."""
+    def group(
+        self, drfs: list[str], positions: Iterable[int], devices: Sequence[str] | None = None
+    ) -> tuple[dict[W, list[int]], list[int]]:
+        """The positions of `drfs` grouped by their worker, and the positions no worker serves.
+
+        `devices`, the DRFs' canonical device names when the caller has them, spares parsing.
+        """
         groups: dict[W, list[int]] = {}
         unserved: list[int] = []
         for pos in positions:
-            worker = self.owner(device_of(drfs[pos]))
+            worker = self.owner(devices[pos] if devices is not None else device_of(drfs[pos]))
             if worker is None:
                 unserved.append(pos)
             else:
