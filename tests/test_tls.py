@@ -147,6 +147,32 @@ def test_a_token_is_accepted_over_tls_where_plaintext_is_refused(serve, pki):
     assert fake.writes == [("Z:ACLTST", 1.0)]
 
 
+def test_a_plaintext_listener_beside_tls_serves_reads_but_refuses_tokens_and_remote_status(serve, pki):
+    """`plaintext_port`: the same services without TLS, for clients that speak plaintext only (the
+    pacsys 0.3.0 release); the gate decides per call, so a token stays refused there."""
+    import json
+
+    fake = _fake()
+    server = serve(fake, token=TOKEN, allow_token_plaintext=False, plaintext_port=0)
+    assert server.plaintext_port not in (None, 0, server.port)
+    with grpc.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as plain:
+        stub = DAQ_pb2_grpc.DAQStub(plain)
+        reply = list(stub.Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@I"]), timeout=5))
+        assert reply[0].readings.reading[0].data.scalar == pytest.approx(72.5)
+        request = DAQ_pb2.SettingList(setting=[DAQ_pb2.Setting(device="Z:ACLTST")])
+        request.setting[0].value.scalar = 1.0
+        metadata = [("authorization", f"Bearer {TOKEN}")]
+        code, details = _code(lambda: stub.Set(request, timeout=5, metadata=metadata))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "plaintext" in details
+    assert _set(server.port, _creds(pki), token=TOKEN).status[0].status_code == 0  # over TLS
+    assert fake.writes == [("Z:ACLTST", 1.0)]
+    # The status view answers a local client on either listener (remote ones need the token,
+    # which the plaintext listener refuses).
+    with grpc.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as plain:
+        status = json.loads(plain.unary_unary("/pacsys.supervisor.Admin/Status")(b"", timeout=5))
+    assert status["plaintext_address"] == f"127.0.0.1:{server.plaintext_port}"
+
+
 def test_mutual_tls_identity_reaches_policies_and_the_audit(serve, pki, tmp_path):
     fake = _fake()
     path = str(tmp_path / "audit.jsonl")

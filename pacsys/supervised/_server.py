@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -31,9 +32,9 @@ from pacsys.aio._loops import new_event_loop
 from pacsys.backends import Backend
 from pacsys.settings import Settings
 from pacsys.supervised._audit import AuditLog
+from pacsys.supervised._forwarded import ForwardedError, TrustedProxies
 from pacsys.supervised._health import HEALTH_SERVICE, HealthServicer, enable_reflection
-from pacsys.supervised._identity import identity_of
-from pacsys.supervised._listen import bind_problem
+from pacsys.supervised._listen import bind_problem, stop_listening
 from pacsys.supervised._managed import ManagedBackend
 from pacsys.supervised._peers import PeerLimit, is_loopback
 from pacsys.supervised._policies import Policy
@@ -57,6 +58,12 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # without calls, and never counts strikes.
 # The settings' defaults are the library's too: `Settings` owns every one of them.
 DEFAULTS = Settings()
+
+# With reuse_port and no connection_max_age, connections are asked to reconnect after this
+# many seconds, so that a drain can move them to the other instances sharing the port.
+SHARED_PORT_CONNECTION_MAX_AGE = 10.0
+MAX_AGE_JITTER = 0.1  # gRPC makes each connection's age limit up to 10% longer (or shorter)
+MAX_AGE_MARGIN = 1.0  # seconds for the last GOAWAY to reach its client and its calls then in flight
 
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
@@ -87,14 +94,21 @@ class SupervisedServer:
         allow_token_plaintext: bool | None = DEFAULTS.allow_token_plaintext,
         admin_token: str | None = None,
         tls: TLSFiles | None = None,
+        plaintext_port: int | None = None,
+        reuse_port: bool = False,
+        trusted_proxies: Sequence[str] = (),
+        connection_max_age: float | None = None,
     ):
         if not isinstance(backend, Backend | AsyncBackend):
             raise TypeError(
                 "backend must be a pacsys.backends.Backend or a pacsys.aio.AsyncBackend instance, "
                 f"got {type(backend).__name__}"
             )
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an integer from 0 to 65535, got {port!r}")
+        _check_port("port", port)
+        if plaintext_port is not None:
+            _check_port("plaintext_port", plaintext_port)
+        if plaintext_port is not None and (tls is None or tls.client_ca is not None):
+            raise ValueError("plaintext_port needs tls without client certificates (tls_client_ca)")
         self._user_backend = backend
         self._backend = as_async(backend, max_threads=threads_per_worker)
         # A worker pool: started before serving, its readiness and workers reported.
@@ -102,6 +116,12 @@ class SupervisedServer:
         self._host = host
         self._requested_port = port
         self._port: int | None = None
+        self._requested_plaintext_port = plaintext_port
+        self._plaintext_port: int | None = None
+        self._reuse_port = reuse_port
+        if connection_max_age is None and reuse_port:  # a drain moves its clients by their age
+            connection_max_age = SHARED_PORT_CONNECTION_MAX_AGE
+        self._connection_max_age = connection_max_age
         self._max_message_bytes = max_message_bytes
         self._grace = shutdown_grace
         self._drain_delay = drain_delay
@@ -126,6 +146,7 @@ class SupervisedServer:
             log_requests=log_requests,
             allow_unaudited_writes=allow_unaudited_writes,
             token_over_plaintext=allow_token_plaintext,
+            trusted_proxies=TrustedProxies(trusted_proxies),
         )
         self.admin_token = admin_token
         self.health = _Health(self.servicer)
@@ -146,6 +167,11 @@ class SupervisedServer:
     def port(self) -> int:
         """The port the server listens on (the real one when 0 was asked)."""
         return self._port if self._port is not None else self._requested_port
+
+    @property
+    def plaintext_port(self) -> int | None:
+        """The port of the listener without TLS beside the TLS one (None: none)."""
+        return self._plaintext_port if self._plaintext_port is not None else self._requested_plaintext_port
 
     @property
     def host(self) -> str:
@@ -281,20 +307,28 @@ class SupervisedServer:
         options: list[tuple[str, Any]] = [
             *KEEPALIVE_OPTIONS,
             ("grpc.max_receive_message_length", self._max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Off: a port in use fails the start. On: instances of one user share the port
+            # (the kernel spreads new connections over them).
+            ("grpc.so_reuseport", 1 if self._reuse_port else 0),
         ]
+        if self._connection_max_age is not None:
+            # GOAWAY once a connection is this old (gRPC adds +-10%); its calls and streams
+            # finish on it (no grace limit), new calls take a new connection.
+            options.append(("grpc.max_connection_age_ms", round(self._connection_max_age * 1000)))
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((self.servicer.rpc_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         enable_reflection((SERVICE_NAME, HEALTH_SERVICE), server)
         server.add_generic_rpc_handlers((self._admin_handler(),))
-        self._port = self._bind(server)
+        self._bind(server)
         await self._open_backend()
         await server.start()
         self._started_at = time.time()
         await self._update_readiness()
         watcher = asyncio.get_running_loop().create_task(self._watch_readiness())
         logger.info("serving DAQ on %s:%d", self._host, self._port)
+        if self._plaintext_port is not None:
+            logger.info("serving DAQ without TLS on %s:%d (plaintext_port)", self._host, self._plaintext_port)
         self._started.set()
         try:
             await self._stop_requested.wait()
@@ -347,11 +381,16 @@ class SupervisedServer:
 
         It names every client and what it reads, pids and memory: it answers a client on this
         host, and a remote one that presents the admin token (or, without one, the service's
-        bearer token); with no token at all, local clients only.
+        bearer token); with no token at all, local clients only. A client a trusted proxy
+        forwards is where its address says (a proxy on this host is not a local client).
         """
 
         async def status(_request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            if not is_loopback(context.peer()):
+            try:
+                peer, _ = self.servicer.client_of(context)
+            except ForwardedError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if not is_loopback(peer):
                 token = self.admin_token if self.admin_token is not None else self.servicer.token
                 if token is None:
                     await context.abort(
@@ -377,6 +416,7 @@ class SupervisedServer:
         stats = self.servicer.stats
         result: dict[str, Any] = {
             "address": f"{self._host}:{self.port}",
+            "plaintext_address": None if self.plaintext_port is None else f"{self._host}:{self.plaintext_port}",
             "pid": os.getpid(),
             "uptime": time.time() - self._started_at if self._started_at else 0.0,
             "ready": self._ready,
@@ -406,21 +446,27 @@ class SupervisedServer:
             result["pool"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(managed.stats).items()}
         return result
 
-    def _bind(self, server: grpc.aio.Server) -> int:
-        address = f"{self._host}:{self._requested_port}"
-        problem = bind_problem(self._host, self._requested_port)
+    def _bind(self, server: grpc.aio.Server) -> None:
+        """The service port (TLS when configured), and the plaintext one beside it if any."""
+        self._port = self._listen(server, self._requested_port, self.tls)
+        if self._requested_plaintext_port is not None:
+            self._plaintext_port = self._listen(server, self._requested_plaintext_port, None, " (plaintext_port)")
+
+    def _listen(self, server: grpc.aio.Server, port: int, tls: ServerTLS | None, which: str = "") -> int:
+        address = f"{self._host}:{port}"
+        problem = bind_problem(self._host, port, self._reuse_port)
         if problem is not None:  # said in our words, before gRPC logs its own line
-            raise OSError(f"cannot listen on {address}: {problem}")
+            raise OSError(f"cannot listen on {address}{which}: {problem}")
         try:
-            if self.tls is not None:
-                port = server.add_secure_port(address, self.tls.credentials)
+            if tls is not None:
+                bound = server.add_secure_port(address, tls.credentials)
             else:
-                port = server.add_insecure_port(address)
+                bound = server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise OSError(f"cannot listen on {address}: {exc}") from None
-        if port == 0:
-            raise OSError(f"cannot listen on {address}")
-        return port
+            raise OSError(f"cannot listen on {address}{which}: {exc}") from None
+        if bound == 0:
+            raise OSError(f"cannot listen on {address}{which}")
+        return bound
 
     async def _open_backend(self) -> None:
         # A worker pool is started on this loop before the server reports SERVING.
@@ -430,11 +476,22 @@ class SupervisedServer:
     async def _shutdown(self, server: grpc.aio.Server) -> None:
         self._leaving = True
         await self._update_readiness()  # NOT_SERVING from this moment
-        if self._drain_delay > 0:
+        delay = self._drain_delay
+        if self._reuse_port:
+            # Leave the shared port now: new connections go to the other instances. The
+            # connections this one has are served until each was asked to reconnect
+            # (connection_max_age): their clients' next calls go there too, and stopping
+            # then ends no call that a client sent (gRPC's stop drops those it has not taken).
+            ports = [p for p in (self._port, self._plaintext_port) if p is not None]
+            closed = stop_listening(ports)
+            logger.info("event=port_left ports=%s listeners=%d", ",".join(map(str, ports)), closed)
+            if self._connection_max_age is not None:
+                delay = max(delay, self._connection_max_age * (1 + MAX_AGE_JITTER) + MAX_AGE_MARGIN)
+        if delay > 0:
             # A load balancer sends new calls here until its health check sees NOT_SERVING:
             # keep serving them, and end streams only once their reconnects go elsewhere.
-            logger.info("event=drain_delay seconds=%g", self._drain_delay)
-            await asyncio.sleep(self._drain_delay)
+            logger.info("event=drain_delay seconds=%g", delay)
+            await asyncio.sleep(delay)
         self.servicer.end_streams()
         await server.stop(self._grace)
         if self._close_backend:
@@ -458,6 +515,11 @@ def tune_gc_for_serving() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
+def _check_port(name: str, port: object) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"{name} must be an integer from 0 to 65535, got {port!r}")
+
+
 def _is_loopback_host(host: str) -> bool:
     return host in ("localhost", "[::1]") or host.startswith("127.")
 
@@ -473,7 +535,10 @@ class _Health(HealthServicer):
         if len(request.service) > MAX_HEALTH_SERVICE_NAME:
             # The base class keeps a condition per name watched: no client-sized keys.
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "service name too long")
-        who = identity_of(context)
+        try:
+            _, who = self._servicer.client_of(context)
+        except ForwardedError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         peers = self._servicer.peers
         try:
             peers.open_stream(who)
