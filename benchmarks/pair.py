@@ -186,13 +186,16 @@ def shipped_options(workdir: Path, name: str, certificates: Certificates, token_
 class Instance:
     """One pacsys-supervisor process on fixed ports (restartable on the same ports).
 
-    `options` are its command-line options other than --port and --metrics-port. Clients
-    reach it at 127.0.0.1 (`addr`), whether it listens there or on every address.
+    `options` are its command-line options other than --port, --metrics-port and
+    --plaintext-port. Clients reach it at 127.0.0.1 (`addr`), whether it listens there or on
+    every address. `port`: its service port (instances with --reuse-port may share one);
+    `plaintext_port`: a plaintext listener beside TLS (True: a port of its own).
     """
 
-    def __init__(self, name: str, logdir: Path, *options: str):
+    def __init__(self, name: str, logdir: Path, *options: str, port: int | None = None, plaintext_port: bool = False):
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
+        self.plaintext_port = free_port() if plaintext_port else None
         self.metrics_port = free_port()
         self.logdir = logdir
         self.options = options
@@ -209,6 +212,8 @@ class Instance:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))))
         argv = [sys.executable, "-m", "pacsys.supervised.cli", "--port", str(self.port)]
         argv += ["--metrics-port", str(self.metrics_port), *self.options]
+        if self.plaintext_port is not None:
+            argv += ["--plaintext-port", str(self.plaintext_port)]
         with open(self.logdir / f"{self.name}.{self.starts}.log", "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=REPO, env=env)
         deadline = time.monotonic() + timeout
@@ -218,6 +223,10 @@ class Instance:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"instance {self.name} not ready within {timeout:g} s: see {self.logdir}")
             time.sleep(0.05)
+
+    def log_text(self) -> str:
+        """What its latest start wrote to stdout and stderr so far."""
+        return (self.logdir / f"{self.name}.{self.starts}.log").read_text(errors="replace")
 
     def ready(self) -> bool:
         try:
