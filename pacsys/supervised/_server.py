@@ -390,7 +390,8 @@ class SupervisedServer:
                 peer, _ = self.servicer.client_of(context)
             except ForwardedError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            if not is_loopback(peer):
+            # Local: the connection, and the client a proxy on this host forwards, are both here.
+            if not (is_loopback(peer) and is_loopback(context.peer())):
                 token = self.admin_token if self.admin_token is not None else self.servicer.token
                 if token is None:
                     await context.abort(
