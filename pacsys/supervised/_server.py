@@ -64,6 +64,7 @@ DEFAULTS = Settings()
 SHARED_PORT_CONNECTION_MAX_AGE = 10.0
 MAX_AGE_JITTER = 0.1  # gRPC makes each connection's age limit up to 10% longer (or shorter)
 MAX_AGE_MARGIN = 1.0  # seconds for the last GOAWAY to reach its client and its calls then in flight
+QUIET_SECONDS = 0.5  # then a draining instance that shares its port waits until calls stop coming in
 
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
@@ -469,6 +470,21 @@ class SupervisedServer:
             raise OSError(f"cannot listen on {address}{which}")
         return bound
 
+    async def _until_quiet(self) -> None:
+        """Until no call has come in for QUIET_SECONDS, for at most shutdown_grace seconds.
+
+        gRPC's stop drops the calls that reached this server but that it has not yet handed
+        over: a busy instance whose clients have all moved may still hold a backlog of them.
+        """
+        loop = asyncio.get_running_loop()
+        requests = self.servicer.stats.requests
+        seen, quiet_since = sum(requests.values()), loop.time()
+        deadline = quiet_since + self._grace
+        while loop.time() - quiet_since < QUIET_SECONDS and loop.time() < deadline:
+            await asyncio.sleep(QUIET_SECONDS / 10)
+            if (now := sum(requests.values())) != seen:
+                seen, quiet_since = now, loop.time()
+
     async def _open_backend(self) -> None:
         # A worker pool is started on this loop before the server reports SERVING.
         if self._managed is not None:
@@ -493,6 +509,8 @@ class SupervisedServer:
             # keep serving them, and end streams only once their reconnects go elsewhere.
             logger.info("event=drain_delay seconds=%g", delay)
             await asyncio.sleep(delay)
+        if self._reuse_port:
+            await self._until_quiet()
         self.servicer.end_streams()
         await server.stop(self._grace)
         if self._close_backend:
