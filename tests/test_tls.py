@@ -233,6 +233,40 @@ def test_subject_patterns_match_parsed_attributes_and_fail_closed(serve, pki, tm
     ]
 
 
+def test_through_a_trusted_proxy_the_client_is_the_forwarded_address_not_the_proxys_certificate(serve, pki, tmp_path):
+    """`trusted_proxies`: a proxy under mutual TLS presents its own certificate (here ops-1's);
+    a call it forwards is the forwarded address for host grants and the audit, so a subject
+    grant never matches through it (fail closed). A call without the header is the proxy
+    host's own, known by its certificate."""
+    fake = _fake()
+    path = str(tmp_path / "audit.jsonl")
+    grants = [WriteGrantPolicy(["ipv4:192.0.2.1"], ["Z:*"]), WriteGrantPolicy(["CN=ops-*"], ["Z:*"])]
+    server = serve(fake, client_ca=True, policies=grants, audit_log=AuditLog(path), trusted_proxies=["127.0.0.1"])
+
+    def forwarded_set(client: str | None) -> grpc.StatusCode:
+        metadata = [("x-forwarded-for", client)] if client else None
+        request = DAQ_pb2.SettingList(setting=[DAQ_pb2.Setting(device="Z:ACLTST")])
+        request.setting[0].value.scalar = 1.0
+        with grpc.secure_channel(f"127.0.0.1:{server.port}", _creds(pki, "ops-1")) as channel:
+            try:
+                DAQ_pb2_grpc.DAQStub(channel).Set(request, timeout=5, metadata=metadata)
+            except grpc.RpcError as exc:
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    assert forwarded_set("192.0.2.1") == grpc.StatusCode.OK  # the host grant
+    assert forwarded_set("192.0.2.2") == grpc.StatusCode.PERMISSION_DENIED  # not the proxy's CN=ops-1
+    assert forwarded_set(None) == grpc.StatusCode.OK  # the proxy's host itself: its certificate
+    assert _audited_sets(server, path) == [
+        ("ipv4:192.0.2.1", True),
+        ("ipv4:192.0.2.2", False),
+        ("CN=ops-1,O=Test Lab", True),
+    ]
+    server.servicer.audit.flush()
+    peers = [e["peer"] for e in read_audit(path) if e["dir"] == "in" and e["method"] == "Set"]
+    assert peers[:2] == ["ipv4:192.0.2.1:0", "ipv4:192.0.2.2:0"] and peers[2].startswith("ipv4:127.0.0.1:")
+
+
 def test_an_ipv6_client_is_known_as_documented(tmp_path):
     """`ipv6:[::1]`, brackets and all (gRPC's peer string has them percent-encoded)."""
     fake = _fake()
