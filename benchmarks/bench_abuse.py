@@ -27,7 +27,8 @@ machine are provisional: the load average is printed with them.
 With `--haproxy`, haproxy (`ops/haproxy.cfg`, or `--haproxy-cfg`, its addresses moved to
 loopback ports) stands in front of the front: the victim, the new client and the attacks
 connect through it, as clients of the shipped pair deployment do (the metrics port is still
-probed directly). The front then sees every client as haproxy's one address.
+probed directly), and haproxy speaks TLS to the front, which then serves a certificate of a
+CA made for the run. The front sees every client as haproxy's one address.
 
 Loopback only; every attack is bounded in count and time.
 """
@@ -202,10 +203,9 @@ async def attack_audit_fill(t: Target) -> dict:
 
 async def _rapid_reset(t: Target, src: str) -> dict:
     """Rapid reset on one connection from `src` (a new one when the server closes it)."""
-    from benchmarks.h2_raw import CANCEL, END_HEADERS, HEADERS, RST_STREAM, connect, frame, request_headers
+    from benchmarks.h2_raw import connect, request_headers
 
     block = request_headers(READ_PATH, t.authority)
-    cancel = CANCEL.to_bytes(4, "big")
     end = time.monotonic() + t.seconds
     streams = connections = 0
     resets: collections.Counter[int] = collections.Counter()
@@ -215,13 +215,7 @@ async def _rapid_reset(t: Target, src: str) -> dict:
         connections += 1
         await asyncio.wait_for(conn.settings_acked.wait(), 10)  # the server's stream limit is then in force
         while time.monotonic() < end and conn.is_open and conn.next_stream_id < 2**31 - 400:
-            first = conn.next_stream_id
-            conn.next_stream_id += 200
-            batch = b"".join(
-                frame(HEADERS, END_HEADERS, s, block) + frame(RST_STREAM, 0, s, cancel)
-                for s in range(first, first + 200, 2)
-            )
-            if not await conn.write(batch):
+            if not await conn.write(conn.opened_and_reset(block)):
                 break
             streams += 100
             in_place()
@@ -601,7 +595,9 @@ class FrontDidNotStart(RuntimeError):
 class Front:
     """A pacsys-supervisor process with its own temporary directory; always stopped."""
 
-    def __init__(self, workdir: Path, workers: int, nofile: int):
+    def __init__(self, workdir: Path, workers: int, nofile: int, tls: bool = False):
+        """`tls`: serve TLS with a certificate of a CA of its own (`self.certificates`), as
+        the instances behind the shipped haproxy do."""
         self.workdir = workdir
         self.audit = workdir / "audit.jsonl"
         self.stderr_path = workdir / "front.stderr"
@@ -610,6 +606,12 @@ class Front:
         cmd = [sys.executable, "-m", "pacsys.supervised.cli", "--config", str(workdir / "supervisor.toml")]
         cmd += ["--host", HOST, "--port", "0", "--metrics-port", "0", "--workers", str(workers), "--backend", "sim"]
         cmd += ["--audit-path", str(self.audit), "--token-file", str(workdir / "token")]
+        self.certificates = None
+        if tls:
+            from benchmarks.pair import Certificates
+
+            self.certificates = Certificates(workdir)
+            cmd += ["--tls-cert", str(self.certificates.cert), "--tls-key", str(self.certificates.key)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
 
@@ -688,7 +690,8 @@ class Balancer:
         self.port = free_port()
         servers = {name: (front.port, front.metrics_port) for name in ("a", "b")}
         cfg = workdir / "haproxy.cfg"
-        cfg.write_text(render_haproxy_cfg(template.read_text(), self.port, free_port(), servers))
+        ca = front.certificates.ca if front.certificates is not None else None
+        cfg.write_text(render_haproxy_cfg(template.read_text(), self.port, free_port(), servers, ca))
         self.log = workdir / "haproxy.log"
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
@@ -857,7 +860,7 @@ async def measure(name: str, args: argparse.Namespace) -> dict:
     for _attempt in range(3):  # a front that fails to start is reported and started again
         workdir = Path(tempfile.mkdtemp(prefix=f"bench-abuse-{name}-"))
         try:
-            front = Front(workdir, args.workers, attack.front_nofile)
+            front = Front(workdir, args.workers, attack.front_nofile, tls=args.haproxy)
             break
         except FrontDidNotStart as exc:
             print(f"   ({exc}; trying again)", flush=True)  # its directory is kept for a look

@@ -177,7 +177,7 @@ def test_bad_override_names_the_option():
         ({"backend": "mod:make?port"}, "backend", "key=value"),
         ({"backend": "mod:make?a=1&a=2"}, "backend", "given twice"),
         ({"worker_python": "/venv/bin/python", "workers": 0, "backend": "m:f"}, "worker_python", "workers >= 1"),
-        ({"trusted_proxies": ["10.0.0.5", "haproxy"]}, "trusted_proxies", "'haproxy', which is not an address"),
+        ({"trusted_proxies": ["10.0.0.5", "haproxy"]}, "trusted_proxies", "IP addresses or networks (e.g. 10.0.0.5"),
         ({"trusted_proxies": ["10.0.0.5/24"]}, "trusted_proxies", "has host bits set"),
         ({"plaintext_port": 50052}, "plaintext_port", "needs 'tls_cert' and 'tls_key'"),
         ({"plaintext_port": 50051, "tls_cert": "c", "tls_key": "k"}, "plaintext_port", "differ from 'port'"),

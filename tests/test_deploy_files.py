@@ -168,11 +168,12 @@ def test_compose_runs_the_servers_haproxy_names_with_the_files_in_ops():
         assert {settings["token_file"], settings["tls_cert"], settings["tls_key"]} <= given
         # Streaming clients of the release reach each instance's plaintext listener directly.
         assert [p.split(":")[1] for p in services[name]["ports"]] == [str(settings["plaintext_port"])]
-        # haproxy's fixed address is the one proxy whose x-forwarded-for the instances believe.
-        assert (
-            compose["x-supervisor"]["environment"]["PACSYS_SUPERVISOR_TRUSTED_PROXIES"]
-            == (services["haproxy"]["networks"]["pacsys"]["ipv4_address"])
-        )
+        # haproxy's fixed address is the one proxy whose x-forwarded-for the instances believe,
+        # and it is not held to the per-address connection limit.
+        environment = compose["x-supervisor"]["environment"]
+        haproxy_address = services["haproxy"]["networks"]["pacsys"]["ipv4_address"]
+        assert environment["PACSYS_SUPERVISOR_TRUSTED_PROXIES"] == haproxy_address
+        assert environment["PACSYS_SUPERVISOR_CONNECTIONS_PER_ADDRESS_EXEMPT"] == haproxy_address
     subnet = compose["networks"]["pacsys"]["ipam"]["config"][0]["subnet"]
     assert ipaddress.ip_address(services["haproxy"]["networks"]["pacsys"]["ipv4_address"]) in ipaddress.ip_network(
         subnet

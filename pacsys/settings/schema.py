@@ -108,17 +108,18 @@ def _check_host(host: str) -> str | None:
     return None
 
 
-def _check_networks(networks: tuple[str, ...]) -> str | None:
-    for text in networks:
-        try:
-            ipaddress.ip_network(text.strip("[]"))
-        except ValueError as exc:
-            return f"holds {text!r}, which is not an address or a network (10.0.0.5, 10.0.0.0/24, fd00::/64): {exc}"
-    return None
-
-
 def _check_patterns(patterns: tuple[str, ...]) -> str | None:
     return "must not contain empty patterns" if any(not p.strip() for p in patterns) else None
+
+
+def _check_networks(networks: tuple[str, ...]) -> str | None:
+    # Strict: "10.0.0.5/24" is refused rather than read as the whole 10.0.0.0/24.
+    for text in networks:
+        try:
+            ipaddress.ip_network(text.strip().strip("[]"))
+        except ValueError as exc:
+            return f"must hold IP addresses or networks (e.g. 10.0.0.5 or 10.0.0.0/24), got {text!r}: {exc}"
+    return None
 
 
 # The [[policies]] table types, by name; `pacsys.supervised.policy_config` builds each (a test
@@ -316,11 +317,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "Longest DRF (or setting device) accepted, in characters.", section="Limits", ge=16
     )] = 512
     max_streams: Annotated[int, setting(
-        "Most streams open at once: streaming Reads and Health.Watch.", section="Limits", ge=1
+        "Most streaming Reads open at once.", section="Limits", ge=1
     )] = 10000
     max_streams_per_peer: Annotated[int, setting(
         "Most streams open at once from one client (identity or host).", section="Limits", ge=1
     )] = 1000
+    max_health_watches: Annotated[int, setting(
+        "Most grpc.health.v1.Health/Watch streams open at once (apart from max_streams: they cannot take its place).",
+        section="Limits", ge=1,
+    )] = 1000
+    max_health_watches_per_peer: Annotated[int, setting(
+        "Most Health/Watch streams open at once from one client (identity or host).", section="Limits", ge=1
+    )] = 16
     max_calls_per_peer: Annotated[int, setting(
         "Most one-shot Reads and Sets in flight from one client.", section="Limits", ge=1
     )] = 100
@@ -336,6 +344,36 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     )] = 10000.0
     stream_buffer: Annotated[int, setting(
         "Readings queued per client stream before its oldest are dropped.", section="Limits", ge=1
+    )] = 1000
+
+    # connections (the service port's HTTP/2 transport)
+    max_connections: Annotated[int, setting(
+        "Most connections to the service port at once; more are accepted and closed at once "
+        "(0: the open-file limit minus a reserve for workers, audit, TLS and the metrics port).",
+        section="Connections", ge=0,
+    )] = 0
+    max_connections_per_address: Annotated[int, setting(
+        "Most connections from one client address; the newest beyond it are cut within a second (0: no limit).",
+        section="Connections", ge=0,
+    )] = 1000
+    connections_per_address_exempt: Annotated[tuple[str, ...], setting(
+        "Addresses or networks (CIDR) that max_connections_per_address does not apply to: your load balancers, "
+        "which carry every client's connections from one address.",
+        section="Connections", check=_check_networks, example=["10.0.0.5", "10.1.0.0/24"], metavar="ADDRESS",
+    )] = ()
+    connection_idle_timeout: Annotated[float, setting(
+        "Seconds a connection without calls stays open; then it is closed (GOAWAY: clients reconnect on their "
+        "next call; 0: never).",
+        section="Connections", ge=0,
+    )] = 300.0
+    handshake_timeout: Annotated[float, setting(
+        "Seconds a new connection has to finish its TLS handshake and HTTP/2 preface before it is closed.",
+        section="Connections", gt=0,
+    )] = 10.0
+    max_concurrent_streams: Annotated[int, setting(
+        "Most calls open at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; a client queues "
+        "the others); also gRPC's defence against streams reset as soon as they are opened.",
+        section="Connections", ge=1,
     )] = 1000
 
     # supervision

@@ -23,6 +23,7 @@ import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
+from pacsys.supervised._connection_guard import parse_networks
 from pacsys.supervised._peers import peer_host
 
 __all__ = ["HEADER", "ForwardedError", "TrustedProxies"]
@@ -68,7 +69,7 @@ class TrustedProxies:
     """
 
     def __init__(self, networks: Iterable[str]):
-        self.networks = tuple(ipaddress.ip_network(text.strip().strip("[]")) for text in networks)
+        self.networks = parse_networks(networks)
         # Per host address, not per peer string: a proxy's connections differ by their port only.
         self._trusts = functools.lru_cache(maxsize=4096)(self._trusts_host)
 

@@ -32,15 +32,18 @@ from pacsys.aio._loops import new_event_loop
 from pacsys.backends import Backend
 from pacsys.settings import Settings
 from pacsys.supervised._audit import AuditLog
+from pacsys.supervised._connection_guard import ConnectionGuard, parse_networks
 from pacsys.supervised._forwarded import ForwardedError, TrustedProxies
 from pacsys.supervised._health import HEALTH_SERVICE, HealthServicer, enable_reflection
 from pacsys.supervised._listen import bind_problem, stop_listening
 from pacsys.supervised._managed import ManagedBackend
-from pacsys.supervised._peers import PeerLimit, is_loopback
+from pacsys.supervised._peers import is_loopback
 from pacsys.supervised._policies import Policy
 from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits
 from pacsys.supervised._signals import SignalLoop
 from pacsys.supervised._tls import ServerTLS, TLSFiles
+from pacsys.supervised._transport import TransportLimits, open_files_limits, server_options
+from pacsys.supervised.gate import GateRequest, Refusal
 
 logger = logging.getLogger("pacsys.supervised")
 
@@ -51,11 +54,6 @@ MAX_HEALTH_SERVICE_NAME = 256  # characters; ours are at most 16
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-# Client keepalive pings. The pacsys release's client pings every 300 s while a call is open;
-# this repository's grpc:// backend every 30 s, also with no call open. gRPC's default server
-# policy answers pings more often than every 5 minutes without data with GOAWAY
-# "too_many_pings" after a few strikes; this one accepts a ping every 10 s or slower, with or
-# without calls, and never counts strikes.
 # The settings' defaults are the library's too: `Settings` owns every one of them.
 DEFAULTS = Settings()
 
@@ -65,12 +63,6 @@ SHARED_PORT_CONNECTION_MAX_AGE = 10.0
 MAX_AGE_JITTER = 0.1  # gRPC makes each connection's age limit up to 10% longer (or shorter)
 MAX_AGE_MARGIN = 1.0  # seconds for the last GOAWAY to reach its client and its calls then in flight
 QUIET_SECONDS = 0.5  # then a draining instance that shares its port waits until calls stop coming in
-
-KEEPALIVE_OPTIONS = [
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
-]
 
 
 class SupervisedServer:
@@ -95,6 +87,7 @@ class SupervisedServer:
         allow_token_plaintext: bool | None = DEFAULTS.allow_token_plaintext,
         admin_token: str | None = None,
         tls: TLSFiles | None = None,
+        transport: TransportLimits | None = None,
         plaintext_port: int | None = None,
         reuse_port: bool = False,
         trusted_proxies: Sequence[str] = (),
@@ -150,6 +143,8 @@ class SupervisedServer:
             trusted_proxies=TrustedProxies(trusted_proxies),
         )
         self.admin_token = admin_token
+        self.transport = transport or TransportLimits()
+        self._guard: ConnectionGuard | None = None
         self.health = _Health(self.servicer)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -305,17 +300,14 @@ class SupervisedServer:
 
     async def _serve(self) -> None:
         self._stop_requested = asyncio.Event()
-        options: list[tuple[str, Any]] = [
-            *KEEPALIVE_OPTIONS,
-            ("grpc.max_receive_message_length", self._max_message_bytes),
-            # Off: a port in use fails the start. On: instances of one user share the port
-            # (the kernel spreads new connections over them).
-            ("grpc.so_reuseport", 1 if self._reuse_port else 0),
-        ]
-        if self._connection_max_age is not None:
-            # GOAWAY once a connection is this old (gRPC adds +-10%); its calls and streams
-            # finish on it (no grace limit), new calls take a new connection.
-            options.append(("grpc.max_connection_age_ms", round(self._connection_max_age * 1000)))
+        max_connections = self.transport.connection_cap()
+        options = server_options(
+            self.transport,
+            max_connections,
+            self._max_message_bytes,
+            reuse_port=self._reuse_port,
+            connection_max_age=self._connection_max_age,
+        )
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((self.servicer.rpc_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -324,6 +316,7 @@ class SupervisedServer:
         self._bind(server)
         await self._open_backend()
         await server.start()
+        self._guard_connections(max_connections)
         self._started_at = time.time()
         await self._update_readiness()
         watcher = asyncio.get_running_loop().create_task(self._watch_readiness())
@@ -335,7 +328,55 @@ class SupervisedServer:
             await self._stop_requested.wait()
         finally:
             watcher.cancel()
+            if self._guard is not None:
+                self._guard.stop()
             await self._shutdown(server)
+
+    def _guard_connections(self, max_connections: int) -> None:
+        """The per-address connection limit (`_connection_guard`), counted on this loop."""
+        limits = self.transport
+        loop = asyncio.get_running_loop()
+        stats = self.servicer.stats
+
+        def count_cut(n: int) -> None:
+            stats.limits_hit["max_connections_per_address"] += n
+
+        def count_full() -> None:
+            stats.limits_hit["max_connections"] += 1
+
+        # The guard calls these in its own thread: counted on this loop.
+        def cut(_peer: str, n: int) -> None:
+            loop.call_soon_threadsafe(count_cut, n)
+
+        def full() -> None:
+            loop.call_soon_threadsafe(count_full)
+
+        ports = [p for p in (self._port, self._plaintext_port) if p is not None]
+        self._guard = ConnectionGuard(
+            ports,
+            limits.max_connections_per_address,
+            shared=self._reuse_port,
+            exempt=parse_networks(limits.connections_per_address_exempt),
+            max_connections=max_connections,
+            log_interval=self.servicer.limits.refusal_log_interval,
+            on_cut=cut,
+            on_full=full,
+        )
+        self._guard.start()
+        soft, hard = open_files_limits()
+        logger.info(
+            "event=connection_limits open_files=%d open_files_hard=%d max_connections=%d "
+            "max_connections_per_address=%d exempt=%s connection_idle_timeout=%g handshake_timeout=%g "
+            "max_concurrent_streams=%d",
+            soft,
+            hard,
+            max_connections,
+            limits.max_connections_per_address,
+            ",".join(limits.connections_per_address_exempt) or "none",
+            limits.connection_idle_timeout,
+            limits.handshake_timeout,
+            limits.max_concurrent_streams,
+        )
 
     def _backend_ready(self) -> bool:
         # A worker pool is ready while enough workers are; any other backend always is.
@@ -430,6 +471,8 @@ class SupervisedServer:
             "streams": self.servicer.stream_rows(),
             "limits_hit": dict(stats.limits_hit),
         }
+        if self._guard is not None:
+            result["connections"] = self._guard.snapshot()
         if self.servicer.audit is not None:
             audit = self.servicer.audit
             result["audit"] = {
@@ -544,27 +587,50 @@ def _is_loopback_host(host: str) -> bool:
 
 
 class _Health(HealthServicer):
-    """Health, with each Watch counted as a stream of its client (they hold memory too)."""
+    """Health, with Watch streams held to caps of their own.
+
+    A Watch costs the server a stream and its memory but no backend work: it does not take a
+    slot of `max_streams` (where 10,000 of them used to leave no room for a subscription),
+    it counts against `max_health_watches` and, per client, `max_health_watches_per_peer`.
+    A refusal is counted, logged and audited as the gate's are.
+    """
 
     def __init__(self, servicer: DAQServicer):
         super().__init__()
         self._servicer = servicer
+        self._watches = 0
+        self._watches_by_peer: dict[str, int] = {}
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:  # noqa: N802 - gRPC's name
         if len(request.service) > MAX_HEALTH_SERVICE_NAME:
             # The base class keeps a condition per name watched: no client-sized keys.
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "service name too long")
         try:
-            _, who = self._servicer.client_of(context)
+            peer, who = self._servicer.client_of(context)
         except ForwardedError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        peers = self._servicer.peers
-        try:
-            peers.open_stream(who)
-        except PeerLimit as exc:
-            self._servicer.stats.limits_hit[exc.limit] += 1
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        refusal = self._refusal(who)
+        if refusal is not None:
+            self._servicer.gate.refuse(GateRequest("Watch", peer, who, drfs=(request.service,)), refusal)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.details)
+        self._watches += 1
+        self._watches_by_peer[who] = self._watches_by_peer.get(who, 0) + 1
         try:
             await super().Watch(request, context)
         finally:
-            peers.close_stream(who)
+            self._watches -= 1
+            self._watches_by_peer[who] -= 1
+            if not self._watches_by_peer[who]:
+                del self._watches_by_peer[who]
+
+    def _refusal(self, who: str) -> Refusal | None:
+        limits, stats = self._servicer.limits, self._servicer.stats
+        if self._watches >= limits.max_health_watches:
+            stats.limits_hit["max_health_watches"] += 1
+            details = f"too many Health/Watch streams (the limit is {limits.max_health_watches})"
+        elif self._watches_by_peer.get(who, 0) >= limits.max_health_watches_per_peer:
+            stats.limits_hit["max_health_watches_per_peer"] += 1
+            details = f"too many Health/Watch streams from {who} (the limit is {limits.max_health_watches_per_peer})"
+        else:
+            return None
+        return Refusal("RESOURCE_EXHAUSTED", details, "limit")

@@ -64,6 +64,7 @@ logger = logging.getLogger("pacsys.supervised")
 EVENT_RATE_HZ = 15.0
 
 DRAINING_DETAILS = "server is shutting down"
+TIMED_RPCS = ("Read", "Set")  # the latency histogram's; a refused Health/Watch is only counted
 UNAUDITED_DETAILS = "the audit log cannot record writes: writes are refused until it can"
 
 
@@ -84,6 +85,8 @@ class ServicerLimits:
     max_drf_length: int = _DEFAULTS.max_drf_length
     max_streams: int = _DEFAULTS.max_streams
     max_streams_per_peer: int = _DEFAULTS.max_streams_per_peer
+    max_health_watches: int = _DEFAULTS.max_health_watches
+    max_health_watches_per_peer: int = _DEFAULTS.max_health_watches_per_peer
     max_calls_per_peer: int = _DEFAULTS.max_calls_per_peer
     max_rate_hz: float = _DEFAULTS.max_rate_hz
     max_stream_rate: float = _DEFAULTS.max_stream_rate
@@ -118,7 +121,7 @@ class ServicerStats:
     readings_dropped: int = 0  # of streams that have ended; live streams count in `dropped_now`
     refusals_not_logged: int = 0  # refusal log lines left out by the rate limit
     writes_refused_unaudited: int = 0  # Sets refused because the audit log could not record them
-    # called with (rpc, seconds) per request when metrics are on
+    # called with (rpc, seconds) per Read and Set when metrics are on
     latency_observer: Callable[[str, float], None] | None = None
 
 
@@ -523,6 +526,10 @@ class Gate:
 
     # -- the log and the audit of refusals ---------------------------------------------
 
+    def refuse(self, request: GateRequest, refusal: Refusal) -> None:
+        """Count, log and audit a refusal decided outside the gate (a Health/Watch over its caps)."""
+        self._refused(request, refusal)
+
     def _refused(self, request: GateRequest, refusal: Refusal) -> None:
         """Log (at a bounded rate) and audit a request refused before it reached the backend."""
         rpc, peer, who, drfs = request.rpc, request.peer, request.identity, list(request.drfs)
@@ -554,7 +561,7 @@ class Gate:
         """Count a request's outcome, observe its latency, and log it (a refusal at a bounded rate)."""
         self.stats.requests[(rpc, decision)] += 1
         elapsed = time.perf_counter() - started
-        if self.stats.latency_observer is not None:
+        if self.stats.latency_observer is not None and rpc in TIMED_RPCS:
             self.stats.latency_observer(rpc, elapsed)
         refused = decision not in ("allow", "ok")
         level = logging.INFO if (self.log_requests or refused) else logging.DEBUG

@@ -94,6 +94,7 @@ class Service:
     def run(self) -> int:
         from pacsys.supervised._audit import AuditLimits, AuditLog
         from pacsys.supervised._server import SupervisedServer, tune_gc_for_serving
+        from pacsys.supervised._transport import TransportLimits, raise_open_files_limit
 
         s = self.settings
         try:
@@ -116,6 +117,7 @@ class Service:
             return report_error(f"cannot open the audit log: {exc}", EXIT_START_FAILED)
         signals = SignalLoop(self, SIGNALS)
         signals.install()  # before the backend starts: a signal meanwhile waits in the queue
+        raise_open_files_limit()  # the connection cap is derived from it
         try:
             try:
                 self.backend = self._build_backend()
@@ -138,6 +140,7 @@ class Service:
                     allow_token_plaintext=s.allow_token_plaintext,
                     admin_token=admin_token,
                     tls=tls,
+                    transport=TransportLimits.from_settings(s),
                     plaintext_port=s.plaintext_port,
                     reuse_port=s.reuse_port,
                     trusted_proxies=s.trusted_proxies,
