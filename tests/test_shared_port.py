@@ -13,10 +13,13 @@ separate programs have) and the pacsys 0.3.0 release's client streaming `M:OUTTM
 - A hot upgrade (a new instance joins, the old one drains on SIGTERM) fails no call under
   load: the old instance leaves the port at once, keeps serving its connections while each
   is asked to reconnect (`connection_max_age`, 2 s here), then stops.
+- The per-address connection limit counts each instance's own connections, not every
+  connection the kernel lists on the shared port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import signal
@@ -32,6 +35,7 @@ import pytest
 from processes import process_env
 from release_venv import release_python
 
+from benchmarks.h2_raw import connect
 from benchmarks.pair import REPO, Instance, Load, free_port, wait_until
 from benchmarks.release_subscriber import ReleaseSubscriber
 from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2, DAQ_pb2_grpc
@@ -198,6 +202,49 @@ def fresh_streams(port: int, count: int) -> Iterator[None]:
             stream.cancel()
         for channel in channels:
             channel.close()
+
+
+def test_the_per_address_connection_limit_counts_only_the_instances_own_connections(tmp_path):
+    """Another process's connections on the shared port are not this instance's: 8 connections
+    from 127.0.0.2 held by a listener of this test, then 3 to the instance, with a limit of 7:
+    none is cut (counting the port's 11 would cut the instance's own)."""
+    port = free_port()
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    other.bind(("127.0.0.1", port))
+    other.listen(16)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(8):
+            client = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+            held += [client, other.accept()[0]]
+        instance = Instance(
+            "limit", tmp_path,
+            "--host", "127.0.0.1", "--workers", "0", "--backend", "fake", "--reuse-port",
+            "--max-connections-per-address", "7",
+            port=port,
+        )  # fmt: skip
+        instance.start()
+        other.close()  # new connections now reach the instance only
+        try:
+
+            async def main() -> list[bool]:
+                conns = [await connect("127.0.0.1", port, "127.0.0.2") for _ in range(3)]
+                await asyncio.gather(*(asyncio.wait_for(c.settings_acked.wait(), 10) for c in conns))
+                await asyncio.sleep(2.0)  # four passes of the guard
+                still = [c.is_open for c in conns]
+                for c in conns:
+                    c.close()
+                return still
+
+            assert asyncio.run(main()) == [True, True, True]
+            assert instance.metric("pacsys_limits_hit_total", '{limit="max_connections_per_address"}') == 0
+        finally:
+            instance.stop()
+    finally:
+        other.close()
+        for sock in held:
+            sock.close()
 
 
 def test_a_port_held_by_a_process_that_does_not_share_it_still_exits_3(tmp_path):
