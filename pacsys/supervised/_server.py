@@ -544,7 +544,10 @@ class SupervisedServer:
             # then ends no call that a client sent (gRPC's stop drops those it has not taken).
             ports = [p for p in (self._port, self._plaintext_port) if p is not None]
             closed = stop_listening(ports)
-            logger.info("event=port_left ports=%s listeners=%d", ",".join(map(str, ports)), closed)
+            if closed:
+                logger.info("event=port_left ports=%s listeners=%d", ",".join(map(str, ports)), closed)
+            else:  # no /proc to find them by: new connections keep coming until the stop
+                logger.warning("event=port_not_left ports=%s reason=listeners_not_found", ",".join(map(str, ports)))
             if self._connection_max_age is not None:
                 delay = max(delay, self._connection_max_age * (1 + MAX_AGE_JITTER) + MAX_AGE_MARGIN)
         if delay > 0:
