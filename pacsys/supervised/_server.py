@@ -423,8 +423,8 @@ class SupervisedServer:
 
         It names every client and what it reads, pids and memory: it answers a client on this
         host, and a remote one that presents the admin token (or, without one, the service's
-        bearer token); with no token at all, local clients only. A client a trusted proxy
-        forwards is where its address says (a proxy on this host is not a local client).
+        bearer token); with no token at all, local clients only. A client that a trusted proxy
+        forwards is local only when the proxy and the client both are.
         """
 
         async def status(_request: bytes, context: grpc.aio.ServicerContext) -> bytes:
