@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import warnings
 
 import grpc
 import pytest
@@ -237,6 +238,25 @@ def test_an_event_in_json_is_its_fields_and_in_kv_its_pairs(root_logging):
     record = logfmt(lines["kv"].rstrip("\n"))
     assert set(record) == {"ts", "level", "logger", "msg"} and record["msg"] == entry["msg"]
     assert logfmt(record["msg"]) == {"event": "config_reload_failed", "kept": "running_config", "error": error}
+
+
+def test_a_python_warning_is_an_event(root_logging, monkeypatch):
+    """The service shows Python's warnings (a deprecation in a custom policy, say) as events."""
+    from pacsys.supervised.reporting import _log_warning
+
+    stream = io.StringIO()
+    configure_logging("INFO", "json", stream=stream)
+    monkeypatch.setattr(warnings, "showwarning", _log_warning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("old API, use new_api()", DeprecationWarning, stacklevel=1)
+    entry = json.loads(stream.getvalue())
+    assert (entry["event"], entry["category"], entry["detail"]) == (
+        "python_warning",
+        "DeprecationWarning",
+        "old API, use new_api()",
+    )
+    assert entry["file"] == __file__ and int(entry["line"]) > 0 and entry["level"] == "WARNING"
 
 
 def _guide_example(event: str) -> re.Pattern[str]:

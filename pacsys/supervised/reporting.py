@@ -37,7 +37,7 @@ def version() -> str:
 
 
 def report_error(exc: BaseException | str, code: int = EXIT_USAGE) -> int:
-    """Print (or log, with JSON logs) `PROG: error: ...` and return `code`, the exit status."""
+    """Print `PROG: error: ...` (with JSON logs, log `event=command_failed`) and return `code`, the exit status."""
     if isinstance(exc, str):
         text = exc
     elif isinstance(exc, ValueError | OSError | TimeoutError | RuntimeError) and str(exc):
@@ -45,9 +45,8 @@ def report_error(exc: BaseException | str, code: int = EXIT_USAGE) -> int:
     else:
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if _json_logging:
-        logger.error(
-            "event=command_failed exit_status=%d error=%s", code, text
-        )  # with --log-format json, every line is JSON
+        # With --log-format json every line is JSON: the command's last words too.
+        logger.error("event=command_failed exit_status=%d error=%s", code, text)
     else:
         print(f"{journal_prefix(logging.ERROR)}{PROG}: error: {text}", file=sys.stderr, flush=True)
     return code
