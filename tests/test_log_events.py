@@ -4,7 +4,8 @@ The front (``pacsys/``) and the worker runtime (``workers/``) are read with `ast
 call of a logger's method is held to the rule (docs/design.md, "Logs"):
 
 - its message template is a string literal (or a local name bound only to literals, which may
-  be extended with more literal pairs), never built from values: a value is a %-argument, so
+  be extended with more literal pairs, or the parameter of a logging helper to which every
+  call in its module passes a literal), never built from values: a value is a %-argument, so
   that the formatter escapes it;
 - it starts with ``event=`` and a snake_case name, and the rest is ``key=value`` pairs only,
   each value a %-placeholder (``%s``, ``%.2fs``), a bare word of the program's own
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import re
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -53,6 +55,7 @@ class LogCall:
     function: str
     call: ast.Call
     template: ast.expr | None
+    module: ast.Module
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line} ({self.function})"
@@ -93,15 +96,17 @@ def log_calls() -> Iterator[LogCall]:
             path = file.relative_to(REPO).as_posix()
             if path.startswith("pacsys/_proto/"):
                 continue
-            tree = ast.parse(file.read_text(), path)
-            module_loggers = _logger_names(tree)
-            yield from _walk(tree, path, "<module>", module_loggers)
+            yield from calls_in(ast.parse(file.read_text(), path), path)
 
 
-def _walk(node: ast.AST, path: str, function: str, loggers: set[str]) -> Iterator[LogCall]:
+def calls_in(tree: ast.Module, path: str) -> Iterator[LogCall]:
+    yield from _walk(tree, tree, path, "<module>", _logger_names(tree))
+
+
+def _walk(module: ast.Module, node: ast.AST, path: str, function: str, loggers: set[str]) -> Iterator[LogCall]:
     for child in ast.iter_child_nodes(node):
         if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
-            yield from _walk(child, path, child.name, loggers | _logger_parameters(child))
+            yield from _walk(module, child, path, child.name, loggers | _logger_parameters(child))
             continue
         if (
             isinstance(child, ast.Call)
@@ -110,8 +115,8 @@ def _walk(node: ast.AST, path: str, function: str, loggers: set[str]) -> Iterato
             and _is_logger(child.func.value, loggers)
         ):
             args = child.args[1:] if child.func.attr == "log" else child.args
-            yield LogCall(path, child.lineno, function, child, args[0] if args else None)
-        yield from _walk(child, path, function, loggers)
+            yield LogCall(path, child.lineno, function, child, args[0] if args else None, module)
+        yield from _walk(module, child, path, function, loggers)
 
 
 def _functions(tree: ast.AST) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]:
@@ -120,10 +125,16 @@ def _functions(tree: ast.AST) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef
             yield node
 
 
-def _bindings(call: LogCall, name: str) -> list[ast.expr]:
-    """What `name` is bound to in the function around `call` (tuple assignments unpacked)."""
-    tree = ast.parse((REPO / call.path).read_text())
-    (function,) = [f for f in _functions(tree) if f.name == call.function and f.lineno <= call.line <= f.end_lineno]
+def _function_of(call: LogCall) -> ast.FunctionDef | ast.AsyncFunctionDef:
+    """The function around `call`."""
+    (function,) = [
+        f for f in _functions(call.module) if f.name == call.function and f.lineno <= call.line <= f.end_lineno
+    ]
+    return function
+
+
+def _bindings(function: ast.FunctionDef | ast.AsyncFunctionDef, name: str) -> list[ast.expr]:
+    """What `name` is bound to in `function` (tuple assignments unpacked)."""
     values = []
     for node in ast.walk(function):
         if not isinstance(node, ast.Assign):
@@ -138,6 +149,25 @@ def _bindings(call: LogCall, name: str) -> list[ast.expr]:
     return values
 
 
+def _passed_to(tree: ast.Module, function: ast.FunctionDef | ast.AsyncFunctionDef, name: str) -> list[ast.expr] | None:
+    """When `name` is a parameter of `function` (a helper that logs the template it is given):
+    what the calls of `function` in its module pass for it. None when it is no parameter."""
+    params = [a.arg for a in [*function.args.posonlyargs, *function.args.args]]
+    if name not in params:
+        return None
+    index = params.index(name) - (1 if params[0] in ("self", "cls") else 0)
+    passed = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        callee = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+        if callee != function.name:
+            continue
+        given = [k.value for k in node.keywords if k.arg == name]
+        passed += given or node.args[index : index + 1]
+    return passed
+
+
 def templates(call: LogCall) -> tuple[list[str], list[str]]:
     """The templates `call` can log (whole ones, and literal pairs added to them), or problems."""
     node = call.template
@@ -146,8 +176,10 @@ def templates(call: LogCall) -> tuple[list[str], list[str]]:
     if not isinstance(node, ast.Name):
         shown = ast.unparse(node) if node is not None else "nothing"
         return [], [f"the template is {shown}, not a string literal: values go in as %-arguments"]
+    function = _function_of(call)
     whole, problems = [], []
-    for value in _bindings(call, node.id):
+    passed = _passed_to(call.module, function, node.id)
+    for value in [*(passed or []), *_bindings(function, node.id)]:
         if isinstance(value, ast.Constant) and isinstance(value.value, str):
             whole.append(value.value)
         elif (
@@ -264,3 +296,30 @@ def test_the_rule_takes_fields_units_and_sentences():
         'event=config_reload_skipped reason=no_config_file hint="start with --config FILE"',
     ]:
         assert template_problems(template) == [], template
+
+
+def test_a_helper_that_logs_the_template_it_is_given_is_read_through_its_callers():
+    tree = ast.parse(
+        textwrap.dedent(
+            """
+            import logging
+            logger = logging.getLogger("x")
+
+            class Streams:
+                def _log_bounded(self, key, text, *args):
+                    if args:
+                        text, args = text + " not_logged=%d", (*args, 1)
+                    logger.warning(text, *args)
+
+                def cut(self, peer):
+                    self._log_bounded("k", "event=stream_cut peer=%s", peer)
+
+                def dropped(self, drf):
+                    self._log_bounded("k", f"reading for {drf} dropped")
+            """
+        )
+    )
+    (call,) = calls_in(tree, "x.py")
+    whole, problems = templates(call)
+    assert whole == ["event=stream_cut peer=%s"]
+    assert problems == ["text is bound to f'reading for {drf} dropped', not a string literal"]
