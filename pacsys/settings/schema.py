@@ -113,11 +113,12 @@ def _check_patterns(patterns: tuple[str, ...]) -> str | None:
 
 
 def _check_networks(networks: tuple[str, ...]) -> str | None:
+    # Strict: "10.0.0.5/24" is refused rather than read as the whole 10.0.0.0/24.
     for text in networks:
         try:
-            ipaddress.ip_network(text.strip().strip("[]"), strict=False)
-        except ValueError:
-            return f"must hold IP addresses or networks (e.g. 10.0.0.5 or 10.0.0.0/24), got {text!r}"
+            ipaddress.ip_network(text.strip().strip("[]"))
+        except ValueError as exc:
+            return f"must hold IP addresses or networks (e.g. 10.0.0.5 or 10.0.0.0/24), got {text!r}: {exc}"
     return None
 
 
@@ -181,6 +182,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "Seconds to keep serving after reporting NOT_SERVING on SIGTERM/SIGINT, before the drain (load balancers).",
         section="Server", ge=0, le=3600,
     )] = 0.0
+    reuse_port: Annotated[bool, setting(
+        "Share port (and plaintext_port) with other pacsys-supervisor processes of this user that set it too "
+        "(SO_REUSEPORT): the kernel spreads new connections over them; one that drains leaves the port at once and "
+        "serves its connections until each was asked to reconnect (connection_max_age x 1.1 + 1 s, or drain_delay "
+        "if longer). Off: a port in use fails the start.",
+        section="Server",
+    )] = False
+    connection_max_age: Annotated[float, setting(
+        "Seconds after which a client connection is asked to reconnect (HTTP/2 GOAWAY, give or take 10%): its calls "
+        "and streams finish on it, new calls take a new connection. Spreads clients over instances sharing a port "
+        "and moves them off one that drains. Unset: never, or 10 with reuse_port.",
+        section="Server", gt=0, le=86400, example=10.0,
+    )] | None = None
+    plaintext_port: Annotated[int, setting(
+        "Port of a second listener without TLS beside the TLS one (needs tls_cert), with the same services, for "
+        "clients that speak plaintext only; a bearer token is refused there unless allow_token_plaintext "
+        "(unset: none; 0 picks a free one).",
+        section="Server", ge=0, le=65535, example=50052,
+    )] | None = None
 
     # backend and workers
     backend: Annotated[str, setting(
@@ -238,6 +258,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "Accept a bearer token over a connection without TLS (unset: only when host is a loopback address).",
         section="Security", example=False,
     )] | None = None
+    trusted_proxies: Annotated[tuple[str, ...], setting(
+        "Addresses or networks of proxies whose x-forwarded-for header is believed: a call from one of them is "
+        "the client the header's last address names (per-client limits, grants, the status view, the audit). "
+        "Empty: the header is ignored.",
+        section="Security", check=_check_networks, example=["10.0.0.5", "192.168.7.0/24"], metavar="NETWORK",
+    )] = ()
     tls_cert: Annotated[str, setting(
         "PEM certificate chain of the service: serve TLS (re-read on SIGHUP; needs tls_key).",
         section="Security", example="/etc/pacsys/tls/server.crt", metavar="FILE",
@@ -523,6 +549,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             )
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError.of("tls_client_ca", "needs 'tls_cert' and 'tls_key' (mutual TLS is TLS first)")
+        if self.plaintext_port is not None:
+            if self.tls_cert is None:
+                raise ConfigError.of(
+                    "plaintext_port",
+                    "needs 'tls_cert' and 'tls_key': without TLS, 'port' is a plaintext listener already",
+                )
+            if self.tls_client_ca is not None:
+                raise ConfigError.of(
+                    "plaintext_port",
+                    "cannot be combined with 'tls_client_ca': mutual TLS means that every client has a certificate",
+                )
+            if self.plaintext_port and self.plaintext_port in (self.port, self.metrics_port):
+                other = "port" if self.plaintext_port == self.port else "metrics_port"
+                raise ConfigError.of("plaintext_port", f"({self.plaintext_port}) must differ from {other!r}")
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` (checked as a new one is)."""

@@ -18,6 +18,11 @@ limit, reads /proc/self/fd (which descriptor holds which inode). A socket is shu
 after `fstat` of a duplicate of its descriptor shows the inode the scan found, so a
 descriptor number that gRPC closed and reused meanwhile is never touched.
 
+The service ports are the TLS one and the plaintext one beside it (`plaintext_port`). With
+`reuse_port` other processes hold connections on the same ports, which the kernel lists
+too: a pass then keeps only the sockets this process holds (their inodes among its
+descriptors), so that each instance counts and cuts its own.
+
 Linux only; elsewhere it does nothing and says so once.
 """
 
@@ -33,7 +38,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from pacsys.supervised import _memory
@@ -71,9 +76,11 @@ def parse_networks(texts: Iterable[str]) -> tuple[Network, ...]:
     networks = []
     for text in texts:
         try:
-            networks.append(ipaddress.ip_network(text.strip().strip("[]"), strict=False))
-        except ValueError:
-            raise ValueError(f"{text!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+            networks.append(ipaddress.ip_network(text.strip().strip("[]")))  # strict: not 10.0.0.5/24
+        except ValueError as exc:
+            raise ValueError(
+                f"{text!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24): {exc}"
+            ) from None
     return tuple(networks)
 
 
@@ -190,7 +197,10 @@ def _shut_down(fd: int, inode: int) -> bool:
 
 
 class ConnectionGuard:
-    """Keeps each client address to `max_per_address` connections on `port` (see the module).
+    """Keeps each client address to `max_per_address` connections on `ports` (see the module).
+
+    `shared`: other processes listen on the same ports (`reuse_port`): a pass then counts only
+    the sockets this process holds (one more read of /proc/self/fd per pass that scans).
 
     `on_cut(address, count)` is called from the guard's thread for every address it cut
     connections of in a pass; `on_full()` for every pass that found `max_connections`
@@ -200,9 +210,10 @@ class ConnectionGuard:
 
     def __init__(
         self,
-        port: int,
+        ports: Sequence[int],
         max_per_address: int,
         *,
+        shared: bool = False,
         exempt: Iterable[Network] = (),
         max_connections: int = 0,
         interval: float = 0.5,
@@ -211,7 +222,8 @@ class ConnectionGuard:
         on_full: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.port = port
+        self.ports = tuple(ports)
+        self.shared = shared
         self.max_per_address = max_per_address
         self.exempt = tuple(exempt)
         self.max_connections = max_connections
@@ -291,8 +303,11 @@ class ConnectionGuard:
             if self._netlink is None:
                 self._netlink = sock_diag()
             by_address: dict[Address, list[int]] = collections.defaultdict(list)
-            for s in sockets_on_port(self._netlink, self.port):
-                by_address[s.address].append(s.inode)
+            for port in self.ports:
+                for s in sockets_on_port(self._netlink, port):
+                    by_address[s.address].append(s.inode)
+            if self.shared:
+                by_address = self._held(by_address)
             total = sum(len(inodes) for inodes in by_address.values())
             self._last_scan = {
                 "at": time.time(),
@@ -310,6 +325,17 @@ class ConnectionGuard:
             self._seen = set()
         self._log_cuts()
         return cut
+
+    @staticmethod
+    def _held(by_address: dict[Address, list[int]]) -> dict[Address, list[int]]:
+        """Only the sockets this process holds (another process on the port has its own)."""
+        mine = _descriptors_by_inode({inode for inodes in by_address.values() for inode in inodes})
+        held: dict[Address, list[int]] = collections.defaultdict(list)
+        for address, inodes in by_address.items():
+            for inode in inodes:
+                if inode in mine:
+                    held[address].append(inode)
+        return held
 
     def _release_memory_after_a_flood(self, descriptors: int) -> None:
         """Thousands of connections gone since the peak: give their heap back (`_memory`)."""

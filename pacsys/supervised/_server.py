@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -32,9 +33,9 @@ from pacsys.backends import Backend
 from pacsys.settings import Settings
 from pacsys.supervised._audit import AuditLog
 from pacsys.supervised._connection_guard import ConnectionGuard, parse_networks
+from pacsys.supervised._forwarded import ForwardedError, TrustedProxies
 from pacsys.supervised._health import HEALTH_SERVICE, HealthServicer, enable_reflection
-from pacsys.supervised._identity import identity_of
-from pacsys.supervised._listen import bind_problem
+from pacsys.supervised._listen import bind_problem, stop_listening
 from pacsys.supervised._managed import ManagedBackend
 from pacsys.supervised._peers import is_loopback
 from pacsys.supervised._policies import Policy
@@ -55,6 +56,13 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 # The settings' defaults are the library's too: `Settings` owns every one of them.
 DEFAULTS = Settings()
+
+# With reuse_port and no connection_max_age, connections are asked to reconnect after this
+# many seconds, so that a drain can move them to the other instances sharing the port.
+SHARED_PORT_CONNECTION_MAX_AGE = 10.0
+MAX_AGE_JITTER = 0.1  # gRPC makes each connection's age limit up to 10% longer (or shorter)
+MAX_AGE_MARGIN = 1.0  # seconds for the last GOAWAY to reach its client and its calls then in flight
+QUIET_SECONDS = 0.5  # then a draining instance that shares its port waits until calls stop coming in
 
 
 class SupervisedServer:
@@ -80,14 +88,21 @@ class SupervisedServer:
         admin_token: str | None = None,
         tls: TLSFiles | None = None,
         transport: TransportLimits | None = None,
+        plaintext_port: int | None = None,
+        reuse_port: bool = False,
+        trusted_proxies: Sequence[str] = (),
+        connection_max_age: float | None = None,
     ):
         if not isinstance(backend, Backend | AsyncBackend):
             raise TypeError(
                 "backend must be a pacsys.backends.Backend or a pacsys.aio.AsyncBackend instance, "
                 f"got {type(backend).__name__}"
             )
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an integer from 0 to 65535, got {port!r}")
+        _check_port("port", port)
+        if plaintext_port is not None:
+            _check_port("plaintext_port", plaintext_port)
+        if plaintext_port is not None and (tls is None or tls.client_ca is not None):
+            raise ValueError("plaintext_port needs tls without client certificates (tls_client_ca)")
         self._user_backend = backend
         self._backend = as_async(backend, max_threads=threads_per_worker)
         # A worker pool: started before serving, its readiness and workers reported.
@@ -95,6 +110,12 @@ class SupervisedServer:
         self._host = host
         self._requested_port = port
         self._port: int | None = None
+        self._requested_plaintext_port = plaintext_port
+        self._plaintext_port: int | None = None
+        self._reuse_port = reuse_port
+        if connection_max_age is None and reuse_port:  # a drain moves its clients by their age
+            connection_max_age = SHARED_PORT_CONNECTION_MAX_AGE
+        self._connection_max_age = connection_max_age
         self._max_message_bytes = max_message_bytes
         self._grace = shutdown_grace
         self._drain_delay = drain_delay
@@ -119,6 +140,7 @@ class SupervisedServer:
             log_requests=log_requests,
             allow_unaudited_writes=allow_unaudited_writes,
             token_over_plaintext=allow_token_plaintext,
+            trusted_proxies=TrustedProxies(trusted_proxies),
         )
         self.admin_token = admin_token
         self.transport = transport or TransportLimits()
@@ -141,6 +163,11 @@ class SupervisedServer:
     def port(self) -> int:
         """The port the server listens on (the real one when 0 was asked)."""
         return self._port if self._port is not None else self._requested_port
+
+    @property
+    def plaintext_port(self) -> int | None:
+        """The port of the listener without TLS beside the TLS one (None: none)."""
+        return self._plaintext_port if self._plaintext_port is not None else self._requested_plaintext_port
 
     @property
     def host(self) -> str:
@@ -274,12 +301,19 @@ class SupervisedServer:
     async def _serve(self) -> None:
         self._stop_requested = asyncio.Event()
         max_connections = self.transport.connection_cap()
-        server = grpc.aio.server(options=server_options(self.transport, max_connections, self._max_message_bytes))
+        options = server_options(
+            self.transport,
+            max_connections,
+            self._max_message_bytes,
+            reuse_port=self._reuse_port,
+            connection_max_age=self._connection_max_age,
+        )
+        server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((self.servicer.rpc_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         enable_reflection((SERVICE_NAME, HEALTH_SERVICE), server)
         server.add_generic_rpc_handlers((self._admin_handler(),))
-        self._port = self._bind(server)
+        self._bind(server)
         await self._open_backend()
         await server.start()
         self._guard_connections(max_connections)
@@ -287,6 +321,8 @@ class SupervisedServer:
         await self._update_readiness()
         watcher = asyncio.get_running_loop().create_task(self._watch_readiness())
         logger.info("event=serving host=%s port=%d", self._host, self._port)
+        if self._plaintext_port is not None:
+            logger.info("event=serving_plaintext host=%s port=%d", self._host, self._plaintext_port)
         self._started.set()
         try:
             await self._stop_requested.wait()
@@ -315,9 +351,11 @@ class SupervisedServer:
         def full() -> None:
             loop.call_soon_threadsafe(count_full)
 
+        ports = [p for p in (self._port, self._plaintext_port) if p is not None]
         self._guard = ConnectionGuard(
-            self.port,
+            ports,
             limits.max_connections_per_address,
+            shared=self._reuse_port,
             exempt=parse_networks(limits.connections_per_address_exempt),
             max_connections=max_connections,
             log_interval=self.servicer.limits.refusal_log_interval,
@@ -385,11 +423,17 @@ class SupervisedServer:
 
         It names every client and what it reads, pids and memory: it answers a client on this
         host, and a remote one that presents the admin token (or, without one, the service's
-        bearer token); with no token at all, local clients only.
+        bearer token); with no token at all, local clients only. A client that a trusted proxy
+        forwards is local only when the proxy and the client both are.
         """
 
         async def status(_request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            if not is_loopback(context.peer()):
+            try:
+                peer, _ = self.servicer.client_of(context)
+            except ForwardedError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            # Local: the connection, and the client a proxy on this host forwards, are both here.
+            if not (is_loopback(peer) and is_loopback(context.peer())):
                 token = self.admin_token if self.admin_token is not None else self.servicer.token
                 if token is None:
                     await context.abort(
@@ -415,6 +459,7 @@ class SupervisedServer:
         stats = self.servicer.stats
         result: dict[str, Any] = {
             "address": f"{self._host}:{self.port}",
+            "plaintext_address": None if self.plaintext_port is None else f"{self._host}:{self.plaintext_port}",
             "pid": os.getpid(),
             "uptime": time.time() - self._started_at if self._started_at else 0.0,
             "ready": self._ready,
@@ -446,21 +491,42 @@ class SupervisedServer:
             result["pool"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(managed.stats).items()}
         return result
 
-    def _bind(self, server: grpc.aio.Server) -> int:
-        address = f"{self._host}:{self._requested_port}"
-        problem = bind_problem(self._host, self._requested_port)
+    def _bind(self, server: grpc.aio.Server) -> None:
+        """The service port (TLS when configured), and the plaintext one beside it if any."""
+        self._port = self._listen(server, self._requested_port, self.tls)
+        if self._requested_plaintext_port is not None:
+            self._plaintext_port = self._listen(server, self._requested_plaintext_port, None, " (plaintext_port)")
+
+    def _listen(self, server: grpc.aio.Server, port: int, tls: ServerTLS | None, which: str = "") -> int:
+        address = f"{self._host}:{port}"
+        problem = bind_problem(self._host, port, self._reuse_port)
         if problem is not None:  # said in our words, before gRPC logs its own line
-            raise OSError(f"cannot listen on {address}: {problem}")
+            raise OSError(f"cannot listen on {address}{which}: {problem}")
         try:
-            if self.tls is not None:
-                port = server.add_secure_port(address, self.tls.credentials)
+            if tls is not None:
+                bound = server.add_secure_port(address, tls.credentials)
             else:
-                port = server.add_insecure_port(address)
+                bound = server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise OSError(f"cannot listen on {address}: {exc}") from None
-        if port == 0:
-            raise OSError(f"cannot listen on {address}")
-        return port
+            raise OSError(f"cannot listen on {address}{which}: {exc}") from None
+        if bound == 0:
+            raise OSError(f"cannot listen on {address}{which}")
+        return bound
+
+    async def _until_quiet(self) -> None:
+        """Until no call has come in for QUIET_SECONDS, for at most shutdown_grace seconds.
+
+        gRPC's stop drops the calls that reached this server but that it has not yet handed
+        over: a busy instance whose clients have all moved may still hold a backlog of them.
+        """
+        loop = asyncio.get_running_loop()
+        requests = self.servicer.stats.requests
+        seen, quiet_since = sum(requests.values()), loop.time()
+        deadline = quiet_since + self._grace
+        while loop.time() - quiet_since < QUIET_SECONDS and loop.time() < deadline:
+            await asyncio.sleep(QUIET_SECONDS / 10)
+            if (now := sum(requests.values())) != seen:
+                seen, quiet_since = now, loop.time()
 
     async def _open_backend(self) -> None:
         # A worker pool is started on this loop before the server reports SERVING.
@@ -470,11 +536,27 @@ class SupervisedServer:
     async def _shutdown(self, server: grpc.aio.Server) -> None:
         self._leaving = True
         await self._update_readiness()  # NOT_SERVING from this moment
-        if self._drain_delay > 0:
+        delay = self._drain_delay
+        if self._reuse_port:
+            # Leave the shared port now: new connections go to the other instances. The
+            # connections this one has are served until each was asked to reconnect
+            # (connection_max_age): their clients' next calls go there too, and stopping
+            # then ends no call that a client sent (gRPC's stop drops those it has not taken).
+            ports = [p for p in (self._port, self._plaintext_port) if p is not None]
+            closed = stop_listening(ports)
+            if closed:
+                logger.info("event=port_left ports=%s listeners=%d", ",".join(map(str, ports)), closed)
+            else:  # no /proc to find them by: new connections keep coming until the stop
+                logger.warning("event=port_not_left ports=%s reason=listeners_not_found", ",".join(map(str, ports)))
+            if self._connection_max_age is not None:
+                delay = max(delay, self._connection_max_age * (1 + MAX_AGE_JITTER) + MAX_AGE_MARGIN)
+        if delay > 0:
             # A load balancer sends new calls here until its health check sees NOT_SERVING:
             # keep serving them, and end streams only once their reconnects go elsewhere.
-            logger.info("event=drain_delay seconds=%g", self._drain_delay)
-            await asyncio.sleep(self._drain_delay)
+            logger.info("event=drain_delay seconds=%g", delay)
+            await asyncio.sleep(delay)
+        if self._reuse_port:
+            await self._until_quiet()
         self.servicer.end_streams()
         await server.stop(self._grace)
         if self._close_backend:
@@ -496,6 +578,11 @@ def tune_gc_for_serving() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
+
+
+def _check_port(name: str, port: object) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"{name} must be an integer from 0 to 65535, got {port!r}")
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -521,10 +608,13 @@ class _Health(HealthServicer):
         if len(request.service) > MAX_HEALTH_SERVICE_NAME:
             # The base class keeps a condition per name watched: no client-sized keys.
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "service name too long")
-        who = identity_of(context)
+        try:
+            peer, who = self._servicer.client_of(context)
+        except ForwardedError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         refusal = self._refusal(who)
         if refusal is not None:
-            self._servicer.gate.refuse(GateRequest("Watch", context.peer(), who, drfs=(request.service,)), refusal)
+            self._servicer.gate.refuse(GateRequest("Watch", peer, who, drfs=(request.service,)), refusal)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.details)
         self._watches += 1
         self._watches_by_peer[who] = self._watches_by_peer.get(who, 0) + 1

@@ -33,6 +33,7 @@ from pacsys.errors import grpc_status_of
 from pacsys.replies import ReplyBodies, reply_bytes, setting_reply
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.supervised._audit import AuditLog
+from pacsys.supervised._forwarded import ForwardedError, TrustedProxies
 from pacsys.supervised._identity import identity_of
 from pacsys.supervised._peers import Bucket, Peers
 from pacsys.supervised._policies import Policy
@@ -134,8 +135,11 @@ class DAQServicer:
         *,
         allow_unaudited_writes: bool = False,
         token_over_plaintext: bool = True,
+        trusted_proxies: TrustedProxies | None = None,
     ):
         self.backend = backend
+        # None unless trusted_proxies is set: then x-forwarded-for is looked at (per call).
+        self.proxies = trusted_proxies if trusted_proxies is not None and trusted_proxies.networks else None
         self.gate = Gate(
             policies,
             token,
@@ -238,6 +242,13 @@ class DAQServicer:
         """Swap the policy chain atomically (a request uses the list it started with)."""
         self.gate.policies = list(policies)
 
+    def client_of(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
+        """(peer, identity) of a call's client: the one a trusted proxy forwards, else the caller
+        itself (ForwardedError when a trusted proxy's header is not an address)."""
+        peer = context.peer()
+        forwarded = None if self.proxies is None else self.proxies.client(peer, context.invocation_metadata() or ())
+        return forwarded or (peer, identity_of(context))
+
     def end_streams(self) -> None:
         """Drain: every open stream ends (UNAVAILABLE, so clients reconnect elsewhere)."""
         self.gate.draining = True
@@ -250,7 +261,7 @@ class DAQServicer:
         self, request: DAQ_pb2.ReadingList | _Undecodable, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         started = time.perf_counter()
-        decision = self.gate.admit(_gate_request("Read", request, context, started))
+        decision = self.gate.admit(_gate_request("Read", request, context, started, self.proxies))
         if decision.refusal is not None:
             await _abort(context, decision.refusal)
             return
@@ -355,7 +366,7 @@ class DAQServicer:
         self, request: DAQ_pb2.SettingList | _Undecodable, context: grpc.aio.ServicerContext
     ) -> DAQ_pb2.SettingReply:
         started = time.perf_counter()
-        opened = self.gate.door(_gate_request("Set", request, context, started))
+        opened = self.gate.door(_gate_request("Set", request, context, started, self.proxies))
         if isinstance(opened, Refusal):
             await _abort(context, opened)
             raise AssertionError("unreachable: abort raises")
@@ -410,10 +421,18 @@ class DAQServicer:
         return reply
 
 
-def _gate_request(rpc: str, request: Any, context: grpc.aio.ServicerContext, started: float) -> GateRequest:
-    """The gate's view of a call: its client, metadata and transport, its DRFs or settings."""
+def _gate_request(
+    rpc: str, request: Any, context: grpc.aio.ServicerContext, started: float, proxies: TrustedProxies | None = None
+) -> GateRequest:
+    """The gate's view of a call: its client (the one a trusted proxy forwards), metadata and
+    transport, its DRFs or settings."""
     peer = context.peer()
     who = identity_of(context)
+    if proxies is not None:
+        try:
+            peer, who = proxies.client(peer, context.invocation_metadata() or ()) or (peer, who)
+        except ForwardedError as exc:
+            return GateRequest(rpc, peer, who, malformed=str(exc), started=started)
     if isinstance(request, _Undecodable):
         kind = "ReadingList" if rpc == "Read" else "SettingList"
         malformed = f"request is not a {kind} ({request.size} bytes, {request.error})"

@@ -95,12 +95,21 @@ class TransportLimits:
         return self.max_connections or fits
 
 
-def server_options(limits: TransportLimits, max_connections: int, max_message_bytes: int) -> list[tuple[str, Any]]:
+def server_options(
+    limits: TransportLimits,
+    max_connections: int,
+    max_message_bytes: int,
+    *,
+    reuse_port: bool = False,
+    connection_max_age: float | None = None,
+) -> list[tuple[str, Any]]:
     """The grpc.aio server options of the service port."""
     options: list[tuple[str, Any]] = [
         *KEEPALIVE_OPTIONS,
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Off: a port in use fails the start. On: processes of one user that set it share the
+        # port, the kernel spreading new connections over them (`reuse_port`).
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         # Per connection. It also arms gRPC's defence against rapid reset (CVE-2023-44487):
         # `grpc.http.overload_protection` (on by default) refuses new streams while the
         # connection's streams still being torn down reach this number; without a limit
@@ -116,9 +125,13 @@ def server_options(limits: TransportLimits, max_connections: int, max_message_by
     ]
     if limits.connection_idle_timeout > 0:
         # GOAWAY to a connection without a call for that long (pings do not count); gRPC
-        # clients reconnect on their next call. Connection age stays unlimited on purpose:
-        # `grpc.max_connection_age_ms` would end long-lived subscriptions.
+        # clients reconnect on their next call.
         options.append(("grpc.max_connection_idle_ms", round(limits.connection_idle_timeout * 1000)))
+    if connection_max_age is not None:
+        # GOAWAY once a connection is this old (gRPC adds +-10%): new calls take a new
+        # connection, calls and streams in progress finish on this one (no grace limit is set,
+        # gRPC's default is none: a stream carried on for 8 s over connections 1 s old).
+        options.append(("grpc.max_connection_age_ms", round(connection_max_age * 1000)))
     return options
 
 

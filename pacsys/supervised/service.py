@@ -141,6 +141,10 @@ class Service:
                     admin_token=admin_token,
                     tls=tls,
                     transport=TransportLimits.from_settings(s),
+                    plaintext_port=s.plaintext_port,
+                    reuse_port=s.reuse_port,
+                    trusted_proxies=s.trusted_proxies,
+                    connection_max_age=s.connection_max_age,
                 )
                 if s.metrics_port is not None:
                     # Up before the workers: /readyz answers "not ready" while they start.
@@ -192,6 +196,9 @@ class Service:
             else:
                 ready = managed.ready_count
                 text = f"backend {s.backend}, {ready} worker{'' if ready == 1 else 's'} ready"
+        server = self.server
+        if server is not None and server.plaintext_port is not None:
+            text += f", plaintext on port {server.plaintext_port}"
         if self.metrics is not None:
             text += f", metrics on port {self.metrics.port}"
         return text
