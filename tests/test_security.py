@@ -113,7 +113,7 @@ def test_long_drfs_are_refused_at_the_door_and_leave_bounded_traces(serve, tmp_p
     assert all(e["allowed"] is False for e in entries)
     assert _size(path) < 20 * 1500  # ... each a bounded excerpt (the DRFs were 2 MB in all)
     assert s.server.servicer.stats.limits_hit["max_drf_length"] == 20
-    lines = [r.getMessage() for r in log_lines if r.getMessage().startswith("rpc=Read")]
+    lines = [r.getMessage() for r in log_lines if r.getMessage().startswith("event=request rpc=Read")]
     assert len(lines) == 1 and len(lines[0]) < 1000  # the others are counted, not written
     assert s.server.servicer.stats.refusals_not_logged == 19
 
@@ -126,7 +126,7 @@ def test_suppressed_refusals_are_counted_in_the_next_line(serve, log_lines):
         return any("not_logged=" in r.getMessage() for r in log_lines)
 
     wait_for(refused_again_and_counted, what="a line counting the refusals not logged")
-    lines = [r.getMessage() for r in log_lines if r.getMessage().startswith("rpc=Read")]
+    lines = [r.getMessage() for r in log_lines if r.getMessage().startswith("event=request rpc=Read")]
     assert len(lines) >= 2 and "not_logged=" in lines[-1]
 
 

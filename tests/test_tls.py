@@ -371,14 +371,14 @@ def test_the_command_serves_tls_takes_tokens_over_it_only_and_reloads_its_certif
         key.write_bytes(_pem(pki, "server2.key"))
         mark = sup.mark()
         sup.proc.send_signal(signal.SIGHUP)
-        sup.wait_line("stderr", r"level=INFO .*config reloaded", start=mark)
+        sup.wait_line("stderr", r"level=INFO .*event=config_reloaded ", start=mark)
         assert len(_read(port, _creds(pki, ca="other-ca.crt"))) == 1
         # A key that is not the certificate's: the reload is refused, naming the file and why;
         # the running pair serves on.
         key.write_bytes(_pem(pki, "server.key"))
         mark = sup.mark()
         sup.proc.send_signal(signal.SIGHUP)
-        refused = sup.wait_line("stderr", r"level=ERROR .*config reload failed.*", start=mark)[0]
+        refused = sup.wait_line("stderr", r"level=ERROR .*event=config_reload_failed .*", start=mark)[0]
         assert f"'tls_key' {key}: does not match the certificate {cert}" in refused.replace("\\'", "'"), refused
         assert len(_read(port, _creds(pki, ca="other-ca.crt"))) == 1
     finally:

@@ -263,9 +263,7 @@ class ConnectionGuard:
                 raise OSError("no /proc/self/fd")
             self._netlink = sock_diag()
         except (OSError, AttributeError) as exc:  # not Linux (no AF_NETLINK), or netlink refused
-            logger.warning(
-                "event=connection_guard_off error=%s max_connections_per_address is not enforced on this system", exc
-            )
+            logger.warning("event=connection_guard_off max_connections_per_address=not_enforced error=%s", exc)
             return
         self._thread = threading.Thread(target=self._run, name="pacsys-connection-guard", daemon=True)
         self._thread.start()

@@ -266,7 +266,7 @@ class SupervisedServer:
         return self._stop_on_signal("SIGTERM")
 
     def _stop_on_signal(self, signame: str) -> int:
-        logger.info("signal %s: shutting down", signame)
+        logger.info("event=shutting_down signal=%s", signame)
         self.stopping = True
         self.stop()
         return 0
@@ -289,7 +289,7 @@ class SupervisedServer:
             if not self._started.is_set():
                 self._start_error = exc
             else:
-                logger.exception("server loop failed")
+                logger.exception("event=server_loop_failed")
         finally:
             self._started.set()
             try:
@@ -321,9 +321,9 @@ class SupervisedServer:
         await self._update_readiness()
         loop = asyncio.get_running_loop()
         watchers = [loop.create_task(self._watch_readiness()), loop.create_task(self.servicer.watch_queues())]
-        logger.info("serving DAQ on %s:%d", self._host, self._port)
+        logger.info("event=serving host=%s port=%d", self._host, self._port)
         if self._plaintext_port is not None:
-            logger.info("serving DAQ without TLS on %s:%d (plaintext_port)", self._host, self._plaintext_port)
+            logger.info("event=serving_plaintext host=%s port=%d", self._host, self._plaintext_port)
         self._started.set()
         try:
             await self._stop_requested.wait()
@@ -402,9 +402,9 @@ class SupervisedServer:
             recording = audit.healthy
             if recording != self._audit_healthy:
                 if not recording:
-                    logger.error("event=audit_unavailable writes are refused until the audit log records again")
+                    logger.error("event=audit_unavailable writes=refused")
                 elif self._audit_healthy is not None:
-                    logger.info("event=audit_recording writes are accepted again")
+                    logger.info("event=audit_recording writes=accepted")
                 self._audit_healthy = recording
                 await self.health.set("audit", SERVING if recording else NOT_SERVING)
         ready = self._backend_ready() and not self._leaving and not self.servicer.draining
@@ -566,7 +566,7 @@ class SupervisedServer:
             await self._backend.close()
         elif isinstance(self._backend, SyncBackendAdapter):
             self._backend.release_threads()
-        logger.info("server stopped")
+        logger.info("event=server_stopped")
 
 
 def tune_gc_for_serving() -> None:

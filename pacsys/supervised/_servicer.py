@@ -127,7 +127,7 @@ async def _backend_failed(context: grpc.aio.ServicerContext, rpc: str, peer: str
     one of no row (INTERNAL) is a bug somewhere, logged with its traceback."""
     code, details = grpc_status_of(exc)
     if code == "INTERNAL":
-        logger.error("rpc=%s peer=%s failed", rpc, peer, exc_info=exc)
+        logger.error("event=backend_call_failed rpc=%s peer=%s", rpc, peer, exc_info=exc)
     await context.abort(grpc.StatusCode[code], details)
     raise AssertionError("unreachable: abort raises")
 
@@ -359,7 +359,7 @@ class DAQServicer:
                 for n, reading in enumerate(batch, 1):
                     indices = slots.get(reading.drf)
                     if indices is None:
-                        logger.warning("stream reading for an unrequested DRF %r dropped", reading.drf)
+                        logger.warning("event=stream_reading_dropped reason=not_requested drf=%s", reading.drf)
                         continue
                     body = bodies.body(reading)
                     for index in indices:

@@ -85,7 +85,7 @@ class TransportLimits:
         if self.max_connections and self.max_connections > fits:
             logger.warning(
                 "event=max_connections_lowered configured=%d open_files=%d reserved=%d max_connections=%d "
-                "raise the open-file limit (LimitNOFILE) to allow more",
+                'hint="raise the open-file limit (LimitNOFILE) to allow more"',
                 self.max_connections,
                 soft,
                 self.reserved_files,

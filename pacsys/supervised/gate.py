@@ -366,7 +366,7 @@ class Gate:
             try:
                 wanted.update(dict.fromkeys(policy.needs_current(ctx)))
             except Exception as exc:
-                logger.exception("policy raised on rpc=%s peer=%s", ctx.rpc_method, ctx.peer)
+                logger.exception("event=policy_failed rpc=%s peer=%s", ctx.rpc_method, ctx.peer)
                 raise _Refused("INTERNAL", f"Policy error: {excerpt(str(exc))}", "error") from None
         return list(wanted)
 
@@ -515,7 +515,7 @@ class Gate:
         try:
             decision: PolicyDecision = evaluate_policies(policies, ctx)
         except Exception as exc:
-            logger.exception("policy raised on rpc=%s peer=%s", ctx.rpc_method, ctx.peer)
+            logger.exception("event=policy_failed rpc=%s peer=%s", ctx.rpc_method, ctx.peer)
             raise _Refused("INTERNAL", f"Policy error: {excerpt(str(exc))}", "error") from None
         if not decision.allowed:
             if self.audit is not None:
@@ -573,7 +573,7 @@ class Gate:
         if not refused:
             logger.log(
                 level,
-                "rpc=%s peer=%s devices=%s decision=%s ms=%.2f",
+                "event=request rpc=%s peer=%s devices=%s decision=%s ms=%.2f",
                 rpc,
                 peer,
                 summarize_drfs(drfs),
@@ -594,7 +594,7 @@ class Gate:
             excerpt(reason or "", 300),
             elapsed * 1e3,
         )
-        text = "rpc=%s peer=%s devices=%s decision=%s reason=%s ms=%.2f"
+        text = "event=request rpc=%s peer=%s devices=%s decision=%s reason=%s ms=%.2f"
         if not_logged:
             text, args = text + " not_logged=%d", (*args, not_logged)
         logger.log(level, text, *args)
