@@ -12,7 +12,7 @@ process reads `M:OUTTMP@I` once every 50 ms (a new call on a fixed schedule, 2 s
 and holds one stream of `M:OUTTMP@p,100`. After a quiet warm-up the attack runs in a child
 process (`--attacker NAME`, so that its CPU is not this interpreter's), from loopback source
 addresses other than the victim's (127.0.0.2 and up: other clients as far as the service's
-per-client limits go), for `--seconds`, and stops by itself; then a quiet tail, and the front
+per-client limits go), for `--seconds` (stalled-streams for 20 s at least), and stops by itself; then a quiet tail, and the front
 is stopped (SIGTERM, then SIGKILL) with every worker it left.
 
 Printed per attack: the victim's one-shot latency p50/p99 and errors by status code during
@@ -46,6 +46,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -431,19 +432,39 @@ async def attack_watch_flood(t: Target) -> dict:
     }
 
 
+STALL_HOLD = 20.0  # seconds the stalled streams are held at least: the queue budget bites after ~7 s
+
+
 async def attack_stalled_streams(t: Target) -> dict:
     """1,000 Read streams, Z:SIM000@p,100 to Z:SIM999@p,100 (10 Hz each: the client's whole
     default budget, every reading its own), from one client that never reads: no
-    WINDOW_UPDATE, so the server can send 64 KiB and no more."""
-    end = time.monotonic() + t.seconds
+    WINDOW_UPDATE, so the server can send 64 KiB and no more. Held for at least 20 s (the
+    default queue budget ends such streams once they have gone unread for 5 s and hold 32 MiB,
+    about 7 s in); then the client reads, and a stream the server ended shows its end."""
+    from benchmarks.h2_reader import WINDOW_UPDATE, frame
+
+    end = time.monotonic() + max(t.seconds, STALL_HOLD)
     requests = [_read_request([f"Z:SIM{k:03d}@p,100"]) for k in range(1000)]
     calls = await _open_streams(t, source(0), 1000, READ_PATH, requests.__getitem__, window=False)
     answered, refused = await _settle(calls, min(end, time.monotonic() + 3))
     await hold_until(end)
     ended = sum(c.ended(s) for c, s in calls)
+    for conn in {c for c, _ in calls}:  # read at last: every window opened wide
+        grant = struct.pack(">I", 2**30)
+        await conn.write(
+            frame(WINDOW_UPDATE, 0, 0, grant) + b"".join(frame(WINDOW_UPDATE, 0, s, grant) for s in conn.streams)
+        )
+    await _until(time.monotonic() + 2)
+    ended_once_read = sum(c.ended(s) for c, s in calls)
     for conn in {c for c, _ in calls}:
         conn.close()
-    return {"streams": len(calls), "answered_before_stall": answered, "refused": refused, "ended_by_server": ended}
+    return {
+        "streams": len(calls),
+        "answered_before_stall": answered,
+        "refused": refused,
+        "ended_by_server": ended,
+        "ended_once_read": ended_once_read,
+    }
 
 
 async def _hold_connections(t: Target, sources: list[str], count: int, open_deadline: float) -> dict:

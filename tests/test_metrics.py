@@ -84,6 +84,7 @@ def test_every_limit_counted_in_the_code_is_a_known_one_and_a_setting():
     from pathlib import Path
 
     from pacsys.settings import FIELDS
+    from pacsys.supervised._queue_budget import PER_PEER, SERVICE
     from pacsys.supervised.metrics import LIMITS
 
     root = Path(__file__).resolve().parent.parent
@@ -91,6 +92,7 @@ def test_every_limit_counted_in_the_code_is_a_known_one_and_a_setting():
     counted = set(re.findall(r'limits_hit\["(\w+)"\]', source)) | set(re.findall(r'PeerLimit\(\s*"(\w+)"', source))
     counted |= {f"max_{what}_per_request" for what in ("drfs", "settings")}  # limits_hit[f"max_{what}_per_request"]
     counted |= {"max_stream_rate", "max_peer_rate"}  # chosen by a conditional expression
+    counted |= {PER_PEER, SERVICE}  # limits_hit[cut.limit]: the queue budget's
     assert counted == set(LIMITS)
     assert set(LIMITS) <= set(FIELDS)
 

@@ -281,6 +281,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     stream_buffer: Annotated[int, setting(
         "Readings queued per client stream before its oldest are dropped.", section="Limits", ge=1
     )] = 1000
+    max_queued_bytes_per_peer: Annotated[int, setting(
+        "Bytes of readings queued for one client's streams (identity or host); past it, its streams "
+        "whose replies have gone unread for stalled_stream_seconds are ended (RESOURCE_EXHAUSTED).",
+        section="Limits", ge=65536,
+    )] = 32 * 2**20
+    max_queued_bytes: Annotated[int, setting(
+        "Bytes of readings queued for all client streams; past it, the clients holding the most lose, "
+        "down to their share, their streams that have not caught up for stalled_stream_seconds.",
+        section="Limits", ge=65536,
+    )] = 512 * 2**20
+    stalled_stream_seconds: Annotated[float, setting(
+        "Seconds a stream's replies may go unread (or, for max_queued_bytes, the stream stay behind) "
+        "before the queued-bytes budgets may end it.",
+        section="Limits", ge=1,
+    )] = 5.0
 
     # connections (the service port's HTTP/2 transport)
     max_connections: Annotated[int, setting(
@@ -452,6 +467,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if self.workers > 0 and self.min_workers_ready > self.workers:
             raise ConfigError.of(
                 "min_workers_ready", f"({self.min_workers_ready}) must not exceed 'workers' ({self.workers})"
+            )
+        if self.max_queued_bytes_per_peer > self.max_queued_bytes:
+            raise ConfigError.of(
+                "max_queued_bytes_per_peer",
+                f"({self.max_queued_bytes_per_peer}) must not exceed 'max_queued_bytes' ({self.max_queued_bytes})",
             )
         if self.restart_cooldown_max < self.restart_cooldown_initial:
             raise ConfigError.of(

@@ -319,7 +319,8 @@ class SupervisedServer:
         self._guard_connections(max_connections)
         self._started_at = time.time()
         await self._update_readiness()
-        watcher = asyncio.get_running_loop().create_task(self._watch_readiness())
+        loop = asyncio.get_running_loop()
+        watchers = [loop.create_task(self._watch_readiness()), loop.create_task(self.servicer.watch_queues())]
         logger.info("event=serving host=%s port=%d", self._host, self._port)
         if self._plaintext_port is not None:
             logger.info("event=serving_plaintext host=%s port=%d", self._host, self._plaintext_port)
@@ -327,7 +328,8 @@ class SupervisedServer:
         try:
             await self._stop_requested.wait()
         finally:
-            watcher.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             if self._guard is not None:
                 self._guard.stop()
             await self._shutdown(server)
@@ -468,6 +470,7 @@ class SupervisedServer:
             "requests": {f"{rpc}/{decision}": n for (rpc, decision), n in stats.requests.items()},
             "readings_delivered": stats.readings_delivered,
             "readings_dropped": self.servicer.dropped_now(),
+            "queued_bytes": self.servicer.queued_bytes_now(),
             "streams": self.servicer.stream_rows(),
             "limits_hit": dict(stats.limits_hit),
         }

@@ -13,6 +13,9 @@ work runs in this process, in threads or in worker processes.
 
 Replies are written as pre-serialized bytes (see `pacsys.replies`): the oneof part of a
 reading is encoded once and shared by every slot and stream that receives it.
+
+What each stream holds queued is counted in bytes (`_queue_budget`); `watch_queues`, run by
+the server, ends the streams that stall their clients over the budget.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from pacsys.supervised._identity import identity_of
 from pacsys.supervised._peers import Bucket, Peers
 from pacsys.supervised._policies import Policy
 from pacsys.supervised._protected_writes import HeldSettings, SettingWrite, read_current
+from pacsys.supervised._queue_budget import Cut, QueueBudget, queued_cost
+from pacsys.supervised._refusal_log import RefusalLog
 from pacsys.supervised.gate import (
     DRAINING_DETAILS,
     Decision,
@@ -61,15 +66,26 @@ SERVICE_NAME = "services.daq.DAQ"
 YIELD_AFTER = 32
 
 
-@dataclass
+@dataclass(eq=False)
 class OpenStream:
-    """One client stream, as the status view shows it."""
+    """One client stream, as the status view shows it and the queue budget weighs it."""
 
     peer: str
     drfs: list[str]
     opened: float  # time.time()
     handle: AsyncSubscriptionHandle
     identity: str = ""
+    seq: int = 0  # its request's audit seq
+    context: grpc.aio.ServicerContext | None = None  # to end it with a status from outside its task
+    task: asyncio.Task | None = None  # the task writing its replies
+    # What the queue budget (`_queue_budget`) weighs: kept by the task writing the stream.
+    caught_up: int = 0  # how often it found its queue empty
+    written: int = 0  # readings whose replies it has written
+    writing: bool = False  # whether it is writing a batch (not waiting for readings or pacing)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self.handle.queued_bytes
 
     def row(self, now: float) -> dict[str, object]:
         return {
@@ -80,6 +96,7 @@ class OpenStream:
             "delivered": self.handle.delivered,
             "dropped": self.handle.dropped,
             "queued": len(self.handle),
+            "queued_bytes": self.handle.queued_bytes,
         }
 
 
@@ -153,6 +170,13 @@ class DAQServicer:
         self._held = HeldSettings()  # the settings Sets in flight judge from their current values
         # A backend that receives readings already encoded shares its cache of their bodies.
         self._bodies = backend.reply_bodies if backend.reply_bodies is not None else ReplyBodies()
+        limits = self.gate.limits
+        self.queue_budget: QueueBudget[OpenStream] = QueueBudget(
+            limits.max_queued_bytes_per_peer, limits.max_queued_bytes, limits.stalled_stream_seconds
+        )
+        self._queued_cost = queued_cost(self._bodies.body)
+        self._cut_log = RefusalLog(limits.refusal_log_interval)
+        self._ending: set[asyncio.Task] = set()  # statuses of streams ended from outside, being sent
 
     # -- wiring ------------------------------------------------------------------------
 
@@ -211,6 +235,10 @@ class DAQServicer:
     @property
     def active_streams(self) -> int:
         return len(self._streams)
+
+    def queued_bytes_now(self) -> int:
+        """Bytes of readings queued for client streams now (their estimated cost, `_queue_budget`)."""
+        return sum(h.queued_bytes for h in list(self._streams))
 
     def dropped_now(self) -> int:
         """Readings dropped so far for slow clients, ended and live streams together."""
@@ -284,7 +312,7 @@ class DAQServicer:
                     yield reply
                 return
             self.gate.log_outcome("Read", peer, drfs, "allow", started)
-            async for reply in self._stream(decision, peer, who):
+            async for reply in self._stream(decision, peer, who, context):
                 yield reply
         except _Abort as abort:
             await _abort(context, abort.refusal)
@@ -296,7 +324,9 @@ class DAQServicer:
         finally:
             self.gate.release(decision)
 
-    async def _stream(self, decision: Decision, peer: str, who: str) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, decision: Decision, peer: str, who: str, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         assert decision.final is not None
         drfs = decision.final.drfs
         # Readings come back under the DRF as requested or in its canonical spelling
@@ -309,7 +339,9 @@ class DAQServicer:
         handle = await self.backend.subscribe(drfs)
         if self.limits.stream_buffer is not None:
             handle.resize(self.limits.stream_buffer)
-        self._streams[handle] = OpenStream(peer, drfs, time.time(), handle, who)
+        handle.meter(self._queued_cost)
+        stream = OpenStream(peer, drfs, time.time(), handle, who, decision.seq, context, asyncio.current_task())
+        self._streams[handle] = stream
         bodies = self._bodies
         audit = self.audit
         log_out = audit is not None and audit.log_responses
@@ -319,8 +351,11 @@ class DAQServicer:
         peer_budget = self.peers.bucket(who)
         try:
             while True:
+                if not len(handle):
+                    stream.caught_up += 1
                 await handle.wait()
                 batch = handle.drain()
+                stream.writing = True
                 for n, reading in enumerate(batch, 1):
                     indices = slots.get(reading.drf)
                     if indices is None:
@@ -332,9 +367,14 @@ class DAQServicer:
                         if log_out:
                             audit.log_response(seq, peer, "Read", DAQ_pb2.ReadingReply.FromString(reply))  # type: ignore[union-attr]
                         yield reply
+                    stream.written += 1
                     if n % YIELD_AFTER == 0:
                         await asyncio.sleep(0)  # a large batch lets the others' replies through
-                self.stats.readings_delivered += len(batch)
+                stream.writing = False
+                taken = len(batch)
+                self.stats.readings_delivered += taken
+                handle.sent()
+                batch.clear()  # written: not held while this stream waits
                 if handle.stopped and not len(handle):
                     if handle.exc is not None:
                         raise handle.exc
@@ -342,8 +382,8 @@ class DAQServicer:
                         raise _Abort(Refusal("UNAVAILABLE", DRAINING_DETAILS, "draining"))
                     return
                 # Over budget, this stream waits: its own buffer fills and drops its own oldest.
-                own_wait = own_budget.take(len(batch))
-                peer_wait = peer_budget.take(len(batch))
+                own_wait = own_budget.take(taken)
+                peer_wait = peer_budget.take(taken)
                 if own_wait or peer_wait:
                     self.stats.limits_hit["max_stream_rate" if own_wait >= peer_wait else "max_peer_rate"] += 1
                     await _pause(handle, max(own_wait, peer_wait))
@@ -351,7 +391,8 @@ class DAQServicer:
             self._streams.pop(handle, None)
             self.stats.readings_dropped += handle.dropped
             if handle.dropped:
-                logger.warning(
+                self._log_bounded(
+                    (who or peer, "stream_ended_behind"),
                     "event=stream_ended_behind peer=%s drfs=%s delivered=%d dropped=%d",
                     peer,
                     summarize_drfs(drfs),
@@ -359,6 +400,70 @@ class DAQServicer:
                     handle.dropped,
                 )
             await handle.stop()
+
+    # -- the queue budget ----------------------------------------------------------------
+
+    async def watch_queues(self) -> None:
+        """End the streams that stall their clients over the queued-bytes budgets
+        (`_queue_budget`); the server runs it while it serves."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.queue_budget.interval)
+            self._end_stalled(loop.time())
+
+    def _end_stalled(self, now: float) -> None:
+        # (A function of its own: a loop variable left holding the last cut would keep its queue.)
+        for cut in self.queue_budget.cuts(list(self._streams.values()), now):
+            self._cut(cut)
+
+    def _cut(self, cut: Cut[OpenStream]) -> None:
+        """End a stalled stream with RESOURCE_EXHAUSTED: counted, logged at a bounded rate, audited."""
+        stream = cut.stream
+        if self._streams.pop(stream.handle, None) is None:
+            return  # it ended meanwhile
+        stream.handle.signal_stop()
+        self.stats.limits_hit[cut.limit] += 1
+        self._log_bounded(
+            (stream.identity or stream.peer, "stream_cut"),
+            "event=stream_cut limit=%s peer=%s identity=%s drfs=%s queued_bytes=%d client_bytes=%d share=%d seconds=%.1f",
+            cut.limit,
+            stream.peer,
+            stream.identity,
+            summarize_drfs(stream.drfs),
+            cut.queued_bytes,
+            cut.client_bytes,
+            cut.share,
+            cut.seconds,
+        )
+        audit = self.audit
+        if audit is not None:
+            audit.log_event(
+                stream.seq,
+                "stream_cut",
+                limit=cut.limit,
+                queued_bytes=cut.queued_bytes,
+                client_bytes=cut.client_bytes,
+                share=cut.share,
+            )
+        # The task writing the stream is most likely waiting for the client to take a reply (HTTP/2
+        # flow control): the status is sent from another task, and the writer cancelled, which
+        # frees the stream's queue now, not when (if ever) the client reads again.
+        if stream.context is not None:
+            ending = asyncio.get_running_loop().create_task(_end_call(stream.context, cut.details()))
+            self._ending.add(ending)
+            ending.add_done_callback(self._ending.discard)
+        if stream.task is not None:
+            stream.task.cancel()
+
+    def _log_bounded(self, key: tuple[str, str], text: str, *args: object) -> None:
+        """A WARNING line, at most one per client and kind per refusal_log_interval (then counted)."""
+        not_logged = self._cut_log.admit(key)
+        if not_logged is None:
+            self.stats.refusals_not_logged += 1
+            return
+        if not_logged:
+            text, args = text + " not_logged=%d", (*args, not_logged)
+        logger.warning(text, *args)
 
     # -- Set ---------------------------------------------------------------------------
 
@@ -458,6 +563,18 @@ def _gate_request(
 
 async def _abort(context: grpc.aio.ServicerContext, refusal: Refusal) -> None:
     await context.abort(grpc.StatusCode[refusal.code], refusal.details)
+
+
+async def _end_call(context: grpc.aio.ServicerContext, details: str) -> None:
+    """End a stream's call with RESOURCE_EXHAUSTED from outside the task writing it.
+
+    gRPC sends the status after the reply it is holding: a client that reads again gets that
+    reply, then the status. Until then (or until its connection closes) this waits.
+    """
+    try:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+    except Exception:  # noqa: S110 - AbortError once sent, an error when the client left first: done either way
+        pass
 
 
 async def _pause(handle: AsyncSubscriptionHandle, seconds: float) -> None:

@@ -92,6 +92,9 @@ class ServicerLimits:
     max_stream_rate: float = _DEFAULTS.max_stream_rate
     max_peer_rate: float = _DEFAULTS.max_peer_rate
     stream_buffer: int | None = None
+    max_queued_bytes_per_peer: int = _DEFAULTS.max_queued_bytes_per_peer
+    max_queued_bytes: int = _DEFAULTS.max_queued_bytes
+    stalled_stream_seconds: float = _DEFAULTS.stalled_stream_seconds
     refusal_log_interval: float = _DEFAULTS.refusal_log_interval
 
     @classmethod
