@@ -145,10 +145,14 @@ def test_a_kill_fails_only_calls_in_flight_and_the_release_stream_resumes_on_the
         gap = sub.longest_gap(killed, time.monotonic())
         assert gap < LONGEST_GAP, f"{gap:.2f} s without readings:\n{sub.output()}"
         assert survivor.metric("pacsys_active_streams") == 1
-        # Each client has one call in flight at most: only those on the killed instance may fail.
+        # Only what was in flight to the killed instance fails: each client's call on it, and a
+        # client whose reconnect raced the kill. The dying listener resets a connection it had
+        # queued but not accepted (net.ipv4.tcp_migrate_req = 1 would move it to the survivor,
+        # ops/README.md), and gRPC then fails that client's calls at once until its reconnect
+        # backoff (1 s, jittered) is over. Nothing fails after that.
         failed = load.failures(since=killed)
-        assert len(failed) <= CLIENTS, failed
-        assert all(end < killed + 1.0 for _, end, _ in failed), failed
+        assert len([call for call in failed if call[0] < killed]) <= CLIENTS, failed
+        assert all(end < killed + 2.0 for _, end, _ in failed), failed
         assert load.failures(since=0.0) == failed
 
 
