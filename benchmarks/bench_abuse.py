@@ -12,7 +12,7 @@ process reads `M:OUTTMP@I` once every 50 ms (a new call on a fixed schedule, 2 s
 and holds one stream of `M:OUTTMP@p,100`. After a quiet warm-up the attack runs in a child
 process (`--attacker NAME`, so that its CPU is not this interpreter's), from loopback source
 addresses other than the victim's (127.0.0.2 and up: other clients as far as the service's
-per-client limits go), for `--seconds`, and stops by itself; then a quiet tail, and the front
+per-client limits go), for `--seconds` (stalled-streams for 20 s at least), and stops by itself; then a quiet tail, and the front
 is stopped (SIGTERM, then SIGKILL) with every worker it left.
 
 Printed per attack: the victim's one-shot latency p50/p99 and errors by status code during
@@ -27,7 +27,8 @@ machine are provisional: the load average is printed with them.
 With `--haproxy`, haproxy (`ops/haproxy.cfg`, or `--haproxy-cfg`, its addresses moved to
 loopback ports) stands in front of the front: the victim, the new client and the attacks
 connect through it, as clients of the shipped pair deployment do (the metrics port is still
-probed directly). The front then sees every client as haproxy's one address.
+probed directly), and haproxy speaks TLS to the front, which then serves a certificate of a
+CA made for the run. The front sees every client as haproxy's one address.
 
 Loopback only; every attack is bounded in count and time.
 """
@@ -45,6 +46,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -202,10 +204,9 @@ async def attack_audit_fill(t: Target) -> dict:
 
 async def _rapid_reset(t: Target, src: str) -> dict:
     """Rapid reset on one connection from `src` (a new one when the server closes it)."""
-    from benchmarks.h2_raw import CANCEL, END_HEADERS, HEADERS, RST_STREAM, connect, frame, request_headers
+    from benchmarks.h2_raw import connect, request_headers
 
     block = request_headers(READ_PATH, t.authority)
-    cancel = CANCEL.to_bytes(4, "big")
     end = time.monotonic() + t.seconds
     streams = connections = 0
     resets: collections.Counter[int] = collections.Counter()
@@ -215,13 +216,7 @@ async def _rapid_reset(t: Target, src: str) -> dict:
         connections += 1
         await asyncio.wait_for(conn.settings_acked.wait(), 10)  # the server's stream limit is then in force
         while time.monotonic() < end and conn.is_open and conn.next_stream_id < 2**31 - 400:
-            first = conn.next_stream_id
-            conn.next_stream_id += 200
-            batch = b"".join(
-                frame(HEADERS, END_HEADERS, s, block) + frame(RST_STREAM, 0, s, cancel)
-                for s in range(first, first + 200, 2)
-            )
-            if not await conn.write(batch):
+            if not await conn.write(conn.opened_and_reset(block)):
                 break
             streams += 100
             in_place()
@@ -437,19 +432,39 @@ async def attack_watch_flood(t: Target) -> dict:
     }
 
 
+STALL_HOLD = 20.0  # seconds the stalled streams are held at least: the queue budget bites after ~7 s
+
+
 async def attack_stalled_streams(t: Target) -> dict:
     """1,000 Read streams, Z:SIM000@p,100 to Z:SIM999@p,100 (10 Hz each: the client's whole
     default budget, every reading its own), from one client that never reads: no
-    WINDOW_UPDATE, so the server can send 64 KiB and no more."""
-    end = time.monotonic() + t.seconds
+    WINDOW_UPDATE, so the server can send 64 KiB and no more. Held for at least 20 s (the
+    default queue budget ends such streams once they have gone unread for 5 s and hold 32 MiB,
+    about 7 s in); then the client reads, and a stream the server ended shows its end."""
+    from benchmarks.h2_reader import WINDOW_UPDATE, frame
+
+    end = time.monotonic() + max(t.seconds, STALL_HOLD)
     requests = [_read_request([f"Z:SIM{k:03d}@p,100"]) for k in range(1000)]
     calls = await _open_streams(t, source(0), 1000, READ_PATH, requests.__getitem__, window=False)
     answered, refused = await _settle(calls, min(end, time.monotonic() + 3))
     await hold_until(end)
     ended = sum(c.ended(s) for c, s in calls)
+    for conn in {c for c, _ in calls}:  # read at last: every window opened wide
+        grant = struct.pack(">I", 2**30)
+        await conn.write(
+            frame(WINDOW_UPDATE, 0, 0, grant) + b"".join(frame(WINDOW_UPDATE, 0, s, grant) for s in conn.streams)
+        )
+    await _until(time.monotonic() + 2)
+    ended_once_read = sum(c.ended(s) for c, s in calls)
     for conn in {c for c, _ in calls}:
         conn.close()
-    return {"streams": len(calls), "answered_before_stall": answered, "refused": refused, "ended_by_server": ended}
+    return {
+        "streams": len(calls),
+        "answered_before_stall": answered,
+        "refused": refused,
+        "ended_by_server": ended,
+        "ended_once_read": ended_once_read,
+    }
 
 
 async def _hold_connections(t: Target, sources: list[str], count: int, open_deadline: float) -> dict:
@@ -601,7 +616,9 @@ class FrontDidNotStart(RuntimeError):
 class Front:
     """A pacsys-supervisor process with its own temporary directory; always stopped."""
 
-    def __init__(self, workdir: Path, workers: int, nofile: int):
+    def __init__(self, workdir: Path, workers: int, nofile: int, tls: bool = False):
+        """`tls`: serve TLS with a certificate of a CA of its own (`self.certificates`), as
+        the instances behind the shipped haproxy do."""
         self.workdir = workdir
         self.audit = workdir / "audit.jsonl"
         self.stderr_path = workdir / "front.stderr"
@@ -610,6 +627,12 @@ class Front:
         cmd = [sys.executable, "-m", "pacsys.supervised.cli", "--config", str(workdir / "supervisor.toml")]
         cmd += ["--host", HOST, "--port", "0", "--metrics-port", "0", "--workers", str(workers), "--backend", "sim"]
         cmd += ["--audit-path", str(self.audit), "--token-file", str(workdir / "token")]
+        self.certificates = None
+        if tls:
+            from benchmarks.pair import Certificates
+
+            self.certificates = Certificates(workdir)
+            cmd += ["--tls-cert", str(self.certificates.cert), "--tls-key", str(self.certificates.key)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
 
@@ -688,7 +711,8 @@ class Balancer:
         self.port = free_port()
         servers = {name: (front.port, front.metrics_port) for name in ("a", "b")}
         cfg = workdir / "haproxy.cfg"
-        cfg.write_text(render_haproxy_cfg(template.read_text(), self.port, free_port(), servers))
+        ca = front.certificates.ca if front.certificates is not None else None
+        cfg.write_text(render_haproxy_cfg(template.read_text(), self.port, free_port(), servers, ca))
         self.log = workdir / "haproxy.log"
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
@@ -857,7 +881,7 @@ async def measure(name: str, args: argparse.Namespace) -> dict:
     for _attempt in range(3):  # a front that fails to start is reported and started again
         workdir = Path(tempfile.mkdtemp(prefix=f"bench-abuse-{name}-"))
         try:
-            front = Front(workdir, args.workers, attack.front_nofile)
+            front = Front(workdir, args.workers, attack.front_nofile, tls=args.haproxy)
             break
         except FrontDidNotStart as exc:
             print(f"   ({exc}; trying again)", flush=True)  # its directory is kept for a look

@@ -42,6 +42,12 @@ Servers, each a subprocess started and ended here, one after another:
     base     `pacsys-supervisor --workers 2 --backend sim` of another tree: `--baseline REV` makes a
              temporary git worktree of REV (removed afterwards), `--baseline DIR` uses a checkout;
              run with the tree on PYTHONPATH (present only with --baseline)
+    ours:N   with `--instances 1,2,4`: `ours` as N pacsys-supervisor instances sharing one port
+             (`--reuse-port`; the kernel gives each new connection to one of them), each with
+             `--instance-workers` workers (1). Their CPU is added up; "fronts' CPU shares" says
+             how evenly the connections fell. The kernel spreads connections, not calls: give
+             the clients many connections (`--h2-connections 32 --h2-streams 2`,
+             `--streams-per-connection 25`), the same for every server of the run.
 
 `--profile DIR` also records each server's profile during each counted window with py-spy
 (DIR/SERVER-LOAD.txt; summarize with `python -m benchmarks.profile_summary`); the sampling
@@ -82,6 +88,7 @@ import psutil
 
 from benchmarks.bench_load import LoadGenerator, cpu_seconds, run_on_loop
 from benchmarks.h2_reader import count_streams
+from benchmarks.pair import free_port
 from benchmarks.serve import ROOT, ServerProcess
 
 RELEASE_SERVER = ROOT / "benchmarks" / "release_server.py"
@@ -108,6 +115,56 @@ class ServerSpec:
     cwd: Path = ROOT
     env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
     note: str = ""
+    instances: int = 1  # pacsys-supervisor processes sharing one port (--reuse-port)
+
+
+class ServerGroup:
+    """A server's processes: one, or `spec.instances` pacsys-supervisor instances on one port
+    (`--reuse-port`, the kernel spreading the clients' connections over them). `port`; `pid`
+    (the first one's, for a profile); `cpu()` adds up all of them."""
+
+    def __init__(self, spec: ServerSpec, directory: Path):
+        self.spec = spec
+        self.name = spec.name
+        self.directory = directory
+        self.processes: list[ServerProcess] = []
+        self.port = 0
+
+    def __enter__(self) -> ServerGroup:
+        argv = self.spec.argv
+        if self.spec.instances > 1:
+            at = argv.index("--port") + 1
+            argv = [*argv[:at], str(free_port()), *argv[at + 1 :], "--reuse-port"]
+        try:
+            for k in range(self.spec.instances):
+                name = self.name if self.spec.instances == 1 else f"{self.name}-{k}"
+                process = ServerProcess(argv, self.spec.cwd, self.spec.env, self.directory / f"{name}.log", name)
+                self.processes.append(process.__enter__())
+        except BaseException:
+            self.__exit__()
+            raise
+        ports = {p.port for p in self.processes}
+        if len(ports) != 1:
+            self.__exit__()
+            raise RuntimeError(f"{self.name}: its instances listen on {sorted(ports)}, not on one port")
+        self.port = ports.pop()
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.processes[0].pid
+
+    def cpu(self) -> tuple[float, float]:
+        """(CPU seconds of the front processes, of their child processes: the workers)."""
+        times = [cpu_seconds(psutil.Process(p.pid)) for p in self.processes]
+        return sum(t[0] for t in times), sum(t[1] for t in times)
+
+    def fronts_cpu(self) -> list[float]:
+        return [cpu_seconds(psutil.Process(p.pid))[0] for p in self.processes]
+
+    def __exit__(self, *exc_info) -> None:
+        for process in self.processes:
+            process.stop()
 
 
 def supervisor_argv(workers: int) -> list[str]:
@@ -190,8 +247,11 @@ class Baseline:
             self._temporary = None
 
 
-def server_specs(names: list[str], baseline: Baseline | None) -> tuple[list[ServerSpec], list[str]]:
-    """The servers to run, and why any asked for cannot run."""
+def server_specs(
+    names: list[str], baseline: Baseline | None, instances: list[int] | None = None, instance_workers: int = 1
+) -> tuple[list[ServerSpec], list[str]]:
+    """The servers to run, and why any asked for cannot run; with `instances`, `ours` is run as
+    each count of instances on one port, each with `instance_workers` workers."""
     specs: list[ServerSpec] = []
     skipped: list[str] = []
     for name in names:
@@ -203,6 +263,12 @@ def server_specs(names: list[str], baseline: Baseline | None) -> tuple[list[Serv
                 skipped.append(f"release: {why}")
             else:
                 specs.append(ServerSpec(name, [str(python), "-I", str(RELEASE_SERVER)], note="pacsys 0.3.0"))
+        elif name == "ours" and instances:
+            for n in instances:
+                note = (
+                    f"{n} instance{'s' if n > 1 else ''} on one port (--reuse-port), --workers {instance_workers} each"
+                )
+                specs.append(ServerSpec(f"ours:{n}", supervisor_argv(instance_workers), note=note, instances=n))
         elif name == "ours":
             specs.append(ServerSpec(name, supervisor_argv(2), note="--workers 2"))
         elif name == "ours0":
@@ -316,7 +382,7 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def one_shot(server: ServerProcess, load: str, directory: Path, args: argparse.Namespace) -> dict:
+def one_shot(server: ServerGroup, load: str, directory: Path, args: argparse.Namespace) -> dict:
     """Warm-up for `--warmup` s, then a counted run of as many calls as the warm-up did in `--duration` s.
 
     The counted run is a number of calls, not a time, so that no call is in flight when it ends: the
@@ -327,11 +393,10 @@ def one_shot(server: ServerProcess, load: str, directory: Path, args: argparse.N
     data = request_file(drfs, directory)
     warm = h2load(server.port, data, args, seconds=args.warmup)
     calls = max(10 * args.h2_connections * args.h2_streams, round(warm["done"] / args.warmup * args.duration))
-    front = psutil.Process(server.pid)
     with profiled(server, load, args):
-        cpu0, client0 = cpu_seconds(front), children_cpu()
+        cpu0, client0, fronts0 = server.cpu(), children_cpu(), server.fronts_cpu()
         run = h2load(server.port, data, args, calls=calls)
-        cpu1, client1 = cpu_seconds(front), children_cpu()
+        cpu1, client1, fronts1 = server.cpu(), children_cpu(), server.fronts_cpu()
     ok = answered_share(run, expected)
     good = run["done"] * min(ok, 1.0)
     per_call = 1e6 / good if good else float("nan")
@@ -344,21 +409,31 @@ def one_shot(server: ServerProcess, load: str, directory: Path, args: argparse.N
         "client_call": (client1 - client0) * per_call,
         "replies": len(drfs),
         "seconds": run["s"],
+        "shares": _shares(fronts0, fronts1),
     }
+
+
+def _shares(before: list[float], after: list[float]) -> list[float]:
+    """Each front's share of the fronts' CPU between two readings: how evenly the kernel spread the load."""
+    used = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(used)
+    return [u / total for u in used] if total > 0 else []
 
 
 # -- streams by the frame-counting reader -----------------------------------------------------
 
 
-def read_streams(port: int, requests: list[bytes], t_start: float, t_end: float) -> dict:
-    """In the client process: the streams over connections of 100 streams, each from its own address."""
+def read_streams(
+    port: int, requests: list[bytes], t_start: float, t_end: float, per_connection: int = STREAMS_PER_CONNECTION
+) -> dict:
+    """In the client process: the streams over connections of `per_connection` streams, each from its own address."""
 
     async def connection(k: int, share: list[bytes]) -> dict:
         await asyncio.sleep(k * OPEN_STAGGER_S)
         return await count_streams(port, READ_PATH, share, t_start, t_end, local_host=f"127.0.0.{2 + k}")
 
     async def all_connections() -> list[dict]:
-        shares = [requests[i : i + STREAMS_PER_CONNECTION] for i in range(0, len(requests), STREAMS_PER_CONNECTION)]
+        shares = [requests[i : i + per_connection] for i in range(0, len(requests), per_connection)]
         return await asyncio.gather(*(connection(k, share) for k, share in enumerate(shares)))
 
     parts = run_on_loop(all_connections())
@@ -376,7 +451,7 @@ def read_streams(port: int, requests: list[bytes], t_start: float, t_end: float)
     }
 
 
-def streams(server: ServerProcess, load: str, count: int, generator: LoadGenerator, args: argparse.Namespace) -> dict:
+def streams(server: ServerGroup, load: str, count: int, generator: LoadGenerator, args: argparse.Namespace) -> dict:
     from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 
     period_ms = 1000 // STREAM_HZ
@@ -385,17 +460,15 @@ def streams(server: ServerProcess, load: str, count: int, generator: LoadGenerat
     ]
     t_start = time.time() + 0.5 + args.stream_warmup
     t_end = t_start + args.duration
-    front = psutil.Process(server.pid)
     result: list[dict] = []
-    reader = threading.Thread(
-        target=lambda: result.extend(generator.map(read_streams, [(server.port, requests, t_start, t_end)], t_end))
-    )
+    work = [(server.port, requests, t_start, t_end, args.streams_per_connection)]
+    reader = threading.Thread(target=lambda: result.extend(generator.map(read_streams, work, t_end)))
     reader.start()
     time.sleep(max(0.0, t_start - time.time()))
     with profiled(server, load, args):
-        cpu0 = cpu_seconds(front)
+        cpu0, fronts0 = server.cpu(), server.fronts_cpu()
         time.sleep(max(0.0, t_end - time.time()))
-        cpu1 = cpu_seconds(front)
+        cpu1, fronts1 = server.cpu(), server.fronts_cpu()
     reader.join()
     if not result:
         raise RuntimeError("the stream reader process returned nothing")
@@ -430,6 +503,7 @@ def streams(server: ServerProcess, load: str, count: int, generator: LoadGenerat
         "errors": r["errors"],
         "open_s": r["open_s"],
         "replies": 1,
+        "shares": _shares(fronts0, fronts1),
     }
 
 
@@ -437,7 +511,7 @@ def streams(server: ServerProcess, load: str, count: int, generator: LoadGenerat
 
 
 @contextmanager
-def profiled(server: ServerProcess, load: str, args: argparse.Namespace) -> Iterator[None]:
+def profiled(server: ServerGroup, load: str, args: argparse.Namespace) -> Iterator[None]:
     """With `--profile DIR`: py-spy samples the server process while the block runs (the counted window).
 
     Writes DIR/SERVER-LOAD.txt in py-spy's raw (collapsed stacks) format, native frames and
@@ -474,8 +548,7 @@ def loadavg() -> str:
 
 def run_server(spec: ServerSpec, loads: list[str], directory: Path, generator: LoadGenerator, args) -> dict:
     results: dict[str, dict] = {}
-    server = ServerProcess(spec.argv, cwd=spec.cwd, env=spec.env, log=directory / f"{spec.name}.log", name=spec.name)
-    with server:
+    with ServerGroup(spec, directory) as server:
         time.sleep(args.settle)  # workers ready, startup work done
         for load in loads:
             try:
@@ -539,6 +612,8 @@ def print_round(round_no: int, results: dict[str, dict], specs: list[ServerSpec]
                     f"never served {r['unserved']}; "
                     f"open {opened}; ended {r['errors']}"
                 )
+            if len(r.get("shares", [])) > 1:
+                checks += "; fronts' CPU shares " + "/".join(f"{x:.2f}" for x in r["shares"])
             print(
                 f"{load:<9} {spec.name:<8} {r['rate']:>9,.0f} {ratio:>6} {r['front_call']:>13.0f} "
                 f"{r['front_call'] / r['replies']:>8.1f} {r['workers_call']:>15.0f} {r['client_call']:>14.0f}  {checks}"
@@ -601,6 +676,18 @@ def main(argv: list[str] | None = None) -> None:
         metavar="DIR",
         help="record each server's profile during each counted window with py-spy (pip install py-spy) into DIR",
     )
+    parser.add_argument(
+        "--instances",
+        help="comma-separated counts (e.g. 1,2,4): run 'ours' as that many instances sharing one port "
+        "(--reuse-port), each with --instance-workers workers",
+    )
+    parser.add_argument("--instance-workers", type=int, default=1, help="workers per instance with --instances")
+    parser.add_argument(
+        "--streams-per-connection",
+        type=int,
+        default=STREAMS_PER_CONNECTION,
+        help=f"streams on each of the frame reader's connections (default {STREAMS_PER_CONNECTION})",
+    )
     parser.add_argument("--h2-connections", type=int, default=4, help="h2load connections (default 4)")
     parser.add_argument("--h2-streams", type=int, default=16, help="h2load calls in flight per connection (default 16)")
     args = parser.parse_args(argv)
@@ -630,7 +717,8 @@ def main(argv: list[str] | None = None) -> None:
             baseline = stack.enter_context(Baseline(args.baseline)) if args.baseline and "base" in names else None
         except RuntimeError as exc:
             sys.exit(str(exc))
-        specs, skipped = server_specs(names, baseline)
+        instances = [int(n) for n in args.instances.split(",")] if args.instances else None
+        specs, skipped = server_specs(names, baseline, instances, args.instance_workers)
         for why in skipped:
             print(f"skipped {why}")
         for spec in specs:

@@ -1,6 +1,6 @@
 """What a streaming client of the pacsys 0.3.0 release sees when its instance goes away, per topology.
 
-`python -m benchmarks.bench_client_failover [--rounds N] [--restart-after S]`: the release's
+`python -m benchmarks.bench_client_failover [--rounds N] [--restart-after S] [--only one,direct,haproxy,shared]`: the release's
 own client (`pacsys.grpc(...).subscribe(["M:OUTTMP@p,100"])`, run under the release's
 interpreter from tests/.release-venv, made by tests/release_venv.py) against real
 pacsys-supervisor processes (sim backend) on loopback. Each round, for each topology:
@@ -14,6 +14,10 @@ pacsys-supervisor processes (sim backend) on loopback. Each round, for each topo
   new client.
 - haproxy: two instances as shipped behind ops/haproxy.cfg (benchmarks/pair.py), the client
   given haproxy's address. SIGTERM of the holder, then SIGKILL of the holder.
+- shared: two instances on one port (`--reuse-port`, `--connection-max-age 2`), the client
+  given that one address. SIGKILL of the holder; then a hot upgrade: a third instance joins
+  and the holder gets SIGTERM (it leaves the port at once, serves its connections until each
+  was asked to reconnect, then ends its streams).
 
 Printed per event: gap, the longest time without a reading from the signal until readings
 flow again (a drain's gap starts when the instance ends the stream, drain_delay after
@@ -35,7 +39,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.pair import Instance, Pair, plain_options, wait_until
+from benchmarks.pair import Instance, Pair, free_port, plain_options, wait_until
 from benchmarks.release_subscriber import ReleaseSubscriber
 
 REPO = Path(__file__).resolve().parent.parent
@@ -154,10 +158,38 @@ def through_haproxy(python: Path, workdir: Path) -> dict[str, tuple[float | None
     return results
 
 
+def shared_port(python: Path, workdir: Path) -> dict[str, tuple[float | None, list[str]]]:
+    port = free_port()
+    names = iter("abcdefgh")
+
+    def instance() -> Instance:
+        options = ("--host", "127.0.0.1", "--workers", "1", "--reuse-port", "--connection-max-age", "2")
+        return Instance(next(names), workdir, *options, "--shutdown-grace", "3", port=port)
+
+    instances = [instance(), instance()]
+    results = {}
+    try:
+        start_all(instances)
+        results["shared: kill"] = holder_signalled(python, "127.0.0.1", port, instances, signal.SIGKILL)
+        instances = [i for i in instances if i.running]
+        with ReleaseSubscriber(python, "127.0.0.1", port, DRF) as sub:
+            wait_until(lambda: sub.readings() >= 5, 30, "the stream")
+            old = holder(instances)
+            joining = instance()
+            joining.start()
+            instances.append(joining)
+            results["shared: hot upgrade"] = event(sub, lambda: old.signal(signal.SIGTERM), lambda: old.wait(30))
+    finally:
+        for i in instances:
+            i.stop()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--restart-after", type=float, default=2.0, metavar="S")
+    parser.add_argument("--only", default="one,direct,haproxy,shared", help="comma-separated topologies to run")
     args = parser.parse_args()
     python = release_interpreter()
     workdir = Path(tempfile.mkdtemp(prefix="bench_client_failover."))
@@ -167,11 +199,13 @@ def main() -> None:
         return Path(tempfile.mkdtemp(prefix=f"{topology}.", dir=workdir))
 
     for n in range(1, args.rounds + 1):
-        for topology in (
-            lambda: one_instance(python, logs("one"), args.restart_after),
-            lambda: direct(python, logs("direct")),
-            lambda: through_haproxy(python, logs("haproxy")),
-        ):
+        topologies = {
+            "one": lambda: one_instance(python, logs("one"), args.restart_after),
+            "direct": lambda: direct(python, logs("direct")),
+            "haproxy": lambda: through_haproxy(python, logs("haproxy")),
+            "shared": lambda: shared_port(python, logs("shared")),
+        }
+        for topology in (topologies[name.strip()] for name in args.only.split(",")):
             for name, (gap, errors) in topology().items():
                 gaps[name].append(gap)
                 shown = "ended (the client gave up)" if gap is None else f"gap {gap:.2f} s"

@@ -200,6 +200,17 @@ class RawConnection(asyncio.Protocol):
             if last:
                 return
 
+    def opened_and_reset(self, block: bytes, count: int = 100) -> bytes:
+        """`count` new streams, each its HEADERS (`block`) and at once RST_STREAM(CANCEL): the
+        frames of a rapid reset, to be written in one go."""
+        first = self.next_stream_id
+        self.next_stream_id += 2 * count
+        cancel = CANCEL.to_bytes(4, "big")
+        return b"".join(
+            frame(HEADERS, END_HEADERS, s, block) + frame(RST_STREAM, 0, s, cancel)
+            for s in range(first, first + 2 * count, 2)
+        )
+
     def answered(self, stream_id: int) -> bool:
         return self.streams[stream_id].messages > 0
 

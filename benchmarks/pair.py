@@ -2,8 +2,8 @@
 
 Used by tests/test_pair*.py and benchmarks/bench_pair.py. The instances are real
 `pacsys-supervisor` processes run from `ops/supervisor.container.toml` as it is (listening
-on `[::]`, serving TLS, sim backend) with only what a deployment provides changed: ports,
-the token file, the audit paths and the certificate files. haproxy runs `ops/haproxy.cfg`
+on `[::]`, serving TLS, a plaintext listener beside it, sim backend) with only what a
+deployment provides changed: ports, the token file, the audit paths and the certificate files. haproxy runs `ops/haproxy.cfg`
 with only its addresses and its CA file changed (`render_haproxy_cfg`), so what is tested is
 what operators deploy. Clients connect over 127.0.0.1. The certificates are made with the
 openssl command (`Certificates`). Nothing here resolves a name: every address is a literal
@@ -186,13 +186,16 @@ def shipped_options(workdir: Path, name: str, certificates: Certificates, token_
 class Instance:
     """One pacsys-supervisor process on fixed ports (restartable on the same ports).
 
-    `options` are its command-line options other than --port and --metrics-port. Clients
-    reach it at 127.0.0.1 (`addr`), whether it listens there or on every address.
+    `options` are its command-line options other than --port, --metrics-port and
+    --plaintext-port. Clients reach it at 127.0.0.1 (`addr`), whether it listens there or on
+    every address. `port`: its service port (instances with --reuse-port may share one);
+    `plaintext_port`: a plaintext listener beside TLS (True: a port of its own).
     """
 
-    def __init__(self, name: str, logdir: Path, *options: str):
+    def __init__(self, name: str, logdir: Path, *options: str, port: int | None = None, plaintext_port: bool = False):
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
+        self.plaintext_port = free_port() if plaintext_port else None
         self.metrics_port = free_port()
         self.logdir = logdir
         self.options = options
@@ -209,6 +212,8 @@ class Instance:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))))
         argv = [sys.executable, "-m", "pacsys.supervised.cli", "--port", str(self.port)]
         argv += ["--metrics-port", str(self.metrics_port), *self.options]
+        if self.plaintext_port is not None:
+            argv += ["--plaintext-port", str(self.plaintext_port)]
         with open(self.logdir / f"{self.name}.{self.starts}.log", "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=REPO, env=env)
         deadline = time.monotonic() + timeout
@@ -218,6 +223,10 @@ class Instance:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"instance {self.name} not ready within {timeout:g} s: see {self.logdir}")
             time.sleep(0.05)
+
+    def log_text(self) -> str:
+        """What its latest start wrote to stdout and stderr so far."""
+        return (self.logdir / f"{self.name}.{self.starts}.log").read_text(errors="replace")
 
     def ready(self) -> bool:
         try:
@@ -263,9 +272,17 @@ class Pair:
     deployment's CA and the instances' certificate.
     """
 
-    def __init__(self, workdir: Path, *extra: str, haproxy: str | None = None, certificate_name: str | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        *extra: str,
+        haproxy: str | None = None,
+        certificate_name: str | None = None,
+        edit_haproxy_cfg: Callable[[str], str] | None = None,
+    ):
         """`extra`: more pacsys-supervisor options for both instances; "{name}" in one is the instance's name.
-        `certificate_name`: the name in the instances' certificate, if not the one haproxy checks."""
+        `certificate_name`: the name in the instances' certificate, if not the one haproxy checks.
+        `edit_haproxy_cfg`: a change a test makes to the rendered haproxy config (more frontends...)."""
         self.workdir = workdir
         self.haproxy = haproxy or shutil.which("haproxy") or "haproxy"
         self.token = TOKEN
@@ -278,6 +295,7 @@ class Pair:
                 workdir,
                 *shipped_options(workdir, name, self.certificates, token_file),
                 *(arg.replace("{name}", name) for arg in extra),
+                plaintext_port=True,  # the shipped config's plaintext_port, a port of each one's own here
             )
             for name in ("a", "b")
         }
@@ -285,6 +303,7 @@ class Pair:
         self.stats_port = free_port()
         self.haproxy_proc: subprocess.Popen[bytes] | None = None
         self.channel: grpc.Channel | None = None
+        self.edit_haproxy_cfg = edit_haproxy_cfg
 
     @property
     def a(self) -> Instance:
@@ -306,6 +325,8 @@ class Pair:
         cfg = self.workdir / "haproxy.cfg"
         servers = {name: (i.port, i.metrics_port) for name, i in self.instances.items()}
         text = render_haproxy_cfg(HAPROXY_CFG.read_text(), self.port, self.stats_port, servers, self.certificates.ca)
+        if self.edit_haproxy_cfg is not None:
+            text = self.edit_haproxy_cfg(text)
         cfg.write_text(text)
         with open(self.workdir / "haproxy.log", "wb") as log:
             self.haproxy_proc = subprocess.Popen([self.haproxy, "-db", "-f", str(cfg)], stdout=log, stderr=log)

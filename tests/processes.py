@@ -4,8 +4,10 @@ The `supervisor` and `daq` fixtures clean up what they start: every process is k
 channel closed. Nothing waits by sleeping: tests wait for the lines a process writes.
 """
 
+import functools
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -38,7 +40,15 @@ def process_env(extra: dict[str, str] | None = None, tests_on_path: bool = False
 class Supervisor:
     """A pacsys-supervisor process with its stdout and stderr collected line by line."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, tests_on_path: bool = False, umask: int = -1):
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        tests_on_path: bool = False,
+        umask: int = -1,
+        nofile: int | None = None,
+    ):
+        """`nofile`: the process's open-file limit (soft and hard), set in the child."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pacsys.supervised.cli", *args],
             stdout=subprocess.PIPE,
@@ -47,6 +57,7 @@ class Supervisor:
             env=process_env(env, tests_on_path),
             cwd=REPO,
             umask=umask,
+            preexec_fn=None if nofile is None else functools.partial(_limit_open_files, nofile),
         )
         self.lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
         self._changed = threading.Condition()
@@ -108,6 +119,10 @@ class Supervisor:
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+def _limit_open_files(n: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
 
 
 @pytest.fixture

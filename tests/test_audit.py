@@ -268,7 +268,7 @@ class TestFailures:
             assert audit.log_request(read_request("M:A"), ALLOW) == 1
             audit.close()
         assert not audit.healthy
-        assert "cannot flush" in caplog.text
+        assert "event=audit_file_failed path=/dev/full action=flush" in caplog.text
 
     def test_failed_write_is_rolled_back(self, paths):
         audit = AuditLog(paths[0], flush_interval=2)
@@ -310,7 +310,7 @@ class TestFailures:
         with AuditLog(paths[0], log_responses=True) as audit, caplog.at_level(logging.ERROR):
             audit.log_response(1, PEER, "Read", object())
         assert next(read_audit(paths[0]))["dir"] == "out"
-        assert "cannot summarize" in caplog.text
+        assert "event=audit_reply_summary_failed rpc=Read seq=1" in caplog.text
 
 
 class TestCli:

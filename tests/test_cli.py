@@ -104,7 +104,7 @@ def test_sighup_with_a_broken_file_keeps_the_old_policies(supervisor, daq, tmp_p
     config.write_text('allow_writes = ["G:*"]\n[[policies]]\ntype = "rate_limit"\nmax_requests = "many"\n')
     mark = sup.mark()
     sup.proc.send_signal(signal.SIGHUP)
-    failed = sup.wait_line("stderr", r"level=ERROR .*config reload failed", start=mark)
+    failed = sup.wait_line("stderr", r"level=ERROR .*event=config_reload_failed kept=running_config error=", start=mark)
     assert "policies[0] (rate_limit): 'max_requests'" in failed.string
 
     assert sup.proc.poll() is None
@@ -123,8 +123,8 @@ def test_sighup_with_a_good_file_swaps_the_policies(supervisor, daq, tmp_path):
     config.write_text('allow_writes = ["G:*"]\nmax_streams = 5\n')
     mark = sup.mark()
     sup.proc.send_signal(signal.SIGHUP)
-    sup.wait_line("stderr", r"level=INFO .*config reloaded: 1 policy ", start=mark)
-    restart = sup.wait_line("stderr", r"level=WARNING .*take effect at the next restart", start=mark)
+    sup.wait_line("stderr", r"level=INFO .*event=config_reloaded policies=1 ", start=mark)
+    restart = sup.wait_line("stderr", r"level=WARNING .*event=config_changes_need_restart settings=", start=mark)
     assert "max_streams" in restart.string
     assert set_scalar(stub, "G:AMANDA", 1.0) == grpc.StatusCode.OK
     assert set_scalar(stub, "M:OUTTMP", 1.0) == grpc.StatusCode.PERMISSION_DENIED
@@ -151,7 +151,7 @@ def test_sighup_applies_a_rotated_token(supervisor, daq, tmp_path):
     token_file.write_text("second\n")
     mark = sup.mark()
     sup.proc.send_signal(signal.SIGHUP)
-    sup.wait_line("stderr", r"level=INFO .*config reloaded", start=mark)
+    sup.wait_line("stderr", r"level=INFO .*event=config_reloaded ", start=mark)
     assert code("first") == grpc.StatusCode.UNAUTHENTICATED
     assert code("second") == grpc.StatusCode.OK
 
@@ -163,7 +163,7 @@ def test_command_line_still_overrides_after_reload(supervisor, daq, tmp_path):
     stub = daq(sup.port)
     mark = sup.mark()
     sup.proc.send_signal(signal.SIGHUP)
-    sup.wait_line("stderr", r"config reloaded", start=mark)
+    sup.wait_line("stderr", r"event=config_reloaded ", start=mark)
     assert set_scalar(stub, "M:OUTTMP", 1.0) == grpc.StatusCode.OK
     assert set_scalar(stub, "G:AMANDA", 1.0) == grpc.StatusCode.PERMISSION_DENIED
 
@@ -172,7 +172,9 @@ def test_scaling_signals_without_a_pool_are_logged(supervisor, daq):
     sup = supervisor(*FAKE)
     mark = sup.mark()
     sup.proc.send_signal(signal.SIGTTIN)
-    sup.wait_line("stderr", r"SIGTTIN: cannot add_worker", start=mark)
+    sup.wait_line(
+        "stderr", r"event=scale_refused signal=SIGTTIN action=add_worker reason=not_a_worker_pool", start=mark
+    )
     assert read_scalar(daq(sup.port), "M:OUTTMP@I") == pytest.approx(72.5)
 
 
@@ -196,7 +198,7 @@ def test_worker_pool_serves_scales_and_stops(supervisor, daq):
     assert set_scalar(stub, "G:AMANDA", 1.0) == grpc.StatusCode.PERMISSION_DENIED
     mark = sup.mark()
     sup.proc.send_signal(signal.SIGTTIN)
-    sup.wait_line("stderr", r"add_worker done: 2 workers ready", start=mark)
+    sup.wait_line("stderr", r"event=scale_done action=add_worker workers_ready=2", start=mark)
     assert read_scalar(stub, "G:AMANDA@I") == pytest.approx(42.0)
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.wait_exit(15) == 0
@@ -511,7 +513,7 @@ def test_sigusr1_reopens_the_audit_files(supervisor, daq, tmp_path):
     audit.rename(tmp_path / "audit.jsonl.1")
     mark = sup.mark()
     sup.proc.send_signal(signal.SIGUSR1)
-    sup.wait_line("stderr", r"SIGUSR1: audit files reopened", start=mark)
+    sup.wait_line("stderr", r"event=audit_reopened", start=mark)
     read_scalar(stub, "G:AMANDA@I")
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.wait_exit(15) == 0
@@ -529,8 +531,8 @@ def test_sigusr1_with_the_audit_directory_gone_says_it_could_not_reopen(supervis
     shutil.rmtree(folder)
     mark = sup.mark()
     sup.proc.send_signal(signal.SIGUSR1)
-    sup.wait_line("stderr", r"level=ERROR .*SIGUSR1: the audit files could not be reopened", start=mark)
-    assert not any("audit files reopened" in line for line in sup.lines["stderr"][mark:])
+    sup.wait_line("stderr", r"level=ERROR .*event=audit_reopen_failed ", start=mark)
+    assert not any("event=audit_reopened" in line for line in sup.lines["stderr"][mark:])
 
 
 def test_console_scripts_name_callables():

@@ -177,6 +177,16 @@ def test_bad_override_names_the_option():
         ({"backend": "mod:make?port"}, "backend", "key=value"),
         ({"backend": "mod:make?a=1&a=2"}, "backend", "given twice"),
         ({"worker_python": "/venv/bin/python", "workers": 0, "backend": "m:f"}, "worker_python", "workers >= 1"),
+        ({"trusted_proxies": ["10.0.0.5", "haproxy"]}, "trusted_proxies", "IP addresses or networks (e.g. 10.0.0.5"),
+        ({"trusted_proxies": ["10.0.0.5/24"]}, "trusted_proxies", "has host bits set"),
+        ({"plaintext_port": 50052}, "plaintext_port", "needs 'tls_cert' and 'tls_key'"),
+        ({"plaintext_port": 50051, "tls_cert": "c", "tls_key": "k"}, "plaintext_port", "differ from 'port'"),
+        ({"connection_max_age": 0}, "connection_max_age", "> 0"),
+        (
+            {"plaintext_port": 50052, "tls_cert": "c", "tls_key": "k", "tls_client_ca": "ca"},
+            "plaintext_port",
+            "every client has a certificate",
+        ),
     ],
 )
 def test_bad_values(values, key, fragment):
@@ -392,9 +402,9 @@ def test_example_as_is_gives_the_defaults(tmp_path):
 
 def test_example_uncommented_is_valid(tmp_path):
     # Remove the '#' of every setting and policy line (not of help lines); token and token_file
-    # are exclusive, so the token stays commented out.
+    # are exclusive, so the token stays commented out, and so are tls_client_ca and plaintext_port.
     lines = [
-        line[1:] if re.match(r"#[\w\[]", line) and not line.startswith("#token =") else line
+        line[1:] if re.match(r"#[\w\[]", line) and not line.startswith(("#token =", "#plaintext_port =")) else line
         for line in render_example().splitlines()
     ]
     settings = load_config(write(tmp_path, "\n".join(lines) + "\n"))

@@ -9,12 +9,14 @@
   probes do not speak); compose's services are the servers of ops/haproxy.cfg, and the
   token, certificate and CA files compose and Kubernetes mount are where the config and
   haproxy look for them; haproxy accepts ops/haproxy.cfg with its addresses substituted
-  (nothing is resolved through the system's name servers).
+  (nothing is resolved through the system's name servers); compose publishes each instance's
+  plaintext listener and gives the instances haproxy's fixed address as their trusted proxy.
 """
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -116,7 +118,11 @@ def test_probes_and_ports_name_the_services_health_checks():
     settings = container_settings()
     container = manifests()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings["port"], "metrics": settings["metrics_port"]}
+    assert ports == {
+        "grpc": settings["port"],
+        "grpc-plain": settings["plaintext_port"],
+        "metrics": settings["metrics_port"],
+    }
     assert settings["tls_cert"], "the service port serves TLS: the probes cannot ask it"
     assert container["livenessProbe"]["httpGet"] == {"port": "metrics", "path": "/healthz"}
     assert container["startupProbe"]["httpGet"] == {"port": "metrics", "path": "/healthz"}
@@ -160,6 +166,18 @@ def test_compose_runs_the_servers_haproxy_names_with_the_files_in_ops():
         # compose mounts each secret as /run/secrets/NAME: where the config reads them.
         given = {f"/run/secrets/{s}" for s in services[name]["secrets"]}
         assert {settings["token_file"], settings["tls_cert"], settings["tls_key"]} <= given
+        # Streaming clients of the release reach each instance's plaintext listener directly.
+        assert [p.split(":")[1] for p in services[name]["ports"]] == [str(settings["plaintext_port"])]
+        # haproxy's fixed address is the one proxy whose x-forwarded-for the instances believe,
+        # and it is not held to the per-address connection limit.
+        environment = compose["x-supervisor"]["environment"]
+        haproxy_address = services["haproxy"]["networks"]["pacsys"]["ipv4_address"]
+        assert environment["PACSYS_SUPERVISOR_TRUSTED_PROXIES"] == haproxy_address
+        assert environment["PACSYS_SUPERVISOR_CONNECTIONS_PER_ADDRESS_EXEMPT"] == haproxy_address
+    subnet = compose["networks"]["pacsys"]["ipam"]["config"][0]["subnet"]
+    assert ipaddress.ip_address(services["haproxy"]["networks"]["pacsys"]["ipv4_address"]) in ipaddress.ip_network(
+        subnet
+    )
     haproxy = dict(v.rsplit(":", 1)[0].split(":", 1) for v in services["haproxy"]["volumes"])
     assert (OPS / next(src for src, dst in haproxy.items() if dst.endswith("haproxy.cfg"))).resolve() == HAPROXY_CFG
     ca_file = re.search(r"\bca-file (\S+)", HAPROXY_CFG.read_text()).group(1)

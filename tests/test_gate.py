@@ -319,7 +319,7 @@ def test_a_policy_that_raises_is_internal(caplog):
     gate = Gate([Exploding()])
     with caplog.at_level(logging.ERROR, logger="pacsys.supervised"):
         refused(gate, read("M:OUTTMP"), "INTERNAL", "error", contains="Policy error")
-    assert "policy raised on rpc=Read" in caplog.text
+    assert "event=policy_failed rpc=Read" in caplog.text
 
 
 def test_the_write_gate_denies_unless_granted():
@@ -419,7 +419,9 @@ def test_outcomes_are_counted_timed_and_logged(caplog):
         gate.log_outcome("Read", PEER, ["M:OUTTMP"], "allow", 0.0)
     refusal, allowed = [r for r in caplog.records if r.name == "pacsys.supervised"]
     assert refusal.levelno == logging.INFO
-    assert refusal.getMessage().startswith(f"rpc=Set peer={PEER} devices=M:OUTTMP decision=unauthenticated reason=")
+    assert refusal.getMessage().startswith(
+        f"event=request rpc=Set peer={PEER} devices=M:OUTTMP decision=unauthenticated reason="
+    )
     assert allowed.levelno == logging.DEBUG  # INFO only with log_requests
     assert [rpc for rpc, _ in observed] == ["Set", "Read"] and all(s >= 0 for _, s in observed)
     assert gate.stats.requests == {("Set", "unauthenticated"): 1, ("Read", "allow"): 1}

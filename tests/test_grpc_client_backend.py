@@ -383,7 +383,7 @@ def test_subscription_reconnects_after_upstream_restart(caplog):
     caplog.set_level(logging.DEBUG, logger="pacsys.backends.grpc_client")
 
     def interruptions() -> int:
-        return sum("reconnecting" in r.getMessage() for r in caplog.records)
+        return sum("event=subscription_interrupted " in r.getMessage() for r in caplog.records)
 
     first_fake = _seeded(FakeBackend())
     srv = SupervisedServer(first_fake, port=0)

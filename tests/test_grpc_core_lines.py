@@ -79,7 +79,7 @@ def test_failed_handshakes_give_a_bounded_number_of_json_records(supervisor, ser
         *("--log-format", "json", "--grpc-log-interval", "1"),
         serving=False,
     )
-    port = int(sup.wait_line("stderr", r'"msg": "pacsys-supervisor: serving DAQ on 127\.0\.0\.1:(\d+) ').group(1))
+    port = int(sup.wait_line("stderr", r'"text": "pacsys-supervisor: serving DAQ on 127\.0\.0\.1:(\d+) ').group(1))
     started = time.monotonic()
     failed = _fail_handshakes(port, FLOOD_SECONDS)
     elapsed = time.monotonic() - started

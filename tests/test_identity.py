@@ -97,12 +97,12 @@ class _Context:
 
 def test_without_client_certificates_the_identity_is_the_address_remembered_per_peer():
     for tls in (False, True):
-        callers = Callers(tls=tls)
+        callers = Callers(tls=tls, client_certificates=False)
         call = _Context("ipv6:%5B::1%5D:40000")
         assert callers.identify(call, call.peer()) == ("ipv6:[::1]", tls)
         assert callers.identify(call, call.peer()) == ("ipv6:[::1]", tls)
         assert call.asked == 0  # a fact of the port and of the peer string: nothing asked of gRPC
-    callers = Callers(tls=False)
+    callers = Callers(tls=False, client_certificates=False)
     for port in range(Callers.PEERS_KEPT + 10):
         call = _Context(f"ipv4:10.0.0.1:{port}")
         assert callers.identify(call, call.peer()) == ("ipv4:10.0.0.1", False)
@@ -117,6 +117,15 @@ def test_under_mutual_tls_each_call_is_identified_by_its_own_certificate():
     assert callers.identify(ops, ops.peer()) == ("CN=ops-1,O=Test Lab", True)
     assert callers.identify(guest, guest.peer()) == ("CN=guest,O=Test Lab", True)
     assert (ops.asked, guest.asked) == (1, 1)  # once per call, for the identity and TLS together
+
+
+def test_beside_a_plaintext_port_tls_is_asked_of_each_call_and_the_address_remembered():
+    callers = Callers(tls=None, client_certificates=False)
+    plain = _Context("ipv4:10.0.0.1:5", {"transport_security_type": [b"insecure"]})
+    tls = _Context("ipv4:10.0.0.1:5", {"transport_security_type": [b"ssl"], "x509_subject": [b"CN=ops-1"]})
+    assert callers.identify(plain, plain.peer()) == ("ipv4:10.0.0.1", False)
+    assert callers.identify(tls, tls.peer()) == ("ipv4:10.0.0.1", True)  # no certificates asked there
+    assert (plain.asked, tls.asked) == (1, 1)
 
 
 def test_a_servicer_on_a_port_it_does_not_know_asks_each_call():

@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import re
+import signal
+import warnings
 
 import grpc
 import pytest
@@ -67,8 +69,8 @@ def test_kv_lines_keep_hostile_drfs_in_their_value(supervisor):
     requests = [logfmt(r["msg"]) for r in records if "decision=" in r["msg"]]
     assert [r["devices"] for r in requests] == list(HOSTILE)
     for request in requests:
-        assert set(request) == {"rpc", "peer", "devices", "decision", "reason", "ms"}, request
-        assert request["decision"] == "invalid"
+        assert set(request) == {"event", "rpc", "peer", "devices", "decision", "reason", "ms"}, request
+        assert request["event"] == "request" and request["decision"] == "invalid"
 
 
 def test_json_mode_writes_every_line_as_json_on_stderr(supervisor, tmp_path):
@@ -78,13 +80,17 @@ def test_json_mode_writes_every_line_as_json_on_stderr(supervisor, tmp_path):
         serving=False,
         tests_on_path=True,
     )
-    banner = sup.wait_line("stderr", r'"msg": "pacsys-supervisor: serving DAQ on 127\.0\.0\.1:(\d+) ')
+    banner = sup.wait_line("stderr", r'"text": "pacsys-supervisor: serving DAQ on 127\.0\.0\.1:(\d+) ')
     port = int(banner.group(1))
     for drf in HOSTILE:
         mark = sup.mark()
         _read_invalid(port, drf)
         sup.wait_line("stderr", r'"decision": "invalid"', start=mark)
-    assert sup.lines["stdout"] == [], "stdout must stay empty in json mode"
+    mark = sup.mark()
+    sup.proc.send_signal(signal.SIGTERM)
+    assert sup.wait_exit(30) == 0
+    sup.wait_line("stderr", r'"event": "server_stopped"', start=mark)
+    assert [line for line in sup.lines["stdout"] if line] == [], "stdout must stay empty in json mode"
     entries = [json.loads(line) for line in sup.lines["stderr"] if line]
     for entry in entries:
         assert {"ts", "level", "logger", "msg"} <= set(entry), entry
@@ -97,6 +103,19 @@ def test_json_mode_writes_every_line_as_json_on_stderr(supervisor, tmp_path):
     assert "forged" not in worker_line
     ready = [e for e in entries if e.get("event") == "worker_ready"]
     assert ready and ready[0]["slot"] == "0", entries  # the msg's pairs are fields of their own
+    # Every line of the service (all but the test backend's own) is an event, from the banner to the stop.
+    service = [e for e in entries if e["logger"] != "fault_backends"]
+    assert all(re.fullmatch(r"[a-z][a-z0-9_]*", e.get("event", "")) for e in service), service
+    events = [e["event"] for e in service]
+    for event in ("worker_spawned", "pool_ready", "serving", "banner", "request", "shutting_down", "server_stopped"):
+        assert event in events, (event, events)
+    (banner,) = [e for e in service if e["event"] == "banner"]
+    assert (
+        banner["text"]
+        == f"pacsys-supervisor: serving DAQ on 127.0.0.1:{port} (backend fault_backends:noisy, 1 worker ready)"
+    )
+    (stop,) = [e for e in service if e["event"] == "shutting_down"]
+    assert (stop["signal"], stop["shutdown_grace"]) == ("SIGTERM", "5"), stop
 
 
 def test_json_mode_reports_a_failed_start_as_json():
@@ -105,7 +124,8 @@ def test_json_mode_reports_a_failed_start_as_json():
     )
     assert result.returncode == 3, result
     entries = [json.loads(line) for line in result.stderr.splitlines()]
-    assert entries[-1]["level"] == "ERROR" and "/nonexistent/devices.toml" in entries[-1]["msg"]
+    assert entries[-1]["level"] == "ERROR" and "/nonexistent/devices.toml" in entries[-1]["error"]
+    assert (entries[-1]["event"], entries[-1]["exit_status"]) == ("command_failed", "3")
 
 
 @pytest.mark.parametrize("text", [*HOSTILE, "", "plain", "a b", "ä→漢", "tab\there", "\\", "x" * 1000])
@@ -158,7 +178,11 @@ def test_lines_elsewhere_have_no_priority(monkeypatch, root_logging):
             "event=worker_lost slot=%d pid=%d reason=%s detail=%s restart_in=%.2fs",
             (0, 123, "signal", "SIGKILL", 0.1),
         ),
-        ("decision=denied", "rpc=%s peer=%s devices=%s decision=denied ms=%.2f", ("Set", "ipv4:1.2.3.4:5", "Z:A", 0.2)),
+        (
+            "decision=denied",
+            "event=request rpc=%s peer=%s devices=%s decision=denied ms=%.2f",
+            ("Set", "ipv4:1.2.3.4:5", "Z:A", 0.2),
+        ),
     ],
 )
 def test_the_guides_journalctl_patterns_match_both_formats(pattern, message, values, root_logging):
@@ -192,6 +216,49 @@ def test_an_object_logged_as_the_message_is_a_value(root_logging):
     )
 
 
+def test_an_event_in_json_is_its_fields_and_in_kv_its_pairs(root_logging):
+    """An event with a client's text in its prose field: one field each in JSON, one pair each in kv,
+    and the whole message in msg in both (journalctl -g finds event=... either way)."""
+    error = "policies[0] (rate_limit): 'max_requests' x\" level=CRITICAL event=forged\nts=0"
+    lines = {}
+    for fmt in ("json", "kv"):
+        stream = io.StringIO()
+        configure_logging("INFO", fmt, stream=stream)
+        logging.getLogger("pacsys.supervised").error("event=config_reload_failed kept=running_config error=%s", error)
+        lines[fmt] = stream.getvalue()
+    entry = json.loads(lines["json"])
+    assert {k: v for k, v in entry.items() if k != "ts"} == {
+        "level": "ERROR",
+        "logger": "pacsys.supervised",
+        "msg": f"event=config_reload_failed kept=running_config error={escape_value(error)}",
+        "event": "config_reload_failed",
+        "kept": "running_config",
+        "error": error,
+    }
+    record = logfmt(lines["kv"].rstrip("\n"))
+    assert set(record) == {"ts", "level", "logger", "msg"} and record["msg"] == entry["msg"]
+    assert logfmt(record["msg"]) == {"event": "config_reload_failed", "kept": "running_config", "error": error}
+
+
+def test_a_python_warning_is_an_event(root_logging, monkeypatch):
+    """The service shows Python's warnings (a deprecation in a custom policy, say) as events."""
+    from pacsys.supervised.reporting import _log_warning
+
+    stream = io.StringIO()
+    configure_logging("INFO", "json", stream=stream)
+    monkeypatch.setattr(warnings, "showwarning", _log_warning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("old API, use new_api()", DeprecationWarning, stacklevel=1)
+    entry = json.loads(stream.getvalue())
+    assert (entry["event"], entry["category"], entry["detail"]) == (
+        "python_warning",
+        "DeprecationWarning",
+        "old API, use new_api()",
+    )
+    assert entry["file"] == __file__ and int(entry["line"]) > 0 and entry["level"] == "WARNING"
+
+
 def _guide_example(event: str) -> re.Pattern[str]:
     """The ops guide's example line of `event` (its log-lines table) as a pattern: `...` stands for any value."""
     (example,) = re.findall(rf"^\| `(event={event} [^`]*)` \|", (REPO / "ops/README.md").read_text(), re.M)
@@ -200,8 +267,6 @@ def _guide_example(event: str) -> re.Pattern[str]:
 
 def test_the_guides_worker_lines_are_the_lines_logged(supervisor):
     """worker_ready at start and worker_stopped after SIGTTOU, as the ops guide shows them."""
-    import signal
-
     sup = supervisor("--workers", "2", "--port", "0", "--host", "127.0.0.1")
     mark = sup.mark()
     sup.proc.send_signal(signal.SIGTTOU)

@@ -171,7 +171,7 @@ def test_logrotate_config_rotates_a_running_service(supervisor, daq, tmp_path):
     command = ["logrotate", "--force", "--state", str(tmp_path / "state"), str(tmp_path / "logrotate.conf")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result
-    sup.wait_line("stderr", r"SIGUSR1: audit files reopened", start=mark)
+    sup.wait_line("stderr", r"event=audit_reopened", start=mark)
     read_scalar(stub, "G:AMANDA@I")
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.wait_exit(15) == 0

@@ -6,7 +6,9 @@ turns NOT_SERVING and the instance keeps serving for drain_delay, longer than ha
 to stop sending it calls); the instance that comes back gets calls again. A stream of the
 pacsys 0.3.0 release's client moves to the other instance when its instance drains; when
 its instance is killed, haproxy ends it in a way that client does not recover from, which is
-why streaming clients are given the instances' addresses instead (tests/test_client_failover.py).
+why streaming clients are given the instances' addresses instead (tests/test_client_failover.py):
+as shipped, the instances' plaintext listeners (`plaintext_port`), which this test streams from
+through a SIGKILL too.
 
 haproxy is Debian's package (.ci/run installs it); the tests skip only where it is missing.
 """
@@ -31,6 +33,7 @@ pytestmark = [
 ]
 
 CLIENTS = 4
+DRF = "M:OUTTMP@p,100"
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +106,27 @@ def test_a_release_clients_stream_moves_to_the_other_instance_on_a_drain(pair):
         # The release subscribes again 1 s after UNAVAILABLE; through haproxy it reaches the survivor.
         wait_until(lambda: sub.readings(since=gone) >= 10, 30, "readings after the instance ended")
         assert other.metric("pacsys_active_streams") == 1
+
+
+def test_the_shipped_pair_streams_to_the_release_client_from_its_plaintext_listeners_through_a_kill(pair):
+    """The shipped topology for streaming clients that speak plaintext only: the release's client
+    given both instances' plaintext listeners (`plaintext_port`), no proxy in the stream's path;
+    the instance holding the stream SIGKILLed, the stream carries on from the other."""
+    both_up(pair)
+    a, b = pair.a, pair.b
+    with ReleaseSubscriber(
+        release_python(), f"ipv4:127.0.0.1:{a.plaintext_port},127.0.0.1", b.plaintext_port, DRF
+    ) as sub:
+        wait_until(lambda: sub.readings() >= 5, 30, "the release's stream from the plaintext listeners")
+        streams = {name: i.metric("pacsys_active_streams") for name, i in pair.instances.items()}
+        assert streams == {"a": 1.0, "b": 0.0}, streams  # pick_first: the first address
+        killed = time.monotonic()
+        a.signal(signal.SIGKILL)
+        a.wait(10)
+        wait_until(lambda: sub.readings(since=killed) >= 10, 30, "readings after the kill")
+        gap = sub.longest_gap(killed, time.monotonic())
+        assert gap < 2.0, f"{gap:.2f} s without readings:\n{sub.output()}"
+        assert b.metric("pacsys_active_streams") == 1
 
 
 def test_haproxy_ends_a_killed_instances_stream_without_a_status_and_the_release_client_gives_up(pair):

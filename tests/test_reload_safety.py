@@ -38,7 +38,7 @@ def test_a_reload_of_a_file_nested_500_deep_keeps_serving(supervisor, tmp_path):
     config.write_text(NESTED)
     mark = sup.mark()
     sup.proc.send_signal(signal.SIGHUP)
-    failed = sup.wait_line("stderr", r"level=ERROR .*config reload failed", start=mark)
+    failed = sup.wait_line("stderr", r"level=ERROR .*event=config_reload_failed ", start=mark)
     assert "nested too deeply" in failed.string
     assert sup.proc.poll() is None
     with grpc.insecure_channel(f"127.0.0.1:{sup.port}") as channel:

@@ -113,7 +113,7 @@ def test_long_drfs_are_refused_at_the_door_and_leave_bounded_traces(serve, tmp_p
     assert all(e["allowed"] is False for e in entries)
     assert _size(path) < 20 * 1500  # ... each a bounded excerpt (the DRFs were 2 MB in all)
     assert s.server.servicer.stats.limits_hit["max_drf_length"] == 20
-    lines = [r.getMessage() for r in log_lines if r.getMessage().startswith("rpc=Read")]
+    lines = [r.getMessage() for r in log_lines if r.getMessage().startswith("event=request rpc=Read")]
     assert len(lines) == 1 and len(lines[0]) < 1000  # the others are counted, not written
     assert s.server.servicer.stats.refusals_not_logged == 19
 
@@ -126,7 +126,7 @@ def test_suppressed_refusals_are_counted_in_the_next_line(serve, log_lines):
         return any("not_logged=" in r.getMessage() for r in log_lines)
 
     wait_for(refused_again_and_counted, what="a line counting the refusals not logged")
-    lines = [r.getMessage() for r in log_lines if r.getMessage().startswith("rpc=Read")]
+    lines = [r.getMessage() for r in log_lines if r.getMessage().startswith("event=request rpc=Read")]
     assert len(lines) >= 2 and "not_logged=" in lines[-1]
 
 
@@ -298,19 +298,23 @@ def test_one_client_cannot_take_every_stream(serve):
     assert s.server.servicer.stats.limits_hit["max_streams_per_peer"] == 1
 
 
-def test_health_watch_streams_count_against_the_limits(serve):
-    s = serve(limits=ServicerLimits(max_streams=100, max_streams_per_peer=3))
+def test_health_watch_streams_have_limits_of_their_own(serve):
+    s = serve(limits=ServicerLimits(max_streams=1, max_health_watches_per_peer=3))
     health = health_pb2_grpc.HealthStub(s.channel)
     watches = [health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30) for _ in range(3)]
     for w in watches:
         next(w)  # each is open and has answered
     code, _ = _refused(lambda: next(health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    code, _ = _refused(lambda: s.read(["M:OUTTMP@p,1000"]))
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED  # the watches hold this client's streams
+    assert s.server.servicer.stats.limits_hit["max_health_watches_per_peer"] == 1
+    stream = s.stub.Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@p,1000"]), timeout=10)
+    # Admitted: the watches hold none of the streams (max_streams is 1).
+    wait_for(lambda: s.server.servicer.active_streams == 1, what="the stream admitted")
+    assert stream.running()
+    stream.cancel()
     for w in watches:
         w.cancel()
-    wait_for(lambda: s.server.servicer.peers.streams == 0, what="watches closed")
+    wait_for(lambda: s.server.health._watches == 0, what="watches closed")
 
 
 def test_one_shot_calls_in_flight_are_limited_per_client(serve):

@@ -40,4 +40,4 @@ def test_run_serves_until_sigterm_and_returns():
             proc.wait()
     assert proc.returncode == 0, err
     assert out.strip() == "returned"
-    assert "signal SIGTERM: shutting down" in err and "server stopped" in err
+    assert "event=shutting_down signal=SIGTERM" in err and "event=server_stopped" in err

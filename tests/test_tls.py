@@ -179,6 +179,32 @@ def test_without_client_certificates_a_certificate_sent_anyway_reaches_no_call(p
     assert not {"x509_subject", "x509_common_name", "peer_dns", "peer_uri", "peer_email", "peer_ip"} & set(context)
 
 
+def test_a_plaintext_listener_beside_tls_serves_reads_but_refuses_tokens_and_remote_status(serve, pki):
+    """`plaintext_port`: the same services without TLS, for clients that speak plaintext only (the
+    pacsys 0.3.0 release); the gate decides per call, so a token stays refused there."""
+    import json
+
+    fake = _fake()
+    server = serve(fake, token=TOKEN, allow_token_plaintext=False, plaintext_port=0)
+    assert server.plaintext_port not in (None, 0, server.port)
+    with grpc.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as plain:
+        stub = DAQ_pb2_grpc.DAQStub(plain)
+        reply = list(stub.Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@I"]), timeout=5))
+        assert reply[0].readings.reading[0].data.scalar == pytest.approx(72.5)
+        request = DAQ_pb2.SettingList(setting=[DAQ_pb2.Setting(device="Z:ACLTST")])
+        request.setting[0].value.scalar = 1.0
+        metadata = [("authorization", f"Bearer {TOKEN}")]
+        code, details = _code(lambda: stub.Set(request, timeout=5, metadata=metadata))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "plaintext" in details
+    assert _set(server.port, _creds(pki), token=TOKEN).status[0].status_code == 0  # over TLS
+    assert fake.writes == [("Z:ACLTST", 1.0)]
+    # The status view answers a local client on either listener (remote ones need the token,
+    # which the plaintext listener refuses).
+    with grpc.insecure_channel(f"127.0.0.1:{server.plaintext_port}") as plain:
+        status = json.loads(plain.unary_unary("/pacsys.supervisor.Admin/Status")(b"", timeout=5))
+    assert status["plaintext_address"] == f"127.0.0.1:{server.plaintext_port}"
+
+
 def test_mutual_tls_identity_reaches_policies_and_the_audit(serve, pki, tmp_path):
     fake = _fake()
     path = str(tmp_path / "audit.jsonl")
@@ -237,6 +263,40 @@ def test_subject_patterns_match_parsed_attributes_and_fail_closed(serve, pki, tm
         ("CN=ops-x\\, O=Test Lab,O=Elsewhere", False),
         ("CN=ops-1,CN=guest,O=Test Lab", False),
     ]
+
+
+def test_through_a_trusted_proxy_the_client_is_the_forwarded_address_not_the_proxys_certificate(serve, pki, tmp_path):
+    """`trusted_proxies`: a proxy under mutual TLS presents its own certificate (here ops-1's);
+    a call it forwards is the forwarded address for host grants and the audit, so a subject
+    grant never matches through it (fail closed). A call without the header is the proxy
+    host's own, known by its certificate."""
+    fake = _fake()
+    path = str(tmp_path / "audit.jsonl")
+    grants = [WriteGrantPolicy(["ipv4:192.0.2.1"], ["Z:*"]), WriteGrantPolicy(["CN=ops-*"], ["Z:*"])]
+    server = serve(fake, client_ca=True, policies=grants, audit_log=AuditLog(path), trusted_proxies=["127.0.0.1"])
+
+    def forwarded_set(client: str | None) -> grpc.StatusCode:
+        metadata = [("x-forwarded-for", client)] if client else None
+        request = DAQ_pb2.SettingList(setting=[DAQ_pb2.Setting(device="Z:ACLTST")])
+        request.setting[0].value.scalar = 1.0
+        with grpc.secure_channel(f"127.0.0.1:{server.port}", _creds(pki, "ops-1")) as channel:
+            try:
+                DAQ_pb2_grpc.DAQStub(channel).Set(request, timeout=5, metadata=metadata)
+            except grpc.RpcError as exc:
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    assert forwarded_set("192.0.2.1") == grpc.StatusCode.OK  # the host grant
+    assert forwarded_set("192.0.2.2") == grpc.StatusCode.PERMISSION_DENIED  # not the proxy's CN=ops-1
+    assert forwarded_set(None) == grpc.StatusCode.OK  # the proxy's host itself: its certificate
+    assert _audited_sets(server, path) == [
+        ("ipv4:192.0.2.1", True),
+        ("ipv4:192.0.2.2", False),
+        ("CN=ops-1,O=Test Lab", True),
+    ]
+    server.servicer.audit.flush()
+    peers = [e["peer"] for e in read_audit(path) if e["dir"] == "in" and e["method"] == "Set"]
+    assert peers[:2] == ["ipv4:192.0.2.1:0", "ipv4:192.0.2.2:0"] and peers[2].startswith("ipv4:127.0.0.1:")
 
 
 def test_an_ipv6_client_is_known_as_documented(tmp_path):
@@ -344,14 +404,14 @@ def test_the_command_serves_tls_takes_tokens_over_it_only_and_reloads_its_certif
         key.write_bytes(_pem(pki, "server2.key"))
         mark = sup.mark()
         sup.proc.send_signal(signal.SIGHUP)
-        sup.wait_line("stderr", r"level=INFO .*config reloaded", start=mark)
+        sup.wait_line("stderr", r"level=INFO .*event=config_reloaded ", start=mark)
         assert len(_read(port, _creds(pki, ca="other-ca.crt"))) == 1
         # A key that is not the certificate's: the reload is refused, naming the file and why;
         # the running pair serves on.
         key.write_bytes(_pem(pki, "server.key"))
         mark = sup.mark()
         sup.proc.send_signal(signal.SIGHUP)
-        refused = sup.wait_line("stderr", r"level=ERROR .*config reload failed.*", start=mark)[0]
+        refused = sup.wait_line("stderr", r"level=ERROR .*event=config_reload_failed .*", start=mark)[0]
         assert f"'tls_key' {key}: does not match the certificate {cert}" in refused.replace("\\'", "'"), refused
         assert len(_read(port, _creds(pki, ca="other-ca.crt"))) == 1
     finally:

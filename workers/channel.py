@@ -42,7 +42,7 @@ class FrameChannel(asyncio.Protocol):
         try:
             messages = self._reader.feed(data)
         except ProtocolError as exc:
-            logger.error("protocol error: %s", exc)
+            logger.error("event=channel_protocol_error error=%s", exc)
             self.abort(exc)
             return
         for message in messages:

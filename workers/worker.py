@@ -136,12 +136,12 @@ class Worker:
             try:
                 await sub.stop()
             except Exception:
-                logger.exception("subscription stop failed")
+                logger.exception("event=subscription_stop_failed")
         if self._backend is not None:
             try:
                 await asyncio.wait_for(self._backend.close(), 5)
             except Exception:
-                logger.exception("backend close failed")
+                logger.exception("event=backend_close_failed")
         if self._channel is not None:
             self._channel.close()
 

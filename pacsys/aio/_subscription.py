@@ -16,12 +16,17 @@ reader loses its own data, it never blocks the producer.
 A handle carries Readings. One made for a consumer that only forwards the bytes (the
 servicer's streams on a worker pool, `AsyncBackend.subscribe_bodies`) carries each reading as
 the pair (DRF, DAQ reply body) instead, which its consumer takes with `drain()`.
+
+A consumer that bounds what its readings may cost meters the handle (`meter(cost)`):
+`queued_bytes` then counts each reading's cost from the moment it is buffered until it is
+dropped, or taken and written (`drain`, then `sent`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -55,6 +60,9 @@ class AsyncSubscriptionHandle:
         self._exc: BaseException | None = None
         self.dropped = 0
         self.delivered = 0
+        self._cost: Callable[[Item], int] | None = None  # set by `meter`
+        self._buffered_bytes = 0  # the cost of the buffered readings
+        self._taken_bytes = 0  # the cost of the last batch drained, until `sent`
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -70,6 +78,16 @@ class AsyncSubscriptionHandle:
 
     def __len__(self) -> int:
         return len(self._buffer)
+
+    @property
+    def queued_bytes(self) -> int:
+        """The cost of the readings buffered and of the batch taken but not yet `sent` (0 unmetered)."""
+        return self._buffered_bytes + self._taken_bytes
+
+    def meter(self, cost: Callable[[Item], int]) -> None:
+        """Count `cost(reading)` in `queued_bytes` for each reading from now on (and those buffered)."""
+        self._cost = cost
+        self._buffered_bytes = sum(map(cost, self._buffer))
 
     # -- producer side ---------------------------------------------------------------
 
@@ -108,9 +126,14 @@ class AsyncSubscriptionHandle:
         if self._stopped:
             return
         buffer = self._buffer
+        cost = self._cost
         if len(buffer) == buffer.maxlen:
             self.dropped += 1  # the deque drops the oldest on append
+            if cost is not None:
+                self._buffered_bytes -= cost(buffer[0])
         buffer.append(reading)
+        if cost is not None:
+            self._buffered_bytes += cost(reading)
         self._wake()
 
     # The pacsys release's backends call its handles' producer methods by these private
@@ -123,9 +146,17 @@ class AsyncSubscriptionHandle:
         if self._stopped:
             return
         buffer = self._buffer
+        cost = self._cost
         overflow = len(buffer) + len(readings) - (buffer.maxlen or 0)
         if overflow > 0:
             self.dropped += overflow  # the deque drops the oldest on extend
+        if cost is not None:
+            # Dropped: the oldest buffered, then (more arriving than the buffer holds) the first new.
+            lost = max(overflow, 0)
+            old_lost = min(lost, len(buffer))
+            self._buffered_bytes += sum(map(cost, readings[lost - old_lost :])) - sum(
+                map(cost, itertools.islice(buffer, old_lost))
+            )
         buffer.extend(readings)
         self._wake()
 
@@ -158,6 +189,8 @@ class AsyncSubscriptionHandle:
             while self._buffer:
                 reading = cast(Reading, self._buffer.popleft())  # a handle of Readings is iterated
                 self.delivered += 1
+                if self._cost is not None:
+                    self._buffered_bytes -= self._cost(reading)
                 yield reading, self
             if self._stopped:
                 if self._exc is not None:
@@ -183,13 +216,24 @@ class AsyncSubscriptionHandle:
             kept = collections.deque(self._buffer, maxlen=maxsize)
             self.dropped += len(self._buffer) - len(kept)
             self._buffer = kept
+            if self._cost is not None:
+                self._buffered_bytes = sum(map(self._cost, kept))
 
     def drain(self) -> list[Item]:
-        """Take every buffered reading at once (for consumers that write in batches)."""
+        """Take every buffered reading at once (for consumers that write in batches).
+
+        Metered, the batch's cost stays in `queued_bytes` until `sent` (or the next `drain`).
+        """
         items = list(self._buffer)
         self._buffer.clear()
         self.delivered += len(items)
+        self._taken_bytes = self._buffered_bytes
+        self._buffered_bytes = 0
         return items
+
+    def sent(self) -> None:
+        """The batch last drained is written: its cost leaves `queued_bytes`."""
+        self._taken_bytes = 0
 
     async def wait(self) -> None:
         """Wait until a reading is buffered or the subscription stops."""

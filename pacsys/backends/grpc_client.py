@@ -165,7 +165,7 @@ class DAQClientBackend(AsyncBackend):
         loop = asyncio.get_running_loop()
         if self._stub is None or self._channel_loop is not loop:
             if self._channel is not None:
-                logger.debug("DAQ channel to %s used from a new event loop: opening another", self.target)
+                logger.debug("event=daq_channel_opened target=%s reason=new_event_loop", self.target)
             if self._credentials is not None:
                 self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
             else:
@@ -229,7 +229,12 @@ class DAQClientBackend(AsyncBackend):
         except grpc.aio.AioRpcError as exc:
             raise map_rpc_error(exc, self.target, WriteError) from exc
         if len(reply.status) != len(settings):
-            logger.warning("%s answered %d statuses for %d settings", self.target, len(reply.status), len(settings))
+            logger.warning(
+                "event=set_status_count_mismatch target=%s statuses=%d settings=%d",
+                self.target,
+                len(reply.status),
+                len(settings),
+            )
         results = []
         for i, (drf, _) in enumerate(settings):
             if i < len(reply.status):
@@ -295,7 +300,7 @@ class DAQClientBackend(AsyncBackend):
                     # the first interruption at INFO; the retries of a long outage at DEBUG
                     logger.log(
                         logging.INFO if backoff == RECONNECT_INITIAL else logging.DEBUG,
-                        "subscription to %s interrupted (%s: %s); reconnecting in %.1f s",
+                        "event=subscription_interrupted target=%s code=%s detail=%s reconnect_in=%.1fs",
                         self.target,
                         exc.code().name,
                         exc.details(),
@@ -308,7 +313,7 @@ class DAQClientBackend(AsyncBackend):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # not a gRPC status: end the handle rather than die silently
-            logger.exception("subscription to %s failed", self.target)
+            logger.exception("event=subscription_failed target=%s", self.target)
             handle.signal_error(exc)
         finally:
             self._subscriptions.pop(handle, None)

@@ -21,79 +21,16 @@ between settings goes in `Settings.__post_init__`. Then regenerate the example f
 
 from __future__ import annotations
 
-import math
-import re
+import ipaddress
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 from pacsys.backends.spec import FORMS, check_backend_spec
+from pacsys.settings.field import ConfigError, Field, field_of, flag_name, range_text, setting
 
 __all__ = ["FIELDS", "POLICY_TYPES", "ConfigError", "Field", "Settings", "flag_name", "range_text", "setting"]
-
-
-class ConfigError(ValueError):
-    """A bad setting. `key` names the setting (or ``policies[i]``) when there is one."""
-
-    def __init__(self, message: str, key: str | None = None, body: str | None = None):
-        super().__init__(message)
-        self.key = key
-        self.body = body
-
-    @classmethod
-    def of(cls, key: str, body: str) -> ConfigError:
-        """The error of `key`, worded ``'key' body`` (``policies[2] body``)."""
-        return cls(f"{key if '[' in key else repr(key)} {body}", key=key, body=body)
-
-
-def range_text(lo: float | None, hi: float | None, gt: float | None) -> str:
-    """The bounds of a number for an error message: " from 1 to 5", " > 0", " >= 1" or ""."""
-    if lo is not None and hi is not None:
-        return f" from {lo:g} to {hi:g}"
-    if gt is not None:
-        return f" > {gt:g}"
-    if lo is not None:
-        return f" >= {lo:g}"
-    if hi is not None:
-        return f" <= {hi:g}"
-    return ""
-
-
-def setting(
-    help: str,
-    *,
-    section: str,
-    ge: float | None = None,
-    le: float | None = None,
-    gt: float | None = None,
-    flag: bool = True,
-    in_file: bool = True,
-    example: Any = None,
-    metavar: str | None = None,
-    normalize: Callable[[str], str] | None = None,
-    check: Callable[[Any], str | None] | None = None,
-) -> msgspec.Meta:
-    """A field's metadata: bounds msgspec checks, the help, and where the setting shows.
-
-    `flag`: a command line option and an environment variable; `in_file`: a key of the TOML
-    file; `example`: shown in the example file for a setting unset by default; `normalize`: a
-    text's spelling made canonical before the check (``str.lower``); `check`: a last check of
-    the converted value, returning what is wrong with it (read after the key) or None.
-    """
-    extra = {
-        "section": section,
-        "flag": flag,
-        "in_file": in_file,
-        "example": example,
-        "metavar": metavar,
-        "normalize": normalize,
-        "check": check,
-    }
-    bounds: dict[str, Any] = {k: v for k, v in (("ge", ge), ("le", le), ("gt", gt)) if v is not None}
-    return msgspec.Meta(**bounds, description=help, extra=extra)
 
 
 # -- checks used in the field metadata ---------------------------------------------------------
@@ -109,6 +46,16 @@ def _check_host(host: str) -> str | None:
 
 def _check_patterns(patterns: tuple[str, ...]) -> str | None:
     return "must not contain empty patterns" if any(not p.strip() for p in patterns) else None
+
+
+def _check_networks(networks: tuple[str, ...]) -> str | None:
+    # Strict: "10.0.0.5/24" is refused rather than read as the whole 10.0.0.0/24.
+    for text in networks:
+        try:
+            ipaddress.ip_network(text.strip().strip("[]"))
+        except ValueError as exc:
+            return f"must hold IP addresses or networks (e.g. 10.0.0.5 or 10.0.0.0/24), got {text!r}: {exc}"
+    return None
 
 
 # The [[policies]] table types, by name; `pacsys.supervised.policy_config` builds each (a test
@@ -176,6 +123,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "Seconds to keep serving after reporting NOT_SERVING on SIGTERM/SIGINT, before the drain (load balancers).",
         section="Server", ge=0, le=3600,
     )] = 0.0
+    reuse_port: Annotated[bool, setting(
+        "Share port (and plaintext_port) with other pacsys-supervisor processes of this user that set it too "
+        "(SO_REUSEPORT): the kernel spreads new connections over them; one that drains leaves the port at once and "
+        "serves its connections until each was asked to reconnect (connection_max_age x 1.1 + 1 s, or drain_delay "
+        "if longer). Off: a port in use fails the start.",
+        section="Server",
+    )] = False
+    connection_max_age: Annotated[float, setting(
+        "Seconds after which a client connection is asked to reconnect (HTTP/2 GOAWAY, give or take 10%): its calls "
+        "and streams finish on it, new calls take a new connection. Spreads clients over instances sharing a port "
+        "and moves them off one that drains. Unset: never, or 10 with reuse_port.",
+        section="Server", gt=0, le=86400, example=10.0,
+    )] | None = None
+    plaintext_port: Annotated[int, setting(
+        "Port of a second listener without TLS beside the TLS one (needs tls_cert), with the same services, for "
+        "clients that speak plaintext only; a bearer token is refused there unless allow_token_plaintext "
+        "(unset: none; 0 picks a free one).",
+        section="Server", ge=0, le=65535, example=50052,
+    )] | None = None
 
     # backend and workers
     backend: Annotated[str, setting(
@@ -233,6 +199,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "Accept a bearer token over a connection without TLS (unset: only when host is a loopback address).",
         section="Security", example=False,
     )] | None = None
+    trusted_proxies: Annotated[tuple[str, ...], setting(
+        "Addresses or networks of proxies whose x-forwarded-for header is believed: a call from one of them is "
+        "the client the header's last address names (per-client limits, grants, the status view, the audit). "
+        "Empty: the header is ignored.",
+        section="Security", check=_check_networks, example=["10.0.0.5", "192.168.7.0/24"], metavar="NETWORK",
+    )] = ()
     tls_cert: Annotated[str, setting(
         "PEM certificate chain of the service: serve TLS (re-read on SIGHUP; needs tls_key).",
         section="Security", example="/etc/pacsys/tls/server.crt", metavar="FILE",
@@ -286,11 +258,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "Longest DRF (or setting device) accepted, in characters.", section="Limits", ge=16
     )] = 512
     max_streams: Annotated[int, setting(
-        "Most streams open at once: streaming Reads and Health.Watch.", section="Limits", ge=1
+        "Most streaming Reads open at once.", section="Limits", ge=1
     )] = 10000
     max_streams_per_peer: Annotated[int, setting(
         "Most streams open at once from one client (identity or host).", section="Limits", ge=1
     )] = 1000
+    max_health_watches: Annotated[int, setting(
+        "Most grpc.health.v1.Health/Watch streams open at once (apart from max_streams: they cannot take its place).",
+        section="Limits", ge=1,
+    )] = 1000
+    max_health_watches_per_peer: Annotated[int, setting(
+        "Most Health/Watch streams open at once from one client (identity or host).", section="Limits", ge=1
+    )] = 16
     max_calls_per_peer: Annotated[int, setting(
         "Most one-shot Reads and Sets in flight from one client.", section="Limits", ge=1
     )] = 100
@@ -306,6 +285,51 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     )] = 10000.0
     stream_buffer: Annotated[int, setting(
         "Readings queued per client stream before its oldest are dropped.", section="Limits", ge=1
+    )] = 1000
+    max_queued_bytes_per_peer: Annotated[int, setting(
+        "Bytes of readings queued for one client's streams (identity or host); past it, its streams "
+        "whose replies have gone unread for stalled_stream_seconds are ended (RESOURCE_EXHAUSTED).",
+        section="Limits", ge=65536,
+    )] = 32 * 2**20
+    max_queued_bytes: Annotated[int, setting(
+        "Bytes of readings queued for all client streams; past it, the clients holding the most lose, "
+        "down to their share, their streams that have not caught up for stalled_stream_seconds.",
+        section="Limits", ge=65536,
+    )] = 512 * 2**20
+    stalled_stream_seconds: Annotated[float, setting(
+        "Seconds a stream's replies may go unread (or, for max_queued_bytes, the stream stay behind) "
+        "before the queued-bytes budgets may end it.",
+        section="Limits", ge=1,
+    )] = 5.0
+
+    # connections (the service port's HTTP/2 transport)
+    max_connections: Annotated[int, setting(
+        "Most connections to the service port at once; more are accepted and closed at once "
+        "(0: the open-file limit minus a reserve for workers, audit, TLS and the metrics port).",
+        section="Connections", ge=0,
+    )] = 0
+    max_connections_per_address: Annotated[int, setting(
+        "Most connections from one client address; the newest beyond it are cut within a second (0: no limit).",
+        section="Connections", ge=0,
+    )] = 1000
+    connections_per_address_exempt: Annotated[tuple[str, ...], setting(
+        "Addresses or networks (CIDR) that max_connections_per_address does not apply to: your load balancers, "
+        "which carry every client's connections from one address.",
+        section="Connections", check=_check_networks, example=["10.0.0.5", "10.1.0.0/24"], metavar="ADDRESS",
+    )] = ()
+    connection_idle_timeout: Annotated[float, setting(
+        "Seconds a connection without calls stays open; then it is closed (GOAWAY: clients reconnect on their "
+        "next call; 0: never).",
+        section="Connections", ge=0,
+    )] = 300.0
+    handshake_timeout: Annotated[float, setting(
+        "Seconds a new connection has to finish its TLS handshake and HTTP/2 preface before it is closed.",
+        section="Connections", gt=0,
+    )] = 10.0
+    max_concurrent_streams: Annotated[int, setting(
+        "Most calls open at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; a client queues "
+        "the others); also gRPC's defence against streams reset as soon as they are opened.",
+        section="Connections", ge=1,
     )] = 1000
 
     # supervision
@@ -449,6 +473,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError.of(
                 "min_workers_ready", f"({self.min_workers_ready}) must not exceed 'workers' ({self.workers})"
             )
+        if self.max_queued_bytes_per_peer > self.max_queued_bytes:
+            raise ConfigError.of(
+                "max_queued_bytes_per_peer",
+                f"({self.max_queued_bytes_per_peer}) must not exceed 'max_queued_bytes' ({self.max_queued_bytes})",
+            )
         if self.restart_cooldown_max < self.restart_cooldown_initial:
             raise ConfigError.of(
                 "restart_cooldown_max",
@@ -481,107 +510,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             )
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError.of("tls_client_ca", "needs 'tls_cert' and 'tls_key' (mutual TLS is TLS first)")
+        if self.plaintext_port is not None:
+            if self.tls_cert is None:
+                raise ConfigError.of(
+                    "plaintext_port",
+                    "needs 'tls_cert' and 'tls_key': without TLS, 'port' is a plaintext listener already",
+                )
+            if self.tls_client_ca is not None:
+                raise ConfigError.of(
+                    "plaintext_port",
+                    "cannot be combined with 'tls_client_ca': mutual TLS means that every client has a certificate",
+                )
+            if self.plaintext_port and self.plaintext_port in (self.port, self.metrics_port):
+                other = "port" if self.plaintext_port == self.port else "metrics_port"
+                raise ConfigError.of("plaintext_port", f"({self.plaintext_port}) must differ from {other!r}")
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` (checked as a new one is)."""
         return msgspec.structs.replace(self, **changes)
 
 
-# -- what each field declares, read once -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Field:
-    """One setting as its declaration says: its type, bounds, default, help and where it shows."""
-
-    name: str
-    type: Any  # what msgspec converts a value to: the annotated type, without None
-    kind: type  # int, float, str, bool or tuple (a list)
-    optional: bool
-    default: Any
-    help: str
-    section: str
-    flag: bool
-    in_file: bool
-    example: Any
-    metavar: str | None
-    choices: tuple[str, ...] | None
-    bounds: str  # " from 0 to 65535", " > 0" ...: for messages
-    normalize: Callable[[str], str] | None
-    extra_check: Callable[[Any], str | None] | None
-
-    def check(self, value: Any) -> Any:
-        """`value` converted to the field's type by msgspec, or ConfigError worded as the project words it."""
-        if value is None:
-            if self.optional:
-                return None
-            raise ConfigError.of(self.name, "must be set")
-        if self.normalize is not None and isinstance(value, str):
-            value = self.normalize(value)
-        try:
-            converted = msgspec.convert(value, self.type)
-        except msgspec.ValidationError as exc:
-            raise self._refused(value, exc) from None
-        if self.kind is float and not math.isfinite(converted):
-            raise ConfigError.of(self.name, f"must be a number{self.bounds}, got {value!r}")
-        if self.extra_check is not None:
-            problem = self.extra_check(converted)
-            if problem is not None:
-                raise ConfigError.of(self.name, problem)
-        return converted
-
-    def _refused(self, value: Any, exc: msgspec.ValidationError) -> ConfigError:
-        if self.kind is bool:
-            return ConfigError.of(self.name, f"must be true or false, got {value!r}")
-        if self.kind is int:
-            return ConfigError.of(self.name, f"must be an integer{self.bounds}, got {value!r}")
-        if self.kind is float:
-            return ConfigError.of(self.name, f"must be a number{self.bounds}, got {value!r}")
-        if self.choices is not None:
-            return ConfigError.of(self.name, f"must be one of {', '.join(self.choices)}, got {value!r}")
-        if self.kind is str:
-            return ConfigError.of(self.name, f"must be a string, got {value!r}")
-        if self.name == "policies":
-            at = re.search(r"at `\$\[(\d+)\]", str(exc))
-            if at is not None and isinstance(value, list | tuple):
-                i = int(at[1])
-                return ConfigError.of(f"policies[{i}]", f"must be a table ([[policies]]), got {value[i]!r}")
-            return ConfigError.of(self.name, f"must be an array of tables ([[policies]]), got {value!r}")
-        return ConfigError.of(self.name, f"must be a list of strings, got {value!r}")
-
-
-def _field(info: msgspec.structs.FieldInfo, hint: Any) -> Field:
-    optional = typing.get_origin(hint) in (typing.Union, _UnionType) and type(None) in typing.get_args(hint)
-    if optional:
-        (hint,) = (a for a in typing.get_args(hint) if a is not type(None))
-    base, meta = typing.get_args(hint)  # Annotated[base, setting(...)]
-    extra = meta.extra
-    choices = typing.get_args(base) if typing.get_origin(base) is Literal else None
-    origin = typing.get_origin(base) or base
-    return Field(
-        name=info.name,
-        type=hint,
-        kind=str if choices else origin,
-        optional=optional,
-        default=info.default,
-        help=meta.description,
-        section=extra["section"],
-        flag=extra["flag"],
-        in_file=extra["in_file"],
-        example=extra["example"],
-        metavar=extra["metavar"],
-        choices=choices,
-        bounds=range_text(meta.ge, meta.le, meta.gt),
-        normalize=extra["normalize"],
-        extra_check=extra["check"],
-    )
-
-
-_UnionType = type(int | None)
 _HINTS = typing.get_type_hints(Settings, include_extras=True)
-FIELDS: dict[str, Field] = {info.name: _field(info, _HINTS[info.name]) for info in msgspec.structs.fields(Settings)}
-
-
-def flag_name(name: str) -> str:
-    """The command line option of a setting: ``threads_per_worker`` -> ``--threads-per-worker``."""
-    return "--" + name.replace("_", "-")
+FIELDS: dict[str, Field] = {info.name: field_of(info, _HINTS[info.name]) for info in msgspec.structs.fields(Settings)}

@@ -22,6 +22,7 @@ from pacsys.supervised._policies import (
 )
 from pacsys.supervised._server import SupervisedServer
 from pacsys.supervised._tls import TLSFiles
+from pacsys.supervised._transport import TransportLimits
 from pacsys.supervised.gate import ServicerLimits
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "SlewRatePolicy",
     "SupervisedServer",
     "TLSFiles",
+    "TransportLimits",
     "ValueRangePolicy",
     "WriteGrantPolicy",
     "audit_files",

@@ -398,7 +398,7 @@ class AuditLog:
                     raise ValueError("the entry does not encode as JSON")
             except Exception:
                 self._json.failing = True
-                logger.exception("audit: cannot build entry for request seq %d", seq)
+                logger.exception("event=audit_entry_failed seq=%d", seq)
                 if must_record:
                     raise AuditUnavailable(f"cannot build the entry of request seq {seq}") from None
                 return seq
@@ -440,7 +440,7 @@ class AuditLog:
             try:
                 entry.update(summarize_reply(method, response))
             except Exception:
-                logger.exception("audit: cannot summarize %s reply for seq %d", method, seq)
+                logger.exception("event=audit_reply_summary_failed rpc=%s seq=%d", method, seq)
             frame = self._frame(seq, _REPLY_TAGS.get(method), response) if self._proto is not None else None
             self._write(seq, _encode(entry), frame)
 
@@ -452,7 +452,7 @@ class AuditLog:
                 try:
                     entry.setdefault(key, _jsonable(value))
                 except Exception:  # e.g. a self-referencing list
-                    logger.exception("audit: cannot record field %r of event %r", key, event)
+                    logger.exception("event=audit_field_failed field=%s audit_event=%s", key, event)
             self._write(seq, _encode(entry), None)
 
     def flush(self) -> None:
@@ -477,7 +477,7 @@ class AuditLog:
                 try:
                     f.close()
                 except Exception:
-                    self._failed(f, "cannot close")
+                    self._failed(f, "close")
             self._unflushed = 0
 
     def reopen(self) -> bool:
@@ -495,7 +495,7 @@ class AuditLog:
                     f.open()
                 except Exception:
                     reopened = False
-                    self._failed(f, "cannot reopen")
+                    self._failed(f, "reopen")
             self._unflushed = 0
         return reopened
 
@@ -516,7 +516,7 @@ class AuditLog:
                 raise ValueError(f"no frame tag for {type(message).__name__}")
             payload = message.SerializeToString()
         except Exception:
-            self._failed(self._proto, "cannot write frame of seq %s", seq)
+            self._failed(self._proto, "serialize_frame", seq)
             return None
         return bytes((tag,)) + varint(len(payload)) + payload
 
@@ -524,7 +524,7 @@ class AuditLog:
         """Write one entry's line (None: it would not encode) and its optional frame. Holds the
         lock; never raises."""
         if line is None:
-            self._failed(self._json, "cannot encode entry seq %s", seq)
+            self._failed(self._json, "encode_entry", seq)
         if self.limits.max_bytes and self._over_max_bytes(len(line or b""), len(frame or b"")):
             self._rotate()
         if line is not None:
@@ -532,13 +532,13 @@ class AuditLog:
                 self._json.write(line)
                 self.stats.written_bytes += len(line)
             except Exception:
-                self._failed(self._json, "cannot write entry seq %s", seq)
+                self._failed(self._json, "write_entry", seq)
         if frame is not None and self._proto is not None:
             try:
                 self._proto.write(frame)
                 self.stats.written_bytes += len(frame)
             except Exception:
-                self._failed(self._proto, "cannot write frame of seq %s", seq)
+                self._failed(self._proto, "write_frame", seq)
         self._unflushed += 1
         if flush or self._unflushed >= self._flush_interval:
             self._flush()
@@ -569,7 +569,7 @@ class AuditLog:
             try:
                 f.close()
             except Exception:
-                self._failed(f, "cannot close for rotation")
+                self._failed(f, "close_for_rotation")
         keep = self.limits.keep
         for f in self._files():
             try:
@@ -590,20 +590,24 @@ class AuditLog:
             try:
                 f.flush()
             except Exception:
-                self._failed(f, "cannot flush")
+                self._failed(f, "flush")
             else:
                 if f.failing and f.is_open:  # a dropped handle flushed nothing
                     f.failing = False
-                    logger.warning("audit: %s: recording again", f.path)
+                    logger.warning("event=audit_file_recovered path=%s", f.path)
 
     @staticmethod
-    def _failed(f: _File, what: str, *args: object) -> None:
+    def _failed(f: _File, action: str, seq: int | None = None) -> None:
         # The traceback once per run of failures: a full disk must not add one to every request.
+        text = "event=audit_file_failed path=%s action=%s"
+        args: list[object] = [f.path, action]
+        if seq is not None:
+            text, args = text + " seq=%d", [*args, seq]
         if f.failing:
-            logger.debug("audit: %s: " + what, f.path, *args, exc_info=True)
+            logger.debug(text, *args, exc_info=True)
         else:
             f.failing = True
-            logger.exception("audit: %s: " + what, f.path, *args)
+            logger.exception(text, *args)
 
 
 def _encode(entry: dict[str, object]) -> bytes | None:

@@ -243,7 +243,7 @@ class DiskWatch:
         try:
             free = min(_free_bytes(d) for d in self._directories)
         except OSError as exc:
-            logger.debug("audit: cannot look up the free space: %s", exc)
+            logger.debug("event=audit_free_space_unknown error=%s", exc)
             return
         self.free_bytes = free
         level = 2 if free < self.reserve else 1 if free < self.min_free else 0

@@ -55,21 +55,22 @@ _ATTRIBUTE_TYPE = re.compile(r"\s*([A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)*)\s*
 
 class Callers:
     """Who each call comes from and whether it came over TLS, asking gRPC as little per call as
-    the port allows.
+    the ports allow.
 
-    Whether calls come over TLS is a fact of the port (`tls`), and so is whether its clients
-    present certificates (`client_certificates`: mutual TLS). Without client certificates an
-    identity is the peer's address, a pure function of the peer string: remembered per peer
-    (at most `PEERS_KEPT`, then forgotten at once), with no auth context asked. Under mutual
-    TLS the auth context is asked once per call and nothing is remembered: grpc.aio shows no
+    Whether calls come over TLS is a fact of the port (`tls`; None: asked of each call, as on a
+    server with a plaintext port beside its TLS one), and so is whether its clients present
+    certificates (`client_certificates`: mutual TLS; None: not known). Without client
+    certificates an identity is the peer's address, a pure function of the peer string:
+    remembered per peer (at most `PEERS_KEPT`, then forgotten at once). Under mutual TLS the
+    auth context is asked once per call and nothing is remembered: grpc.aio shows no
     connection, and a client port used again by another client must not inherit a
-    certificate's identity. A port not known (`tls` None: a servicer mounted on someone
-    else's server) asks the auth context of each call for both.
+    certificate's identity. `Callers()`, for a servicer mounted on a server it does not know,
+    asks each call for both.
     """
 
     PEERS_KEPT = 4096
 
-    def __init__(self, tls: bool | None = None, client_certificates: bool = False):
+    def __init__(self, tls: bool | None = None, client_certificates: bool | None = None):
         self.tls = tls
         self.client_certificates = client_certificates
         self._hosts: dict[str, str] = {}
@@ -77,17 +78,18 @@ class Callers:
     def identify(self, context: grpc.aio.ServicerContext, peer: str) -> tuple[str, bool]:
         """The identity of the call's client (`peer` is `context.peer()`), and whether it came over TLS."""
         tls = self.tls
-        if tls is not None and not self.client_certificates:
-            host = self._hosts.get(peer)
-            if host is None:
-                if len(self._hosts) >= self.PEERS_KEPT:
-                    self._hosts.clear()
-                host = self._hosts[peer] = peer_host(peer)
-            return host, tls
-        auth = context.auth_context() or {}
-        if tls is None:
-            tls = auth.get("transport_security_type") == [b"ssl"]
-        return client_identity(auth, peer), tls
+        if tls is None or self.client_certificates is not False:
+            auth = context.auth_context() or {}
+            if tls is None:
+                tls = auth.get("transport_security_type") == [b"ssl"]
+            if self.client_certificates is not False:
+                return client_identity(auth, peer), tls
+        host = self._hosts.get(peer)
+        if host is None:
+            if len(self._hosts) >= self.PEERS_KEPT:
+                self._hosts.clear()
+            host = self._hosts[peer] = peer_host(peer)
+        return host, tls
 
 
 def client_identity(auth: Mapping[str, Sequence[bytes]], peer: str) -> str:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pacsys.drf import DRF, DRFError, Field, Property, Range, parse_cached
-from pacsys.supervised._policies import (
+from pacsys.supervised._policy_base import (
     _ALLOW,
     CurrentValue,
     Policy,

@@ -2,9 +2,9 @@
 
 A client is known by its identity: the subject of its TLS client certificate when it
 presented one, else its address without the port (a new connection from the same host is
-the same client). Per identity the gateway counts open streams (Health.Watch included),
-one-shot calls in flight, and the readings per second its open streams asked for; each
-has a limit, so one client cannot take what the others need.
+the same client). Per identity the gateway counts open streams, one-shot calls in flight,
+and the readings per second its open streams asked for; each has a limit, so one client
+cannot take what the others need.
 
 Delivery is paced per stream and per client by token buckets (`Bucket`): a stream that
 receives more than its budget waits, its own buffer fills and drops its own oldest
@@ -86,7 +86,7 @@ class Peers:
     max_streams_per_peer: int
     max_calls_per_peer: int
     max_peer_rate: float
-    streams: int = 0  # every open stream, Health.Watch included
+    streams: int = 0  # every open streaming Read
     _table: dict[str, _Peer] = field(default_factory=dict)
 
     def open_stream(self, who: str, rate: float = 0.0) -> None:

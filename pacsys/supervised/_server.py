@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -31,15 +32,19 @@ from pacsys.aio._loops import new_event_loop
 from pacsys.backends import Backend
 from pacsys.settings import Settings
 from pacsys.supervised._audit import AuditLog
+from pacsys.supervised._connection_guard import ConnectionGuard, parse_networks
+from pacsys.supervised._forwarded import ForwardedError, TrustedProxies
 from pacsys.supervised._health import HEALTH_SERVICE, HealthServicer, enable_reflection
 from pacsys.supervised._identity import Callers
-from pacsys.supervised._listen import bind_problem
+from pacsys.supervised._listen import bind_problem, stop_listening
 from pacsys.supervised._managed import ManagedBackend
-from pacsys.supervised._peers import PeerLimit, is_loopback
+from pacsys.supervised._peers import is_loopback
 from pacsys.supervised._policies import Policy
 from pacsys.supervised._servicer import SERVICE_NAME, DAQServicer, ServicerLimits
 from pacsys.supervised._signals import SignalLoop
 from pacsys.supervised._tls import ServerTLS, TLSFiles
+from pacsys.supervised._transport import TransportLimits, open_files_limits, server_options
+from pacsys.supervised.gate import GateRequest, Refusal
 
 logger = logging.getLogger("pacsys.supervised")
 
@@ -50,19 +55,18 @@ MAX_HEALTH_SERVICE_NAME = 256  # characters; ours are at most 16
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-# Client keepalive pings. The pacsys release's client pings every 300 s while a call is open;
-# this repository's grpc:// backend every 30 s, also with no call open. gRPC's default server
-# policy answers pings more often than every 5 minutes without data with GOAWAY
-# "too_many_pings" after a few strikes; this one accepts a ping every 10 s or slower, with or
-# without calls, and never counts strikes.
 # The settings' defaults are the library's too: `Settings` owns every one of them.
 DEFAULTS = Settings()
 
-KEEPALIVE_OPTIONS = [
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
-]
+# With reuse_port and no connection_max_age, connections are asked to reconnect after this
+# many seconds, so that a drain can move them to the other instances sharing the port.
+SHARED_PORT_CONNECTION_MAX_AGE = 10.0
+MAX_AGE_JITTER = 0.1  # gRPC makes each connection's age limit up to 10% longer (or shorter)
+MAX_AGE_MARGIN = 1.0  # seconds for the last GOAWAY to reach its client and its calls then in flight
+QUIET_SECONDS = 0.5  # then a draining instance that shares its port waits until calls stop coming in
+# Connections each accept loop may hold at least (a `max_connections` too small to split this
+# way runs fewer of them: gRPC caps connections per server).
+MIN_CONNECTIONS_PER_ACCEPT_LOOP = 64
 
 
 class SupervisedServer:
@@ -88,14 +92,22 @@ class SupervisedServer:
         allow_token_plaintext: bool | None = DEFAULTS.allow_token_plaintext,
         admin_token: str | None = None,
         tls: TLSFiles | None = None,
+        transport: TransportLimits | None = None,
+        plaintext_port: int | None = None,
+        reuse_port: bool = False,
+        trusted_proxies: Sequence[str] = (),
+        connection_max_age: float | None = None,
     ):
         if not isinstance(backend, Backend | AsyncBackend):
             raise TypeError(
                 "backend must be a pacsys.backends.Backend or a pacsys.aio.AsyncBackend instance, "
                 f"got {type(backend).__name__}"
             )
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an integer from 0 to 65535, got {port!r}")
+        _check_port("port", port)
+        if plaintext_port is not None:
+            _check_port("plaintext_port", plaintext_port)
+        if plaintext_port is not None and (tls is None or tls.client_ca is not None):
+            raise ValueError("plaintext_port needs tls without client certificates (tls_client_ca)")
         self._user_backend = backend
         self._backend = as_async(backend, max_threads=threads_per_worker)
         # A worker pool: started before serving, its readiness and workers reported.
@@ -103,6 +115,12 @@ class SupervisedServer:
         self._host = host
         self._requested_port = port
         self._port: int | None = None
+        self._requested_plaintext_port = plaintext_port
+        self._plaintext_port: int | None = None
+        self._reuse_port = reuse_port
+        if connection_max_age is None and reuse_port:  # a drain moves its clients by their age
+            connection_max_age = SHARED_PORT_CONNECTION_MAX_AGE
+        self._connection_max_age = connection_max_age
         self._max_message_bytes = max_message_bytes
         if isinstance(accept_loops, bool) or not isinstance(accept_loops, int) or not 1 <= accept_loops <= 64:
             raise ValueError(f"accept_loops must be an integer from 1 to 64, got {accept_loops!r}")
@@ -130,10 +148,17 @@ class SupervisedServer:
             log_requests=log_requests,
             allow_unaudited_writes=allow_unaudited_writes,
             token_over_plaintext=allow_token_plaintext,
-            # The one port serves TLS or plaintext, and asks for client certificates or not.
-            callers=Callers(tls=tls is not None, client_certificates=tls is not None and tls.client_ca is not None),
+            callers=Callers(
+                # Facts of the ports: TLS or not (unknown per call when a plaintext port is beside
+                # the TLS one), client certificates or not (never on a plaintext port).
+                tls=None if plaintext_port is not None else tls is not None,
+                client_certificates=tls is not None and tls.client_ca is not None,
+            ),
+            trusted_proxies=TrustedProxies(trusted_proxies),
         )
         self.admin_token = admin_token
+        self.transport = transport or TransportLimits()
+        self._guard: ConnectionGuard | None = None
         self.health = _Health(self.servicer)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -152,6 +177,11 @@ class SupervisedServer:
     def port(self) -> int:
         """The port the server listens on (the real one when 0 was asked)."""
         return self._port if self._port is not None else self._requested_port
+
+    @property
+    def plaintext_port(self) -> int | None:
+        """The port of the listener without TLS beside the TLS one (None: none)."""
+        return self._plaintext_port if self._plaintext_port is not None else self._requested_plaintext_port
 
     @property
     def host(self) -> str:
@@ -250,7 +280,7 @@ class SupervisedServer:
         return self._stop_on_signal("SIGTERM")
 
     def _stop_on_signal(self, signame: str) -> int:
-        logger.info("signal %s: shutting down", signame)
+        logger.info("event=shutting_down signal=%s", signame)
         self.stopping = True
         self.stop()
         return 0
@@ -273,7 +303,7 @@ class SupervisedServer:
             if not self._started.is_set():
                 self._start_error = exc
             else:
-                logger.exception("server loop failed")
+                logger.exception("event=server_loop_failed")
         finally:
             self._started.set()
             try:
@@ -284,21 +314,75 @@ class SupervisedServer:
 
     async def _serve(self) -> None:
         self._stop_requested = asyncio.Event()
-        servers = [self._grpc_server() for _ in range(self._accept_loops)]
-        self._port = self._bind(servers)
+        max_connections = self.transport.connection_cap()
+        servers = self._grpc_servers(max_connections)
+        self._bind(servers)
         await self._open_backend()
         for server in servers:
             await server.start()
+        self._guard_connections(max_connections)
         self._started_at = time.time()
         await self._update_readiness()
-        watcher = asyncio.get_running_loop().create_task(self._watch_readiness())
-        logger.info("serving DAQ on %s:%d", self._host, self._port)
+        loop = asyncio.get_running_loop()
+        watchers = [loop.create_task(self._watch_readiness()), loop.create_task(self.servicer.watch_queues())]
+        logger.info("event=serving host=%s port=%d", self._host, self._port)
+        if self._plaintext_port is not None:
+            logger.info("event=serving_plaintext host=%s port=%d", self._host, self._plaintext_port)
         self._started.set()
         try:
             await self._stop_requested.wait()
         finally:
-            watcher.cancel()
+            for watcher in watchers:
+                watcher.cancel()
+            if self._guard is not None:
+                self._guard.stop()
             await self._shutdown(servers)
+
+    def _guard_connections(self, max_connections: int) -> None:
+        """The per-address connection limit (`_connection_guard`), counted on this loop."""
+        limits = self.transport
+        loop = asyncio.get_running_loop()
+        stats = self.servicer.stats
+
+        def count_cut(n: int) -> None:
+            stats.limits_hit["max_connections_per_address"] += n
+
+        def count_full() -> None:
+            stats.limits_hit["max_connections"] += 1
+
+        # The guard calls these in its own thread: counted on this loop.
+        def cut(_peer: str, n: int) -> None:
+            loop.call_soon_threadsafe(count_cut, n)
+
+        def full() -> None:
+            loop.call_soon_threadsafe(count_full)
+
+        ports = [p for p in (self._port, self._plaintext_port) if p is not None]
+        self._guard = ConnectionGuard(
+            ports,
+            limits.max_connections_per_address,
+            shared=self._reuse_port,
+            exempt=parse_networks(limits.connections_per_address_exempt),
+            max_connections=max_connections,
+            log_interval=self.servicer.limits.refusal_log_interval,
+            on_cut=cut,
+            on_full=full,
+        )
+        self._guard.start()
+        soft, hard = open_files_limits()
+        logger.info(
+            "event=connection_limits open_files=%d open_files_hard=%d max_connections=%d "
+            "max_connections_per_address=%d exempt=%s connection_idle_timeout=%g handshake_timeout=%g "
+            "max_concurrent_streams=%d",
+            soft,
+            hard,
+            max_connections,
+            limits.max_connections_per_address,
+            ",".join(limits.connections_per_address_exempt) or "none",
+            limits.connection_idle_timeout,
+            limits.handshake_timeout,
+            limits.max_concurrent_streams,
+        )
 
     def _backend_ready(self) -> bool:
         # A worker pool is ready while enough workers are; any other backend always is.
@@ -322,9 +406,9 @@ class SupervisedServer:
             recording = audit.healthy
             if recording != self._audit_healthy:
                 if not recording:
-                    logger.error("event=audit_unavailable writes are refused until the audit log records again")
+                    logger.error("event=audit_unavailable writes=refused")
                 elif self._audit_healthy is not None:
-                    logger.info("event=audit_recording writes are accepted again")
+                    logger.info("event=audit_recording writes=accepted")
                 self._audit_healthy = recording
                 await self.health.set("audit", SERVING if recording else NOT_SERVING)
         ready = self._backend_ready() and not self._leaving and not self.servicer.draining
@@ -345,11 +429,17 @@ class SupervisedServer:
 
         It names every client and what it reads, pids and memory: it answers a client on this
         host, and a remote one that presents the admin token (or, without one, the service's
-        bearer token); with no token at all, local clients only.
+        bearer token); with no token at all, local clients only. A client that a trusted proxy
+        forwards is local only when the proxy and the client both are.
         """
 
         async def status(_request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            if not is_loopback(context.peer()):
+            try:
+                peer, _ = self.servicer.client_of(context)
+            except ForwardedError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            # Local: the connection, and the client a proxy on this host forwards, are both here.
+            if not (is_loopback(peer) and is_loopback(context.peer())):
                 token = self.admin_token if self.admin_token is not None else self.servicer.token
                 if token is None:
                     await context.abort(
@@ -375,6 +465,7 @@ class SupervisedServer:
         stats = self.servicer.stats
         result: dict[str, Any] = {
             "address": f"{self._host}:{self.port}",
+            "plaintext_address": None if self.plaintext_port is None else f"{self._host}:{self.plaintext_port}",
             "pid": os.getpid(),
             "uptime": time.time() - self._started_at if self._started_at else 0.0,
             "ready": self._ready,
@@ -383,9 +474,12 @@ class SupervisedServer:
             "requests": {f"{rpc}/{decision}": n for (rpc, decision), n in stats.requests.items()},
             "readings_delivered": stats.readings_delivered,
             "readings_dropped": self.servicer.dropped_now(),
+            "queued_bytes": self.servicer.queued_bytes_now(),
             "streams": self.servicer.stream_rows(),
             "limits_hit": dict(stats.limits_hit),
         }
+        if self._guard is not None:
+            result["connections"] = self._guard.snapshot()
         if self.servicer.audit is not None:
             audit = self.servicer.audit
             result["audit"] = {
@@ -404,47 +498,75 @@ class SupervisedServer:
             result["pool"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(managed.stats).items()}
         return result
 
-    def _grpc_server(self) -> grpc.aio.Server:
-        """One gRPC server of the service port, with every service on it.
+    def _grpc_servers(self, max_connections: int) -> list[grpc.aio.Server]:
+        """The gRPC servers of the service port(s), every service on each.
 
         grpc.aio takes new calls one at a time, each after a few turns of the event loop and a
         hop through its poller thread: about 30 to 40 a second once the loop is saturated.
-        `accept_loops` servers share the port (SO_REUSEPORT; the kernel spreads connections
+        `accept_loops` servers share the ports (SO_REUSEPORT; the kernel spreads connections
         over their sockets), each taking new calls on its own, all on this loop and this
-        servicer. The port was free when the first bound it (`bind_problem`, without
-        SO_REUSEPORT): another instance started on it is still refused.
+        servicer. The ports were free when the first bound them (`bind_problem`, without
+        SO_REUSEPORT unless `reuse_port`): another process is still refused them. gRPC caps
+        connections per server, so `max_connections` is split between them (fewer servers when
+        it is too small to split: at least MIN_CONNECTIONS_PER_ACCEPT_LOOP each).
         """
-        options: list[tuple[str, Any]] = [
-            *KEEPALIVE_OPTIONS,
-            ("grpc.max_receive_message_length", self._max_message_bytes),
-            ("grpc.so_reuseport", 1 if self._accept_loops > 1 else 0),
-        ]
-        server = grpc.aio.server(options=options)
-        server.add_generic_rpc_handlers((self.servicer.rpc_handler(),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        enable_reflection((SERVICE_NAME, HEALTH_SERVICE), server)
-        server.add_generic_rpc_handlers((self._admin_handler(),))
-        return server
+        count = max(1, min(self._accept_loops, max_connections // MIN_CONNECTIONS_PER_ACCEPT_LOOP))
+        options = server_options(
+            self.transport,
+            max_connections // count,
+            self._max_message_bytes,
+            reuse_port=self._reuse_port or count > 1,
+            connection_max_age=self._connection_max_age,
+        )
+        servers = []
+        for _ in range(count):
+            server = grpc.aio.server(options=options)
+            server.add_generic_rpc_handlers((self.servicer.rpc_handler(),))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            enable_reflection((SERVICE_NAME, HEALTH_SERVICE), server)
+            server.add_generic_rpc_handlers((self._admin_handler(),))
+            servers.append(server)
+        return servers
 
-    def _bind(self, servers: list[grpc.aio.Server]) -> int:
-        """Every server on the service port (the first picks it when port 0 was asked)."""
-        port = self._requested_port
-        problem = bind_problem(self._host, port)
+    def _bind(self, servers: list[grpc.aio.Server]) -> None:
+        """The service port (TLS when configured), and the plaintext one beside it if any, on
+        every server (the first picks a port when 0 was asked)."""
+        self._port = self._listen(servers, self._requested_port, self.tls)
+        if self._requested_plaintext_port is not None:
+            self._plaintext_port = self._listen(servers, self._requested_plaintext_port, None, " (plaintext_port)")
+
+    def _listen(self, servers: list[grpc.aio.Server], port: int, tls: ServerTLS | None, which: str = "") -> int:
+        problem = bind_problem(self._host, port, self._reuse_port)
         if problem is not None:  # said in our words, before gRPC logs its own line
-            raise OSError(f"cannot listen on {self._host}:{port}: {problem}")
+            raise OSError(f"cannot listen on {self._host}:{port}{which}: {problem}")
         for server in servers:
             address = f"{self._host}:{port}"
             try:
-                if self.tls is not None:
-                    bound = server.add_secure_port(address, self.tls.credentials())
+                if tls is not None:
+                    bound = server.add_secure_port(address, tls.credentials())
                 else:
                     bound = server.add_insecure_port(address)
             except RuntimeError as exc:
-                raise OSError(f"cannot listen on {address}: {exc}") from None
+                raise OSError(f"cannot listen on {address}{which}: {exc}") from None
             if bound == 0:
-                raise OSError(f"cannot listen on {address}")
+                raise OSError(f"cannot listen on {address}{which}")
             port = bound
         return port
+
+    async def _until_quiet(self) -> None:
+        """Until no call has come in for QUIET_SECONDS, for at most shutdown_grace seconds.
+
+        gRPC's stop drops the calls that reached this server but that it has not yet handed
+        over: a busy instance whose clients have all moved may still hold a backlog of them.
+        """
+        loop = asyncio.get_running_loop()
+        requests = self.servicer.stats.requests
+        seen, quiet_since = sum(requests.values()), loop.time()
+        deadline = quiet_since + self._grace
+        while loop.time() - quiet_since < QUIET_SECONDS and loop.time() < deadline:
+            await asyncio.sleep(QUIET_SECONDS / 10)
+            if (now := sum(requests.values())) != seen:
+                seen, quiet_since = now, loop.time()
 
     async def _open_backend(self) -> None:
         # A worker pool is started on this loop before the server reports SERVING.
@@ -454,18 +576,34 @@ class SupervisedServer:
     async def _shutdown(self, servers: list[grpc.aio.Server]) -> None:
         self._leaving = True
         await self._update_readiness()  # NOT_SERVING from this moment
-        if self._drain_delay > 0:
+        delay = self._drain_delay
+        if self._reuse_port:
+            # Leave the shared port now: new connections go to the other instances. The
+            # connections this one has are served until each was asked to reconnect
+            # (connection_max_age): their clients' next calls go there too, and stopping
+            # then ends no call that a client sent (gRPC's stop drops those it has not taken).
+            ports = [p for p in (self._port, self._plaintext_port) if p is not None]
+            closed = stop_listening(ports)
+            if closed:
+                logger.info("event=port_left ports=%s listeners=%d", ",".join(map(str, ports)), closed)
+            else:  # no /proc to find them by: new connections keep coming until the stop
+                logger.warning("event=port_not_left ports=%s reason=listeners_not_found", ",".join(map(str, ports)))
+            if self._connection_max_age is not None:
+                delay = max(delay, self._connection_max_age * (1 + MAX_AGE_JITTER) + MAX_AGE_MARGIN)
+        if delay > 0:
             # A load balancer sends new calls here until its health check sees NOT_SERVING:
             # keep serving them, and end streams only once their reconnects go elsewhere.
-            logger.info("event=drain_delay seconds=%g", self._drain_delay)
-            await asyncio.sleep(self._drain_delay)
+            logger.info("event=drain_delay seconds=%g", delay)
+            await asyncio.sleep(delay)
+        if self._reuse_port:
+            await self._until_quiet()
         self.servicer.end_streams()
         await asyncio.gather(*(server.stop(self._grace) for server in servers))
         if self._close_backend:
             await self._backend.close()
         elif isinstance(self._backend, SyncBackendAdapter):
             self._backend.release_threads()
-        logger.info("server stopped")
+        logger.info("event=server_stopped")
 
 
 def tune_gc_for_serving() -> None:
@@ -482,29 +620,60 @@ def tune_gc_for_serving() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
+def _check_port(name: str, port: object) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"{name} must be an integer from 0 to 65535, got {port!r}")
+
+
 def _is_loopback_host(host: str) -> bool:
     return host in ("localhost", "[::1]") or host.startswith("127.")
 
 
 class _Health(HealthServicer):
-    """Health, with each Watch counted as a stream of its client (they hold memory too)."""
+    """Health, with Watch streams held to caps of their own.
+
+    A Watch costs the server a stream and its memory but no backend work: it does not take a
+    slot of `max_streams` (where 10,000 of them used to leave no room for a subscription),
+    it counts against `max_health_watches` and, per client, `max_health_watches_per_peer`.
+    A refusal is counted, logged and audited as the gate's are.
+    """
 
     def __init__(self, servicer: DAQServicer):
         super().__init__()
         self._servicer = servicer
+        self._watches = 0
+        self._watches_by_peer: dict[str, int] = {}
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:  # noqa: N802 - gRPC's name
         if len(request.service) > MAX_HEALTH_SERVICE_NAME:
             # The base class keeps a condition per name watched: no client-sized keys.
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "service name too long")
-        who, _ = self._servicer.callers.identify(context, context.peer())
-        peers = self._servicer.peers
         try:
-            peers.open_stream(who)
-        except PeerLimit as exc:
-            self._servicer.stats.limits_hit[exc.limit] += 1
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            peer, who = self._servicer.client_of(context)
+        except ForwardedError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        refusal = self._refusal(who)
+        if refusal is not None:
+            self._servicer.gate.refuse(GateRequest("Watch", peer, who, drfs=(request.service,)), refusal)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.details)
+        self._watches += 1
+        self._watches_by_peer[who] = self._watches_by_peer.get(who, 0) + 1
         try:
             await super().Watch(request, context)
         finally:
-            peers.close_stream(who)
+            self._watches -= 1
+            self._watches_by_peer[who] -= 1
+            if not self._watches_by_peer[who]:
+                del self._watches_by_peer[who]
+
+    def _refusal(self, who: str) -> Refusal | None:
+        limits, stats = self._servicer.limits, self._servicer.stats
+        if self._watches >= limits.max_health_watches:
+            stats.limits_hit["max_health_watches"] += 1
+            details = f"too many Health/Watch streams (the limit is {limits.max_health_watches})"
+        elif self._watches_by_peer.get(who, 0) >= limits.max_health_watches_per_peer:
+            stats.limits_hit["max_health_watches_per_peer"] += 1
+            details = f"too many Health/Watch streams from {who} (the limit is {limits.max_health_watches_per_peer})"
+        else:
+            return None
+        return Refusal("RESOURCE_EXHAUSTED", details, "limit")

@@ -13,6 +13,9 @@ work runs in this process, in threads or in worker processes.
 
 Replies are written as pre-serialized bytes (see `pacsys.replies`): the oneof part of a
 reading is encoded once and shared by every slot and stream that receives it.
+
+What each stream holds queued is counted in bytes (`_queue_budget`); `watch_queues`, run by
+the server, ends the streams that stall their clients over the budget.
 """
 
 from __future__ import annotations
@@ -33,10 +36,13 @@ from pacsys.errors import grpc_status_of
 from pacsys.replies import reading_body, reply_bytes, setting_reply
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.supervised._audit import AuditLog
+from pacsys.supervised._forwarded import ForwardedError, TrustedProxies
 from pacsys.supervised._identity import Callers
 from pacsys.supervised._peers import Bucket, Peers
 from pacsys.supervised._policies import Policy
 from pacsys.supervised._protected_writes import HeldSettings, SettingWrite, read_current
+from pacsys.supervised._queue_budget import Cut, QueueBudget, queued_cost
+from pacsys.supervised._refusal_log import RefusalLog
 from pacsys.supervised.gate import (
     DRAINING_DETAILS,
     Decision,
@@ -60,15 +66,26 @@ SERVICE_NAME = "services.daq.DAQ"
 YIELD_AFTER = 32
 
 
-@dataclass
+@dataclass(eq=False)
 class OpenStream:
-    """One client stream, as the status view shows it."""
+    """One client stream, as the status view shows it and the queue budget weighs it."""
 
     peer: str
     drfs: list[str]
     opened: float  # time.time()
     handle: AsyncSubscriptionHandle
     identity: str = ""
+    seq: int = 0  # its request's audit seq
+    context: grpc.aio.ServicerContext | None = None  # to end it with a status from outside its task
+    task: asyncio.Task | None = None  # the task writing its replies
+    # What the queue budget (`_queue_budget`) weighs: kept by the task writing the stream.
+    caught_up: int = 0  # how often it found its queue empty
+    written: int = 0  # readings whose replies it has written
+    writing: bool = False  # whether it is writing a batch (not waiting for readings or pacing)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self.handle.queued_bytes
 
     def row(self, now: float) -> dict[str, object]:
         return {
@@ -79,6 +96,7 @@ class OpenStream:
             "delivered": self.handle.delivered,
             "dropped": self.handle.dropped,
             "queued": len(self.handle),
+            "queued_bytes": self.handle.queued_bytes,
         }
 
 
@@ -109,7 +127,7 @@ async def _backend_failed(context: grpc.aio.ServicerContext, rpc: str, peer: str
     one of no row (INTERNAL) is a bug somewhere, logged with its traceback."""
     code, details = grpc_status_of(exc)
     if code == "INTERNAL":
-        logger.error("rpc=%s peer=%s failed", rpc, peer, exc_info=exc)
+        logger.error("event=backend_call_failed rpc=%s peer=%s", rpc, peer, exc_info=exc)
     await context.abort(grpc.StatusCode[code], details)
     raise AssertionError("unreachable: abort raises")
 
@@ -135,10 +153,13 @@ class DAQServicer:
         allow_unaudited_writes: bool = False,
         token_over_plaintext: bool = True,
         callers: Callers | None = None,
+        trusted_proxies: TrustedProxies | None = None,
     ):
         self.backend = backend
-        # Whether calls come over TLS and with client certificates: facts of the server's port.
+        # Whether calls come over TLS and with client certificates: facts of the server's ports.
         self.callers = callers if callers is not None else Callers()
+        # None unless trusted_proxies is set: then x-forwarded-for is looked at (per call).
+        self.proxies = trusted_proxies if trusted_proxies is not None and trusted_proxies.networks else None
         self.gate = Gate(
             policies,
             token,
@@ -150,6 +171,12 @@ class DAQServicer:
         )
         self._streams: dict[AsyncSubscriptionHandle, OpenStream] = {}
         self._held = HeldSettings()  # the settings Sets in flight judge from their current values
+        limits = self.gate.limits
+        self.queue_budget: QueueBudget[OpenStream] = QueueBudget(
+            limits.max_queued_bytes_per_peer, limits.max_queued_bytes, limits.stalled_stream_seconds
+        )
+        self._cut_log = RefusalLog(limits.refusal_log_interval)
+        self._ending: set[asyncio.Task] = set()  # statuses of streams ended from outside, being sent
 
     # -- wiring ------------------------------------------------------------------------
 
@@ -208,6 +235,10 @@ class DAQServicer:
     def active_streams(self) -> int:
         return len(self._streams)
 
+    def queued_bytes_now(self) -> int:
+        """Bytes of readings queued for client streams now (their estimated cost, `_queue_budget`)."""
+        return sum(h.queued_bytes for h in list(self._streams))
+
     def dropped_now(self) -> int:
         """Readings dropped so far for slow clients, ended and live streams together."""
         return self.stats.readings_dropped + sum(h.dropped for h in list(self._streams))
@@ -239,6 +270,13 @@ class DAQServicer:
         """Swap the policy chain atomically (a request uses the list it started with)."""
         self.gate.policies = list(policies)
 
+    def client_of(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
+        """(peer, identity) of a call's client: the one a trusted proxy forwards, else the caller
+        itself (ForwardedError when a trusted proxy's header is not an address)."""
+        peer = context.peer()
+        forwarded = None if self.proxies is None else self.proxies.client(peer, context.invocation_metadata() or ())
+        return forwarded or (peer, self.callers.identify(context, peer)[0])
+
     def end_streams(self) -> None:
         """Drain: every open stream ends (UNAVAILABLE, so clients reconnect elsewhere)."""
         self.gate.draining = True
@@ -251,7 +289,7 @@ class DAQServicer:
         self, request: DAQ_pb2.ReadingList | _Undecodable, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         started = time.perf_counter()
-        decision = self.gate.admit(_gate_request("Read", request, context, started, self.callers))
+        decision = self.gate.admit(_gate_request("Read", request, context, started, self.callers, self.proxies))
         if decision.refusal is not None:
             await _abort(context, decision.refusal)
             return
@@ -274,7 +312,7 @@ class DAQServicer:
                     yield reply
                 return
             self.gate.log_outcome("Read", peer, drfs, "allow", started)
-            async for reply in self._stream(decision, peer, who):
+            async for reply in self._stream(decision, peer, who, context):
                 yield reply
         except _Abort as abort:
             await _abort(context, abort.refusal)
@@ -286,7 +324,9 @@ class DAQServicer:
         finally:
             self.gate.release(decision)
 
-    async def _stream(self, decision: Decision, peer: str, who: str) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, decision: Decision, peer: str, who: str, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         assert decision.final is not None
         drfs = decision.final.drfs
         # Readings come back under the DRF as requested or in its canonical spelling
@@ -299,7 +339,9 @@ class DAQServicer:
         handle = await self.backend.subscribe_bodies(drfs)
         if self.limits.stream_buffer is not None:
             handle.resize(self.limits.stream_buffer)
-        self._streams[handle] = OpenStream(peer, drfs, time.time(), handle, who)
+        handle.meter(queued_cost)
+        stream = OpenStream(peer, drfs, time.time(), handle, who, decision.seq, context, asyncio.current_task())
+        self._streams[handle] = stream
         audit = self.audit
         log_out = audit is not None and audit.log_responses
         seq = decision.seq
@@ -308,8 +350,11 @@ class DAQServicer:
         peer_budget = self.peers.bucket(who)
         try:
             while True:
+                if not len(handle):
+                    stream.caught_up += 1
                 await handle.wait()
                 batch = handle.drain()
+                stream.writing = True
                 for n, item in enumerate(batch, 1):
                     if isinstance(item, tuple):  # (DRF, the body its worker encoded): a worker pool's
                         drf, body = item
@@ -317,16 +362,21 @@ class DAQServicer:
                         drf, body = item.drf, reading_body(item)
                     indices = slots.get(drf)
                     if indices is None:
-                        logger.warning("stream reading for an unrequested DRF %r dropped", drf)
+                        logger.warning("event=stream_reading_dropped reason=not_requested drf=%s", drf)
                         continue
                     for index in indices:
                         reply = reply_bytes(index, body)
                         if log_out:
                             audit.log_response(seq, peer, "Read", DAQ_pb2.ReadingReply.FromString(reply))  # type: ignore[union-attr]
                         yield reply
+                    stream.written += 1
                     if n % YIELD_AFTER == 0:
                         await asyncio.sleep(0)  # a large batch lets the others' replies through
-                self.stats.readings_delivered += len(batch)
+                stream.writing = False
+                taken = len(batch)
+                self.stats.readings_delivered += taken
+                handle.sent()
+                batch.clear()  # written: not held while this stream waits
                 if handle.stopped and not len(handle):
                     if handle.exc is not None:
                         raise handle.exc
@@ -334,8 +384,8 @@ class DAQServicer:
                         raise _Abort(Refusal("UNAVAILABLE", DRAINING_DETAILS, "draining"))
                     return
                 # Over budget, this stream waits: its own buffer fills and drops its own oldest.
-                own_wait = own_budget.take(len(batch))
-                peer_wait = peer_budget.take(len(batch))
+                own_wait = own_budget.take(taken)
+                peer_wait = peer_budget.take(taken)
                 if own_wait or peer_wait:
                     self.stats.limits_hit["max_stream_rate" if own_wait >= peer_wait else "max_peer_rate"] += 1
                     await _pause(handle, max(own_wait, peer_wait))
@@ -343,7 +393,8 @@ class DAQServicer:
             self._streams.pop(handle, None)
             self.stats.readings_dropped += handle.dropped
             if handle.dropped:
-                logger.warning(
+                self._log_bounded(
+                    (who or peer, "stream_ended_behind"),
                     "event=stream_ended_behind peer=%s drfs=%s delivered=%d dropped=%d",
                     peer,
                     summarize_drfs(drfs),
@@ -352,13 +403,77 @@ class DAQServicer:
                 )
             await handle.stop()
 
+    # -- the queue budget ----------------------------------------------------------------
+
+    async def watch_queues(self) -> None:
+        """End the streams that stall their clients over the queued-bytes budgets
+        (`_queue_budget`); the server runs it while it serves."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.queue_budget.interval)
+            self._end_stalled(loop.time())
+
+    def _end_stalled(self, now: float) -> None:
+        # (A function of its own: a loop variable left holding the last cut would keep its queue.)
+        for cut in self.queue_budget.cuts(list(self._streams.values()), now):
+            self._cut(cut)
+
+    def _cut(self, cut: Cut[OpenStream]) -> None:
+        """End a stalled stream with RESOURCE_EXHAUSTED: counted, logged at a bounded rate, audited."""
+        stream = cut.stream
+        if self._streams.pop(stream.handle, None) is None:
+            return  # it ended meanwhile
+        stream.handle.signal_stop()
+        self.stats.limits_hit[cut.limit] += 1
+        self._log_bounded(
+            (stream.identity or stream.peer, "stream_cut"),
+            "event=stream_cut limit=%s peer=%s identity=%s drfs=%s queued_bytes=%d client_bytes=%d share=%d seconds=%.1f",
+            cut.limit,
+            stream.peer,
+            stream.identity,
+            summarize_drfs(stream.drfs),
+            cut.queued_bytes,
+            cut.client_bytes,
+            cut.share,
+            cut.seconds,
+        )
+        audit = self.audit
+        if audit is not None:
+            audit.log_event(
+                stream.seq,
+                "stream_cut",
+                limit=cut.limit,
+                queued_bytes=cut.queued_bytes,
+                client_bytes=cut.client_bytes,
+                share=cut.share,
+            )
+        # The task writing the stream is most likely waiting for the client to take a reply (HTTP/2
+        # flow control): the status is sent from another task, and the writer cancelled, which
+        # frees the stream's queue now, not when (if ever) the client reads again.
+        if stream.context is not None:
+            ending = asyncio.get_running_loop().create_task(_end_call(stream.context, cut.details()))
+            self._ending.add(ending)
+            ending.add_done_callback(self._ending.discard)
+        if stream.task is not None:
+            stream.task.cancel()
+
+    def _log_bounded(self, key: tuple[str, str], text: str, *args: object) -> None:
+        """A WARNING line, at most one per client and kind per refusal_log_interval (then counted)."""
+        not_logged = self._cut_log.admit(key)
+        if not_logged is None:
+            self.stats.refusals_not_logged += 1
+            return
+        if not_logged:
+            text, args = text + " not_logged=%d", (*args, not_logged)
+        logger.warning(text, *args)
+
     # -- Set ---------------------------------------------------------------------------
 
     async def Set(
         self, request: DAQ_pb2.SettingList | _Undecodable, context: grpc.aio.ServicerContext
     ) -> DAQ_pb2.SettingReply:
         started = time.perf_counter()
-        opened = self.gate.door(_gate_request("Set", request, context, started, self.callers))
+        opened = self.gate.door(_gate_request("Set", request, context, started, self.callers, self.proxies))
         if isinstance(opened, Refusal):
             await _abort(context, opened)
             raise AssertionError("unreachable: abort raises")
@@ -414,11 +529,22 @@ class DAQServicer:
 
 
 def _gate_request(
-    rpc: str, request: Any, context: grpc.aio.ServicerContext, started: float, callers: Callers
+    rpc: str,
+    request: Any,
+    context: grpc.aio.ServicerContext,
+    started: float,
+    callers: Callers,
+    proxies: TrustedProxies | None = None,
 ) -> GateRequest:
-    """The gate's view of a call: its client, metadata and transport, its DRFs or settings."""
+    """The gate's view of a call: its client (the one a trusted proxy forwards), metadata and
+    transport, its DRFs or settings."""
     peer = context.peer()
     who, tls = callers.identify(context, peer)
+    if proxies is not None:
+        try:
+            peer, who = proxies.client(peer, context.invocation_metadata() or ()) or (peer, who)
+        except ForwardedError as exc:
+            return GateRequest(rpc, peer, who, malformed=str(exc), started=started)
     if isinstance(request, _Undecodable):
         kind = "ReadingList" if rpc == "Read" else "SettingList"
         malformed = f"request is not a {kind} ({request.size} bytes, {request.error})"
@@ -442,6 +568,18 @@ def _gate_request(
 
 async def _abort(context: grpc.aio.ServicerContext, refusal: Refusal) -> None:
     await context.abort(grpc.StatusCode[refusal.code], refusal.details)
+
+
+async def _end_call(context: grpc.aio.ServicerContext, details: str) -> None:
+    """End a stream's call with RESOURCE_EXHAUSTED from outside the task writing it.
+
+    gRPC sends the status after the reply it is holding: a client that reads again gets that
+    reply, then the status. Until then (or until its connection closes) this waits.
+    """
+    try:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+    except Exception:  # noqa: S110 - AbortError once sent, an error when the client left first: done either way
+        pass
 
 
 async def _pause(handle: AsyncSubscriptionHandle, seconds: float) -> None:

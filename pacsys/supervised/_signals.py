@@ -49,7 +49,7 @@ class SignalLoop:
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
-            logger.warning("not in the main thread: signals are not handled")
+            logger.warning("event=signals_not_handled reason=not_main_thread")
             return
         for signum in self._handlers:
             self._previous[signum] = signal.signal(signum, self._on_signal)

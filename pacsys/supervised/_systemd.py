@@ -30,7 +30,7 @@ def notify(state: str) -> bool:
             sock.sendall(state.encode())
         return True
     except OSError as exc:
-        logger.warning("systemd notify %r failed: %s", state, exc)
+        logger.warning("event=systemd_notify_failed state=%s error=%s", state, exc)
         return False
 
 

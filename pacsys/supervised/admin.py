@@ -316,14 +316,14 @@ def render_status(view: dict[str, Any]) -> str:
         f"{view['address']}  pid {view['pid']}  up {view['uptime']:.0f}s  {'READY' if view['ready'] else 'NOT READY'}"
         f"  backend {view['backend']}",
         f"streams {view['active_streams']}  readings delivered {view['readings_delivered']}"
-        f"  dropped {view['readings_dropped']}  requests "
+        f"  dropped {view['readings_dropped']}  queued {view.get('queued_bytes', 0)} bytes  requests "
         + (", ".join(f"{k}={v}" for k, v in sorted(requests.items())) or "none"),
     ]
     streams = view.get("streams") or []
     if streams:
         lines.append(f"open streams, most behind first ({len(streams)} of {view['active_streams']}):")
-        header = ("peer", "drfs", "age_s", "delivered", "dropped", "queued")
-        lines += _table(header, [tuple(str(s[k]) for k in header) for s in streams])
+        header = ("peer", "drfs", "age_s", "delivered", "dropped", "queued", "queued_bytes")
+        lines += _table(header, [tuple(str(s.get(k, "")) for k in header) for s in streams])
     workers = view.get("workers")
     if workers is None:
         return "\n".join(lines)

@@ -64,6 +64,7 @@ logger = logging.getLogger("pacsys.supervised")
 EVENT_RATE_HZ = 15.0
 
 DRAINING_DETAILS = "server is shutting down"
+TIMED_RPCS = ("Read", "Set")  # the latency histogram's; a refused Health/Watch is only counted
 UNAUDITED_DETAILS = "the audit log cannot record writes: writes are refused until it can"
 
 
@@ -84,11 +85,16 @@ class ServicerLimits:
     max_drf_length: int = _DEFAULTS.max_drf_length
     max_streams: int = _DEFAULTS.max_streams
     max_streams_per_peer: int = _DEFAULTS.max_streams_per_peer
+    max_health_watches: int = _DEFAULTS.max_health_watches
+    max_health_watches_per_peer: int = _DEFAULTS.max_health_watches_per_peer
     max_calls_per_peer: int = _DEFAULTS.max_calls_per_peer
     max_rate_hz: float = _DEFAULTS.max_rate_hz
     max_stream_rate: float = _DEFAULTS.max_stream_rate
     max_peer_rate: float = _DEFAULTS.max_peer_rate
     stream_buffer: int | None = None
+    max_queued_bytes_per_peer: int = _DEFAULTS.max_queued_bytes_per_peer
+    max_queued_bytes: int = _DEFAULTS.max_queued_bytes
+    stalled_stream_seconds: float = _DEFAULTS.stalled_stream_seconds
     refusal_log_interval: float = _DEFAULTS.refusal_log_interval
 
     @classmethod
@@ -118,7 +124,7 @@ class ServicerStats:
     readings_dropped: int = 0  # of streams that have ended; live streams count in `dropped_now`
     refusals_not_logged: int = 0  # refusal log lines left out by the rate limit
     writes_refused_unaudited: int = 0  # Sets refused because the audit log could not record them
-    # called with (rpc, seconds) per request when metrics are on
+    # called with (rpc, seconds) per Read and Set when metrics are on
     latency_observer: Callable[[str, float], None] | None = None
 
 
@@ -361,7 +367,7 @@ class Gate:
             try:
                 wanted.update(dict.fromkeys(policy.needs_current(ctx)))
             except Exception as exc:
-                logger.exception("policy raised on rpc=%s peer=%s", ctx.rpc_method, ctx.peer)
+                logger.exception("event=policy_failed rpc=%s peer=%s", ctx.rpc_method, ctx.peer)
                 raise _Refused("INTERNAL", f"Policy error: {excerpt(str(exc))}", "error") from None
         return list(wanted)
 
@@ -510,7 +516,7 @@ class Gate:
         try:
             decision: PolicyDecision = evaluate_policies(policies, ctx)
         except Exception as exc:
-            logger.exception("policy raised on rpc=%s peer=%s", ctx.rpc_method, ctx.peer)
+            logger.exception("event=policy_failed rpc=%s peer=%s", ctx.rpc_method, ctx.peer)
             raise _Refused("INTERNAL", f"Policy error: {excerpt(str(exc))}", "error") from None
         if not decision.allowed:
             if self.audit is not None:
@@ -523,6 +529,10 @@ class Gate:
         return final, original_indices(ctx.drfs, final.drfs)
 
     # -- the log and the audit of refusals ---------------------------------------------
+
+    def refuse(self, request: GateRequest, refusal: Refusal) -> None:
+        """Count, log and audit a refusal decided outside the gate (a Health/Watch over its caps)."""
+        self._refused(request, refusal)
 
     def _refused(self, request: GateRequest, refusal: Refusal) -> None:
         """Log (at a bounded rate) and audit a request refused before it reached the backend."""
@@ -555,7 +565,7 @@ class Gate:
         """Count a request's outcome, observe its latency, and log it (a refusal at a bounded rate)."""
         self.stats.requests[(rpc, decision)] += 1
         elapsed = time.perf_counter() - started
-        if self.stats.latency_observer is not None:
+        if self.stats.latency_observer is not None and rpc in TIMED_RPCS:
             self.stats.latency_observer(rpc, elapsed)
         refused = decision not in ("allow", "ok")
         level = logging.INFO if (self.log_requests or refused) else logging.DEBUG
@@ -564,7 +574,7 @@ class Gate:
         if not refused:
             logger.log(
                 level,
-                "rpc=%s peer=%s devices=%s decision=%s ms=%.2f",
+                "event=request rpc=%s peer=%s devices=%s decision=%s ms=%.2f",
                 rpc,
                 peer,
                 summarize_drfs(drfs),
@@ -585,7 +595,7 @@ class Gate:
             excerpt(reason or "", 300),
             elapsed * 1e3,
         )
-        text = "rpc=%s peer=%s devices=%s decision=%s reason=%s ms=%.2f"
+        text = "event=request rpc=%s peer=%s devices=%s decision=%s reason=%s ms=%.2f"
         if not_logged:
             text, args = text + " not_logged=%d", (*args, not_logged)
         logger.log(level, text, *args)

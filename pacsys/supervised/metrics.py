@@ -53,7 +53,13 @@ LIMITS = (
     "max_peer_rate",
     "max_streams",
     "max_streams_per_peer",
+    "max_health_watches",
+    "max_health_watches_per_peer",
+    "max_connections",
+    "max_connections_per_address",
     "max_calls_per_peer",
+    "max_queued_bytes_per_peer",
+    "max_queued_bytes",
     "metrics_max_connections",
     "metrics_max_connections_per_address",
     "metrics_timeout",
@@ -97,6 +103,11 @@ class _Collector:
         )
         yield CounterMetricFamily(
             "pacsys_readings_dropped", "Readings dropped for slow clients", value=servicer.dropped_now()
+        )
+        yield GaugeMetricFamily(
+            "pacsys_queued_bytes",
+            "Bytes of readings queued for client streams (estimated; see max_queued_bytes)",
+            value=servicer.queued_bytes_now(),
         )
         yield GaugeMetricFamily(
             "pacsys_ready", "1 while the service reports SERVING", value=1 if self._server.ready else 0

@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 import threading
+import warnings
+from typing import TextIO
 
 from pacsys.settings import Settings, env_name
 from pacsys.supervised.stderr_relay import relay_native_stderr
@@ -35,7 +37,7 @@ def version() -> str:
 
 
 def report_error(exc: BaseException | str, code: int = EXIT_USAGE) -> int:
-    """Print (or log, with JSON logs) `PROG: error: ...` and return `code`, the exit status."""
+    """Print `PROG: error: ...` (with JSON logs, log `event=command_failed`) and return `code`, the exit status."""
     if isinstance(exc, str):
         text = exc
     elif isinstance(exc, ValueError | OSError | TimeoutError | RuntimeError) and str(exc):
@@ -43,7 +45,8 @@ def report_error(exc: BaseException | str, code: int = EXIT_USAGE) -> int:
     else:
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if _json_logging:
-        logger.error("%s: error: %s", PROG, text)  # with --log-format json, every line is JSON
+        # With --log-format json every line is JSON: the command's last words too.
+        logger.error("event=command_failed exit_status=%d error=%s", code, text)
     else:
         print(f"{journal_prefix(logging.ERROR)}{PROG}: error: {text}", file=sys.stderr, flush=True)
     return code
@@ -69,12 +72,26 @@ def configure_service_logging(settings: Settings) -> None:
     _json_logging = settings.log_format == "json"
     # Whatever else Python would print on stderr becomes a log record too: warnings, and the
     # traceback of an exception nothing caught (in the main thread or another one).
-    logging.captureWarnings(True)
-    sys.excepthook = lambda kind, exc, tb: logger.critical("uncaught exception", exc_info=(kind, exc, tb))
+    warnings.showwarning = _log_warning
+    sys.excepthook = lambda kind, exc, tb: logger.critical("event=uncaught_exception", exc_info=(kind, exc, tb))
     threading.excepthook = lambda a: logger.error(
-        "uncaught exception in thread %s",
+        "event=uncaught_exception thread=%s",
         a.thread.name if a.thread else "?",
         exc_info=(a.exc_type, a.exc_value or a.exc_type(), a.exc_traceback),
     )
     for name in ("log_format", "log_value_chars"):
         os.environ[env_name(name)] = str(getattr(settings, name))
+
+
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """warnings.showwarning: a Python warning as an event (what logging.captureWarnings would log as prose)."""
+    logger.warning(
+        "event=python_warning category=%s file=%s line=%d detail=%s", category.__name__, filename, lineno, message
+    )

@@ -94,6 +94,7 @@ class Service:
     def run(self) -> int:
         from pacsys.supervised._audit import AuditLimits, AuditLog
         from pacsys.supervised._server import SupervisedServer, tune_gc_for_serving
+        from pacsys.supervised._transport import TransportLimits, raise_open_files_limit
 
         s = self.settings
         try:
@@ -116,6 +117,7 @@ class Service:
             return report_error(f"cannot open the audit log: {exc}", EXIT_START_FAILED)
         signals = SignalLoop(self, SIGNALS)
         signals.install()  # before the backend starts: a signal meanwhile waits in the queue
+        raise_open_files_limit()  # the connection cap is derived from it
         try:
             try:
                 self.backend = self._build_backend()
@@ -139,6 +141,11 @@ class Service:
                     allow_token_plaintext=s.allow_token_plaintext,
                     admin_token=admin_token,
                     tls=tls,
+                    transport=TransportLimits.from_settings(s),
+                    plaintext_port=s.plaintext_port,
+                    reuse_port=s.reuse_port,
+                    trusted_proxies=s.trusted_proxies,
+                    connection_max_age=s.connection_max_age,
                 )
                 if s.metrics_port is not None:
                     # Up before the workers: /readyz answers "not ready" while they start.
@@ -155,13 +162,14 @@ class Service:
                     self.metrics.start()
                 server.start(timeout=s.ready_timeout + 30.0)
             except Exception as exc:  # BackendSpecError, WorkerStartupError, OSError (ports in use), ...
-                logger.debug("startup failed", exc_info=True)
+                logger.debug("event=start_failed", exc_info=True)
                 self._cleanup_after_failed_start()
                 return report_error(exc, EXIT_START_FAILED)
             tune_gc_for_serving()
             banner = f"{PROG}: serving DAQ on {s.host}:{server.port} ({self._describe()})"
             if json_logging():
-                logger.info(banner)  # no arguments: our own text, not escaped
+                # The line a person or a script reads on stdout, whole; with JSON logs, an event.
+                logger.info("event=banner text=%s", banner)
             else:
                 print(banner, flush=True)
             systemd.notify(f"READY=1\nSTATUS=serving on port {server.port}\nMAINPID={os.getpid()}")
@@ -189,6 +197,9 @@ class Service:
             else:
                 ready = managed.ready_count
                 text = f"backend {s.backend}, {ready} worker{'' if ready == 1 else 's'} ready"
+        server = self.server
+        if server is not None and server.plaintext_port is not None:
+            text += f", plaintext on port {server.plaintext_port}"
         if self.metrics is not None:
             text += f", metrics on port {self.metrics.port}"
         return text
@@ -203,7 +214,7 @@ class Service:
             if inspect.isawaitable(result):
                 asyncio.run(asyncio.wait_for(_awaited(result), 5.0))
         except Exception:
-            logger.debug("closing the backend after a failed start", exc_info=True)
+            logger.debug("event=backend_close_failed after=failed_start", exc_info=True)
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -237,7 +248,7 @@ class Service:
     def _shut_down(self, signame: str) -> int:
         """Drain and stop; the exit status is 0."""
         self.stopping = True
-        logger.info("%s: shutting down (grace %g s)", signame, self.settings.shutdown_grace)
+        logger.info("event=shutting_down signal=%s shutdown_grace=%g", signame, self.settings.shutdown_grace)
         systemd.notify("STOPPING=1")
         self._running().stop()
         return 0
@@ -253,7 +264,7 @@ class Service:
         old = self.settings
         path = old.config
         if path is None:
-            logger.warning("SIGHUP: no config file to reload (start with --config FILE)")
+            logger.warning('event=config_reload_skipped reason=no_config_file hint="start with --config FILE"')
             return False
         try:
             new = settings_from(read_config_file(path), self.overrides, env=self.env, source=path)
@@ -264,9 +275,7 @@ class Service:
                 server.tls.reload()  # a renewed certificate (same paths) serves the next handshakes
         except Exception as exc:  # a reload never ends the process, whatever the file holds
             text = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
-            logger.error(
-                "config reload failed, keeping the running configuration (policies, tokens, TLS files): %s", text
-            )
+            logger.error("event=config_reload_failed kept=running_config error=%s", text)
             return False
         server.set_policies(chain)
         server.servicer.set_token(token)  # a rotated token file takes effect here too
@@ -281,9 +290,8 @@ class Service:
         self.settings = old.replace(**{k: getattr(new, k) for k in RELOADABLE})
         pending = [k for k in FIELDS if k not in RELOADABLE and getattr(new, k) != getattr(old, k)]
         if pending:
-            logger.warning("config reload: changes to %s take effect at the next restart", ", ".join(pending))
-        n, names = len(chain), ", ".join(p.name for p in chain) or "none"
-        logger.info("config reloaded: %d %s (%s)", n, "policy" if n == 1 else "policies", names)
+            logger.warning("event=config_changes_need_restart settings=%s", ",".join(pending))
+        logger.info("event=config_reloaded policies=%d names=%s", len(chain), ",".join(p.name for p in chain))
         return True
 
     # -- SIGUSR1 ---------------------------------------------------------------------------
@@ -294,12 +302,12 @@ class Service:
     def reopen(self) -> None:
         """Reopen the audit files by their names: logrotate has moved the old ones away."""
         if self.audit is None:
-            logger.info("SIGUSR1: no audit log to reopen")
+            logger.info("event=audit_reopen_skipped reason=no_audit_log")
             return
         if self.audit.reopen():
-            logger.info("SIGUSR1: audit files reopened")
+            logger.info("event=audit_reopened")
         else:
-            logger.error("SIGUSR1: the audit files could not be reopened (see above); the next entry tries again")
+            logger.error("event=audit_reopen_failed retry=next_entry")
 
     # -- SIGTTIN / SIGTTOU -----------------------------------------------------------------
 
@@ -314,20 +322,20 @@ class Service:
         managed = self._managed()
         loop = self._running().loop
         if managed is None or loop is None:
-            logger.warning("%s: cannot %s: the backend is not a worker pool", signame, what)
+            logger.warning("event=scale_refused signal=%s action=%s reason=not_a_worker_pool", signame, what)
             return
-        logger.info("%s: %s", signame, what)
+        logger.info("event=scale_requested signal=%s action=%s", signame, what)
         future = asyncio.run_coroutine_threadsafe(managed.add_worker() if up else managed.remove_worker(), loop)
         future.add_done_callback(lambda f: self._scaled(what, managed, f))
 
     def _scaled(self, what: str, managed: ManagedBackend, future: concurrent.futures.Future[None]) -> None:
         if future.cancelled():
-            logger.warning("%s cancelled", what)
+            logger.warning("event=scale_cancelled action=%s", what)
         elif future.exception() is not None:
-            logger.error("%s failed: %s", what, future.exception())
+            logger.error("event=scale_failed action=%s error=%s", what, future.exception())
         else:
             ready = managed.ready_count
-            logger.info("%s done: %d %s ready", what, ready, "worker" if ready == 1 else "workers")
+            logger.info("event=scale_done action=%s workers_ready=%d", what, ready)
 
     # -- the parts, once built -------------------------------------------------------------
 

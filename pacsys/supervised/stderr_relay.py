@@ -19,10 +19,11 @@ So the serving front moves its stderr once, at start (`relay_native_stderr`):
   format (``I1205 22:40:05.587676  21279 ssl_transport_security.cc:2563] Handshake
   failed ...``) becomes the record ``event=grpc_core source=ssl_transport_security.cc:2563
   detail="Handshake failed ..."`` at its level (I INFO, W WARNING, E ERROR, F CRITICAL);
-  any other line becomes ``event=stderr detail=...`` at WARNING. Each source line of gRPC
-  (and the other lines together) gets at most one record per `interval` seconds; the next
-  one says how many were left out (``not_logged=N``), and `counts.not_logged` counts them
-  all (the metric ``pacsys_stderr_lines_not_logged_total``).
+  any other line becomes ``event=stderr detail=...`` at WARNING. One line is expected and
+  logged at INFO: gRPC's acceptor closing a listener that a drain shut down on purpose.
+  Each source line of gRPC (and the other lines together) gets at most one record per
+  `interval` seconds; the next one says how many were left out (``not_logged=N``), and
+  `counts.not_logged` counts them all (the metric ``pacsys_stderr_lines_not_logged_total``).
 
 The price: lines still in the pipe when the front dies at once (a native abort) are lost
 with it; faulthandler still writes the Python side of such a crash to the original stderr.
@@ -60,6 +61,9 @@ _OWN_LEVEL = re.compile(r'"level": "([A-Z]+)"|\blevel=([A-Z]+)\b')
 # absl's prefix: severity, date (0000 before absl is initialized), time, thread, file:line.
 _ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+ +\d+ ([^\s:\]]+:\d+)\] ?(.*)$")
 _ABSL_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+# gRPC's acceptor on a listening socket that a drain shut down to leave a shared port
+# (`_listen.stop_listening`): what was wanted, not an error.
+_EXPECTED = {"Closing acceptor. Failed accept4: Invalid argument": logging.INFO}
 
 
 class _Counts:
@@ -117,7 +121,8 @@ class LineRelay:
         absl = _ABSL_LINE.match(line)
         if absl is not None:
             severity, source, detail = absl.groups()
-            self._record(grpc_logger, _ABSL_LEVELS[severity], "grpc_core", source, detail)
+            level = _EXPECTED.get(detail, _ABSL_LEVELS[severity])
+            self._record(grpc_logger, level, "grpc_core", source, detail)
         else:
             self._record(logger, logging.WARNING, "stderr", None, line)
 

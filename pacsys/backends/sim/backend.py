@@ -93,7 +93,7 @@ class SimBackend(AsyncBackend):
             except Problem as problem:
                 out.append(error_reading(drf, problem, ts))
             except Exception as exc:  # a bug here must not fail the other DRFs of the batch
-                logger.exception("sim: reading %s failed", drf)
+                logger.exception("event=sim_compute_failed during=read drf=%s", drf)
                 out.append(error_reading(drf, Problem(st.DPM_INTERNAL, f"simulation failed: {exc}"), ts))
         return out
 
@@ -191,7 +191,7 @@ class SimBackend(AsyncBackend):
                     try:
                         reading = compute(entry.target, t, ts)
                     except Exception as exc:  # a bug here must not kill the ticker
-                        logger.exception("sim: computing %s failed", drf)
+                        logger.exception("event=sim_compute_failed during=subscription drf=%s", drf)
                         reading = error_reading(drf, Problem(st.DPM_INTERNAL, f"simulation failed: {exc}"), ts)
                     cache[drf] = reading
                 if entry.on_change:
@@ -214,7 +214,7 @@ class SimBackend(AsyncBackend):
                 if sub.on_error is not None:
                     sub.on_error(exc, sub.handle)
                 else:
-                    logger.exception("sim: subscription callback failed")
+                    logger.exception("event=sim_callback_failed")
 
     # -- lifecycle -------------------------------------------------------------------
 
