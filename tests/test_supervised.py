@@ -317,3 +317,42 @@ def test_accept_loops_share_the_port_and_another_server_is_still_refused_it():
         second = SupervisedServer(fb, port=srv.port, host="127.0.0.1", accept_loops=4)
         with pytest.raises(OSError, match=f"port {srv.port} is in use"):
             second.start()
+
+
+def test_max_connections_holds_over_the_accept_loops():
+    """gRPC caps connections per server: the cap is split between the accept loops (fewer of
+    them when it is small), so the port as a whole holds no more than max_connections."""
+    import socket
+    import time
+
+    from pacsys.supervised import TransportLimits
+
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+    limits = TransportLimits(max_connections=128, connections_per_address_exempt=("127.0.0.0/8",))
+    with SupervisedServer(FakeBackend(), port=0, host="127.0.0.1", transport=limits, accept_loops=8) as srv:
+        assert srv.accept_loops_serving == 2  # 64 connections at least per loop
+        clients = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(200)]
+        try:
+            for client in clients:
+                client.sendall(preface)
+                client.setblocking(False)
+            closed: set[int] = set()
+
+            def read_all() -> int:
+                for i, client in enumerate(clients):
+                    while i not in closed:
+                        try:
+                            if not client.recv(65536):
+                                closed.add(i)
+                        except BlockingIOError:
+                            break
+                        except OSError:
+                            closed.add(i)
+                return len(clients) - len(closed)
+
+            wait_for(lambda: read_all() <= 128, timeout=20)
+            time.sleep(0.5)  # what stays open stays open
+            assert 100 <= read_all() <= 128
+        finally:
+            for client in clients:
+                client.close()

@@ -125,6 +125,8 @@ class SupervisedServer:
         if isinstance(accept_loops, bool) or not isinstance(accept_loops, int) or not 1 <= accept_loops <= 64:
             raise ValueError(f"accept_loops must be an integer from 1 to 64, got {accept_loops!r}")
         self._accept_loops = accept_loops
+        self.accept_loops_serving = 0  # gRPC servers on the port once started (fewer than asked
+        # when max_connections is too small to split between them)
         self._grace = shutdown_grace
         self._drain_delay = drain_delay
         self.stopping = False  # run() is stopping on a signal: a second one exits at once
@@ -371,12 +373,13 @@ class SupervisedServer:
         self._guard.start()
         soft, hard = open_files_limits()
         logger.info(
-            "event=connection_limits open_files=%d open_files_hard=%d max_connections=%d "
+            "event=connection_limits open_files=%d open_files_hard=%d max_connections=%d accept_loops=%d "
             "max_connections_per_address=%d exempt=%s connection_idle_timeout=%g handshake_timeout=%g "
             "max_concurrent_streams=%d",
             soft,
             hard,
             max_connections,
+            self.accept_loops_serving,
             limits.max_connections_per_address,
             ",".join(limits.connections_per_address_exempt) or "none",
             limits.connection_idle_timeout,
@@ -508,9 +511,12 @@ class SupervisedServer:
         servicer. The ports were free when the first bound them (`bind_problem`, without
         SO_REUSEPORT unless `reuse_port`): another process is still refused them. gRPC caps
         connections per server, so `max_connections` is split between them (fewer servers when
-        it is too small to split: at least MIN_CONNECTIONS_PER_ACCEPT_LOOP each).
+        it is too small to split: at least MIN_CONNECTIONS_PER_ACCEPT_LOOP each). The kernel
+        spreads connections by a hash of their addresses, so one server may fill a little before
+        the others: near the cap, which only a flood reaches, the port holds slightly fewer.
         """
         count = max(1, min(self._accept_loops, max_connections // MIN_CONNECTIONS_PER_ACCEPT_LOOP))
+        self.accept_loops_serving = count
         options = server_options(
             self.transport,
             max_connections // count,
