@@ -441,6 +441,8 @@ def read_streams(
     return {
         "counts": [n for p in parts for n in p["counts"]],
         "gaps": [g for p in parts for g in p["gaps"]],
+        "served_gaps": [g for p in parts for g in p["served_gaps"]],
+        "waits": [None if f is None else f - p["opened"] for p in parts for f in p["firsts"]],
         "ended": [e for p in parts for e in p["ended"]],
         "firsts": [f for p in parts for f in p["firsts"]],
         "errors": sum(p["errors"] for p in parts),
@@ -482,14 +484,21 @@ def streams(server: ServerGroup, load: str, count: int, generator: LoadGenerator
         "workers_call": (cpu1[1] - cpu0[1]) * per_reply,
         "client_call": r["cpu"] * per_reply,
         "worst": min(r["counts"]) / expected,
+        # Fairness among the streams served for the whole window (taken before it began).
+        "served_shares": sorted(
+            n / expected
+            for n, f, e in zip(r["counts"], r["firsts"], r["ended"], strict=True)
+            if f is not None and f < t_start and not e
+        ),
         # Starvation among the streams still open (one that ended is an error, counted apart):
-        # those never served at all (the server had not taken the call, or never sent on it), and
-        # those served at some time that went more than STARVED_S without a reading in the window.
+        # those never served at all (the server had not taken the call, or never sent on it),
+        # those whose first reading came more than STARVED_S after they were opened (taken late),
+        # and those that, once served, went more than STARVED_S without a reading in the window.
         "longest_gap": max((g for g, e in zip(r["gaps"], r["ended"], strict=True) if not e), default=float("nan")),
         "unserved": sum(f is None and not e for f, e in zip(r["firsts"], r["ended"], strict=True)),
+        "late": sum(w is not None and w > STARVED_S for w in r["waits"]),
         "starved": sum(
-            g > STARVED_S and f is not None and not e
-            for g, f, e in zip(r["gaps"], r["firsts"], r["ended"], strict=True)
+            g is not None and g > STARVED_S and not e for g, e in zip(r["served_gaps"], r["ended"], strict=True)
         ),
         "errors": r["errors"],
         "open_s": r["open_s"],
@@ -591,9 +600,16 @@ def print_round(round_no: int, results: dict[str, dict], specs: list[ServerSpec]
                 checks = f"ok {r['ok']:.2f} h2load-failed {r['failed']}"
             else:
                 opened = "never" if r["open_s"] is None else f"{r['open_s']:.1f}s"
+                shares = r["served_shares"]
+                served = (
+                    f"{len(shares)} served all window, shares {shares[0]:.2f}/{shares[len(shares) // 2]:.2f}/{shares[-1]:.2f}"
+                    if shares
+                    else "none served all window"
+                )
                 checks = (
-                    f"{r['streams']} streams offer {r['offered']:,}/s; worst {r['worst']:.2f}; "
-                    f"longest gap {r['longest_gap']:.2f}s; starved>1s {r['starved']}; never served {r['unserved']}; "
+                    f"{r['streams']} streams offer {r['offered']:,}/s; worst {r['worst']:.2f}; {served}; "
+                    f"longest gap {r['longest_gap']:.2f}s; starved>1s {r['starved']}; first>1s {r['late']}; "
+                    f"never served {r['unserved']}; "
                     f"open {opened}; ended {r['errors']}"
                 )
             if len(r.get("shares", [])) > 1:
@@ -732,7 +748,10 @@ def main(argv: list[str] | None = None) -> None:
         "(per reply for streams) of the server process, its child processes, the load generator; us/reply: "
         "the front's per reading. ok: DATA bytes received / bytes of correct replies (1.00: every call answered). "
         "worst: the lowest stream's share of its 50 Hz; longest gap: the longest time a stream went without a "
-        f"reading inside the window; starved>1s: streams served at some time with such a gap over {STARVED_S:g} s; "
+        "reading inside the window; served all window: streams served before the window began, and their "
+        "shares of 50 Hz (min/median/max); "
+        f"starved>1s: streams that, once served, went more than {STARVED_S:g} s without a reading; first>1s: streams "
+        f"whose first reading came more than {STARVED_S:g} s after they were opened (the server took them late); "
         "never served: streams without a single reading by the window's end; open: seconds until "
         "every stream had its first reading; ended: streams the server ended (an error: none should end)."
     )

@@ -100,7 +100,7 @@ def messages_completed(stream, payload: bytes) -> int:
 
 
 class _Stream:
-    __slots__ = ("head", "remaining", "received", "count", "first", "last", "gap", "ended")
+    __slots__ = ("head", "remaining", "received", "count", "first", "last", "gap", "served_gap", "ended")
 
     def __init__(self) -> None:
         self.head = b""  # a message prefix split across DATA frames
@@ -110,6 +110,7 @@ class _Stream:
         self.first: float | None = None  # when its first whole message arrived
         self.last = 0.0  # when its last whole message arrived
         self.gap = 0.0  # longest time inside the counting window without a message (so far)
+        self.served_gap = 0.0  # the same, counted only from its first message on
         self.ended = False
 
 
@@ -223,13 +224,24 @@ class StreamCounter(asyncio.Protocol):
             if now < self.t_end:
                 if now >= self.t_start:
                     stream.count += whole
-                    stream.gap = max(stream.gap, now - max(stream.last, self.t_start))
+                    silent = now - max(stream.last, self.t_start)
+                    stream.gap = max(stream.gap, silent)
+                    if stream.first != now:  # not its first message: it was served before
+                        stream.served_gap = max(stream.served_gap, silent)
                 stream.last = now
 
     def longest_gap(self, stream_id: int) -> float:
         """The longest time inside the window the stream went without a message, its end included."""
         stream = self.streams[stream_id]
         return max(stream.gap, self.t_end - max(stream.last, self.t_start))
+
+    def longest_served_gap(self, stream_id: int) -> float | None:
+        """The same from its first message on (None: never served before the window's end): a
+        stream the server took late is not starved, it was waiting to be taken."""
+        stream = self.streams[stream_id]
+        if stream.first is None or stream.first >= self.t_end:
+            return None
+        return max(stream.served_gap, self.t_end - max(stream.last, self.t_start))
 
     def _on_end(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
@@ -256,8 +268,9 @@ async def count_streams(
     """Open one call per request; return counts per call (in order), errors, this process's CPU,
     when the calls were opened and when the last of them delivered its first message (None: never),
     and per call: when its first message arrived ("firsts", None: never), the longest time inside
-    the window it went without a message ("gaps"), and whether it ended ("ended": trailers or
-    RST_STREAM, which a server never sends a live subscription).
+    the window it went without a message ("gaps"; "served_gaps" counts only from its first message,
+    None: never served), and whether it ended ("ended": trailers or RST_STREAM, which a server
+    never sends a live subscription).
 
     `local_host`: the connection's source address (127.0.0.2 and so on stand for other clients).
     """
@@ -287,6 +300,7 @@ async def count_streams(
         "opened": opened,
         "last_first": last_first,
         "gaps": [counter.longest_gap(s) for s in counter.order],
+        "served_gaps": [counter.longest_served_gap(s) for s in counter.order],
         "ended": [counter.streams[s].ended for s in counter.order],
         "firsts": firsts,
     }

@@ -7,12 +7,12 @@ protobuf itself would write for the same message.
 
 Bodies are written by `workers.reply_body` (re-exported here as `reading_body` and
 `status_body`), the one encoder of the front and of the workers: a worker encodes the bodies
-of its readings, and the front then only prepends indices (see `ReplyBodies`).
+of its readings, and the front then only prepends indices (the pool hands the bodies over
+as they came: `AsyncBackend.read_bodies`, `AsyncBackend.subscribe_bodies`).
 """
 
 from __future__ import annotations
 
-import weakref
 from datetime import UTC
 from typing import Any
 
@@ -22,7 +22,6 @@ from pacsys.types import Reading, ValueType, WriteResult, infer_value_type
 from workers.reply_body import reading_body, status_body, varint
 
 __all__ = [
-    "ReplyBodies",
     "reading_body",
     "reading_from_reply",
     "reply_bytes",
@@ -120,52 +119,6 @@ def reading_from_reply(drf: str, reply: DAQ_pb2.ReadingReply) -> Reading:
         )
     s = reply.status
     return Reading(drf=drf, facility_code=s.facility_code, error_code=s.status_code, message=s.message or None)
-
-
-class _Body(weakref.ref):
-    """A weak reference to a reading that carries the reading's encoded body."""
-
-    __slots__ = ("key", "body")
-    key: int
-    body: bytes
-
-
-class ReplyBodies:
-    """Encoded reply bodies of live Reading objects, keyed by identity.
-
-    A fanned-out reading is one object delivered to many streams, so it is encoded once.
-    A backend that receives readings already encoded (a worker pool: its workers encode
-    them) `remember`s the bodies here and shares this cache with the servicer. An entry
-    lives exactly as long as its reading (a weak reference removes it), so the cache
-    holds what the streams' queues hold, however far behind they are, and nothing more.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[int, _Body] = {}
-
-    def remember(self, reading: Reading, body: bytes) -> None:
-        ref = _Body(reading, self._forget)
-        ref.key = id(reading)
-        ref.body = body
-        self._entries[ref.key] = ref
-
-    def body(self, reading: Reading) -> bytes:
-        ref = self._entries.get(id(reading))
-        if ref is not None and ref() is reading:
-            return ref.body
-        body = reading_body(reading)
-        self.remember(reading, body)
-        return body
-
-    @property
-    def held(self) -> int:
-        """Bodies held: one per live reading remembered (no __len__: an empty cache is still one)."""
-        return len(self._entries)
-
-    def _forget(self, ref: _Body) -> None:
-        # Runs as the reading is freed, before its id can be reused.
-        if self._entries.get(ref.key) is ref:
-            del self._entries[ref.key]
 
 
 _INDEX_PREFIX = [b""] + [b"\x08" + varint(i) for i in range(1, 1024)]

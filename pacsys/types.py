@@ -137,7 +137,7 @@ def _value_from_json(value: object, value_type: ValueType | None) -> object:
     return value
 
 
-@dataclass(frozen=True, slots=True, weakref_slot=True, eq=False)  # weakref: see pacsys.replies.ReplyBodies
+@dataclass(frozen=True, slots=True, eq=False)
 class Reading:
     """One device reading: a status (facility + signed error code) and, when usable, a value.
 

@@ -1,6 +1,6 @@
 """Replies built as bytes are exactly what protobuf writes for the same message."""
 
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -38,27 +38,6 @@ def test_error_reading_is_a_status():
     assert reply.index == 3
     assert reply.WhichOneof("value") == "status"
     assert (reply.status.facility_code, reply.status.status_code, reply.status.message) == (DPM, DPM_INTERNAL, "boom")
-
-
-def test_reply_bodies_live_as_long_as_their_readings():
-    import gc
-
-    from pacsys.replies import ReplyBodies
-
-    bodies = ReplyBodies()
-    when = datetime(2026, 11, 27, tzinfo=UTC)
-    readings = [
-        Reading(drf="M:OUTTMP", value_type=ValueType.SCALAR, value=float(i), timestamp=when) for i in range(100)
-    ]
-    for reading in readings:
-        bodies.remember(reading, b"body %d" % reading.value)
-    assert bodies.held == 100
-    assert bodies.body(readings[7]) == b"body 7"  # remembered, not encoded
-    fresh = Reading(drf="M:OUTTMP", value_type=ValueType.SCALAR, value=7.0, timestamp=when)
-    assert bodies.body(fresh) == reading_body(fresh)  # an equal but different object is encoded
-    del readings, reading, fresh
-    gc.collect()
-    assert bodies.held == 0
 
 
 def _protobuf_body(reading: Reading) -> bytes:

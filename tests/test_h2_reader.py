@@ -77,17 +77,19 @@ def test_nothing_is_counted_outside_the_window():
 def test_the_longest_gap_inside_the_window_counts_its_start_and_end():
     """Messages at 5 (before the window [10, 20)), 12, 13 and 25 (after it): the longest gap is
     13 -> 20 (7 s: a stream that falls silent near the end starves too), not 25 - 13; a stream
-    that never sends anything went the whole window without a message.
+    that never sends anything went the whole window without a message. A stream first served at
+    16, then at 17 and 19, went 6 s without a message, but it was being taken, not starved: once
+    served, its longest silence was 17 -> 19.
     """
 
     async def main():
-        release = asyncio.Queue()
+        released = {b"": asyncio.Queue(), b"late": asyncio.Queue()}
 
         async def read(request: bytes, context):
             if request == b"silent":
                 await asyncio.Event().wait()
             while True:
-                await release.get()
+                await released[request].get()
                 yield b"x"
 
         server = grpc.aio.server()
@@ -103,18 +105,25 @@ def test_the_longest_gap_inside_the_window_counts_its_start_and_end():
             _, counter = await loop.create_connection(
                 lambda: StreamCounter(f"127.0.0.1:{port}", 10.0, 20.0, clock=lambda: clock[0]), "127.0.0.1", port
             )
-            counter.open("/bench.Test/Read", b"")
-            counter.open("/bench.Test/Read", b"silent")
-            talking, silent = counter.order
-            stream = counter.streams[talking]
-            for n, at in enumerate((5.0, 12.0, 13.0, 25.0), 1):
+            for request in (b"", b"silent", b"late"):
+                counter.open("/bench.Test/Read", request)
+            talking, silent, late = counter.order
+            sent = {talking: 0, late: 0}
+            messages = [(t, b"", talking) for t in (5.0, 12.0, 13.0, 25.0)] + [
+                (t, b"late", late) for t in (16.0, 17.0, 19.0)
+            ]
+            for at, request, stream_id in sorted(messages):
                 clock[0] = at  # each message arrives while the clock reads `at`
-                release.put_nowait(None)
-                await until(lambda n=n: stream.received == n)
+                released[request].put_nowait(None)
+                sent[stream_id] += 1
+                await until(lambda s=stream_id: counter.streams[s].received == sent[s])
+            stream = counter.streams[talking]
             assert stream.count == 2  # 12 and 13: 5 and 25 are outside the window
             assert counter.longest_gap(talking) == 7.0
             assert counter.longest_gap(silent) == 10.0
             assert stream.first == 5.0 and counter.streams[silent].first is None
+            assert counter.longest_served_gap(talking) == 7.0 and counter.longest_served_gap(silent) is None
+            assert counter.longest_gap(late) == 6.0 and counter.longest_served_gap(late) == 2.0  # 17 -> 19
             counter.close()
         finally:
             await server.stop(0)

@@ -5,7 +5,7 @@ The same cases through real mutual TLS are in tests/test_tls.py; these cover the
 
 import pytest
 
-from pacsys.supervised._identity import IdentityPattern, IdentityPatternError, client_identity, parse_dn
+from pacsys.supervised._identity import Callers, IdentityPattern, IdentityPatternError, client_identity, parse_dn
 
 
 def test_parse_dn_unescapes_values_and_keeps_multi_valued_rdns():
@@ -77,3 +77,60 @@ def test_identity_from_subject_then_san_then_address():
     assert client_identity({"x509_subject": [b""]}, "ipv4:10.0.0.1:5") == "ipv4:10.0.0.1"  # no name at all
     assert client_identity({}, "ipv6:%5B::1%5D:40000") == "ipv6:[::1]"
     assert client_identity({}, "unix:/run/pacsys.sock") == "unix:/run/pacsys.sock"
+
+
+class _Context:
+    """A call's context as `Callers` reads it: its peer, and its auth context (counted)."""
+
+    def __init__(self, peer: str, auth: dict | None = None):
+        self._peer = peer
+        self.auth = auth or {}
+        self.asked = 0
+
+    def peer(self) -> str:
+        return self._peer
+
+    def auth_context(self) -> dict:
+        self.asked += 1
+        return self.auth
+
+
+def test_without_client_certificates_the_identity_is_the_address_remembered_per_peer():
+    for tls in (False, True):
+        callers = Callers(tls=tls, client_certificates=False)
+        call = _Context("ipv6:%5B::1%5D:40000")
+        assert callers.identify(call, call.peer()) == ("ipv6:[::1]", tls)
+        assert callers.identify(call, call.peer()) == ("ipv6:[::1]", tls)
+        assert call.asked == 0  # a fact of the port and of the peer string: nothing asked of gRPC
+    callers = Callers(tls=False, client_certificates=False)
+    for port in range(Callers.PEERS_KEPT + 10):
+        call = _Context(f"ipv4:10.0.0.1:{port}")
+        assert callers.identify(call, call.peer()) == ("ipv4:10.0.0.1", False)
+    assert len(callers._hosts) <= Callers.PEERS_KEPT  # bounded whatever the clients do
+
+
+def test_under_mutual_tls_each_call_is_identified_by_its_own_certificate():
+    """No identity is remembered by ip:port: another client may come from the same port later."""
+    callers = Callers(tls=True, client_certificates=True)
+    ops = _Context("ipv4:10.0.0.1:5", {"x509_subject": [b"CN=ops-1,O=Test Lab"]})
+    guest = _Context("ipv4:10.0.0.1:5", {"x509_subject": [b"CN=guest,O=Test Lab"]})
+    assert callers.identify(ops, ops.peer()) == ("CN=ops-1,O=Test Lab", True)
+    assert callers.identify(guest, guest.peer()) == ("CN=guest,O=Test Lab", True)
+    assert (ops.asked, guest.asked) == (1, 1)  # once per call, for the identity and TLS together
+
+
+def test_beside_a_plaintext_port_tls_is_asked_of_each_call_and_the_address_remembered():
+    callers = Callers(tls=None, client_certificates=False)
+    plain = _Context("ipv4:10.0.0.1:5", {"transport_security_type": [b"insecure"]})
+    tls = _Context("ipv4:10.0.0.1:5", {"transport_security_type": [b"ssl"], "x509_subject": [b"CN=ops-1"]})
+    assert callers.identify(plain, plain.peer()) == ("ipv4:10.0.0.1", False)
+    assert callers.identify(tls, tls.peer()) == ("ipv4:10.0.0.1", True)  # no certificates asked there
+    assert (plain.asked, tls.asked) == (1, 1)
+
+
+def test_a_servicer_on_a_port_it_does_not_know_asks_each_call():
+    callers = Callers()
+    plain = _Context("ipv4:10.0.0.1:5", {"transport_security_type": [b"insecure"]})
+    tls = _Context("ipv4:10.0.0.1:6", {"transport_security_type": [b"ssl"], "x509_subject": [b"CN=ops-1"]})
+    assert callers.identify(plain, plain.peer()) == ("ipv4:10.0.0.1", False)
+    assert callers.identify(tls, tls.peer()) == ("CN=ops-1", True)

@@ -24,10 +24,10 @@ from pacsys.pool.fanout import Fanout
 from pacsys.pool.process import WorkerLost, WorkerProcess
 from pacsys.pool.routing import Router
 from pacsys.pool.stats import PoolStats
-from pacsys.replies import ReplyBodies
 from pacsys.status import DPM, DPM_INTERNAL, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.types import Reading, ValueType
 from workers import protocol as p
+from workers.reply_body import reading_body
 
 TS = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -96,9 +96,7 @@ class Pool:
             self.recycled.append,
             clock=self.clock,
         )
-        self.fanout = Fanout(
-            self.router.owner, self.ids, ReplyBodies(), stream_buffer, linger, self.stats, clock=self.clock
-        )
+        self.fanout = Fanout(self.router.owner, self.ids, stream_buffer, linger, self.stats, clock=self.clock)
         for slot in range(slots):
             self.start(slot)
 
@@ -552,6 +550,66 @@ def test_a_subscription_the_backend_ends_reaches_its_clients_as_a_status_and_not
         assert (status.drf, status.facility_code, status.error_code) == (bad.drf, DPM, DPM_INTERNAL)
         assert status.message == "ValueError: refused" and reading.value == 1.0
         assert pool.fanout.subscription_count == 1 and not handle.stopped
+
+    run(body)
+
+
+def test_a_servicer_stream_gets_the_workers_bodies_and_no_reading_is_built(monkeypatch):
+    import pacsys.pool.wire
+
+    def no(*args, **kwargs):
+        raise AssertionError("a Reading built for a stream that forwards bodies")
+
+    monkeypatch.setattr(pacsys.pool.wire, "Reading", no)
+
+    async def body():
+        pool = Pool(slots=1)
+        worker = pool.workers[0]
+        first = pool.fanout.subscribe(["Z:SIM001@p,2000"], None, bodies=True)
+        second = pool.fanout.subscribe(["z_sim001.reading@P,2000"], None, bodies=True)
+        sent = wire(5.0, TS)
+        pool.fanout.on_data(worker, p.Data(items=[(frames(worker).of(p.Subscribe)[-1].sid, sent)]))
+        (one,) = first.drain()
+        (two,) = second.drain()
+        assert one == ("Z:SIM001.READING@P,2000", sent.body) and two is one  # one pair, shared
+        # A late joiner gets the latest body at once: the worker's bytes, its original timestamp in them.
+        (late,) = pool.fanout.subscribe(["Z:SIM001@p,2000"], None, bodies=True).drain()
+        assert late == one
+
+    run(body)
+
+
+def test_library_subscribers_get_readings_beside_servicer_streams_on_one_subscription():
+    async def body():
+        pool = Pool(slots=1)
+        worker = pool.workers[0]
+        stream = pool.fanout.subscribe(["Z:SIM001@p,2000"], None, bodies=True)
+        reader = pool.fanout.subscribe(["Z:SIM001@p,2000"], None)
+        assert pool.fanout.subscription_count == 1
+        data(pool, worker, 5.0, ts=TS)
+        ((drf, body),) = stream.drain()
+        (reading,) = reader.drain()
+        assert (reading.drf, reading.value, reading.timestamp) == (drf, 5.0, TS)
+        assert body == wire(5.0, TS).body
+        (late,) = pool.fanout.subscribe(["Z:SIM001@p,2000"], None).drain()
+        assert (late.value, late.timestamp) == (5.0, TS)  # a Reading again, with its original timestamp
+        await reader.stop()
+        data(pool, worker, 6.0, ts=TS)
+        assert [b for _, b in stream.drain()] == [wire(6.0, TS).body]
+
+    run(body)
+
+
+def test_a_subscription_the_backend_ends_reaches_a_servicer_stream_as_a_status_body():
+    async def body():
+        pool = Pool(slots=1)
+        worker = pool.workers[0]
+        handle = pool.fanout.subscribe(["Z:BADSUB@p,100"], None, bodies=True)
+        (bad,) = frames(worker).of(p.Subscribe)
+        pool.fanout.on_ended(worker, p.SubscriptionEnded(sid=bad.sid, kind="ValueError", message="refused"))
+        ((drf, status),) = handle.drain()
+        expected = Reading(drf, facility_code=DPM, error_code=DPM_INTERNAL, message="ValueError: refused")
+        assert drf == bad.drf and status == reading_body(expected)
 
     run(body)
 

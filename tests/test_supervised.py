@@ -295,3 +295,64 @@ class TestAsyncPolicyEnforcement:
             with pytest.raises(grpc.RpcError) as exc_info:
                 stub.Set(request, timeout=5.0)
             assert exc_info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# -- several accept loops on the one port ---------------------------------------------------
+
+
+def test_accept_loops_share_the_port_and_another_server_is_still_refused_it():
+    fb = FakeBackend()
+    _seed_backend(fb)
+    with pytest.raises(ValueError, match="accept_loops"):
+        SupervisedServer(fb, port=0, accept_loops=0)
+    with SupervisedServer(fb, port=0, host="127.0.0.1", accept_loops=4) as srv:
+        # Eight connections, spread by the kernel over the four servers: every one answered.
+        for _ in range(8):
+            options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
+            with grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=options) as ch:
+                stub = DAQ_pb2_grpc.DAQStub(ch)
+                (reply,) = stub.Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@I"]), timeout=5)
+                assert reply.readings.reading[0].data.scalar == pytest.approx(72.5)
+        # Its sockets share the port among themselves only: a second server is refused it.
+        second = SupervisedServer(fb, port=srv.port, host="127.0.0.1", accept_loops=4)
+        with pytest.raises(OSError, match=f"port {srv.port} is in use"):
+            second.start()
+
+
+def test_max_connections_holds_over_the_accept_loops():
+    """gRPC caps connections per server: the cap is split between the accept loops (fewer of
+    them when it is small), so the port as a whole holds no more than max_connections."""
+    import socket
+    import time
+
+    from pacsys.supervised import TransportLimits
+
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+    limits = TransportLimits(max_connections=128, connections_per_address_exempt=("127.0.0.0/8",))
+    with SupervisedServer(FakeBackend(), port=0, host="127.0.0.1", transport=limits, accept_loops=8) as srv:
+        assert srv.accept_loops_serving == 2  # 64 connections at least per loop
+        clients = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(200)]
+        try:
+            for client in clients:
+                client.sendall(preface)
+                client.setblocking(False)
+            closed: set[int] = set()
+
+            def read_all() -> int:
+                for i, client in enumerate(clients):
+                    while i not in closed:
+                        try:
+                            if not client.recv(65536):
+                                closed.add(i)
+                        except BlockingIOError:
+                            break
+                        except OSError:
+                            closed.add(i)
+                return len(clients) - len(closed)
+
+            wait_for(lambda: read_all() <= 128, timeout=20)
+            time.sleep(0.5)  # what stays open stays open
+            assert 100 <= read_all() <= 128
+        finally:
+            for client in clients:
+                client.close()

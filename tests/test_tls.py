@@ -147,6 +147,38 @@ def test_a_token_is_accepted_over_tls_where_plaintext_is_refused(serve, pki):
     assert fake.writes == [("Z:ACLTST", 1.0)]
 
 
+def test_without_client_certificates_a_certificate_sent_anyway_reaches_no_call(pki):
+    """A port that asks for no client certificate (no tls_client_ca) sees none in any call's auth
+    context, so its clients are known by address alone: what lets the server remember identities
+    per peer string there (`Callers`) without asking gRPC each call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pacsys.supervised._tls import ServerTLS
+
+    seen = []
+
+    def auth(request, context):
+        seen.append(context.auth_context())
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "t.T", {"Auth": grpc.unary_unary_rpc_method_handler(auth, lambda b: b, lambda b: b)}
+    )
+    server = grpc.server(ThreadPoolExecutor(2), handlers=[handler])
+    port = server.add_secure_port(
+        "127.0.0.1:0", ServerTLS(TLSFiles(str(pki / "server.crt"), str(pki / "server.key"))).credentials()
+    )
+    server.start()
+    try:
+        with grpc.secure_channel(f"127.0.0.1:{port}", _creds(pki, "ops-1")) as channel:
+            channel.unary_unary("/t.T/Auth")(b"", timeout=5)
+    finally:
+        server.stop(None)
+    (context,) = seen
+    assert context["transport_security_type"] == [b"ssl"]
+    assert not {"x509_subject", "x509_common_name", "peer_dns", "peer_uri", "peer_email", "peer_ip"} & set(context)
+
+
 def test_a_plaintext_listener_beside_tls_serves_reads_but_refuses_tokens_and_remote_status(serve, pki):
     """`plaintext_port`: the same services without TLS, for clients that speak plaintext only (the
     pacsys 0.3.0 release); the gate decides per call, so a token stays refused there."""
@@ -313,7 +345,8 @@ def test_a_renewed_certificate_serves_new_connections_after_reload(serve, pki, t
         cert.write_bytes(_pem(pki, "server2.crt"))
         key.write_bytes(_pem(pki, "server2.key"))
         server.tls.reload()
-        assert len(_read(server.port, _creds(pki, ca="other-ca.crt"))) == 1
+        for _ in range(8):  # new connections, whichever of the port's servers (accept_loops) takes them
+            assert len(_read(server.port, _creds(pki, ca="other-ca.crt"))) == 1
         assert _code(lambda: _read(server.port, _creds(pki)))[0] == grpc.StatusCode.UNAVAILABLE
         cert.write_text("not a certificate")
         with pytest.raises(ValueError):

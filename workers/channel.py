@@ -29,12 +29,14 @@ class FrameChannel(asyncio.Protocol):
         self._on_message = on_message
         self._on_closed = on_closed
         self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the transport's: flushes are scheduled on it
         self._outgoing: list[bytes] = []
         self._flush_scheduled = False
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -57,7 +59,7 @@ class FrameChannel(asyncio.Protocol):
         self._outgoing.append(encode(message))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            (self._loop or asyncio.get_running_loop()).call_soon(self.flush)
 
     def flush(self) -> None:
         self._flush_scheduled = False

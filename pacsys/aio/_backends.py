@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pacsys.aio._subscription import AsyncSubscriptionHandle
 from pacsys.backends import summarize_drfs
@@ -17,15 +17,8 @@ from pacsys.errors import DeviceError, ReadError
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
 from workers.reply_body import reading_body
 
-if TYPE_CHECKING:
-    from pacsys.replies import ReplyBodies
-
 
 class AsyncBackend(ABC):
-    #: The reply bodies of readings that arrive already encoded for the DAQ wire (a worker
-    #: pool's: its workers encode them); the servicer uses it as its cache. None: it encodes.
-    reply_bodies: ReplyBodies | None = None
-
     @property
     @abstractmethod
     def capabilities(self) -> BackendCapability: ...
@@ -78,6 +71,13 @@ class AsyncBackend(ABC):
     async def subscribe(self, drfs: list[str], callback: Any = None, on_error: Any = None) -> AsyncSubscriptionHandle:
         """Start a subscription; iterate `handle.readings()` for its data."""
         raise NotImplementedError("this backend does not support streaming")
+
+    async def subscribe_bodies(self, drfs: list[str]) -> AsyncSubscriptionHandle:
+        """A subscription for a consumer that only forwards each reading's DAQ reply body (the
+        servicer's stream). A backend whose readings arrive encoded (the worker pool) hands over
+        (DRF, body) pairs and builds no Readings; any other hands over its Readings (this default:
+        `subscribe`), which the consumer encodes (`reading_body`)."""
+        return await self.subscribe(drfs)
 
     async def remove(self, handle: AsyncSubscriptionHandle) -> None:
         await handle.stop()

@@ -13,6 +13,10 @@ The consumer iterates `readings()` on the loop and is woken at once, with no pol
 the consumer falls behind, the oldest readings are dropped and counted in `dropped`: a slow
 reader loses its own data, it never blocks the producer.
 
+A handle carries Readings. One made for a consumer that only forwards the bytes (the
+servicer's streams on a worker pool, `AsyncBackend.subscribe_bodies`) carries each reading as
+the pair (DRF, DAQ reply body) instead, which its consumer takes with `drain()`.
+
 A consumer that bounds what its readings may cost meters the handle (`meter(cost)`):
 `queued_bytes` then counts each reading's cost from the moment it is buffered until it is
 dropped, or taken and written (`drain`, then `sent`).
@@ -26,10 +30,14 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import cast
 
 from pacsys.types import Reading
 
 DEFAULT_BUFFER_SIZE = 10_000
+
+#: What a handle carries: a Reading, or (DRF, DAQ reply body) on a stream of encoded readings.
+Item = Reading | tuple[str, bytes]
 
 
 class AsyncSubscriptionHandle:
@@ -39,7 +47,7 @@ class AsyncSubscriptionHandle:
         maxsize: int = DEFAULT_BUFFER_SIZE,
     ):
         self._remover = remover
-        self._buffer: collections.deque[Reading] = collections.deque(maxlen=maxsize)
+        self._buffer: collections.deque[Item] = collections.deque(maxlen=maxsize)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         try:
@@ -52,7 +60,7 @@ class AsyncSubscriptionHandle:
         self._exc: BaseException | None = None
         self.dropped = 0
         self.delivered = 0
-        self._cost: Callable[[Reading], int] | None = None  # set by `meter`
+        self._cost: Callable[[Item], int] | None = None  # set by `meter`
         self._buffered_bytes = 0  # the cost of the buffered readings
         self._taken_bytes = 0  # the cost of the last batch drained, until `sent`
 
@@ -76,7 +84,7 @@ class AsyncSubscriptionHandle:
         """The cost of the readings buffered and of the batch taken but not yet `sent` (0 unmetered)."""
         return self._buffered_bytes + self._taken_bytes
 
-    def meter(self, cost: Callable[[Reading], int]) -> None:
+    def meter(self, cost: Callable[[Item], int]) -> None:
         """Count `cost(reading)` in `queued_bytes` for each reading from now on (and those buffered)."""
         self._cost = cost
         self._buffered_bytes = sum(map(cost, self._buffer))
@@ -97,11 +105,11 @@ class AsyncSubscriptionHandle:
         except RuntimeError:
             pass  # the loop is closed: nobody is left to read
 
-    def dispatch(self, reading: Reading) -> None:
+    def dispatch(self, reading: Item) -> None:
         """Deliver one reading (from any thread)."""
         self._call(self._put, (reading,))
 
-    def dispatch_many(self, readings: Iterable[Reading]) -> None:
+    def dispatch_many(self, readings: Iterable[Item]) -> None:
         """Deliver readings in order, with at most one wake-up of the consumer (from any thread)."""
         self._call(self._put, tuple(readings))
 
@@ -113,7 +121,7 @@ class AsyncSubscriptionHandle:
         """End the subscription normally; the consumer reads what is buffered, then stops."""
         self._call(self._end, None)
 
-    def dispatch_on_loop(self, reading: Reading) -> None:
+    def dispatch_on_loop(self, reading: Item) -> None:
         """`dispatch` for a producer on the handle's own loop (the pool's hot path): no thread check."""
         if self._stopped:
             return
@@ -134,7 +142,7 @@ class AsyncSubscriptionHandle:
     _signal_error = signal_error
     _signal_stop = signal_stop
 
-    def _put(self, readings: tuple[Reading, ...]) -> None:
+    def _put(self, readings: tuple[Item, ...]) -> None:
         if self._stopped:
             return
         buffer = self._buffer
@@ -179,7 +187,7 @@ class AsyncSubscriptionHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             while self._buffer:
-                reading = self._buffer.popleft()
+                reading = cast(Reading, self._buffer.popleft())  # a handle of Readings is iterated
                 self.delivered += 1
                 if self._cost is not None:
                     self._buffered_bytes -= self._cost(reading)
@@ -211,7 +219,7 @@ class AsyncSubscriptionHandle:
             if self._cost is not None:
                 self._buffered_bytes = sum(map(self._cost, kept))
 
-    def drain(self) -> list[Reading]:
+    def drain(self) -> list[Item]:
         """Take every buffered reading at once (for consumers that write in batches).
 
         Metered, the batch's cost stays in `queued_bytes` until `sent` (or the next `drain`).

@@ -15,7 +15,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from pacsys.types import Reading
 
@@ -29,7 +29,7 @@ ReadingCallback = Callable[[Reading, "SubscriptionHandle"], None]
 ErrorCallback = Callable[[Exception, "SubscriptionHandle"], None]
 
 
-def summarize_drfs(drfs: list[str], limit: int = 5) -> str:
+def summarize_drfs(drfs: Sequence[str], limit: int = 5) -> str:
     """A short list of DRFs for log lines: the first few and a count of the rest."""
     if len(drfs) <= limit:
         return ", ".join(drfs)

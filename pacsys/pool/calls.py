@@ -53,28 +53,26 @@ class OneShotCalls:
         self._over_request_limit = over_request_limit
         self._clock = clock  # for the time a call has left after waiting or a retry
 
-    async def _route(
+    async def _wait_to_route(
         self,
         drfs: list[str],
-        positions: Iterable[int],
+        positions: list[int],
         timeout: float | None,
         devices: Sequence[str] | None = None,
     ) -> tuple[dict[WorkerProcess, list[int]], float | None]:
-        """Group positions by serving worker, waiting for one if none serves; and the time left."""
-        positions = list(positions)
-        groups, unserved = self._router.group(drfs, positions, devices)
-        if not unserved:
-            return groups, timeout
+        """Some positions have no serving worker: wait for one, at most `worker_wait` and never
+        past `timeout`; then the positions grouped, and the time left."""
         self._stats.calls_waited += 1
         wait = self._worker_wait if timeout is None else min(self._worker_wait, timeout)
         started = self._clock()
         try:
             async with asyncio.timeout(wait):
-                while unserved:  # a worker that serves again may be lost again before this call runs
+                while True:  # a worker that serves again may be lost again before this call runs
                     await self._any_serving.wait()
                     groups, unserved = self._router.group(drfs, positions, devices)
-                    if unserved:
-                        await asyncio.sleep(0.01)
+                    if not unserved:
+                        break
+                    await asyncio.sleep(0.01)
         except TimeoutError:
             self._stats.calls_unavailable += 1
             raise BackendUnavailable(f"no backend worker became ready within {wait:g} s") from None
@@ -90,21 +88,30 @@ class OneShotCalls:
             self._stats.calls_unavailable += 1
             raise BackendUnavailable(f"no backend worker became ready within {self._worker_wait:g} s") from None
 
-    async def _call(self, worker: WorkerProcess, make: Any, timeout: float | None) -> Any:
-        """Send the request `make(id)` to the worker and wait for its reply.
+    async def _call(self, worker: WorkerProcess, message: p.Read | p.Write, timeout: float | None) -> Any:
+        """Send the request to the worker and wait for its reply.
 
         WorkerLost when the worker is gone or dies first; TimeoutError after `timeout` (the
-        worker then forgets the request).
+        worker then forgets the request). The deadline is a timer on the reply itself, not an
+        `asyncio.timeout` around the await: one timer, no context manager per call, and none
+        at all for a call without a deadline (most of them).
         """
-        reply = worker.request(make(next(self._ids)))
+        reply = worker.request(message)
         if worker.recycle_due:
             self._over_request_limit(worker)
-        async with asyncio.timeout(timeout):
+        if timeout is None:
             return await reply
+        expiry = reply.get_loop().call_later(timeout, _expire, reply)
+        try:
+            return await reply
+        finally:
+            expiry.cancel()
 
     async def get_many(self, drfs: list[str], timeout: float | None = None) -> list[Reading]:
         """Each DRF's Reading, in order."""
-        return await self._read(_Read(drfs, None, reading_from_wire), timeout)
+        read = _Read(drfs, None, reading_from_wire)
+        await self._read_positions(read, range(len(drfs)), timeout, retry=True)
+        return read.results
 
     async def read_bodies(
         self, drfs: list[str], timeout: float | None = None, devices: Sequence[str] | None = None
@@ -113,26 +120,26 @@ class OneShotCalls:
 
         `devices` are the DRFs' canonical device names when the caller has parsed them.
         """
-        return await self._read(_Read(drfs, devices, body_of), timeout)
-
-    async def _read(self, read: _Read, timeout: float | None) -> list[Any]:
-        await self._read_positions(read, range(len(read.drfs)), timeout, retry=True)
+        read = _Read(drfs, devices, body_of)
+        await self._read_positions(read, range(len(drfs)), timeout, retry=True)
         return read.results
 
     async def _read_positions(self, read: _Read, positions: Iterable[int], timeout: float | None, retry: bool) -> None:
-        groups, timeout = await self._route(read.drfs, positions, timeout, read.devices)
-        await _all(self._read_group(read, w, pos, timeout, retry) for w, pos in groups.items())
+        positions = list(positions)
+        groups, unserved = self._router.group(read.drfs, positions, read.devices)
+        if unserved:
+            groups, timeout = await self._wait_to_route(read.drfs, positions, timeout, read.devices)
+        await _all(self._read_group(read, w, at, timeout, retry) for w, at in groups.items())
 
     async def _read_group(
         self, read: _Read, worker: WorkerProcess, positions: list[int], timeout: float | None, retry: bool
     ) -> None:
         drfs = read.drfs
-        subset = [drfs[i] for i in positions]
-        started = self._clock()
+        subset = drfs if len(positions) == len(drfs) else [drfs[i] for i in positions]
+        started = self._clock() if timeout is not None else 0.0
+        message = p.Read(id=next(self._ids), drfs=subset, timeout=timeout, authorization=read.auth)
         try:
-            reply = await self._call(
-                worker, lambda rid: p.Read(id=rid, drfs=subset, timeout=timeout, authorization=read.auth), timeout
-            )
+            reply = await self._call(worker, message, timeout)
         except WorkerLost:
             if not retry:
                 raise BackendUnavailable("the backend worker died twice while reading") from None
@@ -148,7 +155,10 @@ class OneShotCalls:
     async def write_many(self, settings: list[tuple[str, Value]], timeout: float | None = None) -> list[WriteResult]:
         drfs = [d for d, _ in settings]
         # A write waits for a worker only before it is sent: once sent, it is never sent again.
-        groups, timeout = await self._route(drfs, range(len(drfs)), timeout)
+        positions = list(range(len(drfs)))
+        groups, unserved = self._router.group(drfs, positions)
+        if unserved:
+            groups, timeout = await self._wait_to_route(drfs, positions, timeout)
         results: list[WriteResult | None] = [None] * len(settings)
         auth = caller_authorization.get()
 
@@ -156,11 +166,8 @@ class OneShotCalls:
             subset = [drfs[i] for i in positions]
             values = [settings[i][1] for i in positions]
             try:
-                reply = await self._call(
-                    worker,
-                    lambda rid: p.Write(id=rid, drfs=subset, values=values, timeout=timeout, authorization=auth),
-                    timeout,
-                )
+                message = p.Write(id=next(self._ids), drfs=subset, values=values, timeout=timeout, authorization=auth)
+                reply = await self._call(worker, message, timeout)
             except WorkerLost:
                 # Never replayed: the setting may or may not have reached the device.
                 self._stats.writes_outcome_unknown += len(positions)
@@ -193,6 +200,12 @@ class _Read:
         self.answer = answer
         self.auth = caller_authorization.get()
         self.results: list[Any] = [None] * len(drfs)
+
+
+def _expire(reply: asyncio.Future) -> None:
+    """A worker's reply past its deadline: the call raises TimeoutError (and the request is forgotten)."""
+    if not reply.done():
+        reply.set_exception(TimeoutError())
 
 
 async def _all(coros: Iterable[Any]) -> None:

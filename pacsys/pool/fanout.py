@@ -6,6 +6,11 @@ backend subscription after a linger (a reconnecting client finds it still open).
 joiner to a periodic DRF gets the latest reading at once, with its original timestamp. A
 subscription lives on the worker that serves its device; when that changes (a death, a
 restart, a recycle, scaling), `rebalance()` moves it, and the gap is counted.
+
+A client stream of the servicer takes each reading as the pair (DRF, reply body) its worker
+encoded (`subscribe(..., bodies=True)`): one pair per backend reading, shared by every such
+stream, and no `Reading` built for them. A `Reading` is built, once per backend reading, only
+while a library caller of `subscribe` listens.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from pacsys.aio import AsyncSubscriptionHandle
 from pacsys.drf import DRFError, parse_cached
 from pacsys.pool.process import WorkerProcess
 from pacsys.pool.stats import GapStats
-from pacsys.pool.wire import reading_from_wire
-from pacsys.replies import ReplyBodies
+from pacsys.pool.wire import body_of, reading_from_wire
+from pacsys.replies import reading_body
 from pacsys.status import DPM, DPM_INTERNAL
 from pacsys.types import Reading
 from workers import protocol as p
@@ -36,10 +41,26 @@ class Shared:
         self.authorization = authorization  # the first subscriber's, sent with the subscription
         self.sid = 0
         self.worker: WorkerProcess | None = None  # the worker holding the backend subscription
-        self.subscribers: set[AsyncSubscriptionHandle] = set()
-        self.last: Reading | None = None
+        self.streams: set[AsyncSubscriptionHandle] = set()  # take (drf, body) pairs
+        self.readers: set[AsyncSubscriptionHandle] = set()  # take Readings
+        self.last: p.WireReading | None = None  # for a late joiner, with its original timestamp
         self.linger: asyncio.TimerHandle | None = None
         self.gap_started: float | None = None
+
+    @property
+    def listened(self) -> bool:
+        return bool(self.streams or self.readers)
+
+    def deliver(self, wire: p.WireReading) -> None:
+        """One backend reading to every client: the worker's body to the streams, a Reading to the readers."""
+        if self.streams:
+            pair = (self.key, body_of(self.key, wire))
+            for handle in self.streams:
+                handle.dispatch_on_loop(pair)  # the pool and its handles share the front's loop
+        if self.readers:
+            reading = reading_from_wire(self.key, wire)
+            for handle in self.readers:
+                handle.dispatch_on_loop(reading)
 
 
 class Fanout:
@@ -47,7 +68,6 @@ class Fanout:
         self,
         owner: Callable[[str], WorkerProcess | None],
         ids: itertools.count,
-        reply_bodies: ReplyBodies,
         stream_buffer: int,
         linger: float,
         gaps: GapStats,
@@ -55,7 +75,6 @@ class Fanout:
     ):
         self._owner = owner
         self._ids = ids
-        self._reply_bodies = reply_bodies
         self.stream_buffer = stream_buffer
         self.linger = linger
         self.gaps = gaps  # counted into the pool's stats
@@ -88,7 +107,8 @@ class Fanout:
 
     # -- clients ---------------------------------------------------------------------------
 
-    def subscribe(self, drfs: list[str], authorization: str | None) -> AsyncSubscriptionHandle:
+    def subscribe(self, drfs: list[str], authorization: str | None, bodies: bool = False) -> AsyncSubscriptionHandle:
+        """A client stream on `drfs`: its handle takes Readings, or with `bodies` (DRF, reply body) pairs."""
         handle = AsyncSubscriptionHandle(remover=self._release, maxsize=self.stream_buffer)
         shares: list[Shared] = []
         for drf in drfs:
@@ -108,23 +128,27 @@ class Fanout:
             if shared.linger is not None:
                 shared.linger.cancel()
                 shared.linger = None
-            shared.subscribers.add(handle)
+            (shared.streams if bodies else shared.readers).add(handle)
             shares.append(shared)
-            if shared.last is not None and shared.periodic:
-                handle.dispatch(shared.last)  # a late joiner gets the latest reading at once
+            last = shared.last
+            if last is not None and shared.periodic:  # a late joiner gets the latest reading at once
+                handle.dispatch(
+                    (shared.key, body_of(shared.key, last)) if bodies else reading_from_wire(shared.key, last)
+                )
         self._clients[handle] = shares
         return handle
 
     async def _release(self, handle: AsyncSubscriptionHandle) -> None:
         loop = asyncio.get_running_loop()
         for shared in self._clients.pop(handle, []):
-            shared.subscribers.discard(handle)
-            if not shared.subscribers and shared.linger is None:
+            shared.streams.discard(handle)
+            shared.readers.discard(handle)
+            if not shared.listened and shared.linger is None:
                 shared.linger = loop.call_later(self.linger, self._close_shared, shared)
 
     def _close_shared(self, shared: Shared) -> None:
         shared.linger = None
-        if shared.subscribers or self._shared.get(shared.key) is not shared:
+        if shared.listened or self._shared.get(shared.key) is not shared:
             return
         del self._shared[shared.key]
         self._unplace(shared)
@@ -189,18 +213,14 @@ class Fanout:
             shared = self._by_sid.get(sid)
             if shared is None or shared.worker is not worker:
                 continue  # late data of a subscription that moved or closed
-            reading = reading_from_wire(shared.key, wire)
-            if wire.body is not None:
-                self._reply_bodies.remember(reading, wire.body)
-            shared.last = reading
+            shared.last = wire
             if shared.gap_started is not None:
                 now = now or self._clock()
                 gap = now - shared.gap_started
                 shared.gap_started = None
                 self.gaps.last_gap_seconds = gap
                 self.gaps.max_gap_seconds = max(self.gaps.max_gap_seconds, gap)
-            for handle in shared.subscribers:
-                handle.dispatch_on_loop(reading)  # the pool and its handles share the front's loop
+            shared.deliver(wire)
 
     def on_ended(self, worker: WorkerProcess, msg: p.SubscriptionEnded) -> None:
         """The backend refused or ended one DRF: its clients get a status for that slot, nothing more."""
@@ -213,9 +233,12 @@ class Fanout:
         reading = Reading(
             drf=shared.key, facility_code=DPM, error_code=DPM_INTERNAL, message=f"{msg.kind}: {msg.message}"
         )
-        for handle in shared.subscribers:
+        pair = (shared.key, reading_body(reading))
+        for handle in shared.streams:
+            handle.dispatch(pair)
+        for handle in shared.readers:
             handle.dispatch(reading)
-        for handle in shared.subscribers:
+        for handle in shared.streams | shared.readers:
             shares = self._clients.get(handle)
             if shares is not None and shared in shares:
                 shares.remove(shared)

@@ -46,7 +46,6 @@ from pacsys.pool.supervision import (
     SpawnReplacement,
     Wait,
 )
-from pacsys.replies import ReplyBodies
 from pacsys.settings import Settings
 from pacsys.types import BackendCapability, Reading, Value, WriteResult
 from workers import protocol as p
@@ -72,7 +71,6 @@ class WorkerPool(AsyncBackend):
         self.workers = settings.workers  # live slots: SIGTTIN and SIGTTOU change it, not the setting
         self.stats = PoolStats()
         # The workers encode each reading's reply body; the servicer uses this as its cache.
-        self.reply_bodies: ReplyBodies = ReplyBodies()
         # Workers read only module:factory specs: a built-in form is rewritten here.
         self._command = WorkerCommand.from_settings(settings)
         self._slots: list[Slot] = []
@@ -83,7 +81,6 @@ class WorkerPool(AsyncBackend):
         self._fanout = Fanout(
             self._router.owner,
             self._ids,
-            self.reply_bodies,
             settings.stream_buffer,
             settings.subscription_linger,
             self.stats,
@@ -485,6 +482,12 @@ class WorkerPool(AsyncBackend):
         if self.ready_count == 0:
             await self._calls.wait_for_a_worker()  # the stream then moves with its devices
         return self._fanout.subscribe(drfs, caller_authorization.get())
+
+    async def subscribe_bodies(self, drfs: list[str]) -> AsyncSubscriptionHandle:
+        """The servicer's stream: each reading as (DRF, the body its worker encoded), no Reading built."""
+        if self.ready_count == 0:
+            await self._calls.wait_for_a_worker()
+        return self._fanout.subscribe(drfs, caller_authorization.get(), bodies=True)
 
     # -- run-time scaling ------------------------------------------------------------------
 

@@ -122,7 +122,7 @@ class WorkerProcess:
         self._on_message = on_message  # the frames that are the pool's: Data, SubscriptionEnded, StartupFailed
         self._on_disconnect = on_disconnect
         self._on_exit = on_exit
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()  # its requests' futures are made on it
         self.ready: asyncio.Future[p.Ready] = loop.create_future()
         self.exited: asyncio.Future[Exit] = loop.create_future()  # resolved when it is reaped
         self._pending: dict[int, asyncio.Future] = {}
@@ -218,7 +218,7 @@ class WorkerProcess:
         the worker's exception or WorkerLost. Cancelling it (a timeout) forgets the request."""
         if self.gone:
             raise WorkerLost(f"worker {self.slot} is not running")
-        future = asyncio.get_running_loop().create_future()
+        future = self._loop.create_future()
         request_id = message.id
         self._pending[request_id] = future
         self._idle.clear()

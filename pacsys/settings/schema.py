@@ -111,6 +111,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_message_bytes: Annotated[int, setting(
         "Largest request message accepted, in bytes.", section="Server", ge=1024, le=2**31 - 1
     )] = 4 * 1024 * 1024
+    accept_loops: Annotated[int, setting(
+        "gRPC servers sharing the service port in the front (SO_REUSEPORT; connections are spread over them), each "
+        "taking new calls one at a time: more take new calls faster when the front is saturated.",
+        section="Server", ge=1, le=64,
+    )] = 8
     shutdown_grace: Annotated[float, setting(
         "Seconds one-shot calls get to finish on SIGTERM/SIGINT before they are cancelled.", section="Server", ge=0
     )] = 5.0

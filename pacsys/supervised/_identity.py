@@ -31,7 +31,14 @@ from pacsys.supervised._peers import peer_host
 if TYPE_CHECKING:
     import grpc
 
-__all__ = ["SAN_KINDS", "IdentityPattern", "IdentityPatternError", "client_identity", "identity_of", "parse_dn"]
+__all__ = [
+    "SAN_KINDS",
+    "Callers",
+    "IdentityPattern",
+    "IdentityPatternError",
+    "client_identity",
+    "parse_dn",
+]
 
 ADDRESS_KINDS = ("ipv4:", "ipv6:", "unix:")
 # gRPC's auth context property of each SAN kind, in the order an identity is taken from them.
@@ -46,9 +53,43 @@ _WILDCARD_EXCLUDES = r',+"\\<>;=\x00-\x1f\x7f'
 _ATTRIBUTE_TYPE = re.compile(r"\s*([A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)*)\s*=")
 
 
-def identity_of(context: grpc.aio.ServicerContext) -> str:
-    """The client's identity (see the module's text)."""
-    return client_identity(context.auth_context() or {}, context.peer())
+class Callers:
+    """Who each call comes from and whether it came over TLS, asking gRPC as little per call as
+    the ports allow.
+
+    Whether calls come over TLS is a fact of the port (`tls`; None: asked of each call, as on a
+    server with a plaintext port beside its TLS one), and so is whether its clients present
+    certificates (`client_certificates`: mutual TLS; None: not known). Without client
+    certificates an identity is the peer's address, a pure function of the peer string:
+    remembered per peer (at most `PEERS_KEPT`, then forgotten at once). Under mutual TLS the
+    auth context is asked once per call and nothing is remembered: grpc.aio shows no
+    connection, and a client port used again by another client must not inherit a
+    certificate's identity. `Callers()`, for a servicer mounted on a server it does not know,
+    asks each call for both.
+    """
+
+    PEERS_KEPT = 4096
+
+    def __init__(self, tls: bool | None = None, client_certificates: bool | None = None):
+        self.tls = tls
+        self.client_certificates = client_certificates
+        self._hosts: dict[str, str] = {}
+
+    def identify(self, context: grpc.aio.ServicerContext, peer: str) -> tuple[str, bool]:
+        """The identity of the call's client (`peer` is `context.peer()`), and whether it came over TLS."""
+        tls = self.tls
+        if tls is None or self.client_certificates is not False:
+            auth = context.auth_context() or {}
+            if tls is None:
+                tls = auth.get("transport_security_type") == [b"ssl"]
+            if self.client_certificates is not False:
+                return client_identity(auth, peer), tls
+        host = self._hosts.get(peer)
+        if host is None:
+            if len(self._hosts) >= self.PEERS_KEPT:
+                self._hosts.clear()
+            host = self._hosts[peer] = peer_host(peer)
+        return host, tls
 
 
 def client_identity(auth: Mapping[str, Sequence[bytes]], peer: str) -> str:

@@ -5,8 +5,6 @@ A backend that runs and supervises processes of its own (the worker pool,
 serves, reports its readiness and liveness through health, and shows its workers in the
 status view and the metrics. Any other backend is always ready and alive. These are
 structural types: a backend implements one by having its members, it need not inherit.
-(`AsyncBackend.reply_bodies`, the cache of bodies its readings arrive with, is declared on
-AsyncBackend itself.)
 """
 
 from __future__ import annotations

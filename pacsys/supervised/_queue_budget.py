@@ -4,12 +4,12 @@ A reading queued for a client stream holds memory until the stream writes it. A 
 stops reading leaves gRPC's write waiting on HTTP/2 flow control, and its streams' queues fill
 up to `stream_buffer` readings each: without a budget, a few clients could hold gigabytes.
 
-What a queued reading costs is estimated from its encoded reply body, which the front has in
-any case (the workers send it; in process it is encoded once and kept for the write):
-`QUEUED_READING_BYTES` for the objects every reading has (the `Reading`, its timestamp, its
-body's bytes object and cache entry, the queue's slot) plus `BODY_WEIGHT` bytes per byte of
-body, because the Python value behind a body (a list of floats, a text) takes several times
-the body's size. Measured with tracemalloc: a scalar reading 498 bytes (29 of body), one of 64
+What a queued reading costs is estimated from its encoded reply body: `QUEUED_READING_BYTES`
+for the objects every reading has (the `Reading`, its timestamp, its body's bytes object, the
+queue's slot) plus `BODY_WEIGHT` bytes per byte of body, because the Python value behind a
+body (a list of floats, a text) takes several times the body's size. A worker pool's streams
+queue the body the worker encoded (with its DRF); a backend in process queues Readings, whose
+body is encoded to count it (and again when the stream writes it). Measured with tracemalloc: a scalar reading 498 bytes (29 of body), one of 64
 distinct floats 3,090 bytes (541 of body), 200 raw bytes 904 (225 of body); the estimate gives
 516, 2,564 and 1,300. A stream's handle counts each reading's cost from the moment it is queued
 until the stream has written it or it was dropped (`AsyncSubscriptionHandle.meter`); the totals
@@ -44,11 +44,12 @@ that catches up is never cut. A client exceeds its budget by what it receives in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from pacsys.types import Reading
+from workers.reply_body import reading_body
 
 __all__ = [
     "BODY_WEIGHT",
@@ -68,16 +69,13 @@ PER_PEER = "max_queued_bytes_per_peer"
 SERVICE = "max_queued_bytes"
 
 
-def queued_cost(body: Callable[[Reading], bytes]) -> Callable[[Reading], int]:
-    """The cost of a queued reading, given where its encoded body comes from."""
-
-    def cost(reading: Reading) -> int:
-        try:
-            return QUEUED_READING_BYTES + BODY_WEIGHT * len(body(reading))
-        except Exception:  # the producer's path (a worker's data for every stream) must not fail here
-            return QUEUED_READING_BYTES
-
-    return cost
+def queued_cost(item: Reading | tuple[str, bytes]) -> int:
+    """The cost of a queued reading: a (DRF, body) pair as a worker pool queues it, or a Reading."""
+    try:
+        body = item[1] if isinstance(item, tuple) else reading_body(item)
+        return QUEUED_READING_BYTES + BODY_WEIGHT * len(body)
+    except Exception:  # the producer's path (a worker's data for every stream) must not fail here
+        return QUEUED_READING_BYTES
 
 
 class Queued(Protocol):

@@ -35,6 +35,7 @@ from pacsys.supervised._audit import AuditLog
 from pacsys.supervised._connection_guard import ConnectionGuard, parse_networks
 from pacsys.supervised._forwarded import ForwardedError, TrustedProxies
 from pacsys.supervised._health import HEALTH_SERVICE, HealthServicer, enable_reflection
+from pacsys.supervised._identity import Callers
 from pacsys.supervised._listen import bind_problem, stop_listening
 from pacsys.supervised._managed import ManagedBackend
 from pacsys.supervised._peers import is_loopback
@@ -63,6 +64,9 @@ SHARED_PORT_CONNECTION_MAX_AGE = 10.0
 MAX_AGE_JITTER = 0.1  # gRPC makes each connection's age limit up to 10% longer (or shorter)
 MAX_AGE_MARGIN = 1.0  # seconds for the last GOAWAY to reach its client and its calls then in flight
 QUIET_SECONDS = 0.5  # then a draining instance that shares its port waits until calls stop coming in
+# Connections each accept loop may hold at least (a `max_connections` too small to split this
+# way runs fewer of them: gRPC caps connections per server).
+MIN_CONNECTIONS_PER_ACCEPT_LOOP = 64
 
 
 class SupervisedServer:
@@ -77,6 +81,7 @@ class SupervisedServer:
         *,
         limits: ServicerLimits | None = None,
         max_message_bytes: int = DEFAULTS.max_message_bytes,
+        accept_loops: int = DEFAULTS.accept_loops,
         threads_per_worker: int = DEFAULTS.threads_per_worker,
         shutdown_grace: float = DEFAULTS.shutdown_grace,
         drain_delay: float = DEFAULTS.drain_delay,
@@ -117,6 +122,11 @@ class SupervisedServer:
             connection_max_age = SHARED_PORT_CONNECTION_MAX_AGE
         self._connection_max_age = connection_max_age
         self._max_message_bytes = max_message_bytes
+        if isinstance(accept_loops, bool) or not isinstance(accept_loops, int) or not 1 <= accept_loops <= 64:
+            raise ValueError(f"accept_loops must be an integer from 1 to 64, got {accept_loops!r}")
+        self._accept_loops = accept_loops
+        self.accept_loops_serving = 0  # gRPC servers on the port once started (fewer than asked
+        # when max_connections is too small to split between them)
         self._grace = shutdown_grace
         self._drain_delay = drain_delay
         self.stopping = False  # run() is stopping on a signal: a second one exits at once
@@ -140,6 +150,12 @@ class SupervisedServer:
             log_requests=log_requests,
             allow_unaudited_writes=allow_unaudited_writes,
             token_over_plaintext=allow_token_plaintext,
+            callers=Callers(
+                # Facts of the ports: TLS or not (unknown per call when a plaintext port is beside
+                # the TLS one), client certificates or not (never on a plaintext port).
+                tls=None if plaintext_port is not None else tls is not None,
+                client_certificates=tls is not None and tls.client_ca is not None,
+            ),
             trusted_proxies=TrustedProxies(trusted_proxies),
         )
         self.admin_token = admin_token
@@ -301,21 +317,11 @@ class SupervisedServer:
     async def _serve(self) -> None:
         self._stop_requested = asyncio.Event()
         max_connections = self.transport.connection_cap()
-        options = server_options(
-            self.transport,
-            max_connections,
-            self._max_message_bytes,
-            reuse_port=self._reuse_port,
-            connection_max_age=self._connection_max_age,
-        )
-        server = grpc.aio.server(options=options)
-        server.add_generic_rpc_handlers((self.servicer.rpc_handler(),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        enable_reflection((SERVICE_NAME, HEALTH_SERVICE), server)
-        server.add_generic_rpc_handlers((self._admin_handler(),))
-        self._bind(server)
+        servers = self._grpc_servers(max_connections)
+        self._bind(servers)
         await self._open_backend()
-        await server.start()
+        for server in servers:
+            await server.start()
         self._guard_connections(max_connections)
         self._started_at = time.time()
         await self._update_readiness()
@@ -332,7 +338,7 @@ class SupervisedServer:
                 watcher.cancel()
             if self._guard is not None:
                 self._guard.stop()
-            await self._shutdown(server)
+            await self._shutdown(servers)
 
     def _guard_connections(self, max_connections: int) -> None:
         """The per-address connection limit (`_connection_guard`), counted on this loop."""
@@ -367,12 +373,13 @@ class SupervisedServer:
         self._guard.start()
         soft, hard = open_files_limits()
         logger.info(
-            "event=connection_limits open_files=%d open_files_hard=%d max_connections=%d "
+            "event=connection_limits open_files=%d open_files_hard=%d max_connections=%d accept_loops=%d "
             "max_connections_per_address=%d exempt=%s connection_idle_timeout=%g handshake_timeout=%g "
             "max_concurrent_streams=%d",
             soft,
             hard,
             max_connections,
+            self.accept_loops_serving,
             limits.max_connections_per_address,
             ",".join(limits.connections_per_address_exempt) or "none",
             limits.connection_idle_timeout,
@@ -494,27 +501,63 @@ class SupervisedServer:
             result["pool"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(managed.stats).items()}
         return result
 
-    def _bind(self, server: grpc.aio.Server) -> None:
-        """The service port (TLS when configured), and the plaintext one beside it if any."""
-        self._port = self._listen(server, self._requested_port, self.tls)
-        if self._requested_plaintext_port is not None:
-            self._plaintext_port = self._listen(server, self._requested_plaintext_port, None, " (plaintext_port)")
+    def _grpc_servers(self, max_connections: int) -> list[grpc.aio.Server]:
+        """The gRPC servers of the service port(s), every service on each.
 
-    def _listen(self, server: grpc.aio.Server, port: int, tls: ServerTLS | None, which: str = "") -> int:
-        address = f"{self._host}:{port}"
+        grpc.aio takes new calls one at a time, each after a few turns of the event loop and a
+        hop through its poller thread: about 30 to 40 a second once the loop is saturated.
+        `accept_loops` servers share the ports (SO_REUSEPORT; the kernel spreads connections
+        over their sockets), each taking new calls on its own, all on this loop and this
+        servicer. The ports were free when the first bound them (`bind_problem`, without
+        SO_REUSEPORT unless `reuse_port`): another process is still refused them. gRPC caps
+        connections per server, so `max_connections` is split between them (fewer servers when
+        it is too small to split: at least MIN_CONNECTIONS_PER_ACCEPT_LOOP each). The kernel
+        spreads connections by a hash of their addresses, so one server may fill a little before
+        the others: near the cap, which only a flood reaches, the port holds slightly fewer.
+        """
+        count = max(1, min(self._accept_loops, max_connections // MIN_CONNECTIONS_PER_ACCEPT_LOOP))
+        self.accept_loops_serving = count
+        options = server_options(
+            self.transport,
+            max_connections // count,
+            self._max_message_bytes,
+            reuse_port=self._reuse_port or count > 1,
+            connection_max_age=self._connection_max_age,
+        )
+        servers = []
+        for _ in range(count):
+            server = grpc.aio.server(options=options)
+            server.add_generic_rpc_handlers((self.servicer.rpc_handler(),))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            enable_reflection((SERVICE_NAME, HEALTH_SERVICE), server)
+            server.add_generic_rpc_handlers((self._admin_handler(),))
+            servers.append(server)
+        return servers
+
+    def _bind(self, servers: list[grpc.aio.Server]) -> None:
+        """The service port (TLS when configured), and the plaintext one beside it if any, on
+        every server (the first picks a port when 0 was asked)."""
+        self._port = self._listen(servers, self._requested_port, self.tls)
+        if self._requested_plaintext_port is not None:
+            self._plaintext_port = self._listen(servers, self._requested_plaintext_port, None, " (plaintext_port)")
+
+    def _listen(self, servers: list[grpc.aio.Server], port: int, tls: ServerTLS | None, which: str = "") -> int:
         problem = bind_problem(self._host, port, self._reuse_port)
         if problem is not None:  # said in our words, before gRPC logs its own line
-            raise OSError(f"cannot listen on {address}{which}: {problem}")
-        try:
-            if tls is not None:
-                bound = server.add_secure_port(address, tls.credentials)
-            else:
-                bound = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise OSError(f"cannot listen on {address}{which}: {exc}") from None
-        if bound == 0:
-            raise OSError(f"cannot listen on {address}{which}")
-        return bound
+            raise OSError(f"cannot listen on {self._host}:{port}{which}: {problem}")
+        for server in servers:
+            address = f"{self._host}:{port}"
+            try:
+                if tls is not None:
+                    bound = server.add_secure_port(address, tls.credentials())
+                else:
+                    bound = server.add_insecure_port(address)
+            except RuntimeError as exc:
+                raise OSError(f"cannot listen on {address}{which}: {exc}") from None
+            if bound == 0:
+                raise OSError(f"cannot listen on {address}{which}")
+            port = bound
+        return port
 
     async def _until_quiet(self) -> None:
         """Until no call has come in for QUIET_SECONDS, for at most shutdown_grace seconds.
@@ -536,7 +579,7 @@ class SupervisedServer:
         if self._managed is not None:
             await self._managed.start()
 
-    async def _shutdown(self, server: grpc.aio.Server) -> None:
+    async def _shutdown(self, servers: list[grpc.aio.Server]) -> None:
         self._leaving = True
         await self._update_readiness()  # NOT_SERVING from this moment
         delay = self._drain_delay
@@ -561,7 +604,7 @@ class SupervisedServer:
         if self._reuse_port:
             await self._until_quiet()
         self.servicer.end_streams()
-        await server.stop(self._grace)
+        await asyncio.gather(*(server.stop(self._grace) for server in servers))
         if self._close_backend:
             await self._backend.close()
         elif isinstance(self._backend, SyncBackendAdapter):

@@ -33,11 +33,11 @@ from pacsys._proto.controls.service.DAQ.v1 import DAQ_pb2
 from pacsys.aio import AsyncBackend, AsyncSubscriptionHandle, caller_authorization
 from pacsys.backends import summarize_drfs
 from pacsys.errors import grpc_status_of
-from pacsys.replies import ReplyBodies, reply_bytes, setting_reply
+from pacsys.replies import reading_body, reply_bytes, setting_reply
 from pacsys.status import DPM, DPM_WRITE_OUTCOME_UNKNOWN
 from pacsys.supervised._audit import AuditLog
 from pacsys.supervised._forwarded import ForwardedError, TrustedProxies
-from pacsys.supervised._identity import identity_of
+from pacsys.supervised._identity import Callers
 from pacsys.supervised._peers import Bucket, Peers
 from pacsys.supervised._policies import Policy
 from pacsys.supervised._protected_writes import HeldSettings, SettingWrite, read_current
@@ -152,9 +152,12 @@ class DAQServicer:
         *,
         allow_unaudited_writes: bool = False,
         token_over_plaintext: bool = True,
+        callers: Callers | None = None,
         trusted_proxies: TrustedProxies | None = None,
     ):
         self.backend = backend
+        # Whether calls come over TLS and with client certificates: facts of the server's ports.
+        self.callers = callers if callers is not None else Callers()
         # None unless trusted_proxies is set: then x-forwarded-for is looked at (per call).
         self.proxies = trusted_proxies if trusted_proxies is not None and trusted_proxies.networks else None
         self.gate = Gate(
@@ -168,27 +171,23 @@ class DAQServicer:
         )
         self._streams: dict[AsyncSubscriptionHandle, OpenStream] = {}
         self._held = HeldSettings()  # the settings Sets in flight judge from their current values
-        # A backend that receives readings already encoded shares its cache of their bodies.
-        self._bodies = backend.reply_bodies if backend.reply_bodies is not None else ReplyBodies()
         limits = self.gate.limits
         self.queue_budget: QueueBudget[OpenStream] = QueueBudget(
             limits.max_queued_bytes_per_peer, limits.max_queued_bytes, limits.stalled_stream_seconds
         )
-        self._queued_cost = queued_cost(self._bodies.body)
         self._cut_log = RefusalLog(limits.refusal_log_interval)
         self._ending: set[asyncio.Task] = set()  # statuses of streams ended from outside, being sent
 
     # -- wiring ------------------------------------------------------------------------
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
-        identity: Callable[[bytes], bytes] = lambda b: b  # noqa: E731 - replies are pre-serialized
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
                 "Read": grpc.unary_stream_rpc_method_handler(
                     self.Read,
                     request_deserializer=_decoder(DAQ_pb2.ReadingList),
-                    response_serializer=identity,
+                    response_serializer=None,  # replies are bytes already: gRPC sends them as they are
                 ),
                 "Set": grpc.unary_unary_rpc_method_handler(
                     self.Set,
@@ -257,7 +256,8 @@ class DAQServicer:
 
     def token_refusal(self, context: grpc.aio.ServicerContext, token: str | None) -> tuple[grpc.StatusCode, str] | None:
         """The code and details that refuse a call not carrying `token` as Set requires it, or None."""
-        refusal = self.gate.token_refusal(context.invocation_metadata() or (), _over_tls(context), token)
+        _, tls = self.callers.identify(context, context.peer())
+        refusal = self.gate.token_refusal(context.invocation_metadata() or (), tls, token)
         if refusal is None:
             return None
         return grpc.StatusCode[refusal.code], refusal.details
@@ -275,7 +275,7 @@ class DAQServicer:
         itself (ForwardedError when a trusted proxy's header is not an address)."""
         peer = context.peer()
         forwarded = None if self.proxies is None else self.proxies.client(peer, context.invocation_metadata() or ())
-        return forwarded or (peer, identity_of(context))
+        return forwarded or (peer, self.callers.identify(context, peer)[0])
 
     def end_streams(self) -> None:
         """Drain: every open stream ends (UNAVAILABLE, so clients reconnect elsewhere)."""
@@ -289,12 +289,12 @@ class DAQServicer:
         self, request: DAQ_pb2.ReadingList | _Undecodable, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         started = time.perf_counter()
-        decision = self.gate.admit(_gate_request("Read", request, context, started, self.proxies))
+        decision = self.gate.admit(_gate_request("Read", request, context, started, self.callers, self.proxies))
         if decision.refusal is not None:
             await _abort(context, decision.refusal)
             return
         peer, who = decision.request.peer, decision.request.identity
-        drfs = list(decision.request.drfs)
+        drfs = decision.request.drfs  # as the client sent them, for the log
         final = decision.final
         assert final is not None
         try:
@@ -336,13 +336,12 @@ class DAQServicer:
             slots.setdefault(drf, []).append(decision.original[pos])
             if parsed.canonical != drf:
                 slots.setdefault(parsed.canonical, []).append(decision.original[pos])
-        handle = await self.backend.subscribe(drfs)
+        handle = await self.backend.subscribe_bodies(drfs)
         if self.limits.stream_buffer is not None:
             handle.resize(self.limits.stream_buffer)
-        handle.meter(self._queued_cost)
+        handle.meter(queued_cost)
         stream = OpenStream(peer, drfs, time.time(), handle, who, decision.seq, context, asyncio.current_task())
         self._streams[handle] = stream
-        bodies = self._bodies
         audit = self.audit
         log_out = audit is not None and audit.log_responses
         seq = decision.seq
@@ -356,12 +355,15 @@ class DAQServicer:
                 await handle.wait()
                 batch = handle.drain()
                 stream.writing = True
-                for n, reading in enumerate(batch, 1):
-                    indices = slots.get(reading.drf)
+                for n, item in enumerate(batch, 1):
+                    if isinstance(item, tuple):  # (DRF, the body its worker encoded): a worker pool's
+                        drf, body = item
+                    else:  # a Reading of a backend in this process: encoded here
+                        drf, body = item.drf, reading_body(item)
+                    indices = slots.get(drf)
                     if indices is None:
-                        logger.warning("event=stream_reading_dropped reason=not_requested drf=%s", reading.drf)
+                        logger.warning("event=stream_reading_dropped reason=not_requested drf=%s", drf)
                         continue
-                    body = bodies.body(reading)
                     for index in indices:
                         reply = reply_bytes(index, body)
                         if log_out:
@@ -471,7 +473,7 @@ class DAQServicer:
         self, request: DAQ_pb2.SettingList | _Undecodable, context: grpc.aio.ServicerContext
     ) -> DAQ_pb2.SettingReply:
         started = time.perf_counter()
-        opened = self.gate.door(_gate_request("Set", request, context, started, self.proxies))
+        opened = self.gate.door(_gate_request("Set", request, context, started, self.callers, self.proxies))
         if isinstance(opened, Refusal):
             await _abort(context, opened)
             raise AssertionError("unreachable: abort raises")
@@ -527,12 +529,17 @@ class DAQServicer:
 
 
 def _gate_request(
-    rpc: str, request: Any, context: grpc.aio.ServicerContext, started: float, proxies: TrustedProxies | None = None
+    rpc: str,
+    request: Any,
+    context: grpc.aio.ServicerContext,
+    started: float,
+    callers: Callers,
+    proxies: TrustedProxies | None = None,
 ) -> GateRequest:
     """The gate's view of a call: its client (the one a trusted proxy forwards), metadata and
     transport, its DRFs or settings."""
     peer = context.peer()
-    who = identity_of(context)
+    who, tls = callers.identify(context, peer)
     if proxies is not None:
         try:
             peer, who = proxies.client(peer, context.invocation_metadata() or ()) or (peer, who)
@@ -544,9 +551,7 @@ def _gate_request(
         return GateRequest(rpc, peer, who, malformed=malformed, started=started)
     metadata = context.invocation_metadata() or ()
     if rpc == "Read":
-        return GateRequest(
-            rpc, peer, who, metadata, list(request.drf), tls=_over_tls(context), raw=request, started=started
-        )
+        return GateRequest(rpc, peer, who, metadata, list(request.drf), tls=tls, raw=request, started=started)
     settings = request.setting
     return GateRequest(
         rpc,
@@ -555,7 +560,7 @@ def _gate_request(
         metadata,
         [s.device for s in settings],
         [s.value for s in settings],
-        tls=_over_tls(context),
+        tls=tls,
         raw=request,
         started=started,
     )
@@ -583,8 +588,3 @@ async def _pause(handle: AsyncSubscriptionHandle, seconds: float) -> None:
     until = loop.time() + seconds
     while not handle.stopped and (left := until - loop.time()) > 0:
         await asyncio.sleep(min(left, 0.1))
-
-
-def _over_tls(context: grpc.aio.ServicerContext) -> bool:
-    auth = context.auth_context() or {}
-    return auth.get("transport_security_type") == [b"ssl"]

@@ -203,30 +203,45 @@ def _time(tag: int, text: bytes) -> datetime.datetime:
 
 
 class ServerTLS:
-    """The credentials of the service's port, with their files re-read by `reload()`."""
+    """The credentials of the service port's servers, with their files re-read by `reload()`.
+
+    Each gRPC server on the port takes credentials of its own (`credentials()`: gRPC binds one
+    server per dynamic credentials object); a reload reaches every one of them at its next
+    handshake.
+    """
 
     def __init__(self, files: TLSFiles):
         self.files = files
         self._lock = threading.Lock()
-        self._next: grpc.ServerCertificateConfiguration | None = None
-        initial, certificate = files.load()
+        self._config, certificate = files.load()
+        self._generation = 0  # reloads so far
         _log_loaded(files, certificate)
-        self.credentials = grpc.dynamic_ssl_server_credentials(
-            initial, self._fetch, require_client_authentication=files.client_ca is not None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Credentials for one more server of the port, serving the files as last (re)loaded."""
+        with self._lock:
+            initial, seen = self._config, self._generation
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            # Called by gRPC before each handshake: None keeps the configuration it has.
+            nonlocal seen
+            with self._lock:
+                if seen == self._generation:
+                    return None
+                seen = self._generation
+                return self._config
+
+        return grpc.dynamic_ssl_server_credentials(
+            initial, fetch, require_client_authentication=self.files.client_ca is not None
         )
 
     def reload(self) -> None:
-        """Read the files again; the next handshake uses them. Raises TLSFileError (and changes nothing)."""
+        """Read the files again; the next handshakes use them. Raises TLSFileError (and changes nothing)."""
         config, certificate = self.files.load()
         with self._lock:
-            self._next = config
+            self._config = config
+            self._generation += 1
         _log_loaded(self.files, certificate)
-
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        # Called by gRPC before each handshake: None keeps the configuration it has.
-        with self._lock:
-            config, self._next = self._next, None
-        return config
 
 
 def _log_loaded(files: TLSFiles, certificate: Certificate) -> None:

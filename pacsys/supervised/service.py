@@ -130,6 +130,7 @@ class Service:
                     audit_log=self.audit,
                     limits=ServicerLimits.from_settings(s),
                     max_message_bytes=s.max_message_bytes,
+                    accept_loops=s.accept_loops,
                     threads_per_worker=s.threads_per_worker,
                     shutdown_grace=s.shutdown_grace,
                     drain_delay=s.drain_delay,
