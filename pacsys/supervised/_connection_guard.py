@@ -23,6 +23,9 @@ The service ports are the TLS one and the plaintext one beside it (`plaintext_po
 too: a pass then keeps only the sockets this process holds (their inodes among its
 descriptors), so that each instance counts and cuts its own.
 
+Each pass also lets `_memory.HeapWatch` look at the heap (every few seconds), so that what a
+flood left freed but resident (connections gone, frames buffered) goes back to the system.
+
 Linux only; elsewhere it does nothing and says so once.
 """
 
@@ -67,8 +70,6 @@ _HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
 _DIAG_MSG_INODE = 68  # offset of idiag_inode in struct inet_diag_msg
 _DIAG_MSG_DST = 24  # offset of id.idiag_dst
 BUSIEST = 5  # addresses shown in the status view
-# Descriptors closed since the last peak after which the freed heap is given back (`_memory`).
-RELEASE_AFTER_CLOSED = 1000
 
 
 def parse_networks(texts: Iterable[str]) -> tuple[Network, ...]:
@@ -239,7 +240,7 @@ class ConnectionGuard:
         self._seen: set[int] = set()  # the socket inodes of the last pass
         # Opened once and kept: a pass still works when the process is out of descriptors.
         self._netlink: socket.socket | None = None
-        self._peak = 0  # the most descriptors seen since memory was last released
+        self._heap = _memory.HeapWatch(self._clock)  # gives back the heap a flood left (every few passes)
         self._failures = 0  # passes failed since the last line about them
         self._failure_logged = -math.inf
         self._stop = threading.Event()
@@ -298,7 +299,7 @@ class ConnectionGuard:
         """One pass: the connections cut."""
         cut = 0
         descriptors = open_descriptors()
-        self._release_memory_after_a_flood(descriptors)
+        self._heap.check()
         if descriptors > self._threshold:
             if self._netlink is None:
                 self._netlink = sock_diag()
@@ -336,13 +337,6 @@ class ConnectionGuard:
                 if inode in mine:
                     held[address].append(inode)
         return held
-
-    def _release_memory_after_a_flood(self, descriptors: int) -> None:
-        """Thousands of connections gone since the peak: give their heap back (`_memory`)."""
-        self._peak = max(self._peak, descriptors)
-        if self._peak - descriptors >= RELEASE_AFTER_CLOSED and descriptors < self._peak // 2:
-            _memory.release(f"{self._peak - descriptors}_descriptors_closed")
-            self._peak = descriptors
 
     def _cut_excess(self, by_address: dict[Address, list[int]]) -> int:
         excess: dict[Address, list[int]] = {}
