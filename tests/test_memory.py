@@ -27,3 +27,14 @@ def test_a_fragmented_heap_is_given_back_once():
     assert not watch.check()  # given back: the same fragmented heap is not trimmed again
     assert watch.releases == 1
     del kept
+
+
+def test_a_threshold_of_zero_never_gives_back():
+    now = [0.0]
+    watch = _memory.HeapWatch(lambda: now[0], limit=0)
+    blocks = [bytearray(1000) for _ in range(100_000)]
+    del blocks[::2]
+    for _ in range(3):
+        now[0] += 10.0
+        assert not watch.check()
+    assert watch.releases == 0

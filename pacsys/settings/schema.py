@@ -331,6 +331,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "the others); also gRPC's defence against streams reset as soon as they are opened.",
         section="Connections", ge=1,
     )] = 1000
+    memory_release_bytes: Annotated[int, setting(
+        "Bytes the front's memory may hold beyond what it uses before they are given back to the system "
+        "(glibc's malloc_trim, looked at every 5 s): what a flood of connections or frames left behind (0: never).",
+        section="Connections", ge=0,
+    )] = 64 * 2**20
 
     # supervision
     ping_interval: Annotated[float, setting(

@@ -206,6 +206,7 @@ class ConnectionGuard:
     `on_cut(address, count)` is called from the guard's thread for every address it cut
     connections of in a pass; `on_full()` for every pass that found `max_connections`
     connections on the port (gRPC then refuses new ones, which it does not report).
+    `memory_release_bytes`: the heap a flood left is given back past that many bytes (0: never).
     One line per address per `log_interval` seconds says how many were cut since the last.
     """
 
@@ -217,6 +218,7 @@ class ConnectionGuard:
         shared: bool = False,
         exempt: Iterable[Network] = (),
         max_connections: int = 0,
+        memory_release_bytes: int = 0,
         interval: float = 0.5,
         log_interval: float = 10.0,
         on_cut: Callable[[str, int], None] | None = None,
@@ -240,7 +242,8 @@ class ConnectionGuard:
         self._seen: set[int] = set()  # the socket inodes of the last pass
         # Opened once and kept: a pass still works when the process is out of descriptors.
         self._netlink: socket.socket | None = None
-        self._heap = _memory.HeapWatch(self._clock)  # gives back the heap a flood left (every few passes)
+        # Gives back the heap a flood left (looked at every few passes).
+        self._heap = _memory.HeapWatch(self._clock, memory_release_bytes)
         self._failures = 0  # passes failed since the last line about them
         self._failure_logged = -math.inf
         self._stop = threading.Event()

@@ -5,9 +5,9 @@ CONTINUATION, pings read late) has gRPC buffer hundreds of MiB for a few seconds
 is over, glibc keeps the freed memory in its arenas, and the next flood, fragmenting them
 differently, takes more: four waves of 10,000 idle connections against a bare grpc.aio
 server left 168, 227, 258 and 274 MiB; with `malloc_trim(0)` after each, 81, 80, 78 and 79
-MiB. `release()` is that call; `HeapWatch` makes it once `FREE_HEAP_LIMIT` more bytes are
-resident than malloc has in use (glibc's own count, `mallinfo2`), looked at every
-`HEAP_CHECK_SECONDS` by the connection guard's thread. Both do nothing where the C library
+MiB. `release()` is that call; `HeapWatch` makes it once `memory_release_bytes` (a setting)
+more bytes are resident than malloc has in use (glibc's own count, `mallinfo2`), looked at
+every `HEAP_CHECK_SECONDS` by the connection guard's thread. Both do nothing where the C library
 is not glibc (or is older than 2.33, which has no `mallinfo2`).
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import psutil
 
-__all__ = ["FREE_HEAP_LIMIT", "HEAP_CHECK_SECONDS", "HeapWatch", "release"]
+__all__ = ["HEAP_CHECK_SECONDS", "HeapWatch", "release"]
 
 logger = logging.getLogger("pacsys.supervised")
 
@@ -33,7 +33,6 @@ def _glibc_malloc_trim() -> Callable[[int], int] | None:
 
 _malloc_trim = _glibc_malloc_trim()
 
-FREE_HEAP_LIMIT = 64 * 2**20  # resident bytes not in use the heap may gain before they are given back
 HEAP_CHECK_SECONDS = 5.0  # mallinfo2 walks every arena's free lists: not on every guard pass
 
 
@@ -89,7 +88,7 @@ class HeapWatch:
     after each release: a heap that stays fragmented is not trimmed again and again.
     """
 
-    def __init__(self, clock: Callable[[], float], limit: int = FREE_HEAP_LIMIT, every: float = HEAP_CHECK_SECONDS):
+    def __init__(self, clock: Callable[[], float], limit: int, every: float = HEAP_CHECK_SECONDS):
         self.limit = limit
         self.every = every
         self._clock = clock
@@ -110,8 +109,8 @@ class HeapWatch:
         if now < self._next:
             return False
         self._next = now + self.every
-        idle = self._idle_bytes()
-        if idle is None:
+        idle = self._idle_bytes() if self.limit > 0 else None
+        if idle is None:  # off, or not glibc
             return False
         if self._floor is None or idle <= self._floor + self.limit:
             self._floor = idle if self._floor is None else min(self._floor, idle)

@@ -366,6 +366,7 @@ class SupervisedServer:
             shared=self._reuse_port,
             exempt=parse_networks(limits.connections_per_address_exempt),
             max_connections=max_connections,
+            memory_release_bytes=limits.memory_release_bytes,
             log_interval=self.servicer.limits.refusal_log_interval,
             on_cut=cut,
             on_full=full,

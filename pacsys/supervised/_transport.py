@@ -62,6 +62,7 @@ class TransportLimits:
     connection_idle_timeout: float = DEFAULTS.connection_idle_timeout
     handshake_timeout: float = DEFAULTS.handshake_timeout
     max_concurrent_streams: int = DEFAULTS.max_concurrent_streams
+    memory_release_bytes: int = DEFAULTS.memory_release_bytes
     reserved_files: int = (
         RESERVED_FILES + RESERVED_FILES_PER_WORKER * DEFAULTS.workers + DEFAULTS.metrics_max_connections
     )
