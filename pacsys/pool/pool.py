@@ -70,7 +70,6 @@ class WorkerPool(AsyncBackend):
         self.settings = settings
         self.workers = settings.workers  # live slots: SIGTTIN and SIGTTOU change it, not the setting
         self.stats = PoolStats()
-        # The workers encode each reading's reply body; the servicer uses this as its cache.
         # Workers read only module:factory specs: a built-in form is rewritten here.
         self._command = WorkerCommand.from_settings(settings)
         self._slots: list[Slot] = []
