@@ -115,7 +115,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "gRPC servers sharing the service port in the front (SO_REUSEPORT; connections are spread over them), each "
         "taking new calls one at a time: more take new calls faster when the front is saturated.",
         section="Server", ge=1, le=64,
-    )] = 8
+    )] = 16
     shutdown_grace: Annotated[float, setting(
         "Seconds one-shot calls get to finish on SIGTERM/SIGINT before they are cancelled.", section="Server", ge=0
     )] = 5.0
