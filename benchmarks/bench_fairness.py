@@ -3,7 +3,7 @@
 Run from the repository root: `python -m benchmarks.bench_fairness [--heavy N] [--drfs D]
 [--period-ms P] [--warmup W] [--duration T]`. It prints what it measured; it never judges it.
 
-The server is `pacsys-supervisor --workers 2 --backend sim --host localhost` in a subprocess
+The server is `pacsys-supervisor --workers 2 --backend sim --host 127.0.0.1` in a subprocess
 (its default limits, or the code on PYTHONPATH: run it against an older tree to compare).
 The normal client, in this process over IPv6 loopback (one identity), holds one stream of
 10 DRFs at 10 Hz and makes a one-shot read every 0.25 s; it reports the lag of its stream
@@ -130,7 +130,7 @@ def main() -> None:
         _heavy(ns.heavy_client, ns.heavy, ns.drfs, ns.period_ms, ns.duration)
         return
     server = subprocess.Popen(
-        [sys.executable, "-m", "pacsys.supervised.cli", "--workers", "2", "--backend", "sim", "--host", "localhost"]
+        [sys.executable, "-m", "pacsys.supervised.cli", "--workers", "2", "--backend", "sim", "--host", "127.0.0.1"]
         + ["--port", "0", "--log-level", "warning"],
         stdout=subprocess.PIPE,
         text=True,

@@ -160,7 +160,7 @@ def daq():
     channels: list[grpc.Channel] = []
 
     def stub(port: int) -> DAQ_pb2_grpc.DAQStub:
-        channel = grpc.insecure_channel(f"localhost:{port}")
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         channels.append(channel)
         grpc.channel_ready_future(channel).result(timeout=10)
         return DAQ_pb2_grpc.DAQStub(channel)

@@ -134,7 +134,7 @@ def test_grpc_ipv6_host():
 def test_grpc_query(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("s3cret\n")
-    backend = build_backend(f"grpc://localhost:50051?token_file={token_file}&pass_token=1&timeout=2.5")
+    backend = build_backend(f"grpc://127.0.0.1:50051?token_file={token_file}&pass_token=1&timeout=2.5")
     assert isinstance(backend, DAQClientBackend)
     assert backend.pass_caller_token
     assert backend.default_timeout == 2.5
@@ -144,16 +144,16 @@ def test_grpc_query(tmp_path):
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("grpc://localhost", "expected grpc://HOST:PORT"),
+        ("grpc://127.0.0.1", "expected grpc://HOST:PORT"),
         ("grpc://:50051", "expected grpc://HOST:PORT"),
-        ("grpc://localhost:http", "bad port"),
-        ("grpc://localhost:99999", "bad port"),
-        ("grpc://localhost:50051/path", "nothing after the port"),
-        ("grpc://localhost:50051?tokenfile=x", "unknown query key 'tokenfile'"),
-        ("grpc://localhost:50051?pass_token=maybe", "pass_token must be 1 or 0"),
-        ("grpc://localhost:50051?timeout=soon", "timeout must be a positive number"),
-        ("grpc://localhost:50051?timeout=0", "timeout must be a positive number"),
-        ("grpc://localhost:50051?timeout=-1", "timeout must be a positive number"),
+        ("grpc://127.0.0.1:http", "bad port"),
+        ("grpc://127.0.0.1:99999", "bad port"),
+        ("grpc://127.0.0.1:50051/path", "nothing after the port"),
+        ("grpc://127.0.0.1:50051?tokenfile=x", "unknown query key 'tokenfile'"),
+        ("grpc://127.0.0.1:50051?pass_token=maybe", "pass_token must be 1 or 0"),
+        ("grpc://127.0.0.1:50051?timeout=soon", "timeout must be a positive number"),
+        ("grpc://127.0.0.1:50051?timeout=0", "timeout must be a positive number"),
+        ("grpc://127.0.0.1:50051?timeout=-1", "timeout must be a positive number"),
     ],
 )
 def test_grpc_errors(spec, expected):
@@ -161,14 +161,14 @@ def test_grpc_errors(spec, expected):
 
 
 def test_grpc_missing_token_file(tmp_path):
-    message = _spec_error(f"grpc://localhost:50051?token_file={tmp_path / 'absent'}")
+    message = _spec_error(f"grpc://127.0.0.1:50051?token_file={tmp_path / 'absent'}")
     assert "token_file" in message and "cannot read it" in message and "FileNotFoundError" in message
 
 
 def test_grpc_empty_token_file(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("  \n")
-    assert "is empty" in _spec_error(f"grpc://localhost:50051?token_file={token_file}")
+    assert "is empty" in _spec_error(f"grpc://127.0.0.1:50051?token_file={token_file}")
 
 
 # -- module:factory --------------------------------------------------------------------------

@@ -49,10 +49,10 @@ def test_allow_writes_grants_matching_devices_only(supervisor, daq):
 
 def test_probe_then_sigterm_exits_0(supervisor):
     sup = supervisor(*FAKE)
-    probe = run_cli("probe", "--addr", f"localhost:{sup.port}")
+    probe = run_cli("probe", "--addr", f"127.0.0.1:{sup.port}")
     assert probe.returncode == 0, probe
-    assert probe.stdout.strip() == f"localhost:{sup.port}: SERVING"
-    probe = run_cli("probe", "--addr", f"localhost:{sup.port}", "--service", "services.daq.DAQ")
+    assert probe.stdout.strip() == f"127.0.0.1:{sup.port}: SERVING"
+    probe = run_cli("probe", "--addr", f"127.0.0.1:{sup.port}", "--service", "services.daq.DAQ")
     assert probe.returncode == 0, probe
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.wait_exit(15) == 0
@@ -74,7 +74,7 @@ def test_probe_of_a_closed_port_exits_2():
 
 def test_probe_of_an_unknown_service_exits_1(supervisor):
     sup = supervisor(*FAKE)
-    probe = run_cli("probe", "--addr", f"localhost:{sup.port}", "--service", "no.such.Service")
+    probe = run_cli("probe", "--addr", f"127.0.0.1:{sup.port}", "--service", "no.such.Service")
     assert probe.returncode == 1, probe
     assert "NOT_SERVING" in probe.stdout
 

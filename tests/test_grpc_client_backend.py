@@ -1,4 +1,4 @@
-"""DAQClientBackend against real SupervisedServers on localhost (no mocks).
+"""DAQClientBackend against real SupervisedServers on loopback (no mocks).
 
 Each test runs its async body with asyncio.run; synchronization polls a condition with a
 deadline, never a fixed sleep. Every server started here is stopped by its fixture or by
@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 
 def _target(srv: SupervisedServer) -> str:
-    return f"localhost:{srv.port}"
+    return f"127.0.0.1:{srv.port}"
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def secured(fake):
 
 
 def test_capabilities_and_keepalive():
-    b = DAQClientBackend("localhost:1")
+    b = DAQClientBackend("127.0.0.1:1")
     caps = b.capabilities
     for cap in (BackendCapability.READ, BackendCapability.WRITE, BackendCapability.STREAM, BackendCapability.BATCH):
         assert cap in caps
@@ -393,7 +393,7 @@ def test_subscription_reconnects_after_upstream_restart(caplog):
     try:
 
         async def body():
-            async with DAQClientBackend(f"localhost:{port}") as backend:
+            async with DAQClientBackend(f"127.0.0.1:{port}") as backend:
                 handle = await backend.subscribe(["M:OUTTMP@p,1000"])
                 await until(lambda: first_fake.subscription_count == 1, DEADLINE, what="the first subscription")
                 first_fake.emit_reading("M:OUTTMP", 1.0)

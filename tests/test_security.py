@@ -28,7 +28,8 @@ class Served:
     def __init__(self, backend, host="127.0.0.1", **kwargs):
         self.server = SupervisedServer(backend, port=0, host=host, **kwargs)
         self.server.start()
-        self.address = f"{'127.0.0.1' if host in ('127.0.0.1', 'localhost') else host}:{self.server.port}"
+        # A server on every address ([::]) is still called over loopback only.
+        self.address = f"{'127.0.0.1' if host in ('127.0.0.1', '[::]') else host}:{self.server.port}"
         self.channel = grpc.insecure_channel(self.address)
         self.stub = DAQ_pb2_grpc.DAQStub(self.channel)
 
@@ -282,8 +283,9 @@ def test_more_than_one_authorization_header_is_refused(serve):
 
 
 def test_one_client_cannot_take_every_stream(serve):
-    # Two clients on one host: one over IPv4 loopback, one over IPv6 loopback.
-    s = serve(host="localhost", limits=ServicerLimits(max_streams=10, max_streams_per_peer=3))
+    # Two clients on one host: one over IPv4 loopback, one over IPv6 loopback (the server listens
+    # on [::], both families, with no name to resolve; nothing is sent off loopback).
+    s = serve(host="[::]", limits=ServicerLimits(max_streams=10, max_streams_per_peer=3))
     greedy = DAQ_pb2_grpc.DAQStub(s.channel)
     calls = [greedy.Read(DAQ_pb2.ReadingList(drf=["M:OUTTMP@p,1000"]), timeout=30) for _ in range(3)]
     wait_for(lambda: s.server.servicer.active_streams == 3, what="three streams")
@@ -404,37 +406,30 @@ def test_delivery_beyond_the_budget_is_paced_and_the_client_loses_its_own_oldest
 # -- finding 10: the status view -----------------------------------------------------------------------
 
 
-def _own_address():
-    """An address of this host that is not loopback (no packet is sent), or None."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.connect(("192.0.2.1", 9))
-            address = sock.getsockname()[0]
-    except OSError:
-        return None
-    return None if address.startswith("127.") else address
-
-
 def _status(channel, metadata=None):
     return json.loads(channel.unary_unary("/pacsys.supervisor.Admin/Status")(b"", timeout=5, metadata=metadata))
 
 
 def test_status_answers_local_clients_and_remote_ones_with_the_token(serve):
-    address = _own_address()
-    if address is None:
-        pytest.skip("this host has no non-loopback IPv4 address")
-    s = serve(host=address, token=TOKEN, allow_token_plaintext=True)
-    assert _refused(lambda: _status(s.channel))[0] == grpc.StatusCode.UNAUTHENTICATED
-    view = _status(s.channel, [("authorization", f"Bearer {TOKEN}")])
+    """A remote client stands here as a forwarded address from a trusted proxy on loopback
+    (192.0.2.7, a documentation address, is a label in a header: nothing is sent to it)."""
+    remote = [("x-forwarded-for", "192.0.2.7")]
+    proxied = {"trusted_proxies": ["127.0.0.1"], "allow_token_plaintext": True}
+
+    def auth(token):
+        return [*remote, ("authorization", f"Bearer {token}")]
+
+    s = serve(token=TOKEN, **proxied)
+    assert _refused(lambda: _status(s.channel, remote))[0] == grpc.StatusCode.UNAUTHENTICATED
+    view = _status(s.channel, auth(TOKEN))
     assert view["pid"] == os.getpid()
     s.server.admin_token = "admin-only"
-    assert _refused(lambda: _status(s.channel, [("authorization", f"Bearer {TOKEN}")]))[0] == (
-        grpc.StatusCode.UNAUTHENTICATED
-    )
-    assert _status(s.channel, [("authorization", "Bearer admin-only")])["pid"] == os.getpid()
-    open_ = serve(host=address)  # no token at all: local clients only
-    code, details = _refused(lambda: _status(open_.channel))
+    assert _refused(lambda: _status(s.channel, auth(TOKEN)))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert _status(s.channel, auth("admin-only"))["pid"] == os.getpid()
+    open_ = serve(**proxied)  # no token at all: local clients only
+    code, details = _refused(lambda: _status(open_.channel, remote))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "local clients only" in details
+    assert _status(open_.channel)["pid"] == os.getpid()  # the proxy's own call is local
     local = serve(token=TOKEN)
     assert _status(local.channel)["pid"] == os.getpid()
 

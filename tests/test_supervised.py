@@ -19,7 +19,7 @@ def _seed_backend(fb):
 
 
 def _make_channel(srv):
-    ch = grpc.insecure_channel(f"localhost:{srv.port}")
+    ch = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
     grpc.channel_ready_future(ch).result(timeout=10)
     return ch
 
